@@ -1,0 +1,346 @@
+"""Model configuration for Llama-family decoders (Llama 2/3/3.1, Mistral, Qwen2).
+
+`ModelConfig` is nanorun's own, validated view of a Hugging Face `config.json`. It reads both
+the transformers 4.x layout (`rope_theta` + `rope_scaling`, `torch_dtype`) and the 5.x one
+(`rope_parameters`, `dtype`), and rejects features the runtime does not implement instead of
+silently computing something different from the reference model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_ROPE_TYPES = ("llama3", "linear")
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ModelConfigError(ValueError):
+    """A model configuration is invalid; the message says what to change."""
+
+
+class UnsupportedModelError(ModelConfigError):
+    """The configuration is valid for Hugging Face but uses a feature nanorun does not implement."""
+
+
+class UnknownModelError(ModelConfigError):
+    """A model name is neither a preset nor a directory holding a config.json."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. "linear" divides positions by `factor`; "llama3" rescales the
+    low-frequency bands (Llama 3.1) using the other three fields."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in _ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope scaling type {self.rope_type!r} is not supported; use one of {list(_ROPE_TYPES)} "
+                "or remove rope_scaling")
+        if not self.factor > 0:
+            raise ModelConfigError(f"rope scaling factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3":
+            if not 0 < self.low_freq_factor < self.high_freq_factor:
+                raise ModelConfigError(
+                    "llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                    f"low={self.low_freq_factor}, high={self.high_freq_factor}")
+            if self.original_max_position_embeddings <= 0:
+                raise ModelConfigError("rope scaling original_max_position_embeddings must be > 0, "
+                                       f"got {self.original_max_position_embeddings}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and hyper-parameters of one decoder. Sizes are element counts, not bytes."""
+
+    name: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(_unsupported_arch_message(self.architecture))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ModelConfigError(f"{self.name}: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"{self.name}: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}); set num_kv_heads to a divisor of {self.num_heads}")
+        if self.head_dim % 2:
+            raise ModelConfigError(f"{self.name}: head_dim must be even for rotary embeddings, "
+                                   f"got {self.head_dim}")
+        if not self.rms_norm_eps > 0:
+            raise ModelConfigError(f"{self.name}: rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ModelConfigError(f"{self.name}: rope_theta must be > 0, got {self.rope_theta}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ModelConfigError(f"{self.name}: rope_scaling must be a RopeScaling or None")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ModelConfigError(f"{self.name}: sliding_window must be a positive integer or None, "
+                                   f"got {self.sliding_window}")
+        if not isinstance(self.eos_token_ids, tuple):
+            raise ModelConfigError(f"{self.name}: eos_token_ids must be a tuple of ints")
+        for tok in (self.bos_token_id, *self.eos_token_ids):
+            if tok is not None and not 0 <= tok < self.vocab_size:
+                raise ModelConfigError(f"{self.name}: special token id {tok} is outside the "
+                                       f"vocabulary [0, {self.vocab_size}); fix the token id or vocab_size")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ModelConfigError(f"{self.name}: dtype must be one of {list(_DTYPES)} or None, "
+                                   f"got {self.dtype!r}")
+
+    # ---- derived sizes ---------------------------------------------------------------------
+
+    @property
+    def q_size(self) -> int:
+        """Width of the query projection output: num_heads * head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of the key (and of the value) projection output: num_kv_heads * head_dim."""
+        return self.num_kv_heads * self.head_dim
+
+    def _matmul_params_per_layer(self) -> int:
+        d, i = self.hidden_size, self.intermediate_size
+        return d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 3 * d * i
+
+    @property
+    def num_params(self) -> int:
+        """Total parameter count: embeddings, all layers (incl. norms and biases), final norm and
+        lm_head (counted once when tied to the embeddings)."""
+        d = self.hidden_size
+        bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
+        per_layer = self._matmul_params_per_layer() + bias + 2 * d
+        lm_head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * per_layer + d + lm_head
+
+    @property
+    def num_active_params_per_token(self) -> int:
+        """Matmul parameters each token touches: every linear layer plus lm_head. The embedding
+        lookup is a gather, not a matmul, so it is excluded; so are norms and biases. A token costs
+        about 2 x this many FLOPs, which gives the "optimal" bound peak_flops / (2 x this)."""
+        return self.num_layers * self._matmul_params_per_layer() + self.vocab_size * self.hidden_size
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes of KV cache one token occupies across all layers (K and V)."""
+        return 2 * self.num_layers * self.kv_size * dtype_bytes
+
+    # ---- Hugging Face interchange ---------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], name: str) -> ModelConfig:
+        """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
+        arch = _architecture(d)
+        _reject_unsupported(d, arch)
+        try:
+            return cls._from_hf_fields(d, name, arch)
+        except KeyError as e:
+            raise ModelConfigError(f"{name}: config lacks required key {e.args[0]!r}") from None
+
+    @classmethod
+    def _from_hf_fields(cls, d: dict[str, Any], name: str, arch: str) -> ModelConfig:
+        heads = d["num_attention_heads"]
+        rope_theta, rope_scaling = _rope(d)
+        return cls(
+            name=name,
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            max_position_embeddings=d["max_position_embeddings"],
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            qkv_bias=arch == "Qwen2ForCausalLM",  # Llama attention_bias=true was rejected above
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            sliding_window=_sliding_window(d, arch),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=_eos_ids(d.get("eos_token_id")),
+            dtype=d.get("dtype") or d.get("torch_dtype"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
+        """Read `<path>/config.json`; the config is named after the directory."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise ModelConfigError(f"model directory {path!r} does not exist (or is not a directory)")
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ModelConfigError(f"{path!r} has no config.json; point at a Hugging Face model directory")
+        try:
+            with open(cfg_file, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ModelConfigError(f"{cfg_file} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ModelConfigError(f"{cfg_file} must hold a JSON object, got {type(d).__name__}")
+        return cls.from_hf_dict(d, name=os.path.basename(os.path.abspath(path)))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json dict transformers (4.x and 5.x) loads as the same architecture. Uses the
+        legacy rope_theta/rope_scaling/torch_dtype keys that published checkpoints use."""
+        d: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": _MODEL_TYPES[self.architecture],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": _rope_scaling_dict(self.rope_scaling),
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": _eos_hf(self.eos_token_ids),
+            "torch_dtype": self.dtype,
+        }
+        if self.architecture == "LlamaForCausalLM":
+            d.update(attention_bias=False, mlp_bias=False)
+        elif self.architecture == "MistralForCausalLM":
+            d["sliding_window"] = self.sliding_window
+        else:  # Qwen2: the window is only active with use_sliding_window, from layer max_window_layers on
+            d.update(use_sliding_window=self.sliding_window is not None,
+                     sliding_window=self.sliding_window,
+                     max_window_layers=0 if self.sliding_window is not None else self.num_layers)
+        return d
+
+
+# ---- helpers for from_hf_dict -------------------------------------------------------------
+
+def _unsupported_arch_message(arch: Any) -> str:
+    return (f"architecture {arch!r} is not supported; nanorun supports "
+            f"{sorted(SUPPORTED_ARCHITECTURES)}")
+
+
+def _architecture(d: dict[str, Any]) -> str:
+    archs = d.get("architectures") or []
+    if len(archs) != 1:
+        raise UnsupportedModelError(
+            f"config.json must list exactly one entry in 'architectures', got {archs!r}; "
+            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    if archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(_unsupported_arch_message(archs[0]))
+    return archs[0]
+
+
+def _reject_unsupported(d: dict[str, Any], arch: str) -> None:
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU MLP) is")
+    if d.get("mlp_bias"):
+        raise UnsupportedModelError("mlp_bias=true is not supported (MLP projections must be bias-free)")
+    if arch == "LlamaForCausalLM" and d.get("attention_bias"):
+        # HF's Llama attention_bias also adds an o_proj bias, which nanorun's fused layout lacks.
+        raise UnsupportedModelError("attention_bias=true is not supported for Llama: it implies an "
+                                    "o_proj bias, which nanorun does not implement")
+
+
+def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from either `rope_parameters` (transformers 5) or the legacy
+    `rope_theta` + `rope_scaling` keys."""
+    params = d.get("rope_parameters")
+    if params is not None and "rope_type" not in params and "type" not in params:
+        # Per-layer-type dicts ({"full_attention": {...}, ...}) belong to hybrid models.
+        raise UnsupportedModelError("per-layer-type rope_parameters are not supported")
+    scaling = params if params is not None else d.get("rope_scaling")
+    theta = (params or {}).get("rope_theta", d.get("rope_theta", 10000.0))
+    return float(theta), _rope_scaling(scaling)
+
+
+def _rope_scaling(s: dict[str, Any] | None) -> RopeScaling | None:
+    if not s:
+        return None
+    rope_type = s.get("rope_type", s.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type not in _ROPE_TYPES:
+        raise UnsupportedModelError(f"rope scaling type {rope_type!r} is not supported; "
+                                    f"supported: {list(_ROPE_TYPES)}")
+    if "factor" not in s:
+        raise ModelConfigError(f"rope scaling {rope_type!r} needs a 'factor'")
+    kw = {k: s[k] for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+          if k in s and rope_type == "llama3"}
+    return RopeScaling(rope_type=rope_type, factor=float(s["factor"]), **kw)
+
+
+def _sliding_window(d: dict[str, Any], arch: str) -> int | None:
+    window = d.get("sliding_window")
+    if arch == "LlamaForCausalLM" or window is None:
+        return None
+    if arch == "MistralForCausalLM":
+        return window
+    # Qwen2: layer i slides iff use_sliding_window and i >= max_window_layers (or per layer_types).
+    if not d.get("use_sliding_window"):
+        return None
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", n)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if all(t == "full_attention" for t in types):
+        return None
+    if all(t == "sliding_attention" for t in types):
+        return window
+    raise UnsupportedModelError("sliding window on only some layers (max_window_layers / layer_types) "
+                                "is not supported; use it on all layers or none")
+
+
+def _eos_ids(eos: int | list[int] | None) -> tuple[int, ...]:
+    if eos is None:
+        return ()
+    return (eos,) if isinstance(eos, int) else tuple(eos)
+
+
+def _eos_hf(ids: tuple[int, ...]) -> int | list[int] | None:
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else list(ids)
+
+
+def _rope_scaling_dict(s: RopeScaling | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    if s.rope_type == "linear":
+        return {"rope_type": "linear", "factor": s.factor}
+    return {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings}

@@ -1,0 +1,226 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as plain math over named ops.
+
+A layer is the sequence LAYER_OPS. Every op reads and writes rows [t0, t1) of fixed workspace
+buffers (and, for kv_append/attention, the paged KV cache), so the planner can run any op on any
+token range (a nano-batch) and the runner can keep all buffers at fixed addresses (CUDA graphs).
+
+Buffers (T = the dense batch size the workspace was sized for, D = hidden size):
+  hidden  [T, D]            the residual stream
+  x       [T, D]            normed input of the attention or MLP block
+  qkv     [T, q + 2 kv]     projections; rope rotates q and k in place
+  attn    [T, q]            attention output, heads concatenated
+  gate_up [T, 2 I]          gate and up projections
+  act     [T, I]            silu(gate) * up
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """A named op of a layer. kind tells the planner and cost model what bounds it."""
+
+    name: str
+    kind: str               # "gemm" (compute-bound), "memory", "attention", "network"
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+LAYER_OPS: tuple[OpSpec, ...] = (
+    OpSpec("attn_norm", "memory", ("hidden",), ("x",)),
+    OpSpec("qkv", "gemm", ("x",), ("qkv",)),
+    OpSpec("rope", "memory", ("qkv",), ("qkv",)),
+    OpSpec("kv_append", "memory", ("qkv",), ("kv_cache",)),
+    OpSpec("attention", "attention", ("qkv", "kv_cache"), ("attn",)),
+    OpSpec("o_proj", "gemm", ("attn", "hidden"), ("hidden",)),
+    OpSpec("mlp_norm", "memory", ("hidden",), ("x",)),
+    OpSpec("gate_up", "gemm", ("x",), ("gate_up",)),
+    OpSpec("act", "memory", ("gate_up",), ("act",)),
+    OpSpec("down", "gemm", ("act", "hidden"), ("hidden",)),
+)
+
+
+@dataclass
+class Workspace:
+    """Fixed activation buffers for up to `max_tokens` tokens (see the module docstring)."""
+
+    hidden: torch.Tensor
+    x: torch.Tensor
+    qkv: torch.Tensor
+    attn: torch.Tensor
+    gate_up: torch.Tensor
+    act: torch.Tensor
+
+    @property
+    def max_tokens(self) -> int:
+        return self.hidden.shape[0]
+
+
+AttentionFn = Callable[..., None]
+KVAppendFn = Callable[..., None]
+
+
+class LlamaModel:
+    """Weights plus the math of each op. Knows nothing of scheduling, streams or splitting.
+
+    `attention_fn` and `kv_append_fn` come from the backend (numba on CPU, CUDA kernels on GPU)
+    and follow nanorun.ops.paged_attention's signatures.
+    """
+
+    layer_ops = LAYER_OPS
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        *,
+        max_model_len: int,
+        attention_fn: AttentionFn,
+        kv_append_fn: KVAppendFn,
+    ) -> None:
+        self.config = config
+        self.w = weights
+        self.dtype = weights["embed"].dtype
+        self.device = weights["embed"].device
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self._attention_kernel = attention_fn
+        self._kv_append_kernel = kv_append_fn
+        self.cos, self.sin = rope_tables(config, max_model_len, self.device)
+        self._ops = {op.name: getattr(self, f"_{op.name}") for op in LAYER_OPS}
+
+    # -- the iteration's frame: embedding in, logits out ------------------------------------
+    def new_workspace(self, max_tokens: int) -> Workspace:
+        c = self.config
+        empty = lambda *s: torch.empty(s, dtype=self.dtype, device=self.device)  # noqa: E731
+        return Workspace(
+            hidden=empty(max_tokens, c.hidden_size),
+            x=empty(max_tokens, c.hidden_size),
+            qkv=empty(max_tokens, c.q_size + 2 * c.kv_size),
+            attn=empty(max_tokens, c.q_size),
+            gate_up=empty(max_tokens, 2 * c.intermediate_size),
+            act=empty(max_tokens, c.intermediate_size),
+        )
+
+    def embed(self, ws: Workspace, batch, t0: int, t1: int) -> None:
+        torch.index_select(self.w["embed"], 0, batch.token_ids[t0:t1], out=ws.hidden[t0:t1])
+
+    def logits(self, ws: Workspace, batch) -> torch.Tensor:
+        """[N, V] float32 logits of the tokens at batch.sample_indices."""
+        h = ws.hidden.index_select(0, batch.sample_indices)
+        h = rms_norm(h, self.w["norm"], self.config.rms_norm_eps)
+        return F.linear(h, self.w["lm_head"]).float()
+
+    def run_op(self, name: str, layer: int, ws: Workspace, batch, kv, t0: int, t1: int) -> None:
+        """Run op `name` of `layer` on tokens [t0, t1) of the batch."""
+        self._ops[name](layer, ws, batch, kv, t0, t1)
+
+    # -- the ops ------------------------------------------------------------------------------
+    def _attn_norm(self, i, ws, batch, kv, t0, t1):
+        w = self.w[f"layers.{i}.attn_norm"]
+        ws.x[t0:t1] = rms_norm(ws.hidden[t0:t1], w, self.config.rms_norm_eps)
+
+    def _qkv(self, i, ws, batch, kv, t0, t1):
+        bias = self.w.get(f"layers.{i}.qkv_bias")
+        weight = self.w[f"layers.{i}.qkv"].t()
+        if bias is None:
+            torch.mm(ws.x[t0:t1], weight, out=ws.qkv[t0:t1])
+        else:
+            torch.addmm(bias, ws.x[t0:t1], weight, out=ws.qkv[t0:t1])
+
+    def _rope(self, i, ws, batch, kv, t0, t1):
+        c = self.config
+        qk = ws.qkv[t0:t1, : c.q_size + c.kv_size].unflatten(-1, (-1, c.head_dim))  # [n, Hq+Hkv, Dh]
+        pos = batch.positions[t0:t1]
+        apply_rope(qk, self.cos[pos], self.sin[pos])
+
+    def _kv_append(self, i, ws, batch, kv, t0, t1):
+        k, v = self._kv_views(ws, t0, t1)
+        self._kv_append_kernel(k, v, kv.k[i], kv.v[i], batch.slot_mapping[t0:t1])
+
+    def _attention(self, i, ws, batch, kv, t0, t1):
+        c = self.config
+        q = ws.qkv[t0:t1, : c.q_size].unflatten(-1, (c.num_heads, c.head_dim))
+        out = ws.attn[t0:t1].unflatten(-1, (c.num_heads, c.head_dim))
+        self._attention_kernel(
+            q, kv.k[i], kv.v[i], batch.block_tables, batch.seq_ids[t0:t1],
+            batch.positions[t0:t1], self.scale, out, sliding_window=c.sliding_window)
+
+    def _o_proj(self, i, ws, batch, kv, t0, t1):
+        ws.hidden[t0:t1].addmm_(ws.attn[t0:t1], self.w[f"layers.{i}.o_proj"].t())
+
+    def _mlp_norm(self, i, ws, batch, kv, t0, t1):
+        w = self.w[f"layers.{i}.mlp_norm"]
+        ws.x[t0:t1] = rms_norm(ws.hidden[t0:t1], w, self.config.rms_norm_eps)
+
+    def _gate_up(self, i, ws, batch, kv, t0, t1):
+        torch.mm(ws.x[t0:t1], self.w[f"layers.{i}.gate_up"].t(), out=ws.gate_up[t0:t1])
+
+    def _act(self, i, ws, batch, kv, t0, t1):
+        gate, up = ws.gate_up[t0:t1].chunk(2, dim=-1)
+        torch.mul(F.silu(gate), up, out=ws.act[t0:t1])
+
+    def _down(self, i, ws, batch, kv, t0, t1):
+        ws.hidden[t0:t1].addmm_(ws.act[t0:t1], self.w[f"layers.{i}.down"].t())
+
+    def _kv_views(self, ws: Workspace, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        k = ws.qkv[t0:t1, c.q_size : c.q_size + c.kv_size]
+        v = ws.qkv[t0:t1, c.q_size + c.kv_size :]
+        shape = (c.num_kv_heads, c.head_dim)
+        return k.unflatten(-1, shape), v.unflatten(-1, shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back, as Hugging Face's Llama does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate [n, heads, Dh] in place (the "rotate half" convention); cos/sin are [n, Dh/2]."""
+    half = qk.shape[-1] // 2
+    x1, x2 = qk[..., :half], qk[..., half:]
+    cos = cos.unsqueeze(1).to(qk.dtype)
+    sin = sin.unsqueeze(1).to(qk.dtype)
+    r1 = x1 * cos - x2 * sin
+    r2 = x2 * cos + x1 * sin
+    x1.copy_(r1)
+    x2.copy_(r2)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[Dh/2] fp32 inverse frequencies, with Llama 3 or linear scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs.rope_type == "linear":
+        return inv_freq / rs.factor
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(config: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_len, Dh/2] in fp32, indexed by absolute position."""
+    inv_freq = rope_inv_freq(config)
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return freqs.cos().to(device), freqs.sin().to(device)

@@ -1,0 +1,101 @@
+"""Named model configurations, as Hugging Face config.json dicts.
+
+The real presets copy the published shapes, so a preset's `num_params` and FLOP/KV figures
+match the checkpoint; they carry no weights. The tiny presets are for tests and demos: with
+`random_weights` they run anywhere in milliseconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from .config import ModelConfig, UnknownModelError
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+
+def _cfg(arch: str, model_type: str, *, vocab: int, hidden: int, inter: int, layers: int, heads: int,
+         kv_heads: int, max_pos: int, eps: float, theta: float | None, **extra: Any) -> dict[str, Any]:
+    """A config.json dict with the keys every Llama-family config shares (theta=None: the
+    transformers 5 layout, where rope_theta lives in `rope_parameters` passed via extra)."""
+    d = {"architectures": [arch], "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden,
+         "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+         "num_key_value_heads": kv_heads, "max_position_embeddings": max_pos, "rms_norm_eps": eps,
+         "hidden_act": "silu", "tie_word_embeddings": False}
+    if theta is not None:
+        d["rope_theta"] = theta
+    d.update(extra)
+    return d
+
+
+def _llama2(**kw: Any) -> dict[str, Any]:
+    # Llama 2 (meta-llama/Llama-2-*-hf): 32000-token vocab, 4k context, no rope scaling.
+    return _cfg("LlamaForCausalLM", "llama", vocab=32000, max_pos=4096, eps=1e-5, theta=10000.0,
+                rope_scaling=None, bos_token_id=1, eos_token_id=2, torch_dtype="float16", **kw)
+
+
+def _llama31(**kw: Any) -> dict[str, Any]:
+    # Llama 3.1 (meta-llama/Llama-3.1-*-Instruct): 128k vocab and context, llama3 rope scaling.
+    return _cfg("LlamaForCausalLM", "llama", vocab=128256, max_pos=131072, eps=1e-5, theta=500000.0,
+                kv_heads=8, rope_scaling=dict(_LLAMA31_ROPE), bos_token_id=128000,
+                eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16", **kw)
+
+
+def _qwen2(**kw: Any) -> dict[str, Any]:
+    # Qwen2 (Qwen/Qwen2-*-Instruct): q/k/v biases; the sliding window is configured but disabled.
+    return _cfg("Qwen2ForCausalLM", "qwen2", vocab=152064, max_pos=32768, eps=1e-6, theta=1000000.0,
+                use_sliding_window=False, sliding_window=32768, bos_token_id=151643,
+                eos_token_id=151645, torch_dtype="bfloat16", **kw)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": _llama2(hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32),
+    "llama-2-13b": _llama2(hidden=5120, inter=13824, layers=40, heads=40, kv_heads=40),
+    "llama-2-70b": _llama2(hidden=8192, inter=28672, layers=80, heads=64, kv_heads=8),
+    "llama-3-8b": _llama31(hidden=4096, inter=14336, layers=32, heads=32),
+    "llama-3-70b": _llama31(hidden=8192, inter=28672, layers=80, heads=64),
+    # Mistral-7B-v0.1 (v0.3 differs only in a 32768 vocab and no sliding window).
+    "mistral-7b": _cfg("MistralForCausalLM", "mistral", vocab=32000, hidden=4096, inter=14336, layers=32,
+                       heads=32, kv_heads=8, max_pos=32768, eps=1e-5, theta=10000.0, sliding_window=4096,
+                       bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16"),
+    "qwen2-7b": _qwen2(hidden=3584, inter=18944, layers=28, heads=28, kv_heads=4, max_window_layers=28),
+    "qwen2-72b": _qwen2(hidden=8192, inter=29568, layers=80, heads=64, kv_heads=8, max_window_layers=80),
+    # Tiny models: same code paths as the real ones (GQA, rope scaling, window, biases, tying).
+    "tiny-llama": _cfg("LlamaForCausalLM", "llama", vocab=2048, hidden=256, inter=688, layers=4, heads=8,
+                       kv_heads=2, head_dim=32, max_pos=4096, eps=1e-5, theta=500000.0,
+                       rope_scaling={**_LLAMA31_ROPE, "original_max_position_embeddings": 512},
+                       bos_token_id=1, eos_token_id=[2, 3], torch_dtype="float32"),
+    "tiny-llama2": _cfg("LlamaForCausalLM", "llama", vocab=2048, hidden=256, inter=688, layers=4, heads=8,
+                        kv_heads=8, max_pos=2048, eps=1e-5, theta=10000.0, rope_scaling=None,
+                        bos_token_id=1, eos_token_id=2, torch_dtype="float32"),
+    "tiny-mistral": _cfg("MistralForCausalLM", "mistral", vocab=2048, hidden=256, inter=688, layers=4,
+                         heads=8, kv_heads=2, head_dim=32, max_pos=1024, eps=1e-5, theta=10000.0,
+                         sliding_window=64, bos_token_id=1, eos_token_id=2, torch_dtype="float32"),
+    # transformers 5 layout (rope_parameters) on purpose, to exercise that parser path.
+    "tiny-qwen2": _cfg("Qwen2ForCausalLM", "qwen2", vocab=2048, hidden=256, inter=688, layers=4, heads=8,
+                       kv_heads=2, max_pos=2048, eps=1e-6, theta=None, tie_word_embeddings=True,
+                       use_sliding_window=False, sliding_window=None, max_window_layers=4,
+                       bos_token_id=1, eos_token_id=2, dtype="float32",
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
+
+def list_presets() -> list[str]:
+    """Names accepted by `get_preset`, sorted."""
+    return sorted(PRESETS)
+
+
+def suggest_preset(name: str) -> str:
+    """' Did you mean 'x'?' for the closest preset name, or '' when none is close."""
+    close = difflib.get_close_matches(name, PRESETS, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The validated `ModelConfig` of a preset; `UnknownModelError` (with a suggestion) otherwise."""
+    if name not in PRESETS:
+        raise UnknownModelError(f"unknown model preset {name!r}.{suggest_preset(name)} "
+                                f"Available: {', '.join(list_presets())}")
+    return ModelConfig.from_hf_dict(PRESETS[name], name=name)

@@ -1,0 +1,26 @@
+"""Model classes by their Hugging Face architecture name."""
+
+from __future__ import annotations
+
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from .llama import LlamaModel
+
+# Llama 2/3, Mistral and Qwen2 share one decoder: they differ only in config (GQA, rope
+# scaling, sliding window, qkv bias), which LlamaModel reads.
+MODEL_CLASSES = {
+    "LlamaForCausalLM": LlamaModel,
+    "MistralForCausalLM": LlamaModel,
+    "Qwen2ForCausalLM": LlamaModel,
+}
+assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
+
+
+def build_model(config: ModelConfig, weights, *, max_model_len: int, attention_fn, kv_append_fn):
+    try:
+        cls = MODEL_CLASSES[config.architecture]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"no model class for architecture {config.architecture!r}; supported: "
+            f"{sorted(MODEL_CLASSES)}") from None
+    return cls(config, weights, max_model_len=max_model_len, attention_fn=attention_fn,
+               kv_append_fn=kv_append_fn)

@@ -1,0 +1,72 @@
+"""The `nanorun` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nanorun", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f"nanorun {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate for random prompts and report tokens/s",
+                       description="Run a batch of random prompts through the engine and print "
+                                   "throughput. Defaults: a tiny preset with random weights on CPU.")
+    p.add_argument("--model", default="tiny-llama", help="preset name or model directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--layout", default="sequential")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--weights", default="auto", choices=["auto", "random"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    import torch
+
+    from . import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout,
+              max_batch_tokens=args.max_batch_tokens, weights=args.weights, seed=args.seed)
+    vocab = llm.engine.model_config.vocab_size
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up (JIT)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    elapsed = time.perf_counter() - start
+    n_in = sum(len(o.prompt_token_ids) for o in outputs)
+    n_out = sum(len(o.token_ids) for o in outputs)
+    e = llm.engine
+    print(f"model {e.model_config.name} on {e.device} ({e.dtype}), layout "
+          f"{e.executor.layout_name}, dense batch {e.config.max_batch_tokens} tokens")
+    print(f"{len(outputs)} requests, {n_in} prompt + {n_out} output tokens in {elapsed:.2f} s")
+    print(f"throughput: {(n_in + n_out) / elapsed:,.0f} tokens/s total, "
+          f"{n_out / elapsed:,.0f} output tokens/s")
+    print(f"first request's output: {outputs[0].token_ids[:12]}"
+          f"{' ...' if len(outputs[0].token_ids) > 12 else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Engine configuration: one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an Engine is built from. See LLM for what each field means."""
+
+    model: str
+    device: str = "cpu"
+    dtype: str | torch.dtype | None = None
+    layout: Any = "sequential"
+    max_batch_tokens: int = 512
+    kv_cache_tokens: int | None = None
+    page_size: int = 16
+    seed: int = 0
+    weights: str = "auto"
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("max_batch_tokens", self.max_batch_tokens)
+        _positive("page_size", self.page_size)
+        if self.kv_cache_tokens is not None:
+            _positive("kv_cache_tokens", self.kv_cache_tokens)
+            if self.kv_cache_tokens < self.page_size:
+                raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} is less than one page "
+                                 f"(page_size={self.page_size}); give at least {self.page_size}")
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        if self.weights not in ("auto", "random"):
+            raise ValueError(f"weights must be 'auto' (load from the model directory, random for "
+                             f"a preset) or 'random', got {self.weights!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device {self.device!r} is not a torch device: use 'cpu' or "
+                             f"'cuda' (or 'cuda:N')") from e
+        self.torch_dtype  # validates
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """float32 on CPU and bfloat16 on GPU unless the user chose."""
+        if self.dtype is None or self.dtype == "auto":
+            return torch.float32 if self.torch_device.type == "cpu" else torch.bfloat16
+        if isinstance(self.dtype, torch.dtype):
+            if self.dtype not in _DTYPES.values():
+                raise ValueError(f"dtype {self.dtype} is not supported: use float32, bfloat16 "
+                                 f"or float16")
+            return self.dtype
+        try:
+            return _DTYPES[str(self.dtype).lower()]
+        except KeyError:
+            raise ValueError(f"unknown dtype {self.dtype!r}: use one of "
+                             f"{sorted(set(_DTYPES))}") from None
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,214 @@
+"""The serving loop: requests in, one iteration per step(), outputs out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+
+from .batch import build_batch
+from .config import EngineConfig
+from .executor import Executor
+from .kernels import select_kernels
+from .kv_cache import KVCache
+from .models import ModelConfig, build_model, load_weights, random_weights, resolve_model
+from .outputs import RequestOutput
+from .request import Request
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledChunk, Scheduler
+
+logger = logging.getLogger("nanorun")
+
+# With no kv_cache_tokens given, the CPU backend takes this much memory for KV pages (capped at
+# _CPU_KV_MAX_TOKENS) and a GPU this share of what is free once the weights are loaded.
+_CPU_KV_BYTES = 512 << 20
+_CPU_KV_MAX_TOKENS = 1 << 18
+_GPU_KV_FRACTION = 0.85
+
+
+class Engine:
+    """Continuous batching over a paged KV cache, in the shape of vLLM's LLMEngine.
+
+    >>> engine = Engine("tiny-llama")
+    >>> engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
+    >>> while engine.has_unfinished_requests():
+    ...     outputs = engine.step()
+    """
+
+    def __init__(self, model: str, **kwargs) -> None:
+        self.config = EngineConfig(model=model, **kwargs)
+        cfg = self.config
+        self.model_config, model_dir = resolve_model(model)
+        self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={cfg.device!r} but torch sees no CUDA device; "
+                               f"use device='cpu'")
+        self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        weights = self._load_weights(model_dir)
+        attention_fn, kv_append_fn = select_kernels(self.device)
+        self.model = build_model(self.model_config, weights, max_model_len=self.max_model_len,
+                                 attention_fn=attention_fn, kv_append_fn=kv_append_fn)
+        self.kv_cache = self._new_kv_cache()
+        self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens)
+        self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, cfg.layout)
+        self.sampler = Sampler(cfg.seed)
+        self.requests: dict[str, Request] = {}
+        self._aborted: list[Request] = []
+        logger.info("nanorun engine: %s on %s (%s), %d KV pages of %d tokens, layout %s",
+                    self.model_config.name, self.device, self.dtype, self.kv_cache.num_pages,
+                    cfg.page_size, self.executor.layout_name)
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError (and queues nothing) if it can never be served."""
+        self.enqueue(self.new_request(request_id, prompt_token_ids, sampling_params,
+                                      arrival_time))
+
+    def enqueue(self, request: Request) -> None:
+        """Queue a Request made by new_request()."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use by an "
+                             f"unfinished request; give each request a unique id")
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def new_request(self, request_id, prompt_token_ids, sampling_params=None, arrival_time=None):
+        """Validate and build a Request without queueing it."""
+        sp = sampling_params if sampling_params is not None else SamplingParams()
+        if not isinstance(sp, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
+        prompt = self._check_prompt(prompt_token_ids)
+        total = len(prompt) + sp.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({sp.max_tokens}) = {total} exceeds "
+                f"the model's context of {self.max_model_len} tokens; shorten the prompt or "
+                f"lower max_tokens")
+        if self.kv_cache.pages_for(total) > self.kv_cache.num_pages:
+            raise ValueError(
+                f"prompt + max_tokens = {total} tokens needs more KV cache than the engine has "
+                f"({self.kv_cache.capacity_tokens} tokens); raise kv_cache_tokens or shorten "
+                f"the request")
+        now = time.perf_counter() if arrival_time is None else arrival_time
+        return Request(str(request_id), prompt, sp, now, self.model_config.eos_token_ids)
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests; each appears once more in the next step() with finish_reason 'abort'.
+        Unknown or already finished ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            request = self.requests.pop(str(rid), None)
+            if request is None:
+                continue
+            self.scheduler.remove(request)
+            request.finish("abort", time.perf_counter())
+            self._aborted.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._aborted)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- one iteration ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration. Returns an output for every request that got a token or ended."""
+        outputs = [r.to_output() for r in self._aborted]
+        self._aborted.clear()
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return outputs
+        start = time.perf_counter()
+        for chunk in sched.chunks:
+            if chunk.request.metrics.first_scheduled_time is None:
+                chunk.request.metrics.first_scheduled_time = start
+        batch = build_batch(sched.chunks, self.kv_cache.page_size, self.device)
+        logits = self.executor.run(batch)
+        sampling = [c.request for c in sched.chunks if c.samples]
+        tokens = self.sampler(logits, sampling)
+        now = time.perf_counter()
+        for chunk in sched.chunks:
+            chunk.request.num_computed_tokens += chunk.length
+        for request, token in zip(sampling, tokens):
+            request.append_token(token, now)
+            if request.finished:
+                self.scheduler.remove(request)
+                del self.requests[request.request_id]
+        return outputs + [r.to_output() for r in sampling]
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompt_token_ids: list[int]) -> torch.Tensor:
+        """[T, V] float32 logits at every prompt position, through the paged cache in chunks
+        of max_batch_tokens. For scoring and tests; needs enough free KV pages for the prompt."""
+        request = self.new_request("prompt_logits", prompt_token_ids, SamplingParams(max_tokens=1))
+        budget, rows = self.config.max_batch_tokens, []
+        try:
+            for start in range(0, len(request.prompt_token_ids), budget):
+                n = min(budget, len(request.prompt_token_ids) - start)
+                self.kv_cache.grow(request, start + n)
+                chunk = ScheduledChunk(request, start, n)
+                batch = build_batch([chunk], self.kv_cache.page_size, self.device,
+                                    logits_for_all=True)
+                rows.append(self.executor.run(batch))
+                request.num_computed_tokens += n
+        finally:
+            self.kv_cache.release(request)
+        return torch.cat(rows)
+
+    # -- construction helpers -----------------------------------------------------------------
+    def _check_prompt(self, prompt_token_ids) -> list[int]:
+        if isinstance(prompt_token_ids, (str, bytes)):
+            raise TypeError("prompt_token_ids must be a list of token ids, not text; nanorun "
+                            "takes tokenized prompts")
+        try:
+            prompt = [int(t) for t in prompt_token_ids]
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"prompt_token_ids must be a list of ints: {e}") from None
+        if not prompt:
+            raise ValueError("prompt_token_ids is empty; give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [(i, t) for i, t in enumerate(prompt) if not 0 <= t < vocab]
+        if bad:
+            i, t = bad[0]
+            raise ValueError(f"prompt token {t} at index {i} is outside the vocabulary "
+                             f"[0, {vocab}) of {self.model_config.name} ({len(bad)} bad ids)")
+        return prompt
+
+    def _load_weights(self, model_dir: str | None) -> dict[str, torch.Tensor]:
+        if self.config.weights == "random" or model_dir is None:
+            if self.config.weights == "auto":
+                logger.info("%s is a preset: using random weights", self.model_config.name)
+            return random_weights(self.model_config, dtype=self.dtype, device=self.device,
+                                  seed=self.config.seed)
+        return load_weights(self.model_config, model_dir, dtype=self.dtype, device=self.device)
+
+    def _new_kv_cache(self) -> KVCache:
+        cfg, mc = self.config, self.model_config
+        if cfg.kv_cache_tokens is not None:
+            tokens = cfg.kv_cache_tokens
+        else:
+            tokens = _default_kv_tokens(mc, self.dtype, self.device, cfg.max_batch_tokens)
+        return KVCache(
+            num_layers=mc.num_layers, num_pages=max(1, tokens // cfg.page_size),
+            page_size=cfg.page_size, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            dtype=self.dtype, device=self.device)
+
+
+def _default_kv_tokens(mc: ModelConfig, dtype: torch.dtype, device: torch.device,
+                       max_batch_tokens: int) -> int:
+    per_token = mc.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # Leave room for the workspace (a handful of [T, 4 * hidden] buffers) and the logits.
+        budget = _GPU_KV_FRACTION * free - 16 * max_batch_tokens * mc.hidden_size * 4
+        return max(0, int(budget // per_token))
+    return min(_CPU_KV_BYTES // per_token, _CPU_KV_MAX_TOKENS)

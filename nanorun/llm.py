@@ -1,0 +1,110 @@
+"""Offline batch generation, in the shape of vLLM's LLM class."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from .engine import Engine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """Generate for many prompts at once.
+
+    Args:
+        model: a preset name (see `nanorun.models.list_presets()`) or a directory holding a
+            Hugging Face config.json and its safetensors.
+        device: "cpu" or "cuda".
+        dtype: None picks float32 on CPU and bfloat16 on GPU.
+        layout: how each iteration is split into nano-batches ("sequential" runs it whole).
+        max_batch_tokens: the dense batch size: tokens per iteration (Dynamic SplitFuse budget).
+        kv_cache_tokens: KV cache capacity in tokens; None sizes it from free memory.
+        page_size: tokens per KV page.
+        seed: seeds random weights and the shared sampling generator.
+        weights: "auto" loads the directory's safetensors (random for a preset); "random"
+            skips loading.
+        max_model_len: longest prompt + output; defaults to the model's context length.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "cpu",
+        dtype=None,
+        layout="sequential",
+        max_batch_tokens: int = 512,
+        kv_cache_tokens: int | None = None,
+        page_size: int = 16,
+        seed: int = 0,
+        weights: str = "auto",
+        max_model_len: int | None = None,
+    ) -> None:
+        self.engine = Engine(
+            model, device=device, dtype=dtype, layout=layout,
+            max_batch_tokens=max_batch_tokens, kv_cache_tokens=kv_cache_tokens,
+            page_size=page_size, seed=seed, weights=weights, max_model_len=max_model_len)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order.
+
+        All prompts are checked before any is queued: a bad one raises ValueError naming its
+        index, and nothing runs.
+        """
+        prompts = list(prompt_token_ids)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        requests = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            try:
+                requests.append(self.engine.new_request(str(next(self._ids)), prompt, sp))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"prompt {i}: {e}") from None
+        return self._run(requests, use_tqdm)
+
+    def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        for r in requests:
+            engine.enqueue(r)
+        finished: dict[str, RequestOutput] = {}
+        bar = _progress(len(requests)) if use_tqdm else None
+        try:
+            while len(finished) < len(requests):
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request([r.request_id for r in requests])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[r.request_id] for r in requests]
+
+    @staticmethod
+    def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling_params for {n} prompts; give one, "
+                             f"or one per prompt")
+        return params
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="req")

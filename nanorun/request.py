@@ -1,0 +1,100 @@
+"""A request's mutable state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from .outputs import RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"        # not admitted, or preempted (its KV pages were freed)
+    RUNNING = "running"        # holds KV pages: prefilling in chunks, or decoding
+    FINISHED = "finished"
+
+
+class Request:
+    """One request: its tokens, its KV pages and how far its KV cache has been computed.
+
+    Prefill and decode are the same thing here: each iteration computes the KV of tokens
+    `[num_computed_tokens, num_computed_tokens + n)` of `all_token_ids`; when that chunk reaches
+    the last known token, its logits sample the next one. A decode step is a chunk of 1, and a
+    preempted request simply starts again from num_computed_tokens = 0 with its outputs so far
+    folded into what it recomputes.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        arrival_time: float,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.pages: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        sp = sampling_params
+        self._stop_ids = frozenset(sp.stop_token_ids) | (
+            frozenset() if sp.ignore_eos else frozenset(eos_token_ids))
+        self.generator: torch.Generator | None = None
+        if sp.seed is not None:
+            self.generator = torch.Generator().manual_seed(sp.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens whose KV still has to be computed before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_remaining == 1 and self.num_tokens > len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_at(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + outputs."""
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    def append_token(self, token_id: int, now: float) -> None:
+        self.output_token_ids.append(token_id)
+        self.metrics.token_times.append(now)
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = now
+        if token_id in self._stop_ids:
+            self.finish("stop", now)
+        elif len(self.output_token_ids) >= self.sampling_params.max_tokens:
+            self.finish("length", now)
+
+    def finish(self, reason: str, now: float) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.metrics.finished_time = now
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(self.output_token_ids),
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            metrics=self.metrics,
+        )
