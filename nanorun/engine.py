@@ -19,6 +19,7 @@ from .request import Request
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
+from .search import DeviceSpec, get_device
 
 logger = logging.getLogger("nanorun")
 
@@ -53,7 +54,8 @@ class Engine:
                                  attention_fn=attention_fn, kv_append_fn=kv_append_fn)
         self.kv_cache = self._new_kv_cache()
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens)
-        self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, cfg.layout)
+        self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, cfg.layout,
+                                 _device_spec(self.device))
         self.sampler = Sampler(cfg.seed)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
@@ -201,6 +203,19 @@ class Engine:
             num_layers=mc.num_layers, num_pages=max(1, tokens // cfg.page_size),
             page_size=cfg.page_size, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             dtype=self.dtype, device=self.device)
+
+
+def _device_spec(device: torch.device):
+    """The spec layouts are validated against: the CPU, or the GPU's nearest known spec."""
+    if device.type != "cuda":
+        return get_device("cpu")
+    name = torch.cuda.get_device_name(device).lower()
+    for key in ("h200", "h100", "a100", "l40s"):
+        if key in name:
+            return get_device(key)
+    props = torch.cuda.get_device_properties(device)
+    return DeviceSpec(name, props.multi_processor_count, 8, 0.0, 0.0, 0.0,
+                      props.total_memory / 2**30)
 
 
 def _default_kv_tokens(mc: ModelConfig, dtype: torch.dtype, device: torch.device,

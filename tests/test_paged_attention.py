@@ -337,8 +337,7 @@ def test_kv_append_round_trip():
 @pytest.mark.parametrize("slots", [[4, -1, 29, 0, -1, 7], [-1, -1, 3], [-1, -1], [2, 9, 1]])
 def test_kv_append_skips_negative_slots(writer, slots):
     """Both internal writers (the CPU one and the sync-free one for devices) agree."""
-    k_cache, v_cache = empty_cache()
-    k_cache += 5.0  # distinguishable from anything written
+    k_cache, v_cache = (torch.randn(6, 5, 2, 8) for _ in range(2))  # every slot distinct
     slot_mapping = torch.tensor(slots)
     key, value = torch.randn(len(slots), 2, 8), torch.randn(len(slots), 2, 8)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
@@ -478,6 +477,8 @@ BAD_APPEND_ARGS = {
                     "slot_mapping: expected length T=3"),
     "device": (dict(slot_mapping=lambda a: a["slot_mapping"].to("meta")),
                "slot_mapping: expected device cpu"),
+    "slot past cache": (dict(slot_mapping=lambda a: a["slot_mapping"] + 28),
+                        "slot_mapping: expected slots < num_pages \\* page_size = 30"),
 }
 
 

@@ -16,6 +16,10 @@ block_tables[s, j // page_size], offset j % page_size. The K/V of token t itself
 earlier position must already be in the cache (see `kv_append`). Query head h reads kv head
 h // (num_heads // num_kv_heads) (grouped-query attention).
 
+Strides: q, out, block_tables, seq_ids and positions may be any strided views (out, e.g., rows
+of a wider buffer: it is written in place); k_cache / v_cache must be contiguous, which a layer
+slice of KVCache storage is, and are checked.
+
 Four entry points compute the same thing:
   paged_attention_reference  the test oracle: a Python loop over tokens, accumulated in float64
   paged_attention_numba      CPU float32, streaming softmax straight off the pages (decode)
@@ -46,13 +50,17 @@ __all__ = [
 # Runs of at least this many consecutive tokens of one sequence go to the torch (SDPA / BLAS)
 # path in the dispatcher; shorter runs (decode tokens, tiny chunks) go to the numba kernel.
 # Measured with bench/cpu_attention.py on the 2-core development machine (torch 2.13 CPU,
-# numba 0.68; 32 query heads, 8 kv heads, head_dim 128, page_size 16, one sequence; median ms
-# per call, numba / torch; the machine was shared, so single numbers are noisy):
-#   context 512:   run 4: 1.15 / 1.65   run 8: 2.14 / 1.91   run 12: 3.23 / 2.13   run 16: 4.29 / 2.57
-#   context 2048:  run 4: 4.96 / 6.47   run 8: 10.2 / 13.1   run 12: 15.9 / 8.33   run 16: 21.3 / 9.87
-# Numba costs ~0.27 ms (512) / ~1.3 ms (2048) per token; torch has a fixed gather + mask cost and
-# then grows slowly. The crossover is 4-8 tokens at context 512 and 8-12 at 2048; at 12 torch
-# wins at both, and sending 8-11 token runs to numba loses at most ~15% at short contexts.
+# numba 0.68; 32 query heads, 8 kv heads, head_dim 128, page_size 16, one sequence). Median ms
+# per call as numba / torch, two runs each (the machine was shared, so numbers are noisy):
+#   run length        4            8            12           16
+#   context 512    1.2 / 1.7    2.1 / 1.9    3.2 / 2.1    4.3 / 2.6
+#                  2.2 / 3.1    3.7 / 3.4    5.2 / 3.1    6.1 / 4.2
+#   context 2048   5.0 / 6.5   10.2 / 13.1  15.9 / 8.3   21.3 / 9.9
+#                  6.0 / 7.4   11.5 / 13.4  22.8 / 11.5  25.6 / 10.3
+# Numba grows by ~0.3 ms (512) / ~1.3 ms (2048) per token; torch pays a fixed page-gather and
+# mask cost, then grows slowly (and at 8 query rows it is oddly slow at long contexts). So the
+# crossover is ~4-8 tokens at context 512 and ~8-12 at 2048: at 12 torch wins in every run at
+# both contexts, while at 8 the winner flips with context and noise.
 PREFILL_RUN_THRESHOLD = 12
 
 # Inside the torch path, runs of at most this many tokens are padded to a common length and
@@ -287,7 +295,8 @@ def _check_attention_args(q, k_cache, v_cache, block_tables, seq_ids, positions,
                          f"num_kv_heads ({num_kv_heads}, k_cache.shape[2])")
     _expect_tensor("block_tables", block_tables, 2, "[num_seqs, max_pages_per_seq]")
     _expect_dtype("block_tables", block_tables, torch.int32)
-    for name, x, dtype in (("seq_ids", seq_ids, torch.int32), ("positions", positions, torch.int64)):
+    for name, x, dtype in (("seq_ids", seq_ids, torch.int32),
+                           ("positions", positions, torch.int64)):
         _expect_tensor(name, x, 1, "[T]")
         _expect_dtype(name, x, dtype)
         if x.shape[0] != num_tokens:
@@ -430,10 +439,10 @@ def _find_runs(seq: np.ndarray, pos: np.ndarray, page_size: int,
 def _numba_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
                      sliding_window, out, tokens: np.ndarray | None = None) -> None:
     """Run the kernel on all tokens, or on `tokens` [T'] (indices into the batch) only."""
-    if tokens is not None:
-        index = torch.from_numpy(tokens)
-        q, seq_ids, positions = q[index], seq_ids[index], positions[index]
-    # The kernel is compiled for C-contiguous arrays only (one signature, one compile).
+    index = slice(None) if tokens is None else torch.from_numpy(tokens)
+    q, seq_ids, positions = q[index], seq_ids[index], positions[index]
+    # The kernel is compiled for C-contiguous arrays only (one signature, one compile), so a
+    # subset of tokens or a strided `out` goes through a scratch buffer.
     direct = tokens is None and out.is_contiguous()
     result = out if direct else torch.empty(q.shape, dtype=torch.float32)  # [T', H, D]
     _paged_attention_kernel(
@@ -441,7 +450,7 @@ def _numba_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scal
         _c_array(seq_ids), _c_array(positions), np.float32(scale),
         np.int64(sliding_window or 0), result.detach().numpy())
     if not direct:
-        out[slice(None) if tokens is None else index] = result
+        out[index] = result
 
 
 def _c_array(x: torch.Tensor) -> np.ndarray:
@@ -526,7 +535,8 @@ def _run_batches(runs: _Runs, elems_per_page: int) -> Iterator[np.ndarray]:
     batch, widest = [], 0
     for i in np.flatnonzero(~is_long):
         pages = int(runs.page_hi[i] - runs.page_lo[i])
-        if batch and (len(batch) + 1) * max(widest, pages) * elems_per_page > _TORCH_GATHER_BUDGET:
+        padded_elems = (len(batch) + 1) * max(widest, pages) * elems_per_page
+        if batch and padded_elems > _TORCH_GATHER_BUDGET:
             yield np.array(batch)
             batch, widest = [], 0
         batch.append(i)
@@ -573,7 +583,7 @@ def _unpad_indices(runs: _Runs, q_len: int):
                                                       runs.length)
     src = np.repeat(np.arange(len(runs.start)) * q_len, runs.length) + offset
     dst = np.repeat(runs.start, runs.length) + offset
-    return src, np.sort(dst)
+    return src, dst
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
@@ -600,24 +610,27 @@ def _sdpa(q, k, v, mask, scale: float) -> torch.Tensor:
 
 def _kv_write_masked(key, value, k_flat, v_flat, slot_mapping) -> None:
     """Drop padding tokens with a boolean mask (data-dependent shape: fine on the CPU)."""
-    valid = slot_mapping >= 0
+    valid = slot_mapping >= 0                                               # [T]
     slots = slot_mapping[valid]
+    if slots.numel() and int(slots.max()) >= k_flat.shape[0]:
+        raise ValueError(f"slot_mapping: expected slots < num_pages * page_size = "
+                         f"{k_flat.shape[0]}, got {int(slots.max())}")
     k_flat[slots] = key[valid]
     v_flat[slots] = value[valid]
 
 
 def _kv_write_sync_free(key, value, k_flat, v_flat, slot_mapping) -> None:
-    """Same result without a data-dependent shape (so no device sync).
+    """Same result without a data-dependent shape or a scalar read (so no device sync).
 
     Padding tokens are redirected to the slot of the first valid token and carry that token's
     K/V: duplicate writes of identical data are harmless. With no valid token at all they
     rewrite slot 0 with its own current contents.
     """
     valid = slot_mapping >= 0                                               # [T]
-    first = torch.argmax(valid.to(torch.int8))                              # first valid, or 0
-    any_valid = valid.any()
-    slots = torch.where(valid, slot_mapping,
-                        torch.where(any_valid, slot_mapping[first], 0))     # [T]
+    first = torch.argmax(valid.to(torch.int32)).view(1)                     # [1], 0 if none
+    any_valid = valid.any()                                                 # 0-d, stays on device
+    fallback_slot = torch.where(any_valid, slot_mapping.index_select(0, first), 0)  # [1]
+    slots = torch.where(valid, slot_mapping, fallback_slot)                 # [T]
     for src, flat in ((key, k_flat), (value, v_flat)):
-        filler = torch.where(any_valid, src[first], flat[0])                # [Hkv, D]
+        filler = torch.where(any_valid, src.index_select(0, first), flat[:1])  # [1, Hkv, D]
         flat[slots] = torch.where(valid[:, None, None], src, filler)

@@ -1,0 +1,254 @@
+"""Layout: how one iteration is cut into nano-batches and spread over SM partitions.
+
+A Layout is data (frozen, JSON, versioned), never code: "sequential" and "overlap" are two
+values of it, and the planner turns any valid one into a Plan the same way.
+
+JSON form (version 1):
+    {"version": 1, "name": "overlap", "batch_tokens": 512,
+     "partitions": [{"name": "gemm", "sm_count": 96}, {"name": "attn", "sm_count": 32}],
+     "ops": {"qkv": {"splits": [256, 256], "partition": "gemm"}, ...},
+     "order": [["attn_norm", 0], ["qkv", 0], ...]}
+`splits` are token counts summing to batch_tokens; a smaller batch is cut in the same
+proportions. `order` is the issue order of one layer's (op, nano-batch) launches; omitted, it is
+op by op, each op's nano-batches in turn, which already lets the GEMM of one nano-batch overlap
+the attention of the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAYOUT_VERSION = 1
+logger = logging.getLogger("nanorun")
+
+
+class LayoutError(ValueError):
+    """A layout that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A set of SMs with its own stream. sm_count None: the whole device (or the CPU)."""
+
+    name: str
+    sm_count: int | None = None
+
+
+@dataclass(frozen=True)
+class OpLayout:
+    splits: tuple[int, ...]
+    partition: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    batch_tokens: int
+    partitions: tuple[Partition, ...]
+    ops: tuple[tuple[str, OpLayout], ...]           # (op name, its layout), model op order
+    order: tuple[tuple[str, int], ...] = ()         # () = op-major
+    version: int = LAYOUT_VERSION
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.version != LAYOUT_VERSION:
+            raise LayoutError(f"layout version {self.version} is not supported (this nanorun "
+                              f"reads version {LAYOUT_VERSION})")
+        if not isinstance(self.batch_tokens, int) or self.batch_tokens <= 0:
+            raise LayoutError(f"batch_tokens must be a positive int, got {self.batch_tokens!r}")
+        names = [p.name for p in self.partitions]
+        if not names or len(set(names)) != len(names):
+            raise LayoutError(f"partitions need distinct names, got {names}")
+        for op, ol in self.ops:
+            if sum(ol.splits) != self.batch_tokens or min(ol.splits, default=0) <= 0:
+                raise LayoutError(f"op {op!r}: splits {list(ol.splits)} must be positive token "
+                                  f"counts summing to batch_tokens={self.batch_tokens}")
+            if ol.partition not in names:
+                raise LayoutError(f"op {op!r} runs on partition {ol.partition!r}, which is not "
+                                  f"one of {names}")
+
+    # -- lookups --------------------------------------------------------------------------------
+    def op(self, name: str) -> OpLayout:
+        return dict(self.ops)[name]
+
+    def partition_index(self, name: str) -> int:
+        return [p.name for p in self.partitions].index(name)
+
+    def issue_order(self) -> tuple[tuple[str, int], ...]:
+        if self.order:
+            return self.order
+        return tuple((op, i) for op, ol in self.ops for i in range(len(ol.splits)))
+
+    # -- checks against a model and a device ---------------------------------------------------
+    def validate(self, model_ops: tuple[str, ...], device) -> None:
+        """Raise LayoutError unless this layout fits the model's ops and the device's SMs."""
+        given = [op for op, _ in self.ops]
+        if set(given) != set(model_ops) or len(given) != len(model_ops):
+            missing = [o for o in model_ops if o not in given]
+            unknown = [o for o in given if o not in model_ops]
+            raise LayoutError(f"layout ops must be exactly the model's ops {list(model_ops)}: "
+                              f"missing {missing}, unknown {unknown}")
+        self._validate_order(model_ops)
+        self._validate_sms(device)
+
+    def _validate_order(self, model_ops: tuple[str, ...]) -> None:
+        wanted = {(op, i) for op, ol in self.ops for i in range(len(ol.splits))}
+        order = list(self.issue_order())
+        if len(order) != len(wanted) or set(order) != wanted:
+            raise LayoutError("order must list every (op, nano-batch) of the layout exactly once")
+        position = {key: n for n, key in enumerate(order)}
+        rank = {op: n for n, op in enumerate(model_ops)}
+        bounds = {op: _bounds(ol.splits) for op, ol in self.ops}
+        for a, i in order:
+            for b, j in order:
+                # attention reads the KV that kv_append wrote for every earlier token of its
+                # sequences, so it conflicts with kv_append of any earlier rows.
+                rb = (0, bounds[b][j][1]) if (a, b) == ("kv_append", "attention") else bounds[b][j]
+                if rank[a] < rank[b] and position[(b, j)] < position[(a, i)] \
+                        and _overlap(bounds[a][i], rb):
+                    raise LayoutError(
+                        f"order issues ({b!r}, {j}) before ({a!r}, {i}), but it needs that "
+                        f"op's result for the same tokens: a dependency cycle")
+
+    def _validate_sms(self, device) -> None:
+        if device.sm_count is None:
+            return
+        counts = [p.sm_count for p in self.partitions if p.sm_count is not None]
+        for p in self.partitions:
+            if p.sm_count is None:
+                continue
+            if p.sm_count <= 0 or p.sm_count % device.sm_granularity:
+                raise LayoutError(
+                    f"partition {p.name!r}: {p.sm_count} SMs is not a positive multiple of "
+                    f"{device.name}'s granularity of {device.sm_granularity}")
+        if sum(counts) > device.sm_count:
+            raise LayoutError(f"partitions take {sum(counts)} SMs but {device.name} has "
+                              f"{device.sm_count}")
+
+    # -- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "version": self.version, "name": self.name, "batch_tokens": self.batch_tokens,
+            "partitions": [{"name": p.name, "sm_count": p.sm_count} for p in self.partitions],
+            "ops": {op: {"splits": list(ol.splits), "partition": ol.partition}
+                    for op, ol in self.ops},
+        }
+        if self.order:
+            d["order"] = [[op, i] for op, i in self.order]
+        if self.provenance:
+            d["provenance"] = self.provenance
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Layout":
+        try:
+            return cls(
+                name=str(d.get("name", "custom")),
+                batch_tokens=d["batch_tokens"],
+                partitions=tuple(Partition(p["name"], p.get("sm_count"))
+                                 for p in d["partitions"]),
+                ops=tuple((op, OpLayout(tuple(int(s) for s in v["splits"]), v["partition"]))
+                          for op, v in d["ops"].items()),
+                order=tuple((str(op), int(i)) for op, i in d.get("order", ())),
+                version=d.get("version", LAYOUT_VERSION),
+                provenance=dict(d.get("provenance", {})),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LayoutError(f"malformed layout JSON ({type(e).__name__}: {e}); see "
+                              f"docs/layout.md for the format") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Layout":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise LayoutError(f"cannot read layout {path}: {e}") from None
+
+
+def _bounds(splits: tuple[int, ...]) -> list[tuple[int, int]]:
+    edges = [0]
+    for s in splits:
+        edges.append(edges[-1] + s)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+# -- built-in layouts ----------------------------------------------------------------------------
+GEMM_OPS = ("qkv", "o_proj", "gate_up", "down")
+
+
+def sequential(model_ops: tuple[str, ...], batch_tokens: int) -> Layout:
+    """One nano-batch on one full-device partition: the baseline."""
+    whole = OpLayout((batch_tokens,), "device")
+    return Layout("sequential", batch_tokens, (Partition("device"),),
+                  tuple((op, whole) for op in model_ops))
+
+
+def overlap(model_ops: tuple[str, ...], batch_tokens: int, device) -> Layout:
+    """NanoFlow-style: two nano-batches; GEMMs (with the norms and activation feeding them) on
+    one partition, rope + KV append + attention on the other, so the GEMMs of one nano-batch
+    run while the other's attention streams the KV cache. SMs: three quarters to the GEMMs."""
+    if batch_tokens < 2:
+        return sequential(model_ops, batch_tokens)
+    half = batch_tokens // 2
+    splits = (half, batch_tokens - half)
+    attn_side = ("rope", "kv_append", "attention")
+    if device.sm_count is None:
+        gemm_sms = attn_sms = None
+    else:
+        g = device.sm_granularity
+        usable = device.sm_count // g * g
+        gemm_sms = max(g, round(usable * 0.75 / g) * g)
+        attn_sms = usable - gemm_sms
+    parts = (Partition("gemm", gemm_sms), Partition("attn", attn_sms))
+    ops = tuple((op, OpLayout(splits, "attn" if op in attn_side else "gemm")) for op in model_ops)
+    return Layout("overlap", batch_tokens, parts, ops)
+
+
+def tuned_layout_path(model_name: str, device_name: str, batch_tokens: int) -> Path:
+    """Where `nanorun tune` stores its layout for a model, device and dense batch size:
+    $NANORUN_LAYOUT_DIR if set, else the layouts/ folder of nanorun.search."""
+    root = os.environ.get("NANORUN_LAYOUT_DIR") or Path(__file__).parent / "search" / "layouts"
+    return Path(root) / f"{model_name}.{device_name}.{batch_tokens}.json"
+
+
+def resolve_layout(layout, model_ops: tuple[str, ...], batch_tokens: int, device,
+                   model_name: str = "") -> Layout:
+    """A Layout from what a user passed: a Layout, a built-in name, "auto", or a JSON path."""
+    if layout == "auto":
+        path = tuned_layout_path(model_name, device.name, batch_tokens)
+        if path.is_file():
+            logger.warning("layout auto: using the tuned layout %s", path.name)
+            layout = path
+        else:
+            logger.warning("layout auto: no tuned layout for %s on %s at %d tokens (%s); "
+                           "using 'overlap'", model_name, device.name, batch_tokens, path.name)
+            layout = "overlap"
+    if isinstance(layout, Layout):
+        result = layout
+    elif layout == "sequential":
+        result = sequential(model_ops, batch_tokens)
+    elif layout == "overlap":
+        result = overlap(model_ops, batch_tokens, device)
+    elif isinstance(layout, (str, Path)) and Path(layout).suffix == ".json":
+        result = Layout.load(layout)
+    else:
+        raise LayoutError(f"unknown layout {layout!r}: use 'sequential', 'overlap', 'auto', "
+                          f"a Layout, or the path of a layout .json file")
+    if result.batch_tokens != batch_tokens:
+        raise LayoutError(f"layout {result.name!r} is for a dense batch of "
+                          f"{result.batch_tokens} tokens but the engine's max_batch_tokens is "
+                          f"{batch_tokens}; make them equal")
+    result.validate(model_ops, device)
+    return result

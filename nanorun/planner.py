@@ -1,0 +1,185 @@
+"""plan(batch, layout) -> Plan: the ordered op launches of one iteration and their dependencies.
+
+Pure host work. Each launch runs one op of one layer on one nano-batch (a token range) on one
+partition's stream. Dependencies come from what the ops read and write (OpSpec.reads/writes,
+row ranges of the workspace buffers and each layer's KV cache), so the planner knows no op by
+name: read-after-write, write-after-read and write-after-write on overlapping rows order two
+launches. Launches on one stream run in issue order; across streams a launch waits for the
+latest launch it needs on each other stream, and waits already implied by earlier ones are
+dropped (vector clocks), so every wait in a Plan is necessary.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .layout import Layout
+
+EMBED, LOGITS = "embed", "logits"
+_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Launch:
+    op: str                    # "embed", a layer op, or "logits"
+    layer: int                 # -1 for embed and logits
+    nano_batch: int
+    t0: int                    # token range [t0, t1) of the batch
+    t1: int
+    stream: int                # index of the layout's partition
+    waits: tuple[int, ...]     # launches on other streams that must finish first
+
+
+@dataclass(frozen=True)
+class Plan:
+    launches: tuple[Launch, ...]
+    num_streams: int
+
+    @property
+    def recorded(self) -> frozenset[int]:
+        """Launches some other stream waits for: each records an event."""
+        return frozenset(w for launch in self.launches for w in launch.waits)
+
+
+class Planner:
+    """Plans iterations of `num_layers` layers of `layer_ops` under `layout`; cached per batch
+    shape (token count, and where the attention nano-batches' sequences start)."""
+
+    def __init__(self, layer_ops, num_layers: int, layout: Layout) -> None:
+        self.specs = {op.name: op for op in layer_ops}
+        self.num_layers = num_layers
+        self.layout = layout
+        self.order = layout.issue_order()
+        # Ops reading the KV cache read earlier tokens of their sequences too, so their plans
+        # depend on where those sequences start.
+        self._seq_ops = [op.name for op in layer_ops if "kv_cache" in op.reads]
+        self._cache: OrderedDict[tuple, Plan] = OrderedDict()
+
+    def plan(self, batch) -> Plan:
+        T, starts = batch.num_tokens, batch.seq_starts
+        key = (T, tuple(_seq_start(starts, e) for op in self._seq_ops
+                        for e in self._edges(op, T)[:-1]))
+        plan = self._cache.get(key)
+        if plan is None:
+            plan = self._build(T, starts)
+            self._cache[key] = plan
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return plan
+
+    # -- building -------------------------------------------------------------------------------
+    def _edges(self, op: str, T: int) -> list[int]:
+        """Nano-batch boundaries of `op` for a batch of T tokens (the layout's proportions)."""
+        splits, total = self.layout.op(op).splits, self.layout.batch_tokens
+        edges, acc = [0], 0
+        for s in splits:
+            acc += s
+            edges.append(round(T * acc / total))
+        return edges
+
+    def _launch_specs(self, T: int):
+        """(op, layer, nano_batch, t0, t1, stream) in issue order, empty ranges skipped."""
+        first, last = self.order[0][0], self.order[-1][0]
+        yield EMBED, -1, 0, 0, T, self.layout.partition_index(self.layout.op(first).partition)
+        edges = {op: self._edges(op, T) for op in self.specs}
+        stream = {op: self.layout.partition_index(self.layout.op(op).partition)
+                  for op in self.specs}
+        for layer in range(self.num_layers):
+            for op, i in self.order:
+                t0, t1 = edges[op][i], edges[op][i + 1]
+                if t0 < t1:
+                    yield op, layer, i, t0, t1, stream[op]
+        yield LOGITS, -1, 0, 0, T, stream[last]
+
+    def _accesses(self, op: str, layer: int, t0: int, t1: int, starts):
+        """[(buffer, lo, hi, is_write)] of one launch."""
+        if op == EMBED:
+            return [("hidden", t0, t1, True)]
+        if op == LOGITS:
+            return [("hidden", t0, t1, False)]
+        spec = self.specs[op]
+        out = []
+        for buf in spec.reads:
+            lo = t0
+            if buf == "kv_cache":   # attention reads every earlier token of its sequences
+                lo = _seq_start(starts, t0)
+            out.append((_buffer(buf, layer), lo, t1, False))
+        out += [(_buffer(buf, layer), t0, t1, True) for buf in spec.writes]
+        return out
+
+    def _build(self, T: int, starts) -> Plan:
+        num_streams = len(self.layout.partitions)
+        history: dict[str, list[tuple[int, int, int, bool]]] = {}
+        clocks = _Clocks(num_streams)
+        launches = []
+        for op, layer, nb, t0, t1, stream in self._launch_specs(T):
+            index = len(launches)
+            accesses = self._accesses(op, layer, t0, t1, starts)
+            deps = _hazards(accesses, history)
+            _record(accesses, history, index)
+            waits = clocks.add(index, stream, deps)
+            launches.append(Launch(op, layer, nb, t0, t1, stream, waits))
+        return Plan(tuple(launches), num_streams)
+
+
+def _buffer(name: str, layer: int) -> str:
+    return f"kv_cache.{layer}" if name == "kv_cache" else name
+
+
+def _seq_start(starts, t: int) -> int:
+    """First token of the sequence that token t belongs to."""
+    return starts[bisect.bisect_right(starts, t) - 1]
+
+
+def _hazards(accesses, history) -> set[int]:
+    deps = set()
+    for buf, lo, hi, write in accesses:
+        for plo, phi, idx, pwrite in history.get(buf, ()):
+            if plo < hi and lo < phi and (write or pwrite):
+                deps.add(idx)
+    return deps
+
+
+def _record(accesses, history, index: int) -> None:
+    for buf, lo, hi, write in accesses:
+        entries = history.setdefault(buf, [])
+        if write:   # a write orders everything before it on these rows: forget what it covers
+            entries[:] = [e for e in entries if not (lo <= e[0] and e[1] <= hi)]
+        entries.append((lo, hi, index, write))
+
+
+class _Clocks:
+    """Vector clocks: which position of every stream each stream already knows is done."""
+
+    def __init__(self, num_streams: int) -> None:
+        self.known = [[-1] * num_streams for _ in range(num_streams)]
+        self.stream_of: list[int] = []
+        self.pos_of: list[int] = []
+        self.clock_of: list[tuple[int, ...]] = []
+        self.count = [0] * num_streams
+
+    def add(self, index: int, stream: int, deps: set[int]) -> tuple[int, ...]:
+        known = self.known[stream]
+        # Per other stream, only the latest needed launch matters (stream order implies the rest).
+        latest: dict[int, int] = {}
+        for d in deps:
+            s = self.stream_of[d]
+            if s == stream or self.pos_of[d] <= known[s]:
+                continue
+            if s not in latest or self.pos_of[d] > self.pos_of[latest[s]]:
+                latest[s] = d
+        cands = list(latest.values())
+        waits = tuple(sorted(c for c in cands if not any(
+            o != c and self.clock_of[o][self.stream_of[c]] >= self.pos_of[c] for o in cands)))
+        for w in waits:
+            known[:] = [max(a, b) for a, b in zip(known, self.clock_of[w])]
+        self.stream_of.append(stream)
+        self.pos_of.append(self.count[stream])
+        known[stream] = self.count[stream]
+        self.count[stream] += 1
+        self.clock_of.append(tuple(known))
+        return waits

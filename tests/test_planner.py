@@ -1,0 +1,260 @@
+"""Layout -> plan -> run on CPU: nano-batched runs equal the sequential run, under random
+dependency-respecting execution orders; every wait of the overlap plan is needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nanorun.batch import build_batch
+from nanorun.executor import Executor
+from nanorun.kv_cache import KVCache
+from nanorun.layout import Layout, LayoutError, OpLayout, Partition, overlap, sequential
+from nanorun.models import LAYER_OPS, build_model, get_preset, random_weights
+from nanorun.ops import kv_append, paged_attention
+from nanorun.planner import Plan
+from nanorun.request import Request
+from nanorun.sampling_params import SamplingParams
+from nanorun.scheduler import ScheduledChunk
+from nanorun.search import get_device
+
+OPS = tuple(op.name for op in LAYER_OPS)
+BATCH = 48
+PAGE = 8
+CPU = get_device("cpu")
+H100 = get_device("h100")
+
+
+class Rig:
+    """A 2-layer tiny model, its KV cache, and executors for any layout."""
+
+    def __init__(self) -> None:
+        cfg = dataclasses.replace(get_preset("tiny-llama"), num_layers=2)
+        weights = random_weights(cfg, dtype=torch.float32, device="cpu", seed=0)
+        self.model = build_model(cfg, weights, max_model_len=512, attention_fn=paged_attention,
+                                 kv_append_fn=kv_append)
+        self.kv = KVCache(num_layers=2, num_pages=256, page_size=PAGE, num_kv_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, dtype=torch.float32, device=torch.device("cpu"))
+        self.sequential = self.executor("sequential")
+
+    def executor(self, layout) -> Executor:
+        return Executor(self.model, self.kv, BATCH, layout, CPU)
+
+    def batch(self, shape: list[tuple[int, int]], seed: int):
+        """shape: (context already cached, tokens this iteration) per sequence."""
+        g = torch.Generator().manual_seed(seed)
+        self.kv.allocator.reset()
+        chunks, warm = [], []
+        for ctx, n in shape:
+            r = Request(str(len(chunks)), torch.randint(0, 2048, (ctx + n,), generator=g).tolist(),
+                        SamplingParams(), 0.0, ())
+            self.kv.grow(r, ctx + n)
+            chunks.append(ScheduledChunk(r, ctx, n))
+            if ctx:
+                warm.append(ScheduledChunk(r, 0, ctx))
+        for c in warm:   # fill the earlier context, one sequence at a time
+            self.sequential.run(build_batch([c], PAGE, torch.device("cpu")))
+        return build_batch(chunks, PAGE, torch.device("cpu"), logits_for_all=True)
+
+    def run(self, executor: Executor, batch, plan: Plan | None = None, order_seed=None):
+        """Logits of every token, with the workspace and this batch's KV slots poisoned first,
+        so a launch that runs before what it needs reads NaN."""
+        for buf in dataclasses.astuple(executor.ws):
+            buf.fill_(float("nan"))
+        slots = batch.slot_mapping
+        for cache in (self.kv.k, self.kv.v):
+            cache.view(cache.shape[0], -1, *cache.shape[3:])[:, slots] = float("nan")
+        plan = plan or executor.planner.plan(batch)
+        return executor.run_plan(plan, batch, order_seed)
+
+
+@pytest.fixture(scope="module")
+def rig():
+    return Rig()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.isfinite(a).all()) and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# -- the property: any valid layout, any batch, any legal order == sequential ----------------------
+@st.composite
+def layouts(draw):
+    n_parts = draw(st.integers(1, 3))
+    parts = tuple(Partition(f"p{i}") for i in range(n_parts))
+    ops = []
+    for op in OPS:
+        k = draw(st.integers(1, 3))
+        cuts = sorted(draw(st.lists(st.integers(1, BATCH - 1), min_size=k - 1, max_size=k - 1,
+                                    unique=True)))
+        edges = [0, *cuts, BATCH]
+        splits = tuple(b - a for a, b in zip(edges, edges[1:]))
+        ops.append((op, OpLayout(splits, f"p{draw(st.integers(0, n_parts - 1))}")))
+    op_major = Layout("random", BATCH, parts, tuple(ops))
+    return dataclasses.replace(op_major, order=_random_order(op_major, draw(st.randoms())))
+
+
+def _random_order(layout: Layout, rng) -> tuple[tuple[str, int], ...]:
+    """A random issue order of one layer's (op, nano-batch) launches that keeps every launch
+    after the ones it needs (what Layout.validate accepts)."""
+    pending, order = list(layout.issue_order()), []
+    while pending:
+        for key in rng.sample(pending, len(pending)):
+            trial = dataclasses.replace(layout, order=tuple(order + [key] + [
+                k for k in pending if k != key]))
+            try:
+                trial._validate_order(OPS)
+            except LayoutError:
+                continue
+            order.append(key)
+            pending.remove(key)
+            break
+    return tuple(order)
+
+
+@st.composite
+def batch_shapes(draw):
+    """Decode tokens (context > 0, 1 token) and prompt chunks, at most BATCH tokens in all."""
+    shape, total = [], 0
+    for _ in range(draw(st.integers(1, 8))):
+        n = draw(st.sampled_from([1, 1, 1, 2, 5, 13]))
+        if total + n > BATCH:
+            break
+        shape.append((draw(st.integers(0, 40)), n))
+        total += n
+    return shape
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts(), shape=batch_shapes(), seed=st.integers(0, 2**16))
+def test_any_layout_equals_sequential(rig, layout, shape, seed):
+    batch = rig.batch(shape, seed)
+    expected = rig.run(rig.sequential, batch)
+    got = rig.run(rig.executor(layout), batch, order_seed=seed)
+    assert _close(got, expected)
+
+
+def test_overlap_equals_sequential_on_mixed_batches(rig):
+    ex = rig.executor("overlap")
+    for seed, shape in enumerate([[(0, 30), (7, 1), (20, 17)], [(9, 1)] * 12 + [(0, 36)],
+                                  [(0, 48)], [(3, 1)]]):
+        batch = rig.batch(shape, seed)
+        expected = rig.run(rig.sequential, batch)
+        for order_seed in range(4):
+            assert _close(rig.run(ex, batch, order_seed=order_seed), expected)
+
+
+def test_attention_waits_for_kv_appended_by_another_nano_batch(rig):
+    """Attention of nano-batch 1 needs the KV that nano-batch 0 appended for the same prompt;
+    with the appends issued in reverse and attention on its own stream, only the planner's
+    sequence-aware dependency orders them."""
+    halves = (BATCH // 2, BATCH // 2)
+    ops = tuple((op, OpLayout(halves, "attn" if op == "attention" else "main")) for op in OPS)
+    layout = Layout("reverse", BATCH, (Partition("main"), Partition("attn")), ops)
+    order = [k for k in layout.issue_order() if k[0] not in ("kv_append", "attention")]
+    at = order.index(("o_proj", 0))
+    order[at:at] = [("kv_append", 1), ("kv_append", 0), ("attention", 1), ("attention", 0)]
+    layout = dataclasses.replace(layout, order=tuple(order))
+    ex = rig.executor(layout)
+    batch = rig.batch([(0, 40), (5, 1)], seed=4)     # the prompt straddles token 24
+    expected = rig.run(rig.sequential, batch)
+    for order_seed in range(10):
+        assert _close(rig.run(ex, batch, order_seed=order_seed), expected)
+
+
+# -- mutation check: every wait of the overlap plan is caught when dropped ------------------------
+def test_dropping_any_wait_of_overlap_is_caught(rig):
+    ex = rig.executor("overlap")
+    # A prompt chunk straddles the nano-batch boundary, so attention needs the other's KV.
+    batch = rig.batch([(4, 1), (6, 1), (0, 30), (11, 1), (2, 15)], seed=3)
+    expected = rig.run(rig.sequential, batch)
+    plan = ex.planner.plan(batch)
+    waits = [(i, w) for i, launch in enumerate(plan.launches) for w in launch.waits]
+    assert waits, "the overlap plan has no cross-stream waits"
+    uncaught = []
+    for i, w in waits:
+        mutant = _drop_wait(plan, i, w)
+        if all(_close(rig.run(ex, batch, mutant, order_seed=s), expected) for s in range(40)):
+            uncaught.append((plan.launches[i], plan.launches[w]))
+    assert not uncaught, f"dropping these waits went unnoticed: {uncaught}"
+
+
+def _drop_wait(plan: Plan, i: int, w: int) -> Plan:
+    launches = list(plan.launches)
+    launch = launches[i]
+    launches[i] = dataclasses.replace(launch, waits=tuple(x for x in launch.waits if x != w))
+    return Plan(tuple(launches), plan.num_streams)
+
+
+# -- planning -------------------------------------------------------------------------------------
+def test_sequential_is_one_stream_without_waits(rig):
+    plan = rig.sequential.planner.plan(rig.batch([(0, 20), (5, 1)], seed=0))
+    assert plan.num_streams == 1 and not plan.recorded
+    assert len(plan.launches) == 2 + 2 * len(OPS)
+
+
+def test_plans_are_cached_per_batch_shape(rig):
+    ex = rig.executor("overlap")
+    a = ex.planner.plan(rig.batch([(3, 1)] * 10, seed=1))
+    b = ex.planner.plan(rig.batch([(9, 1)] * 10, seed=2))
+    assert a is b
+
+
+# -- invalid layouts are rejected with what to change -------------------------------------------
+def _layout(**changes) -> Layout:
+    base = sequential(OPS, BATCH).to_dict()
+    base.update(changes)
+    return Layout.from_dict(base)
+
+
+@pytest.mark.parametrize("make, device, match", [
+    (lambda: _layout(ops={**sequential(OPS, BATCH).to_dict()["ops"],
+                          "qkv": {"splits": [20, 20], "partition": "device"}}), CPU, "summing"),
+    (lambda: _layout(ops={op: {"splits": [BATCH], "partition": "device"} for op in OPS[:-1]}),
+     CPU, "missing \\['down'\\]"),
+    (lambda: _layout(ops={**sequential(OPS, BATCH).to_dict()["ops"],
+                          "softmax": {"splits": [BATCH], "partition": "device"}}), CPU, "unknown"),
+    (lambda: _layout(partitions=[{"name": "device", "sm_count": 136}]), H100, "has 132"),
+    (lambda: _layout(partitions=[{"name": "device", "sm_count": 60}]), H100, "granularity of 8"),
+    (lambda: _layout(ops={**sequential(OPS, BATCH).to_dict()["ops"],
+                          "qkv": {"splits": [BATCH], "partition": "gpu"}}), CPU, "not one of"),
+    (lambda: _layout(order=[[op, 0] for op in reversed(OPS)]), CPU, "dependency cycle"),
+    (lambda: _layout(version=7), CPU, "version 7"),
+    (lambda: Layout.from_dict({"name": "x"}), CPU, "malformed"),
+])
+def test_invalid_layouts_are_rejected(make, device, match):
+    with pytest.raises(LayoutError, match=match):
+        make().validate(OPS, device)
+
+
+def test_layout_json_round_trip(tmp_path):
+    layout = overlap(OPS, 1024, H100)
+    layout.validate(OPS, H100)
+    assert [p.sm_count for p in layout.partitions] == [96, 32]
+    layout.save(tmp_path / "l.json")
+    assert Layout.load(tmp_path / "l.json") == layout
+
+
+def test_write_after_read_across_streams_waits():
+    """A writer on another stream waits for the last reader of the rows it overwrites, even
+    when no data flows from the reader to the writer."""
+    from nanorun.models import OpSpec
+    from nanorun.planner import Planner
+
+    specs = (OpSpec("a", "memory", (), ("buf",)), OpSpec("b", "memory", ("buf",), ("out",)),
+             OpSpec("c", "memory", (), ("buf",)))
+    layout = Layout("war", 8, (Partition("p0"), Partition("p1")), (
+        ("a", OpLayout((8,), "p0")), ("b", OpLayout((8,), "p0")), ("c", OpLayout((8,), "p1"))))
+
+    class FakeBatch:
+        num_tokens, seq_starts = 8, (0, 8)
+
+    launches = Planner(specs, 1, layout).plan(FakeBatch()).launches
+    ops = [launch.op for launch in launches]
+    c, b = ops.index("c"), ops.index("b")
+    assert b in launches[c].waits
