@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 
 import torch
@@ -11,8 +10,6 @@ from .batch import Batch
 from .kv_cache import KVCache
 from .layout import Layout, resolve_layout
 from .planner import EMBED, LOGITS, Plan, Planner
-
-logger = logging.getLogger("nanorun")
 
 
 class Executor:

@@ -52,6 +52,7 @@ class Planner:
         self.num_layers = num_layers
         self.layout = layout
         self.order = layout.issue_order()
+        self._splits = {op: ol.splits for op, ol in layout.ops}
         # Ops reading the KV cache read earlier tokens of their sequences too, so their plans
         # depend on where those sequences start.
         self._seq_ops = [op.name for op in layer_ops if "kv_cache" in op.reads]
@@ -74,7 +75,7 @@ class Planner:
     # -- building -------------------------------------------------------------------------------
     def _edges(self, op: str, T: int) -> list[int]:
         """Nano-batch boundaries of `op` for a batch of T tokens (the layout's proportions)."""
-        splits, total = self.layout.op(op).splits, self.layout.batch_tokens
+        splits, total = self._splits[op], self.layout.batch_tokens
         edges, acc = [0], 0
         for s in splits:
             acc += s
