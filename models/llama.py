@@ -49,6 +49,13 @@ LAYER_OPS: tuple[OpSpec, ...] = (
 )
 
 
+def layer_ops(tp: int = 1) -> tuple[OpSpec, ...]:
+    """The ops of one layer at tensor-parallel degree `tp`."""
+    if tp != 1:
+        raise ValueError(f"tensor parallelism (tp={tp}) is not built yet; use tp=1")
+    return LAYER_OPS
+
+
 @dataclass
 class Workspace:
     """Fixed activation buffers for up to `max_tokens` tokens (see the module docstring)."""

@@ -11,7 +11,9 @@ JSON form (version 1):
 `splits` are token counts summing to batch_tokens; a smaller batch is cut in the same
 proportions. `order` is the issue order of one layer's (op, nano-batch) launches; omitted, it is
 op by op, each op's nano-batches in turn, which already lets the GEMM of one nano-batch overlap
-the attention of the previous one.
+the attention of the previous one. An entry [op, nano-batch, 1] is shifted: that launch of layer
+l is issued with layer l + 1's launches (software pipelining across layers, so the attention of
+one nano-batch can overlap the MLP of another that is a layer behind).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Layout:
     batch_tokens: int
     partitions: tuple[Partition, ...]
     ops: tuple[tuple[str, OpLayout], ...]           # (op name, its layout), model op order
-    order: tuple[tuple[str, int], ...] = ()         # () = op-major
+    order: tuple[tuple, ...] = ()                   # (op, nb) or (op, nb, shift); () = op-major
     version: int = LAYOUT_VERSION
     provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -79,10 +81,15 @@ class Layout:
     def partition_index(self, name: str) -> int:
         return [p.name for p in self.partitions].index(name)
 
-    def issue_order(self) -> tuple[tuple[str, int], ...]:
+    def issue_order(self) -> tuple[tuple, ...]:
         if self.order:
             return self.order
         return tuple((op, i) for op, ol in self.ops for i in range(len(ol.splits)))
+
+    def issue_slots(self) -> tuple[tuple[str, int, int], ...]:
+        """(op, nano-batch, shift) in issue order; shift 1 issues a layer's launch with the
+        next layer's."""
+        return tuple((e[0], e[1], e[2] if len(e) > 2 else 0) for e in self.issue_order())
 
     # -- checks against a model and a device ---------------------------------------------------
     def validate(self, model_ops: tuple[str, ...], device) -> None:
@@ -98,10 +105,14 @@ class Layout:
 
     def _validate_order(self, model_ops: tuple[str, ...]) -> None:
         wanted = {(op, i) for op, ol in self.ops for i in range(len(ol.splits))}
-        order = list(self.issue_order())
+        slots = self.issue_slots()
+        order = [(op, i) for op, i, _ in slots]
         if len(order) != len(wanted) or set(order) != wanted:
             raise LayoutError("order must list every (op, nano-batch) of the layout exactly once")
-        position = {key: n for n, key in enumerate(order)}
+        if any(shift not in (0, 1) for _, _, shift in slots):
+            raise LayoutError("an order entry's shift (its third element) must be 0 or 1")
+        # Within a layer, a launch is issued at (shift, position in the order).
+        position = {(op, i): (shift, n) for n, (op, i, shift) in enumerate(slots)}
         rank = {op: n for n, op in enumerate(model_ops)}
         bounds = {op: _bounds(ol.splits) for op, ol in self.ops}
         for a, i in order:
@@ -139,7 +150,7 @@ class Layout:
                     for op, ol in self.ops},
         }
         if self.order:
-            d["order"] = [[op, i] for op, i in self.order]
+            d["order"] = [[op, i] + ([1] if shift else []) for op, i, shift in self.issue_slots()]
         if self.provenance:
             d["provenance"] = self.provenance
         return d
@@ -154,7 +165,8 @@ class Layout:
                                  for p in d["partitions"]),
                 ops=tuple((op, OpLayout(tuple(int(s) for s in v["splits"]), v["partition"]))
                           for op, v in d["ops"].items()),
-                order=tuple((str(op), int(i)) for op, i in d.get("order", ())),
+                order=tuple((str(e[0]), int(e[1])) + ((1,) if len(e) > 2 and int(e[2]) else ())
+                            for e in d.get("order", ())),
                 version=d.get("version", LAYOUT_VERSION),
                 provenance=dict(d.get("provenance", {})),
             )

@@ -15,7 +15,7 @@ import bisect
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .layout import Layout
+from .layout import Layout, LayoutError
 
 EMBED, LOGITS = "embed", "logits"
 _CACHE_SIZE = 1024
@@ -51,8 +51,9 @@ class Planner:
         self.specs = {op.name: op for op in layer_ops}
         self.num_layers = num_layers
         self.layout = layout
-        self.order = layout.issue_order()
+        self.slots = layout.issue_slots()
         self._splits = {op: ol.splits for op, ol in layout.ops}
+        self._check_shifts()
         # Ops reading the KV cache read earlier tokens of their sequences too, so their plans
         # depend on where those sequences start.
         self._seq_ops = [op.name for op in layer_ops if "kv_cache" in op.reads]
@@ -84,17 +85,36 @@ class Planner:
 
     def _launch_specs(self, T: int):
         """(op, layer, nano_batch, t0, t1, stream) in issue order, empty ranges skipped."""
-        first, last = self.order[0][0], self.order[-1][0]
+        first, last = self.slots[0][0], self.slots[-1][0]
         yield EMBED, -1, 0, 0, T, self.layout.partition_index(self.layout.op(first).partition)
         edges = {op: self._edges(op, T) for op in self.specs}
         stream = {op: self.layout.partition_index(self.layout.op(op).partition)
                   for op in self.specs}
-        for layer in range(self.num_layers):
-            for op, i in self.order:
+        # Slot v issues the layer-v launches, and the shifted ones of layer v - 1.
+        for v in range(self.num_layers + max(shift for *_, shift in self.slots)):
+            for op, i, shift in self.slots:
+                layer = v - shift
                 t0, t1 = edges[op][i], edges[op][i + 1]
-                if t0 < t1:
+                if 0 <= layer < self.num_layers and t0 < t1:
                     yield op, layer, i, t0, t1, stream[op]
         yield LOGITS, -1, 0, 0, T, stream[last]
+
+    def _check_shifts(self) -> None:
+        """A shifted launch of layer l is issued among layer l + 1's: it must still come before
+        each of layer l + 1's launches that touches rows of a buffer it touches (a write on
+        either side). Layout.validate checks the order within a layer."""
+        bounds = {op: list(zip(e[:-1], e[1:])) for op, e in
+                  ((op, self._edges(op, self.layout.batch_tokens)) for op in self.specs)}
+        for n, (b, j, shift) in enumerate(self.slots):
+            if not shift:
+                continue
+            for a, i, a_shift in self.slots[:n]:
+                if not a_shift and _conflict(self.specs[b], bounds[b][j],
+                                             self.specs[a], bounds[a][i]):
+                    raise LayoutError(
+                        f"order shifts ({b!r}, {j}) to the next layer's slot but issues that "
+                        f"layer's ({a!r}, {i}) first, and both touch the same rows: shift "
+                        f"({a!r}, {i}) too, or move it after ({b!r}, {j})")
 
     def _accesses(self, op: str, layer: int, t0: int, t1: int, starts):
         """[(buffer, lo, hi, is_write)] of one launch."""
@@ -125,6 +145,16 @@ class Planner:
             waits = clocks.add(index, stream, deps)
             launches.append(Launch(op, layer, nb, t0, t1, stream, waits))
         return Plan(tuple(launches), num_streams)
+
+
+def _conflict(x, x_rows, y, y_rows) -> bool:
+    """Whether ops x and y of consecutive layers touch a shared buffer's rows, one writing.
+    The KV cache is per layer, so it never conflicts across layers."""
+    if not (x_rows[0] < y_rows[1] and y_rows[0] < x_rows[1]):
+        return False
+    shared = lambda bufs: {b for b in bufs if b != "kv_cache"}  # noqa: E731
+    x_all, y_all = shared(x.reads) | shared(x.writes), shared(y.reads) | shared(y.writes)
+    return bool(shared(x.writes) & y_all or shared(y.writes) & x_all)
 
 
 def _buffer(name: str, layer: int) -> str:

@@ -17,7 +17,7 @@ from nanorun.kv_cache import KVCache
 from nanorun.layout import Layout, LayoutError, OpLayout, Partition, overlap, sequential
 from nanorun.models import LAYER_OPS, build_model, get_preset, random_weights
 from nanorun.ops import kv_append, paged_attention
-from nanorun.planner import Plan
+from nanorun.planner import Plan, Planner
 from nanorun.request import Request
 from nanorun.sampling_params import SamplingParams
 from nanorun.scheduler import ScheduledChunk
@@ -96,7 +96,30 @@ def layouts(draw):
         splits = tuple(b - a for a, b in zip(edges, edges[1:]))
         ops.append((op, OpLayout(splits, f"p{draw(st.integers(0, n_parts - 1))}")))
     op_major = Layout("random", BATCH, parts, tuple(ops))
-    return dataclasses.replace(op_major, order=_random_order(op_major, draw(st.randoms())))
+    layout = dataclasses.replace(op_major, order=_random_order(op_major, draw(st.randoms())))
+    if draw(st.booleans()):
+        layout = _shifted(layout, draw(st.randoms()))
+    return layout
+
+
+def _shifted(layout: Layout, rng) -> Layout:
+    """Pipeline a random tail of the order into the next layer's slot, then move entries around
+    at random while the planner and Layout.validate still accept the order."""
+    order = list(layout.issue_order())
+    k = rng.randrange(1, len(order))
+    slots = [(op, i, 1) for op, i in order[k:]] + order[:k]   # the same launches, same sequence
+    for _ in range(30):
+        trial_slots = list(slots)
+        entry = trial_slots.pop(rng.randrange(len(trial_slots)))
+        trial_slots.insert(rng.randrange(len(trial_slots) + 1), entry)
+        trial = dataclasses.replace(layout, order=tuple(trial_slots))
+        try:
+            trial._validate_order(OPS)
+            Planner(LAYER_OPS, 2, trial)
+        except LayoutError:
+            continue
+        slots = trial_slots
+    return dataclasses.replace(layout, order=tuple(slots))
 
 
 def _random_order(layout: Layout, rng) -> tuple[tuple[str, int], ...]:
@@ -258,3 +281,30 @@ def test_write_after_read_across_streams_waits():
     ops = [launch.op for launch in launches]
     c, b = ops.index("c"), ops.index("b")
     assert b in launches[c].waits
+
+
+def test_shift_that_reorders_dependent_launches_is_rejected():
+    """Shifting down (which writes the residual) into the next layer's slot while that layer's
+    attn_norm (which reads it) stays first would read a stale residual."""
+    order = [(op, 0) for op in OPS if op != "down"] + [("down", 0, 1)]
+    layout = Layout("bad-shift", BATCH, (Partition("device"),),
+                    tuple((op, OpLayout((BATCH,), "device")) for op in OPS), tuple(order))
+    with pytest.raises(LayoutError, match="shifts \\('down', 0\\)"):
+        Planner(LAYER_OPS, 2, layout)
+
+
+def test_shifted_pipeline_equals_sequential(rig):
+    """The cross-layer pipeline the search builds: the second nano-batch's MLP lags a layer
+    slot, so it can run beside the first nano-batch's attention of the next layer."""
+    layout = overlap(OPS, BATCH, CPU)
+    mlp = ("o_proj", "mlp_norm", "gate_up", "act", "down")
+    order = [k for k in layout.issue_order() if not (k[0] in mlp and k[1] == 1)]
+    order = [(op, 1, 1) for op in mlp] + order
+    layout = dataclasses.replace(layout, name="pipelined", order=tuple(order))
+    ex = rig.executor(layout)
+    assert {launch.layer for launch in ex.planner.plan(rig.batch([(8, 1), (0, 20)], 3)).launches
+            if launch.op == "down"} == {0, 1}
+    batch = rig.batch([(8, 1), (3, 1), (0, 20), (5, 13)], seed=5)
+    expected = rig.run(rig.sequential, batch)
+    for order_seed in range(6):
+        assert _close(rig.run(ex, batch, order_seed=order_seed), expected)

@@ -1,0 +1,186 @@
+"""`nanorun tune` and `nanorun plan`: the search and the cost model from the command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+DEFAULT_TRACE = "azure-conv"
+
+
+def add_parsers(sub) -> None:
+    _add_tune(sub)
+    _add_plan(sub)
+
+
+def _common(p) -> None:
+    p.add_argument("model", help="preset name (e.g. llama-3-8b) or model directory")
+    p.add_argument("--gpu", default="h100", help="device spec: h100, h200, a100, l40s, cpu")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--profile", default=None,
+                   help="a measured profile JSON (nanorun profile) to calibrate the cost model")
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="search the pipeline layout for a model and GPU (no GPU needed)",
+        description="Search nano-batch layouts with Optuna over the cost model and the engine's "
+                    "own planner; print the best, write it as JSON (found by layout='auto' "
+                    "through NANORUN_LAYOUT_DIR) and draw its pipeline.")
+    _common(p)
+    p.add_argument("--trace", default=DEFAULT_TRACE,
+                   help="workload: azure-conv, azure-code, sharegpt, lmsys, a CSV path, or "
+                        "const:PROMPTxOUTPUT (default %(default)s)")
+    p.add_argument("--filter", default="nanoflow",
+                   help="length filter: 'nanoflow' (prompt<=3072, output<=1024, sum<=4096), "
+                        "'none', or P,O,T")
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multi-objective", action="store_true",
+                   help="NSGA-II over (throughput, iteration latency); prints the Pareto front")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL, e.g. sqlite:///tune.db, so a study resumes")
+    p.add_argument("--study-name", default=None)
+    p.add_argument("--out", default=None,
+                   help="layout JSON (default layouts/MODEL.GPU.BATCH.json)")
+    p.add_argument("--plot", default=None, help="Gantt chart PNG (default: beside --out)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_tune)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="show a layout's plan and its predicted pipeline",
+        description="Plan one iteration under a layout and draw one layer's pipeline as a "
+                    "Gantt chart, durations from the cost model.")
+    _common(p)
+    p.add_argument("--layout", default="overlap",
+                   help="sequential, overlap, or a layout JSON path")
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--decode-seqs", type=int, default=None,
+                   help="decode tokens in the batch (default: half of it)")
+    p.add_argument("--decode-context", type=int, default=1024)
+    p.add_argument("--plot", default=None, help="Gantt chart PNG")
+    p.add_argument("--layer", type=int, default=None, help="layer to draw (default: middle)")
+    p.set_defaults(func=_plan)
+
+
+def _predictor(args):
+    from nanorun.models import resolve_model
+
+    from .costmodel import CostModel
+    from .evaluate import Predictor
+    from .hardware import get_device
+    from .profile import Profile
+
+    config = resolve_model(args.model)[0]
+    profile = Profile.load(args.profile) if args.profile else None
+    return Predictor(CostModel(config, get_device(args.gpu), tp=args.tp, profile=profile))
+
+
+def _tune(args) -> int:
+    from nanorun.benchmark.traces import parse_length_filter
+
+    from .tune import Tuner, provenance, tune
+    from .workload import Workload
+
+    predictor = _predictor(args)
+    workload = Workload.from_trace(args.trace, length_filter=parse_length_filter(args.filter),
+                                   seed=args.seed)
+    tuner = Tuner(predictor, workload, seed=args.seed)
+    c, dev = predictor.cost.config, predictor.device
+    print(f"tuning {c.name} on {dev.name} (tp={args.tp}) for {workload.name}: "
+          f"{len(workload.prompt_lens)} requests, mean prompt {workload.mean_prompt:.0f}, "
+          f"mean output {workload.mean_output:.0f} tokens; {args.trials} trials, seed {args.seed}")
+    start = time.perf_counter()
+    result = tune(tuner, trials=args.trials, seed=args.seed, multi_objective=args.multi_objective,
+                  storage=args.storage, study_name=args.study_name,
+                  progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    layout = result.layout
+    name = f"{c.name}.{dev.name}" + (f".tp{args.tp}" if args.tp > 1 else "")
+    out = Path(args.out or f"layouts/{name}.{layout.batch_tokens}.json")
+    prov = provenance(tuner, trials=result.trials, seed=args.seed, trace=workload.name,
+                      profile=Path(args.profile).name if args.profile else None,
+                      multi_objective=args.multi_objective)
+    prov["filter"] = args.filter
+    doc = layout.to_dict()
+    doc["name"] = f"tuned:{name}"
+    doc["predicted"] = result.predicted()
+    doc["provenance"] = prov
+    if result.pareto:
+        doc["pareto"] = result.pareto
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+
+    p = result.predicted()
+    print(f"searched {result.trials} trials in {elapsed:.1f} s")
+    print(_describe(layout))
+    print(f"predicted: {p['tokens_per_s']:,.0f} tokens/s (prompt + output), "
+          f"{p['percent_of_optimal']:.1f} % of optimal ({p['optimal_tokens_per_s']:,.0f}), "
+          f"{p['speedup_vs_sequential']:.3f}x sequential ({p['sequential_tokens_per_s']:,.0f}); "
+          f"iteration {p['iteration_ms']:.2f} ms")
+    if result.pareto:
+        print("Pareto front (tokens/s, iteration ms):",
+              ", ".join(f"({q['tokens_per_s']:,.0f}, {q['iteration_ms']:.2f})"
+                        for q in result.pareto[:8]))
+    print(f"wrote {out}")
+    if not args.no_plot:
+        from .plot import gantt
+
+        png = Path(args.plot or out.with_suffix(".png"))
+        schedule = predictor.schedule(layout, tuner.mixes(layout.batch_tokens)[0])
+        gantt(schedule, layout, _kinds(predictor), png,
+              title=f"{c.name} on {dev.name}, tuned for {workload.name}: "
+                    f"{p['tokens_per_s']:,.0f} tok/s predicted")
+        print(f"wrote {png}")
+    return 0
+
+
+def _plan(args) -> int:
+    from .workload import IterationMix
+
+    predictor = _predictor(args)
+    b = args.batch_tokens
+    d = b // 2 if args.decode_seqs is None else args.decode_seqs
+    if not 0 <= d <= b:
+        raise ValueError(f"--decode-seqs must be between 0 and --batch-tokens ({b})")
+    mix = IterationMix((args.decode_context,) * d, ((0, b - d),) if b > d else ())
+    layout = predictor.resolve(args.layout, b)
+    schedule = predictor.schedule(layout, mix)
+    plan = schedule.plan
+    waits = sum(len(launch.waits) for launch in plan.launches)
+    print(_describe(layout))
+    print(f"plan: {len(plan.launches)} launches on {plan.num_streams} stream(s), {waits} "
+          f"cross-stream waits, {len(plan.recorded)} events recorded")
+    print(f"predicted iteration ({d} decode tokens at context {args.decode_context}, "
+          f"{b - d} prompt tokens): {schedule.makespan * 1e3:.3f} ms")
+    for s, part in enumerate(layout.partitions):
+        print(f"  {part.name:8s} busy {schedule.busy(s) * 1e3:8.3f} ms "
+              f"({100 * schedule.busy(s) / schedule.makespan:5.1f} %)")
+    if args.plot:
+        from .plot import gantt
+
+        print(f"wrote {gantt(schedule, layout, _kinds(predictor), args.plot, layer=args.layer)}")
+    return 0
+
+
+def _kinds(predictor) -> dict[str, str]:
+    kinds = {op.name: op.kind for op in predictor.ops}
+    kinds.update(embed="memory", logits="gemm")
+    return kinds
+
+
+def _describe(layout) -> str:
+    parts = ", ".join(f"{p.name}={p.sm_count if p.sm_count else 'all'} SMs"
+                      for p in layout.partitions)
+    splits = {}
+    for op, ol in layout.ops:
+        splits.setdefault((ol.splits, ol.partition), []).append(op)
+    groups = "; ".join(f"{'/'.join(ops)}: {list(s)} on {p}" for (s, p), ops in splits.items())
+    shifted = [f"{e[0]}[{e[1]}]" for e in layout.issue_order() if len(e) > 2 and e[2]]
+    return (f"layout {layout.name}: dense batch {layout.batch_tokens} tokens; partitions "
+            f"{parts}\n  splits: {groups}"
+            + (f"\n  pipelined a layer behind: {', '.join(shifted)}" if shifted else ""))

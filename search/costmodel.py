@@ -1,0 +1,254 @@
+"""Cost model: how long one launch (an op of a layer, on a token range, on a partition) takes.
+
+The model is a roofline with three corrections, each a named term of `CostParams`:
+
+    t_alone(op, n, s) = max(t_compute, t_memory) + launch_overhead
+    t_compute = flops / (peak_flops * efficiency(n) * s / S)
+    t_memory  = bytes / (hbm_bandwidth * bandwidth_efficiency * bandwidth_share(s / S))
+
+- efficiency(n) = gemm_efficiency * n / (n + gemm_half_tokens): GEMMs of few tokens (small M)
+  and attention over prompt chunks reach less of the peak (tile and wave quantisation).
+- bandwidth_share(f) = (1 - exp(-k f)) / (1 - exp(-k)): a memory-bound kernel on a fraction f of
+  the SMs still pulls most of the bandwidth (NanoFlow's observation that lets attention run on a
+  minority of SMs); k = bandwidth_saturation.
+- Ops running at the same time on disjoint partitions share HBM bandwidth and L2. Each launch
+  has a bandwidth demand (the share of full bandwidth it pulls alone); while the demands of the
+  running launches sum above 1, each slows by its memory-bound share of the excess, and any
+  launch running beside another pays `interference` on top. The simulator applies this term.
+
+Work per op comes from the model's shapes (per tensor-parallel rank). Attention costs depend on
+the batch's contexts: decode tokens stream their sequence's whole KV; prompt chunks read each
+KV page once per query tile and are compute-bound for long chunks.
+
+A measured profile (`nanorun profile`, search/profile.py) calibrates this model: per op, a
+factor measured/predicted over token counts and SM counts, and measured interference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .hardware import DeviceSpec
+
+logger = logging.getLogger("nanorun")
+
+if TYPE_CHECKING:   # pragma: no cover
+    from nanorun.models import ModelConfig
+
+    from .profile import Profile
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """The cost model's tunable terms (docs/cost_model.md explains each and how to calibrate)."""
+
+    gemm_efficiency: float = 0.78        # share of peak a large bf16 GEMM reaches
+    gemm_half_tokens: float = 48.0       # tokens at which a GEMM reaches half that share
+    attention_efficiency: float = 0.45   # share of peak that prompt-chunk attention math reaches
+    decode_attention_efficiency: float = 0.07   # decode attention math: about the CUDA-core
+                                                # FP32 rate (67 of 989 TFLOP/s on an H100)
+    bandwidth_efficiency: float = 0.85   # share of the HBM spec a streaming kernel reaches
+    bandwidth_saturation: float = 5.0    # k of bandwidth_share; larger: fewer SMs saturate HBM
+    launch_overhead_s: float = 2.5e-6    # per kernel launch inside a CUDA graph
+    network_latency_s: float = 8e-6      # per collective
+    interference: float = 0.05           # slowdown of any launch running beside another
+    attention_query_tile: int = 64       # prompt-chunk query rows that share one read of the KV
+
+
+@dataclass(frozen=True)
+class OpWork:
+    """Per-token work of one op on one rank; weights are read once per launch."""
+
+    kind: str                 # "gemm", "memory", "attention", "network"
+    flops_per_token: float
+    bytes_per_token: float    # activations read + written
+    weight_bytes: float = 0.0
+    network_bytes_per_token: float = 0.0
+
+
+@dataclass(frozen=True)
+class LaunchCost:
+    seconds: float            # alone on its partition
+    memory_share: float       # share of `seconds` bound by memory (0..1)
+    demand: float             # share of the device's full bandwidth it pulls alone (0..1)
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """What attention needs to know about a token range: decode tokens and the sum of their
+    contexts (tokens of KV each reads), prompt-chunk tokens and the sum of their contexts."""
+
+    decode_tokens: int = 0
+    decode_context: int = 0
+    prompt_tokens: int = 0
+    prompt_context: int = 0
+
+
+def op_work(config: "ModelConfig", tp: int = 1, dtype_bytes: int = 2) -> dict[str, OpWork]:
+    """The work of every layer op (and embed/logits) for one tensor-parallel rank."""
+    d, b = config.hidden_size, dtype_bytes
+    q, kv, inter = config.q_size // tp, config.kv_size // tp, config.intermediate_size // tp
+    qkv_out = q + 2 * kv
+
+    def gemm(k: int, n: int, extra_rows: int = 0) -> OpWork:
+        return OpWork("gemm", 2.0 * k * n, (k + n + extra_rows) * b, k * n * b)
+
+    work = {
+        "attn_norm": OpWork("memory", 4.0 * d, 2 * d * b),
+        "qkv": gemm(d, qkv_out),
+        "rope": OpWork("memory", 6.0 * (q + kv), 2 * (q + kv) * b),
+        "kv_append": OpWork("memory", 0.0, 4 * kv * b),
+        "attention": OpWork("attention", 0.0, 2 * q * b),   # + the KV it reads, per context
+        "o_proj": gemm(q, d, extra_rows=d),                  # reads and writes the residual
+        "mlp_norm": OpWork("memory", 4.0 * d, 2 * d * b),
+        "gate_up": gemm(d, 2 * inter),
+        "act": OpWork("memory", 4.0 * inter, 3 * inter * b),
+        "down": gemm(inter, d, extra_rows=d),
+        "embed": OpWork("memory", 0.0, 2 * d * b),
+        "logits": gemm(d, config.vocab_size),                # per sampled token
+    }
+    if tp > 1:
+        for name in ("attn_allreduce", "mlp_allreduce"):
+            # Ring all-reduce: each rank sends and receives 2 (tp - 1) / tp of the rows.
+            work[name] = OpWork("network", 0.0, 3 * d * b,
+                                network_bytes_per_token=2.0 * (tp - 1) / tp * d * b)
+    return work
+
+
+class CostModel:
+    """Launch times for one model on one device at a tensor-parallel degree.
+
+    `profile` (a measured search.profile.Profile) scales each op's prediction by its measured
+    factor and replaces the interference term.
+    """
+
+    def __init__(self, config: "ModelConfig", device: DeviceSpec, *, tp: int = 1,
+                 dtype_bytes: int = 2, params: CostParams | None = None,
+                 profile: "Profile | None" = None) -> None:
+        if tp < 1 or config.num_heads % tp or config.num_kv_heads % tp \
+                or config.intermediate_size % tp:
+            raise ValueError(f"tp={tp} does not divide {config.name}'s heads "
+                             f"({config.num_heads} query, {config.num_kv_heads} KV) and "
+                             f"intermediate size {config.intermediate_size}; pick a tp that does")
+        self.config, self.device, self.tp = config, device, tp
+        self.dtype_bytes = dtype_bytes
+        self.params = params or CostParams()
+        self.work = op_work(config, tp, dtype_bytes)
+        self.peak_flops = device.bf16_tflops * 1e12
+        self.bandwidth = device.hbm_gbps * 1e9 * self.params.bandwidth_efficiency
+        self.kv_bytes_per_context_token = 2 * (config.kv_size // tp) * dtype_bytes
+        self.profile = None
+        if profile is not None:
+            self._calibrate(profile)
+
+    def _calibrate(self, profile: "Profile") -> None:
+        if profile.device != self.device.name:
+            raise ValueError(f"the profile was measured on {profile.device!r}, not "
+                             f"{self.device.name!r}; profile this device or drop --profile")
+        if profile.model != self.config.name or profile.tp != self.tp:
+            logger.warning("profile measured for %s at tp=%d, used for %s at tp=%d: its "
+                           "per-op factors are applied as they are", profile.model, profile.tp,
+                           self.config.name, self.tp)
+        if profile.interference is not None:
+            self.params = replace(self.params, interference=profile.interference)
+
+        def predict(op: str, tokens: int, sms: int, context: int | None) -> float:
+            stats = TokenStats(tokens, tokens * context) if op == "attention" and context \
+                else None
+            return self.launch(op, tokens, sms, stats).seconds
+
+        profile.calibrate(predict)
+        self.profile = profile
+
+    # -- the device's rates -------------------------------------------------------------------
+    @property
+    def gemm_rate(self) -> float:
+        """FLOP/s of a large GEMM on the whole device: the 'peak GEMM rate' of the optimal
+        bound (a measured profile's, when one is loaded)."""
+        if self.profile is not None and self.profile.gemm_tflops:
+            return self.profile.gemm_tflops * 1e12
+        return self.peak_flops * self.params.gemm_efficiency
+
+    def optimal_tokens_per_s(self) -> float:
+        """NanoFlow's bound for the whole tensor-parallel group: every GPU at the peak GEMM rate
+        doing only the 2 x active-parameter FLOPs of each token."""
+        return self.tp * self.gemm_rate / (2.0 * self.config.num_active_params_per_token)
+
+    def _sm_fraction(self, sms: int | None) -> float:
+        total = self.device.sm_count
+        return 1.0 if sms is None or total is None else min(1.0, sms / total)
+
+    def _bandwidth_share(self, fraction: float) -> float:
+        k = self.params.bandwidth_saturation
+        return (1.0 - math.exp(-k * fraction)) / (1.0 - math.exp(-k))
+
+    # -- one launch ----------------------------------------------------------------------------
+    def launch(self, op: str, tokens: int, sms: int | None,
+               stats: TokenStats | None = None) -> LaunchCost:
+        """Cost of `op` on `tokens` tokens on a partition of `sms` SMs (None: whole device).
+        Attention needs the range's TokenStats; logits takes the number of sampled tokens."""
+        try:
+            w = self.work[op]
+        except KeyError:
+            raise ValueError(f"the cost model has no formula for op {op!r}; known ops: "
+                             f"{sorted(self.work)}") from None
+        p = self.params
+        f = self._sm_fraction(sms)
+        flops = w.flops_per_token * tokens
+        nbytes = w.bytes_per_token * tokens + w.weight_bytes
+        efficiency = p.gemm_efficiency * tokens / (tokens + p.gemm_half_tokens)
+        if w.kind == "attention":
+            stats = stats or TokenStats(decode_tokens=tokens, decode_context=tokens)
+            flops, nbytes, efficiency = self._attention(stats, nbytes)
+        compute = flops / (self.peak_flops * max(efficiency, 1e-6) * f) if flops else 0.0
+        memory = nbytes / (self.bandwidth * self._bandwidth_share(f))
+        if w.kind == "network":
+            wire = w.network_bytes_per_token * tokens / (self.device.interconnect_gbps * 1e9)
+            seconds = p.network_latency_s + max(wire, memory)
+            memory_time = memory
+        else:
+            seconds = max(compute, memory) + p.launch_overhead_s
+            memory_time = memory if memory >= compute else 0.0
+        if self.profile is not None:
+            seconds *= self.profile.factor(op, tokens, sms if sms is not None else
+                                           self.device.sm_count)
+        demand = min(1.0, nbytes / (self.bandwidth * seconds)) if seconds else 0.0
+        return LaunchCost(seconds, min(1.0, memory_time / seconds) if seconds else 0.0, demand)
+
+    def _attention(self, s: TokenStats, q_bytes: float) -> tuple[float, float, float]:
+        c, p = self.config, self.params
+        heads_dim = (c.num_heads // self.tp) * c.head_dim
+        context = s.decode_context + s.prompt_context
+        flops = 4.0 * heads_dim * context          # QK^T and PV, 2 FLOPs per multiply-add
+        kv_reads = s.decode_context + s.prompt_context / p.attention_query_tile
+        nbytes = q_bytes + kv_reads * self.kv_bytes_per_context_token
+        # Decode attention is a matrix-vector product per head group, on CUDA cores; prompt
+        # chunks are tiled matrix products reaching attention_efficiency of the tensor peak.
+        tokens = s.decode_tokens + s.prompt_tokens
+        share_prompt = s.prompt_tokens / tokens if tokens else 0.0
+        efficiency = share_prompt * p.attention_efficiency + \
+            (1.0 - share_prompt) * p.decode_attention_efficiency
+        return flops, nbytes, efficiency
+
+
+class RangeStats:
+    """TokenStats of any token range of a batch in O(1), from prefix sums of its per-token
+    contexts (position + 1) and decode flags."""
+
+    def __init__(self, contexts: np.ndarray, is_decode: np.ndarray) -> None:
+        contexts = np.asarray(contexts, dtype=np.int64)
+        dec = np.asarray(is_decode, dtype=bool)
+        zero = np.zeros(1, dtype=np.int64)
+        self._dec_n = np.concatenate((zero, np.cumsum(dec)))
+        self._dec_c = np.concatenate((zero, np.cumsum(np.where(dec, contexts, 0))))
+        self._all_c = np.concatenate((zero, np.cumsum(contexts)))
+
+    def __call__(self, t0: int, t1: int) -> TokenStats:
+        dn = int(self._dec_n[t1] - self._dec_n[t0])
+        dc = int(self._dec_c[t1] - self._dec_c[t0])
+        return TokenStats(dn, dc, (t1 - t0) - dn, int(self._all_c[t1] - self._all_c[t0]) - dc)
