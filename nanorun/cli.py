@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from .benchmark.cli import add_parser as _add_bench
 from .search import cli as _search_cli
 
 
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _search_cli.add_parsers(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")

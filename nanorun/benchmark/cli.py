@@ -1,0 +1,140 @@
+"""`nanorun bench`: the subcommand's arguments, and what it prints and writes.
+
+Imports of torch, the engine and matplotlib happen inside the command, so `nanorun --help`
+does not pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+CPU_FILTER = "256,128,384"
+DESCRIPTION = """\
+Throughput and latency of the engine on a request trace, under each --layout in turn (always
+with "sequential" as the baseline), at each --request-rate. Prints a summary table; writes
+vLLM-style results with --result-json and a figure with --plot. The defaults run in seconds on
+a CPU: a tiny preset with random weights, 32 short requests of ShareGPT."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="throughput and latency on a request trace, per layout",
+                       description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="tiny-llama",
+                   help="preset name or Hugging Face model directory (default: tiny-llama)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--weights", default="auto", choices=["auto", "random"],
+                   help="auto: load a directory's safetensors, random for a preset")
+    p.add_argument("--layout", nargs="+", default=["sequential", "overlap"],
+                   help="layouts to compare: sequential, overlap, auto or a layout JSON file "
+                        "(sequential always runs too, first)")
+    p.add_argument("--max-batch-tokens", type=int, default=512,
+                   help="dense batch size: tokens per iteration (default: 512)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache capacity in tokens (default: sized from free memory)")
+    p.add_argument("--trace", default="sharegpt",
+                   help="azure-conv, azure-code, sharegpt, lmsys, a CSV path "
+                        "(TIMESTAMP,ContextTokens,GeneratedTokens) or const:PxO "
+                        "(default: sharegpt)")
+    p.add_argument("--num-requests", type=int, default=32,
+                   help="requests to run: a seeded contiguous window of the filtered trace "
+                        "(default: 32; 0 = the whole trace)")
+    p.add_argument("--filter", default=None,
+                   help="nanoflow (prompt <= 3072, output <= 1024, sum <= 4096), "
+                        f"MAX_PROMPT,MAX_OUTPUT,MAX_TOTAL, or none (default: {CPU_FILTER} "
+                        "on a CPU, to keep it to seconds; nanoflow on a GPU; none for "
+                        "const:PxO)")
+    p.add_argument("--request-rate", nargs="+", type=_checked(_request_rate),
+                   default=[math.inf],
+                   help="requests/s, inf (all at once: peak throughput) or trace (the "
+                        "trace's timestamps); several give a latency-vs-rate curve "
+                        "(default: inf)")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the gaps between arrivals: 1 Poisson, <1 burstier "
+                        "(default: 1.0)")
+    p.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS",
+                   help="service-level objectives for request_goodput, e.g. ttft:500 tpot:50 "
+                        "(names: ttft, tpot, e2el)")
+    p.add_argument("--metric-percentiles", default="99",
+                   help="comma-separated percentiles reported as p<N>_*_ms (default: 99)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the trace window, prompts, arrivals and random weights")
+    p.add_argument("--result-json", metavar="PATH", help="write the report as JSON here")
+    p.add_argument("--plot", metavar="PATH", help="draw throughput and latency here (.png, .svg)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .metrics import parse_goodput
+    from .plot import plot_report
+    from .report import build_report
+    from .runner import BenchConfig, run_benchmark
+    from .summary import format_summary
+
+    config = BenchConfig(
+        model=args.model, device=args.device, dtype=args.dtype,
+        max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
+        weights=args.weights, trace=args.trace, num_requests=args.num_requests or None,
+        length_filter=_length_filter(args), layouts=tuple(args.layout),
+        request_rates=tuple(args.request_rate), burstiness=args.burstiness,
+        goodput=tuple(parse_goodput(args.goodput).items()),
+        percentiles=_percentiles(args.metric_percentiles), seed=args.seed,
+        show_progress=not args.no_progress)
+    report = build_report(run_benchmark(config))
+    print(format_summary(report))
+    if args.result_json:
+        _make_parent(args.result_json)
+        with open(args.result_json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, allow_nan=False)
+            f.write("\n")
+        print(f"wrote {args.result_json}")
+    if args.plot:
+        _make_parent(args.plot)
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _length_filter(args):
+    from .traces import parse_length_filter
+    if args.filter is not None:
+        return parse_length_filter(args.filter)
+    if args.trace.startswith("const:"):     # its lengths are chosen already
+        return None
+    return parse_length_filter(CPU_FILTER if args.device == "cpu" else "nanoflow")
+
+
+def _request_rate(text: str):
+    from .arrivals import parse_request_rate
+    return parse_request_rate(text)
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(f"--metric-percentiles {text!r}: use comma-separated numbers in "
+                         f"(0, 100], e.g. 50,90,99") from None
+
+
+def _checked(parse):
+    """An argparse type that keeps the parser's own message when the value is bad."""
+    def checked(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    checked.__name__ = parse.__name__.lstrip("_")
+    return checked
+
+
+def _make_parent(path: str) -> None:
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)

@@ -1,0 +1,96 @@
+"""What a result was measured on: the device, the library versions and the nanorun commit.
+
+Only names and versions go into a report, never a path of this machine. The commit is the one
+of the checkout nanorun is imported from, and only when that checkout really holds this
+package (a wheel installed inside some other repository reports None, not that repository's
+commit); `git_dirty` says whether the measured tree had uncommitted changes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+import nanorun
+
+
+def describe(device: torch.device) -> dict:
+    """Device, versions, commit and date, as JSON-ready values."""
+    commit, dirty = git_commit()
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "driver_version": _driver_version() if device.type == "cuda" else None,
+        "cuda_version": torch.version.cuda,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+        "nanorun_version": nanorun.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({_cpu_model()})"
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(HEAD of the checkout holding the imported nanorun, whether its tracked files differ
+    from HEAD), or (None, None) outside such a checkout."""
+    package = os.path.dirname(os.path.abspath(nanorun.__file__))
+    top = _git(package, "rev-parse", "--show-toplevel")
+    if top is None or not _same_file(os.path.join(top, "nanorun", "__init__.py"),
+                                     nanorun.__file__):
+        return None, None
+    commit = _git(top, "rev-parse", "HEAD")
+    status = _git(top, "status", "--porcelain", "--untracked-files=no")
+    return commit, (bool(status) if status is not None else None)
+
+
+def _git(cwd: str, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _cpu_model() -> str:
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver version, from nvidia-smi (torch does not expose it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None

@@ -1,0 +1,80 @@
+"""`nanorun bench --plot`: throughput and latency per layout, and latency against request rate.
+
+Row one has a group of bars per layout (one bar per request rate): total tokens/s with the
+optimal bound as a dashed line, mean TTFT, mean TPOT. When several rates were run, row two
+plots the same three against the request rate (a trace replay at the mean rate its timestamps
+offered), one line per layout; offline runs have no rate to place and are left out there.
+Drawn on a bare Agg figure, so no GUI backend or pyplot global state is involved.
+"""
+
+from __future__ import annotations
+
+_PANELS = (
+    ("total_token_throughput", "total tokens/s"),
+    ("mean_ttft_ms", "mean TTFT (ms)"),
+    ("mean_tpot_ms", "mean TPOT (ms)"),
+)
+
+
+def plot_report(report: dict, path: str) -> None:
+    """Write the figure to `path` (the format follows its extension: .png, .svg, .pdf)."""
+    from matplotlib.figure import Figure
+
+    header, runs = report["nanorun"], report["runs"]
+    several_rates = len(header["request_rates"]) > 1
+    fig = Figure(figsize=(15, 9 if several_rates else 4.5), layout="constrained")
+    axes = fig.subplots(2 if several_rates else 1, len(_PANELS), squeeze=False)
+    for ax, (key, label) in zip(axes[0], _PANELS):
+        _bars_per_layout(ax, runs, header, key, label)
+    axes[0][0].axhline(header["optimal_tokens_per_s"], color="black", linestyle="--",
+                       linewidth=1, label="optimal bound")
+    axes[0][0].legend(fontsize="small")
+    if several_rates:
+        for ax, (key, label) in zip(axes[1], _PANELS):
+            _lines_against_rate(ax, runs, header["layouts"], key, label)
+    fig.suptitle(f"{header['model']} on {header['device']}, trace {header['trace']} "
+                 f"({header['num_requests']} requests)")
+    fig.savefig(path, dpi=120)
+
+
+def _bars_per_layout(ax, runs: list[dict], header: dict, key: str, label: str) -> None:
+    layouts, rates = header["layouts"], header["request_rates"]
+    width = 0.8 / len(rates)
+    for j, rate in enumerate(rates):
+        xs, heights = [], []
+        for i, layout in enumerate(layouts):
+            run = _find(runs, layout, rate)
+            if run is not None and run[key] is not None:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                heights.append(run[key])
+        ax.bar(xs, heights, width, label=f"rate {rate}")
+    ax.set_xticks(range(len(layouts)), layouts)
+    ax.set_ylabel(label)
+    if len(rates) > 1 and key != "total_token_throughput":
+        ax.legend(fontsize="small")
+
+
+def _lines_against_rate(ax, runs: list[dict], layouts: list[str], key: str, label: str) -> None:
+    for layout in layouts:
+        points = sorted((_rate(r), r[key]) for r in runs
+                        if r["nanorun"]["layout"] == layout and r[key] is not None
+                        and _rate(r) != "inf")
+        if points:
+            ax.plot(*zip(*points), marker="o", label=layout)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel(label)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _rate(run: dict):
+    """The asked rate; for a trace replay, the rate its timestamps offered."""
+    rate = run["request_rate"]
+    return run["nanorun"]["offered_rate"] if rate == "trace" else rate
+
+
+def _find(runs: list[dict], layout: str, rate) -> dict | None:
+    for run in runs:
+        if run["nanorun"]["layout"] == layout and run["request_rate"] == rate:
+            return run
+    return None

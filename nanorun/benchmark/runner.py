@@ -1,0 +1,316 @@
+"""Run a trace through the engine under each layout and request rate.
+
+Every layout runs in this process on the same requests (the same prompt token ids, output
+lengths and arrival times), one after the other, each in a fresh engine that is freed before
+the next is built. "sequential" always runs, first, added when not asked for: the ratio of each
+layout's throughput to it is nano-batching's gain, and that is only meaningful measured side by
+side. Each engine is warmed up (kernel compilation, first allocations) before it is timed.
+
+The loop drives Engine.step() itself: a request is added once its arrival time has passed, and
+its arrival time is the scheduled one, so time spent waiting for a busy step counts in its
+TTFT. Outputs run to the trace's length (ignore EOS, greedy). A request that cannot be added,
+or ends with any other number of tokens, is recorded as failed with the reason, and the run
+goes on; if a step itself raises, the requests in flight and those not yet added fail with
+that reason and the run ends there.
+
+Requests that can never fit (prompt + output beyond the model's context or the KV cache) are
+skipped before any run, with a warning and a count in the report: they would fail the same way
+under every layout and say nothing about throughput.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from ..config import EngineConfig
+from ..engine import Engine
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from . import arrivals as arrival_process
+from . import ceilings, environment
+from .metrics import RequestResult, compute_metrics
+from .traces import LengthFilter, Trace, load_trace
+
+logger = logging.getLogger("nanorun")
+
+BASELINE = "sequential"
+_WARMUP_PROMPTS, _WARMUP_TOKENS = (40, 7), 4
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one `nanorun bench` invocation measures. See `nanorun bench --help`."""
+
+    model: str = "tiny-llama"
+    device: str = "cpu"
+    dtype: str | None = None
+    max_batch_tokens: int = 512
+    kv_cache_tokens: int | None = None
+    weights: str = "auto"
+    trace: str = "sharegpt"
+    num_requests: int | None = 32
+    length_filter: LengthFilter | None = None
+    layouts: tuple[str, ...] = (BASELINE, "overlap")
+    request_rates: tuple[arrival_process.RequestRate, ...] = (math.inf,)
+    burstiness: float = 1.0
+    goodput: tuple[tuple[str, float], ...] = ()     # (metric, ms) objectives
+    percentiles: tuple[float, ...] = (99.0,)
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.layouts:
+            raise ValueError("give at least one layout")
+        if not self.request_rates:
+            raise ValueError("give at least one request rate (inf: all at once)")
+        bad = [p for p in self.percentiles if not 0 < p <= 100]
+        if bad:
+            raise ValueError(f"percentiles must be in (0, 100], got {bad}")
+
+    @property
+    def layouts_to_run(self) -> tuple[str, ...]:
+        """The asked layouts, deduplicated, with the baseline first."""
+        return tuple(dict.fromkeys((BASELINE, *self.layouts)))
+
+    def engine(self, layout: str) -> Engine:
+        return Engine(self.model, device=self.device, dtype=self.dtype, layout=layout,
+                      max_batch_tokens=self.max_batch_tokens,
+                      kv_cache_tokens=self.kv_cache_tokens, seed=self.seed,
+                      weights=self.weights)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The requests every layout runs: the trace's requests that fit, with their prompts."""
+
+    trace: Trace
+    prompts: tuple[np.ndarray, ...]      # token ids, one [prompt_len] array per request
+    num_skipped: int = 0
+    skip_reason: str = ""
+
+    @classmethod
+    def fit(cls, trace: Trace, engine: Engine, seed: int) -> Workload:
+        """Drop (with a warning) the requests the engine can never hold; draw seeded prompts."""
+        total = trace.prompt_lens + trace.output_lens
+        kv = engine.kv_cache
+        fits = (total <= engine.max_model_len) & (-(-total // kv.page_size) <= kv.num_pages)
+        skipped, reason = int((~fits).sum()), ""
+        if skipped:
+            reason = (f"prompt + output longer than the model's context ({engine.max_model_len} "
+                      f"tokens) or the KV cache ({kv.capacity_tokens} tokens)")
+            if skipped == len(trace):
+                raise ValueError(f"every request of trace {trace.name!r} is {reason}; add a "
+                                 f"--filter or use shorter requests")
+            logger.warning("skipping %d of %d requests: %s. Add --filter to choose which.",
+                           skipped, len(trace), reason)
+            trace = _subset(trace, fits)
+        rng = np.random.default_rng(seed)
+        vocab = engine.model_config.vocab_size
+        prompts = tuple(rng.integers(0, vocab, size=int(n)) for n in trace.prompt_lens)
+        return cls(trace, prompts, skipped, reason)
+
+
+@dataclass(frozen=True)
+class Drive:
+    """What one pass of the workload through an engine produced."""
+
+    results: list[RequestResult]     # one per request, in trace order
+    duration: float                  # seconds from the start to the last completion
+    engine_steps: int
+    preemptions: int
+
+
+@dataclass
+class Run:
+    """One layout at one request rate; metrics are filled in once every run is done."""
+
+    layout: str                      # as asked ("auto", a JSON file, ...)
+    layout_name: str                 # the Layout the engine ran
+    request_rate: arrival_process.RequestRate
+    offered_rate: float              # the schedule's mean rate, req/s
+    drive: Drive
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Everything report.build_report needs."""
+
+    config: BenchConfig
+    environment: dict
+    measured: ceilings.Ceilings      # this device's GEMM rate and copy bandwidth
+    engine_facts: dict
+    workload: Workload
+    runs: list[Run]
+
+
+def run_benchmark(config: BenchConfig) -> Measurement:
+    """Measure the device, then every layout at every request rate."""
+    trace = load_trace(config.trace, num_requests=config.num_requests, seed=config.seed,
+                       length_filter=config.length_filter)
+    for rate in config.request_rates:
+        arrival_process.schedule(trace, rate)    # a bad rate fails before anything is built
+    engine_config = EngineConfig(model=config.model, device=config.device, dtype=config.dtype)
+    device = engine_config.torch_device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={config.device!r} but torch sees no CUDA device; use "
+                           f"--device cpu")
+    env = environment.describe(device)
+    measured = ceilings.measure(device, engine_config.torch_dtype)
+    workload, facts, runs = None, {}, []
+    for layout in config.layouts_to_run:
+        engine = config.engine(layout)
+        if workload is None:
+            workload, facts = Workload.fit(trace, engine, config.seed), engine_facts(engine)
+        warm_up(engine)
+        runs += [_run_one(engine, workload, layout, rate, config)
+                 for rate in config.request_rates]
+        del engine
+        _free_memory(device)
+    goodput = dict(config.goodput) or None
+    for run in runs:
+        run.metrics = compute_metrics(run.drive.results, run.drive.duration,
+                                      percentiles=config.percentiles, goodput=goodput)
+    return Measurement(config, env, measured, facts, workload, runs)
+
+
+def warm_up(engine: Engine) -> None:
+    """Run two short requests so that compilation and first allocations are not timed."""
+    params = SamplingParams(max_tokens=_WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
+    for i, n in enumerate(_WARMUP_PROMPTS):
+        n = max(1, min(n, engine.max_model_len - _WARMUP_TOKENS))
+        engine.add_request(f"warmup-{i}", [1 + (t % 7) for t in range(n)], params)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def drive(engine: Engine, workload: Workload, arrivals: np.ndarray, *, progress=None) -> Drive:
+    """Run the workload with these arrival times (seconds from the start, non-decreasing)."""
+    trace, n = workload.trace, len(workload.trace)
+    results: list[RequestResult | None] = [None] * n
+    in_flight: dict[str, int] = {}
+    start, added, steps, preemptions = time.perf_counter(), 0, 0, 0
+
+    def record(i: int, result: RequestResult) -> None:
+        results[i] = result
+        if progress is not None:
+            progress.update(1)
+
+    while added < n or engine.has_unfinished_requests():
+        while added < n and arrivals[added] <= time.perf_counter() - start:
+            error = _add(engine, workload, added, start + float(arrivals[added]))
+            if error:
+                record(added, RequestResult(int(trace.prompt_lens[added]), 0, error=error))
+            else:
+                in_flight[str(added)] = added
+            added += 1
+        if not engine.has_unfinished_requests():
+            if added < n:
+                time.sleep(max(0.0, float(arrivals[added]) - (time.perf_counter() - start)))
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as e:  # the engine's state is unknown now: end this run, keep the rest
+            reason = f"engine step failed: {type(e).__name__}: {e}"
+            logger.error("%s; failing %d requests in flight and %d not yet added", reason,
+                         len(in_flight), n - added)
+            engine.abort_request(list(in_flight))
+            for i in [*in_flight.values(), *range(added, n)]:
+                record(i, RequestResult(int(trace.prompt_lens[i]), 0, error=reason))
+            break
+        steps += 1
+        for out in outputs:
+            i = in_flight.pop(out.request_id, None) if out.finished else None
+            if i is not None:   # None: still running, or aborted in an earlier failed run
+                preemptions += out.metrics.num_preemptions
+                record(i, request_result(out, int(trace.output_lens[i])))
+    return Drive(results, time.perf_counter() - start, steps, preemptions)
+
+
+def request_result(out: RequestOutput, expected_len: int) -> RequestResult:
+    """The latencies of a finished request; failed unless it produced exactly expected_len."""
+    m, produced = out.metrics, len(out.token_ids)
+    prompt_len = len(out.prompt_token_ids)
+    if out.finish_reason != "length" or produced != expected_len:
+        return RequestResult(prompt_len, produced, error=(
+            f"produced {produced} tokens (finish_reason {out.finish_reason!r}), "
+            f"expected {expected_len}"))
+    itls = tuple(float(g) for g in np.diff(m.token_times))
+    return RequestResult(prompt_len, produced, ttft=m.ttft, e2el=m.e2e_latency, itls=itls)
+
+
+def engine_facts(engine: Engine) -> dict:
+    """The model and engine settings a report records."""
+    mc, cfg = engine.model_config, engine.config
+    random_weights = cfg.weights == "random" or _is_preset(cfg.model)
+    return {
+        "model": mc.name,
+        "num_active_params_per_token": mc.num_active_params_per_token,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "max_batch_tokens": cfg.max_batch_tokens,
+        "kv_cache_tokens": engine.kv_cache.capacity_tokens,
+        "max_model_len": engine.max_model_len,
+        "weights": "random" if random_weights else "loaded",
+    }
+
+
+def _add(engine: Engine, workload: Workload, i: int, arrival_time: float) -> str:
+    """Queue request i; "" on success, else why it could not be added."""
+    params = SamplingParams(max_tokens=int(workload.trace.output_lens[i]), temperature=0.0,
+                            ignore_eos=True)
+    try:
+        engine.add_request(str(i), workload.prompts[i].tolist(), params, arrival_time)
+    except (ValueError, TypeError, RuntimeError) as e:
+        return f"not added: {e}"
+    return ""
+
+
+def _run_one(engine: Engine, workload: Workload, layout: str, rate,
+             config: BenchConfig) -> Run:
+    arrivals = arrival_process.schedule(workload.trace, rate, burstiness=config.burstiness,
+                                        seed=config.seed)
+    progress = _progress(len(arrivals), f"{layout_label(layout)} @ {rate}", config.show_progress)
+    try:
+        done = drive(engine, workload, arrivals, progress=progress)
+    finally:
+        progress.close()
+    return Run(layout, engine.executor.layout_name, rate, arrival_process.offered_rate(arrivals),
+               done)
+
+
+def layout_label(layout: str) -> str:
+    """A layout as reports name it: a JSON file by its file name, never by its path."""
+    return layout.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _is_preset(model: str) -> bool:
+    from ..models import PRESETS
+    return model in PRESETS
+
+
+def _subset(trace: Trace, keep: np.ndarray) -> Trace:
+    arrivals = trace.arrivals
+    if arrivals is not None:
+        arrivals = arrivals[keep] - arrivals[keep][0]
+    return replace(trace, prompt_lens=trace.prompt_lens[keep],
+                   output_lens=trace.output_lens[keep], arrivals=arrivals)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    # disable=None: tqdm shows the bar only on a terminal.
+    return tqdm(total=total, desc=desc, unit="req", disable=None if enabled else True,
+                leave=False)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

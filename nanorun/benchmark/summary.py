@@ -1,0 +1,54 @@
+"""The table `nanorun bench` prints at the end: one row per layout and request rate."""
+
+from __future__ import annotations
+
+_COLUMNS = (
+    # (header, width, how to get the value from a run)
+    ("layout", 12, lambda r: r["nanorun"]["layout"]),
+    ("rate", 6, lambda r: str(r["request_rate"])),
+    ("ok/fail", 8, lambda r: f"{r['completed']}/{r['failed']}"),
+    ("req/s", 7, lambda r: f"{r['request_throughput']:.2f}"),
+    ("out tok/s", 10, lambda r: f"{r['output_throughput']:,.0f}"),
+    ("tot tok/s", 10, lambda r: f"{r['total_token_throughput']:,.0f}"),
+    ("vs seq", 7, lambda r: _ratio(r["nanorun"]["throughput_ratio_to_sequential"])),
+    ("% opt", 6, lambda r: f"{r['nanorun']['percent_of_optimal']:.1f}"),
+    ("TTFT ms", 9, lambda r: _ms(r["mean_ttft_ms"])),
+    ("TPOT ms", 8, lambda r: _ms(r["mean_tpot_ms"])),
+    ("ITL ms", 7, lambda r: _ms(r["mean_itl_ms"])),
+    ("E2EL ms", 9, lambda r: _ms(r["mean_e2el_ms"])),
+)
+
+
+def format_summary(report: dict) -> str:
+    """The header facts and a table of every run (latencies are means)."""
+    h = report["nanorun"]
+    lines = [
+        f"nanorun bench: {h['model']} ({h['dtype']}, {h['weights']} weights) on {h['device']}, "
+        f"dense batch {h['max_batch_tokens']} tokens",
+        f"trace {h['trace']}: {h['num_requests']} requests, mean {h['mean_prompt_len']:.0f} "
+        f"prompt / {h['mean_output_len']:.0f} output tokens, filter "
+        f"{h['length_filter'] or 'none'}",
+        f"measured on {h['ceilings_measured_on']}: GEMM {h['gemm_tflops']:.3g} TFLOP/s "
+        f"({h['gemm_dtype']}), copy {h['copy_gbps']:.3g} GB/s; optimal bound "
+        f"{h['optimal_tokens_per_s']:,.0f} tokens/s",
+    ]
+    if h["num_skipped"]:
+        lines.append(f"warning: skipped {h['num_skipped']} requests ({h['skip_reason']})")
+    columns = list(_COLUMNS)
+    if h["goodput_slo_ms"]:
+        columns.insert(4, ("good/s", 7, lambda r: f"{r['request_goodput']:.2f}"))
+    lines.append("  ".join(f"{name:>{w}}" for name, w, _ in columns))
+    for run in report["runs"]:
+        lines.append("  ".join(f"{get(run):>{w}}" for _, w, get in columns))
+    failed = [e for run in report["runs"] for e in run["errors"] if e]
+    if failed:
+        lines.append(f"{len(failed)} failed requests; first reason: {failed[0]}")
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"

@@ -1,0 +1,430 @@
+"""nanorun bench: traces, arrivals, the metric math, and a CPU smoke run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanorun import Engine
+from nanorun.benchmark import arrivals
+from nanorun.benchmark.ceilings import optimal_tokens_per_s
+from nanorun.benchmark.environment import git_commit
+from nanorun.benchmark.metrics import RequestResult, compute_metrics, parse_goodput
+from nanorun.benchmark.runner import Workload, drive, request_result, warm_up
+from nanorun.benchmark.traces import (
+    NANOFLOW_FILTER, TRACES, LengthFilter, Trace, load_trace, parse_length_filter)
+from nanorun.cli import main
+from nanorun.outputs import RequestMetrics, RequestOutput
+
+# ---- traces ---------------------------------------------------------------------------------
+
+# Rows, and whether the trace has timestamps, as traces/README.md gives them.
+SHIPPED = {"azure-code": (8819, True), "azure-conv": (19366, True),
+           "sharegpt": (58787, False), "lmsys": (100000, False)}
+# NanoFlow's paper: mean prompt / output tokens after its filter (about).
+NANOFLOW_MEANS = {"azure-conv": (850, 225), "lmsys": (92, 206), "sharegpt": (224, 318)}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_each_named_trace_loads_whole(name):
+    rows, timed = SHIPPED[name]
+    trace = load_trace(name)
+    assert len(trace) == rows and trace.name == name
+    assert (trace.arrivals is not None) == timed
+    assert trace.source == TRACES[name].source
+    assert ("CC-BY-4.0" if timed else "Apache-2.0") in trace.source
+    assert trace.prompt_lens.min() >= 1 and trace.output_lens.min() >= 1
+    assert not trace.prompt_lens.flags.writeable
+
+
+@pytest.mark.parametrize("name", sorted(NANOFLOW_MEANS))
+def test_nanoflow_filter_reproduces_the_papers_averages(name):
+    trace = load_trace(name, length_filter=NANOFLOW_FILTER)
+    full = load_trace(name)
+    assert len(trace) < len(full)
+    assert trace.prompt_lens.max() <= 3072 and trace.output_lens.max() <= 1024
+    assert (trace.prompt_lens + trace.output_lens).max() <= 4096
+    prompt, output = NANOFLOW_MEANS[name]
+    assert trace.prompt_lens.mean() == pytest.approx(prompt, rel=0.02)
+    assert trace.output_lens.mean() == pytest.approx(output, rel=0.02)
+
+
+def test_filter_counts_match_a_direct_count():
+    full = load_trace("azure-code")
+    f = LengthFilter(2000, 50, 2020)
+    expected = sum(1 for p, o in zip(full.prompt_lens, full.output_lens)
+                   if p <= 2000 and o <= 50 and p + o <= 2020)
+    assert len(load_trace("azure-code", length_filter=f)) == expected
+
+
+def test_azure_timestamps_parse_to_seconds():
+    trace = load_trace("azure-code")
+    # First rows: 18:17:03.9799600 and 18:17:04.0319600 (7 fractional digits).
+    assert trace.arrivals[0] == 0.0
+    assert trace.arrivals[1] == pytest.approx(0.052, abs=1e-6)
+    assert np.all(np.diff(trace.arrivals) >= 0)
+    assert 3000 < trace.arrivals[-1] < 3600     # a one-hour trace
+
+
+def test_window_is_contiguous_seeded_and_rebased():
+    full = load_trace("azure-conv", length_filter=NANOFLOW_FILTER)
+    a = load_trace("azure-conv", num_requests=50, seed=3, length_filter=NANOFLOW_FILTER)
+    again = load_trace("azure-conv", num_requests=50, seed=3, length_filter=NANOFLOW_FILTER)
+    other = load_trace("azure-conv", num_requests=50, seed=4, length_filter=NANOFLOW_FILTER)
+    assert np.array_equal(a.prompt_lens, again.prompt_lens)
+    assert not np.array_equal(a.prompt_lens, other.prompt_lens)
+    starts = [s for s in range(len(full) - 49)
+              if np.array_equal(full.prompt_lens[s:s + 50], a.prompt_lens)]
+    assert starts, "the window is not a contiguous slice of the filtered trace"
+    s = starts[0]
+    assert np.array_equal(a.output_lens, full.output_lens[s:s + 50])
+    assert a.arrivals[0] == 0.0
+    np.testing.assert_allclose(a.arrivals, full.arrivals[s:s + 50] - full.arrivals[s])
+
+
+def test_const_form():
+    t = load_trace("const:1024x512", num_requests=5)
+    assert len(t) == 5 and set(t.prompt_lens) == {1024} and set(t.output_lens) == {512}
+    assert t.arrivals is None and t.name == "const:1024x512"
+    assert len(load_trace("const:1024x512", num_requests=2, length_filter=NANOFLOW_FILTER)) == 2
+    with pytest.raises(ValueError, match="num_requests"):
+        load_trace("const:8x8")
+    with pytest.raises(ValueError, match="outside the length filter"):
+        load_trace("const:4000x512", num_requests=2, length_filter=NANOFLOW_FILTER)
+
+
+@pytest.mark.parametrize("spec", ["nope", "azure", "const:", "const:10", "const:0x5",
+                                  "const:axb", "missing/file.csv"])
+def test_bad_specs_name_the_known_forms(spec):
+    with pytest.raises(ValueError) as e:
+        load_trace(spec, num_requests=4)
+    if not spec.startswith("const:"):
+        msg = str(e.value)
+        assert all(name in msg for name in TRACES) and "const:PxO" in msg
+
+
+def test_too_many_requests_and_bad_counts():
+    with pytest.raises(ValueError, match="has 6967 requests after the filter"):
+        load_trace("azure-code", num_requests=7000, length_filter=NANOFLOW_FILTER)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="num_requests"):
+            load_trace("lmsys", num_requests=bad)
+
+
+def write_csv(tmp_path: Path, rows: list[str], header="TIMESTAMP,ContextTokens,GeneratedTokens"):
+    path = tmp_path / "my_trace.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return str(path)
+
+
+def test_csv_path_form(tmp_path):
+    path = write_csv(tmp_path, ["2024-01-01 00:00:00.5000000,10,3",
+                                "2024-01-01 00:00:02.0000001,20,4",
+                                "2024-01-01 00:00:02.2500000,30,5"])
+    t = load_trace(path)
+    assert t.name == "my_trace" and t.source == "user CSV my_trace.csv"
+    assert list(t.prompt_lens) == [10, 20, 30] and list(t.output_lens) == [3, 4, 5]
+    np.testing.assert_allclose(t.arrivals, [0.0, 1.5, 1.75], atol=1e-6)
+    assert len(load_trace(path, length_filter=LengthFilter(25, 10, 100))) == 2
+    untimed = write_csv(tmp_path, ["XXX,10,3", "XXX,20,4"])
+    assert load_trace(untimed).arrivals is None
+
+
+@pytest.mark.parametrize("rows, header, match", [
+    (["XXX,10,3", "2024-01-01 00:00:00,20,4"], None, "give every row a time or none"),
+    (["2024-01-01 00:00:05,10,3", "2024-01-01 00:00:01,20,4"], None, "line 3: timestamps go"),
+    (["XXX,ten,3"], None, "line 2: ContextTokens and GeneratedTokens must be integers"),
+    (["XXX,10,0"], None, "at least one token"),
+    (["yesterday,10,3"], None, "neither an ISO date-time"),
+    ([], None, "holds no requests"),
+    (["XXX,10"], "TIMESTAMP,ContextTokens", "missing column"),
+])
+def test_malformed_csv_says_what_is_wrong(tmp_path, rows, header, match):
+    path = write_csv(tmp_path, rows, *([header] if header else []))
+    with pytest.raises(ValueError, match=match):
+        load_trace(path)
+
+
+def test_length_filter_forms():
+    assert parse_length_filter("nanoflow") == NANOFLOW_FILTER == LengthFilter(3072, 1024, 4096)
+    assert parse_length_filter("NONE") is None
+    assert parse_length_filter("100,20,110") == LengthFilter(100, 20, 110)
+    for bad in ("1,2", "a,b,c", "0,1,1", "nanoflo"):
+        with pytest.raises(ValueError, match="nanoflow"):
+            parse_length_filter(bad)
+
+
+def test_trace_validates_its_arrays():
+    with pytest.raises(ValueError, match="one length"):
+        Trace("t", np.array([1, 2]), np.array([1]), None, "")
+    with pytest.raises(ValueError, match="at least one token"):
+        Trace("t", np.array([1, 0]), np.array([1, 1]), None, "")
+
+
+# ---- arrivals -------------------------------------------------------------------------------
+
+def test_poisson_arrivals_are_seeded_and_have_the_asked_mean_rate():
+    a = arrivals.gamma_arrivals(20000, 5.0, seed=1)
+    assert np.array_equal(a, arrivals.gamma_arrivals(20000, 5.0, seed=1))
+    assert not np.array_equal(a, arrivals.gamma_arrivals(20000, 5.0, seed=2))
+    assert a[0] == 0.0 and np.all(np.diff(a) >= 0)
+    assert arrivals.offered_rate(a) == pytest.approx(5.0, rel=0.03)
+    gaps = np.diff(a)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)    # exponential: CV 1
+
+
+def test_burstiness_keeps_the_rate_and_changes_the_spread():
+    gaps = np.diff(arrivals.gamma_arrivals(20000, 2.0, burstiness=0.25, seed=0))
+    assert 1 / gaps.mean() == pytest.approx(2.0, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(2.0, rel=0.08)     # gamma: CV 1/sqrt(k)
+
+
+def test_offline_and_trace_schedules():
+    trace = load_trace("azure-conv", num_requests=10)
+    assert np.array_equal(arrivals.schedule(trace, math.inf), np.zeros(10))
+    assert arrivals.offered_rate(np.zeros(10)) == math.inf
+    assert np.array_equal(arrivals.schedule(trace, "trace"), trace.arrivals)
+    with pytest.raises(ValueError, match="no timestamps"):
+        arrivals.schedule(load_trace("lmsys", num_requests=3), "trace")
+
+
+def test_request_rate_forms():
+    assert arrivals.parse_request_rate("inf") == math.inf
+    assert arrivals.parse_request_rate("Trace") == "trace"
+    assert arrivals.parse_request_rate("2.5") == 2.5
+    for bad in ("0", "-1", "fast", "nan"):
+        with pytest.raises(ValueError, match="requests/s"):
+            arrivals.parse_request_rate(bad)
+    with pytest.raises(ValueError, match="burstiness"):
+        arrivals.gamma_arrivals(3, 1.0, burstiness=0)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+# A: 3 tokens at 0.10, 0.15, 0.25 s after arrival; B: one token at 0.20 s; C failed.
+A = RequestResult(10, 3, ttft=0.10, e2el=0.25, itls=(0.05, 0.10))
+B = RequestResult(20, 1, ttft=0.20, e2el=0.20)
+C = RequestResult(30, 0, error="not added: too long")
+
+
+def test_metrics_match_hand_computed_values():
+    m = compute_metrics([A, B, C], 0.5)
+    assert (m["completed"], m["failed"]) == (2, 1)
+    assert (m["total_input_tokens"], m["total_output_tokens"]) == (30, 4)
+    assert m["request_throughput"] == pytest.approx(4.0)
+    assert m["output_throughput"] == pytest.approx(8.0)
+    assert m["total_token_throughput"] == pytest.approx(68.0)
+    assert m["request_goodput"] is None
+    expected = {
+        # ttft 100, 200 ms: p99 by linear interpolation = 100 + 0.99 * 100
+        "ttft": (150.0, 150.0, 50.0, 199.0),
+        # tpot only for A: (250 - 100) / 2
+        "tpot": (75.0, 75.0, 0.0, 75.0),
+        # itl pooled: 50, 100
+        "itl": (75.0, 75.0, 25.0, 99.5),
+        "e2el": (225.0, 225.0, 25.0, 249.5),
+    }
+    for name, (mean, median, std, p99) in expected.items():
+        got = [m[f"{s}_{name}_ms"] for s in ("mean", "median", "std", "p99")]
+        assert got == pytest.approx([mean, median, std, p99]), name
+
+
+def test_goodput_counts_requests_meeting_every_objective():
+    def goodput(**slos):
+        return compute_metrics([A, B, C], 0.5, goodput=slos)["request_goodput"]
+    assert goodput(ttft=120) == pytest.approx(2.0)           # A only
+    assert goodput(tpot=70) == pytest.approx(2.0)            # B only (one token: TPOT 0)
+    assert goodput(ttft=300, tpot=80) == pytest.approx(4.0)  # both
+    assert goodput(ttft=150, e2el=240) == pytest.approx(0.0)
+    assert parse_goodput(["ttft:500", "tpot:50.5"]) == {"ttft": 500.0, "tpot": 50.5}
+    for bad in (["ttft"], ["itl:5"], ["ttft:-1"], ["ttft:fast"]):
+        with pytest.raises(ValueError, match="NAME:MS"):
+            parse_goodput(bad)
+
+
+def test_metrics_of_nothing_are_none_and_percentile_keys_follow_vllm():
+    m = compute_metrics([B, C], 1.0, percentiles=(50, 99.9))
+    assert m["mean_tpot_ms"] is None and m["p99.9_tpot_ms"] is None
+    assert m["p50_ttft_ms"] == pytest.approx(200.0) and "p99_ttft_ms" not in m
+    with pytest.raises(ValueError, match="duration"):
+        compute_metrics([A], 0.0)
+
+
+def test_request_result_checks_the_output_length():
+    metrics = RequestMetrics(arrival_time=1.0, first_token_time=1.1, finished_time=1.4,
+                             token_times=[1.1, 1.2, 1.4])
+    out = RequestOutput("0", [5] * 7, [1, 2, 3], True, "length", metrics)
+    r = request_result(out, 3)
+    assert r.success and r.prompt_len == 7 and r.output_len == 3
+    assert (r.ttft, r.e2el) == pytest.approx((0.1, 0.4))
+    assert r.itls == pytest.approx((0.1, 0.2)) and r.tpot == pytest.approx(0.15)
+    assert "expected 4" in request_result(out, 4).error
+    stopped = RequestOutput("0", [5] * 7, [1, 2, 3], True, "stop", metrics)
+    assert "finish_reason 'stop'" in request_result(stopped, 3).error
+
+
+def test_optimal_bound():
+    assert optimal_tokens_per_s(1.0, 10**6) == pytest.approx(5e5)    # 1e12 / (2 * 1e6)
+
+
+# ---- the run loop ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine("tiny-llama", kv_cache_tokens=4096)
+    warm_up(e)
+    return e
+
+
+def workload_of(engine, trace):
+    return Workload.fit(trace, engine, seed=0)
+
+
+def test_drive_runs_every_request_to_its_length(engine):
+    trace = load_trace("sharegpt", num_requests=5, length_filter=LengthFilter(48, 9, 64))
+    done = drive(engine, workload_of(engine, trace), arrivals.gamma_arrivals(5, 200.0))
+    assert [r.output_len for r in done.results] == list(trace.output_lens)
+    assert all(r.success for r in done.results) and done.duration > 0
+    assert done.engine_steps >= trace.output_lens.max()
+    assert engine.kv_cache.num_free_pages == engine.kv_cache.num_pages
+
+
+def test_a_request_that_cannot_be_added_fails_alone(engine, monkeypatch):
+    trace = load_trace("const:16x3", num_requests=4)
+    real = engine.add_request
+
+    def add(request_id, *args, **kwargs):
+        if request_id == "2":
+            raise ValueError("rejected for the test")
+        return real(request_id, *args, **kwargs)
+    monkeypatch.setattr(engine, "add_request", add)
+    done = drive(engine, workload_of(engine, trace), np.zeros(4))
+    assert [r.success for r in done.results] == [True, True, False, True]
+    assert done.results[2].error == "not added: rejected for the test"
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_ends_the_run(engine, monkeypatch):
+    trace = load_trace("const:16x6", num_requests=4)
+    real, calls = engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real()
+    monkeypatch.setattr(engine, "step", step)
+    done = drive(engine, workload_of(engine, trace), np.array([0.0, 0.0, 0.0, 60.0]))
+    assert [r.success for r in done.results] == [False] * 4
+    assert all("engine step failed: RuntimeError: device lost" in r.error
+               for r in done.results)
+    monkeypatch.undo()
+    while engine.has_unfinished_requests():     # the aborted requests come out once more
+        engine.step()
+    assert engine.kv_cache.num_free_pages == engine.kv_cache.num_pages
+
+
+def test_requests_that_can_never_fit_are_skipped_with_a_warning(engine, caplog):
+    trace = Trace("t", np.array([10, 5000, 20]), np.array([2, 10, 3]), None, "test")
+    with caplog.at_level("WARNING", logger="nanorun"):
+        w = workload_of(engine, trace)
+    assert w.num_skipped == 1 and list(w.trace.prompt_lens) == [10, 20]
+    assert "skipping 1 of 3 requests" in caplog.text
+    with pytest.raises(ValueError, match="every request"):
+        workload_of(engine, Trace("t", np.array([5000]), np.array([1]), None, "test"))
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+SMOKE_TRACE = ("sharegpt", 6, "40,8,48")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One CPU run of the CLI: two layouts, two rates, goodput, JSON and plot."""
+    out = tmp_path_factory.mktemp("bench")
+    name, n, filt = SMOKE_TRACE
+    rc = main(["bench", "tiny-llama", "--trace", name, "--num-requests", str(n), "--filter",
+               filt, "--layout", "overlap", "--request-rate", "inf", "100",
+               "--goodput", "ttft:60000", "tpot:60000", "--metric-percentiles", "50,99",
+               "--result-json", str(out / "r.json"), "--plot", str(out / "r.png"),
+               "--no-progress"])
+    assert rc == 0
+    return out, json.loads((out / "r.json").read_text())
+
+
+def test_smoke_report_has_vllm_fields_and_nanorun_header(smoke):
+    out, report = smoke
+    h = report["nanorun"]
+    for key in ("device", "driver_version", "cuda_version", "torch_version", "nanorun_version",
+                "git_commit", "date", "model", "dtype", "layouts", "trace", "length_filter",
+                "gemm_tflops", "copy_gbps", "optimal_tokens_per_s"):
+        assert key in h, key
+    assert h["device_type"] == "cpu" and h["ceilings_measured_on"] == "cpu"
+    assert h["model"] == "tiny-llama" and h["dtype"] == "float32"
+    assert h["layouts"] == ["sequential", "overlap"] and h["request_rates"] == ["inf", 100.0]
+    assert h["length_filter"] == "prompt <= 40, output <= 8, prompt + output <= 48"
+    assert h["gemm_tflops"] > 0 and h["copy_gbps"] > 0
+    assert h["optimal_tokens_per_s"] == pytest.approx(
+        h["gemm_tflops"] * 1e12 / (2 * h["num_active_params_per_token"]))
+    assert (out / "r.png").stat().st_size > 10_000
+    assert [(r["nanorun"]["layout"], r["request_rate"]) for r in report["runs"]] == [
+        ("sequential", "inf"), ("sequential", 100.0), ("overlap", "inf"), ("overlap", 100.0)]
+    for run in report["runs"]:
+        for key in ("duration", "completed", "failed", "total_input_tokens",
+                    "total_output_tokens", "request_throughput", "request_goodput",
+                    "output_throughput", "total_token_throughput"):
+            assert isinstance(run[key], (int, float)), key
+        for name in ("ttft", "tpot", "itl", "e2el"):
+            for stat in ("mean", "median", "std", "p50", "p99"):
+                assert run[f"{stat}_{name}_ms"] >= 0
+        assert run["request_goodput"] == pytest.approx(run["request_throughput"])
+
+
+def test_smoke_every_request_produced_its_trace_length(smoke):
+    _, report = smoke
+    name, n, filt = SMOKE_TRACE
+    trace = load_trace(name, num_requests=n, length_filter=parse_length_filter(filt))
+    for run in report["runs"]:
+        assert run["completed"] == n and run["failed"] == 0
+        assert run["errors"] == [""] * n
+        assert run["output_lens"] == trace.output_lens.tolist()
+        assert run["input_lens"] == trace.prompt_lens.tolist()
+        assert run["total_output_tokens"] == int(trace.output_lens.sum())
+
+
+def test_smoke_ratio_and_percent_of_optimal(smoke):
+    _, report = smoke
+    h, runs = report["nanorun"], report["runs"]
+    for run in runs:
+        seq = next(r for r in runs if r["nanorun"]["layout"] == "sequential"
+                   and r["request_rate"] == run["request_rate"])
+        assert run["nanorun"]["throughput_ratio_to_sequential"] == pytest.approx(
+            run["total_token_throughput"] / seq["total_token_throughput"])
+        assert run["nanorun"]["percent_of_optimal"] == pytest.approx(
+            100 * run["total_token_throughput"] / h["optimal_tokens_per_s"])
+    assert runs[0]["nanorun"]["throughput_ratio_to_sequential"] == pytest.approx(1.0)
+
+
+def test_smoke_report_holds_no_path_of_this_machine(smoke):
+    out, report = smoke
+    text = json.dumps(report)
+    assert str(out) not in text and str(Path(__file__).parents[1]) not in text
+    commit, _ = git_commit()
+    assert report["nanorun"]["git_commit"] == commit
+    assert commit is None or len(commit) == 40
+
+
+def test_bad_command_lines_fail_with_a_message(capsys):
+    assert main(["bench", "--trace", "nope", "--no-progress"]) == 2
+    assert "unknown trace 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--trace", "lmsys", "--request-rate", "trace", "--no-progress"]) == 2
+    assert "no timestamps" in capsys.readouterr().err
+    assert main(["bench", "--filter", "1,2", "--no-progress"]) == 2
+    assert "nanoflow" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--request-rate", "0"])
+    assert "requests/s" in capsys.readouterr().err
