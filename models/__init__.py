@@ -6,10 +6,11 @@ import os
 
 from .config import (SUPPORTED_ARCHITECTURES, ModelConfig, ModelConfigError, RopeScaling,
                      UnknownModelError, UnsupportedModelError)
-from .loader import WeightLoadError, load_weights, random_weights, weight_shapes
+from .loader import (WeightLoadError, check_tensor_parallel, load_weights, random_weights,
+                     shard_config, shard_ranges, shard_weights, weight_shapes)
 from .presets import PRESETS, get_preset, list_presets, suggest_preset
 
-from .llama import LAYER_OPS, LlamaModel, OpSpec, Workspace
+from .llama import LAYER_OPS, TP_LAYER_OPS, LlamaModel, OpSpec, TPWorkspace, Workspace, layer_ops
 from .registry import MODEL_CLASSES, build_model
 
 
@@ -25,8 +26,10 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
 
 
 __all__ = [
-    "LAYER_OPS", "MODEL_CLASSES", "LlamaModel", "OpSpec", "Workspace", "build_model",
+    "LAYER_OPS", "TP_LAYER_OPS", "MODEL_CLASSES", "LlamaModel", "OpSpec", "TPWorkspace",
+    "Workspace", "build_model", "layer_ops",
     "PRESETS", "SUPPORTED_ARCHITECTURES", "ModelConfig", "ModelConfigError", "RopeScaling",
     "UnknownModelError", "UnsupportedModelError", "WeightLoadError", "get_preset", "list_presets",
-    "load_weights", "random_weights", "resolve_model", "weight_shapes",
+    "load_weights", "random_weights", "resolve_model", "weight_shapes", "check_tensor_parallel",
+    "shard_config", "shard_ranges", "shard_weights",
 ]

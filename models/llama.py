@@ -1,16 +1,27 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as plain math over named ops.
 
-A layer is the sequence LAYER_OPS. Every op reads and writes rows [t0, t1) of fixed workspace
-buffers (and, for kv_append/attention, the paged KV cache), so the planner can run any op on any
-token range (a nano-batch) and the runner can keep all buffers at fixed addresses (CUDA graphs).
+A layer is the sequence `layer_ops(tp)`. Every op reads and writes rows [t0, t1) of fixed
+workspace buffers (and, for kv_append/attention, the paged KV cache), so the planner can run any
+op on any token range (a nano-batch) and the runner can keep all buffers at fixed addresses
+(CUDA graphs).
 
-Buffers (T = the dense batch size the workspace was sized for, D = hidden size):
+Buffers (T = the dense batch size the workspace was sized for, D = hidden size; q, kv and I are
+this rank's widths, the full ones without tensor parallelism):
   hidden  [T, D]            the residual stream
   x       [T, D]            normed input of the attention or MLP block
   qkv     [T, q + 2 kv]     projections; rope rotates q and k in place
   attn    [T, q]            attention output, heads concatenated
   gate_up [T, 2 I]          gate and up projections
   act     [T, I]            silu(gate) * up
+  o_out   [T, D]            tp > 1: this rank's partial sum of o_proj, then (all-reduced) the sum
+  mlp_out [T, D]            tp > 1: the same for down
+
+Tensor parallelism (Megatron-style, over a torch.distributed group the model is given): each
+rank holds its share of the heads and of the MLP's intermediate units (models/loader.py cuts
+the weights). qkv and gate_up are column-parallel and need no communication; o_proj and down are
+row-parallel, so each rank's product is a partial sum, and the network ops attn_allreduce and
+mlp_allreduce sum it over the ranks and add it into the residual stream. They are ordinary ops
+on token rows, so the planner can overlap one nano-batch's all-reduce with another's compute.
 """
 
 from __future__ import annotations
@@ -20,9 +31,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .loader import shard_config, weight_shapes
 
 
 @dataclass(frozen=True)
@@ -48,12 +61,33 @@ LAYER_OPS: tuple[OpSpec, ...] = (
     OpSpec("down", "gemm", ("act", "hidden"), ("hidden",)),
 )
 
+# The layer on tp > 1 ranks. A collective must be issued in the same order on every rank, and
+# every rank runs the same plan: the executor's launch order (issue order, or the race
+# detector's order_seed order, which is a function of the plan and the seed only) is therefore
+# the same everywhere, as long as every rank uses the same layout and the same order_seed.
+TP_LAYER_OPS: tuple[OpSpec, ...] = (
+    OpSpec("attn_norm", "memory", ("hidden",), ("x",)),
+    OpSpec("qkv", "gemm", ("x",), ("qkv",)),                      # column-parallel: local heads
+    OpSpec("rope", "memory", ("qkv",), ("qkv",)),
+    OpSpec("kv_append", "memory", ("qkv",), ("kv_cache",)),
+    OpSpec("attention", "attention", ("qkv", "kv_cache"), ("attn",)),
+    OpSpec("o_proj", "gemm", ("attn",), ("o_out",)),              # row-parallel: a partial sum
+    OpSpec("attn_allreduce", "network", ("o_out", "hidden"), ("o_out", "hidden")),
+    OpSpec("mlp_norm", "memory", ("hidden",), ("x",)),
+    OpSpec("gate_up", "gemm", ("x",), ("gate_up",)),              # column-parallel
+    OpSpec("act", "memory", ("gate_up",), ("act",)),
+    OpSpec("down", "gemm", ("act",), ("mlp_out",)),               # row-parallel: a partial sum
+    OpSpec("mlp_allreduce", "network", ("mlp_out", "hidden"), ("mlp_out", "hidden")),
+)
 
-def layer_ops(tp: int = 1) -> tuple[OpSpec, ...]:
-    """The ops of one layer at tensor-parallel degree `tp`."""
-    if tp != 1:
-        raise ValueError(f"tensor parallelism (tp={tp}) is not built yet; use tp=1")
-    return LAYER_OPS
+
+def layer_ops(tp: int) -> tuple[OpSpec, ...]:
+    """The ops of one layer on `tp` tensor-parallel ranks: LAYER_OPS for one, else TP_LAYER_OPS
+    (o_proj and down write partial sums that attn_allreduce and mlp_allreduce reduce over the
+    ranks, rows [t0, t1) at a time, and add into `hidden`)."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor parallel size must be a positive int, got {tp!r}")
+    return LAYER_OPS if tp == 1 else TP_LAYER_OPS
 
 
 @dataclass
@@ -72,6 +106,14 @@ class Workspace:
         return self.hidden.shape[0]
 
 
+@dataclass
+class TPWorkspace(Workspace):
+    """The workspace of a tensor-parallel rank: plus the row-parallel GEMMs' partial sums."""
+
+    o_out: torch.Tensor
+    mlp_out: torch.Tensor
+
+
 AttentionFn = Callable[..., None]
 KVAppendFn = Callable[..., None]
 
@@ -81,9 +123,12 @@ class LlamaModel:
 
     `attention_fn` and `kv_append_fn` come from the backend (numba on CPU, CUDA kernels on GPU)
     and follow nanorun.ops.paged_attention's signatures.
-    """
 
-    layer_ops = LAYER_OPS
+    With `tp_group` (a torch.distributed process group of tp > 1 ranks) the model is this rank's
+    shard: `weights` must be its shard (models.loader.shard_weights), `local` is the shard's
+    config (local head and intermediate counts, which size the workspace and the KV cache) and
+    `layer_ops` is TP_LAYER_OPS. `config` is always the whole model's.
+    """
 
     def __init__(
         self,
@@ -93,8 +138,14 @@ class LlamaModel:
         max_model_len: int,
         attention_fn: AttentionFn,
         kv_append_fn: KVAppendFn,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.config = config
+        self.tp_group = tp_group
+        self.tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+        self.local = shard_config(config, self.tp)
+        _check_weights(self.local, weights, self.tp)
+        self.layer_ops = layer_ops(self.tp)
         self.w = weights
         self.dtype = weights["embed"].dtype
         self.device = weights["embed"].device
@@ -102,13 +153,15 @@ class LlamaModel:
         self._attention_kernel = attention_fn
         self._kv_append_kernel = kv_append_fn
         self.cos, self.sin = rope_tables(config, max_model_len, self.device)
-        self._ops = {op.name: getattr(self, f"_{op.name}") for op in LAYER_OPS}
+        self._ops = {op.name: getattr(self, f"_{op.name}") for op in self.layer_ops}
+        if self.tp > 1:     # row-parallel: partial sums, for the all-reduces to add up
+            self._ops.update(o_proj=self._o_proj_partial, down=self._down_partial)
 
     # -- the iteration's frame: embedding in, logits out ------------------------------------
     def new_workspace(self, max_tokens: int) -> Workspace:
-        c = self.config
+        c = self.local
         empty = lambda *s: torch.empty(s, dtype=self.dtype, device=self.device)  # noqa: E731
-        return Workspace(
+        buffers = dict(
             hidden=empty(max_tokens, c.hidden_size),
             x=empty(max_tokens, c.hidden_size),
             qkv=empty(max_tokens, c.q_size + 2 * c.kv_size),
@@ -116,6 +169,10 @@ class LlamaModel:
             gate_up=empty(max_tokens, 2 * c.intermediate_size),
             act=empty(max_tokens, c.intermediate_size),
         )
+        if self.tp == 1:
+            return Workspace(**buffers)
+        return TPWorkspace(**buffers, o_out=empty(max_tokens, c.hidden_size),
+                           mlp_out=empty(max_tokens, c.hidden_size))
 
     def embed(self, ws: Workspace, batch, t0: int, t1: int) -> None:
         torch.index_select(self.w["embed"], 0, batch.token_ids[t0:t1], out=ws.hidden[t0:t1])
@@ -144,7 +201,7 @@ class LlamaModel:
             torch.addmm(bias, ws.x[t0:t1], weight, out=ws.qkv[t0:t1])
 
     def _rope(self, i, ws, batch, kv, t0, t1):
-        c = self.config
+        c = self.local
         qk = ws.qkv[t0:t1, : c.q_size + c.kv_size].unflatten(-1, (-1, c.head_dim))  # [n, Hq+Hkv, Dh]
         pos = batch.positions[t0:t1]
         apply_rope(qk, self.cos[pos], self.sin[pos])
@@ -154,7 +211,7 @@ class LlamaModel:
         self._kv_append_kernel(k, v, kv.k[i], kv.v[i], batch.slot_mapping[t0:t1])
 
     def _attention(self, i, ws, batch, kv, t0, t1):
-        c = self.config
+        c = self.local
         q = ws.qkv[t0:t1, : c.q_size].unflatten(-1, (c.num_heads, c.head_dim))
         out = ws.attn[t0:t1].unflatten(-1, (c.num_heads, c.head_dim))
         self._attention_kernel(
@@ -178,12 +235,44 @@ class LlamaModel:
     def _down(self, i, ws, batch, kv, t0, t1):
         ws.hidden[t0:t1].addmm_(ws.act[t0:t1], self.w[f"layers.{i}.down"].t())
 
+    # -- tensor parallel: row-parallel GEMMs write partial sums, the network ops add them up ---
+    def _o_proj_partial(self, i, ws, batch, kv, t0, t1):
+        torch.mm(ws.attn[t0:t1], self.w[f"layers.{i}.o_proj"].t(), out=ws.o_out[t0:t1])
+
+    def _attn_allreduce(self, i, ws, batch, kv, t0, t1):
+        self._all_reduce_into_hidden(ws.o_out, ws, t0, t1)
+
+    def _down_partial(self, i, ws, batch, kv, t0, t1):
+        torch.mm(ws.act[t0:t1], self.w[f"layers.{i}.down"].t(), out=ws.mlp_out[t0:t1])
+
+    def _mlp_allreduce(self, i, ws, batch, kv, t0, t1):
+        self._all_reduce_into_hidden(ws.mlp_out, ws, t0, t1)
+
+    def _all_reduce_into_hidden(self, partial: torch.Tensor, ws, t0: int, t1: int) -> None:
+        # Rows [t0, t1) of a row-major buffer are contiguous, as collectives need. Every rank
+        # gets the same sum (ring and tree all-reduce compute each element once and share it),
+        # so the residual stream, and hence the logits, stay identical across ranks.
+        rows = partial[t0:t1]
+        dist.all_reduce(rows, group=self.tp_group)
+        ws.hidden[t0:t1] += rows
+
     def _kv_views(self, ws: Workspace, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.config
+        c = self.local
         k = ws.qkv[t0:t1, c.q_size : c.q_size + c.kv_size]
         v = ws.qkv[t0:t1, c.q_size + c.kv_size :]
         shape = (c.num_kv_heads, c.head_dim)
         return k.unflatten(-1, shape), v.unflatten(-1, shape)
+
+
+def _check_weights(local: ModelConfig, weights: dict[str, torch.Tensor], tp: int) -> None:
+    expected = weight_shapes(local)
+    for name, shape in expected.items():
+        got = weights.get(name)
+        if got is None or tuple(got.shape) != shape:
+            found = "missing" if got is None else f"of shape {tuple(got.shape)}"
+            hint = (f"; with {tp} tensor-parallel ranks pass this rank's shard "
+                    f"(models.loader.shard_weights)" if tp > 1 else "")
+            raise ValueError(f"weight {name!r} is {found}, expected {shape}{hint}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,10 +12,25 @@ Fused names and shapes (D = hidden, I = intermediate, V = vocab, Q = q_size, K =
     layers.{i}.down       [D, I]
     norm                  [D]
     lm_head               [V, D]        the very same tensor as `embed` when tied
+
+With tensor parallelism over tp ranks (Megatron-style), rank r holds only its part of the four
+matrices around the attention heads and the MLP's intermediate units; everything else is
+replicated on every rank:
+
+    layers.{i}.qkv        rows of r's q heads, then of its kv heads (k), then of the same (v)
+    layers.{i}.qkv_bias   the same rows                                   (column-parallel)
+    layers.{i}.o_proj     columns of r's q heads                          (row-parallel)
+    layers.{i}.gate_up    rows of r's intermediate units (gate), then the same (up)
+    layers.{i}.down       columns of r's intermediate units               (row-parallel)
+
+Each of those is a few contiguous ranges of the full tensor (`shard_ranges`), which is how
+`random_weights`, `load_weights` and `shard_weights` all cut it: a rank never holds more than
+one full tensor at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +39,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from .config import ModelConfig
+from .config import ModelConfig, ModelConfigError
 
 
 class WeightLoadError(ValueError):
@@ -50,14 +65,128 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# ---- tensor parallelism -----------------------------------------------------------------------
+
+def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
+    """Raise ModelConfigError unless `config` splits evenly over `tp` ranks."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ModelConfigError(f"tensor parallel size must be a positive int, got {tp!r}")
+    heads, kv, inter = config.num_heads, config.num_kv_heads, config.intermediate_size
+    if heads % tp:
+        raise ModelConfigError(f"{config.name}: {heads} attention heads do not split over {tp} "
+                               f"ranks; use a tensor parallel size that divides {heads}")
+    if kv % tp and tp % kv:
+        raise ModelConfigError(
+            f"{config.name}: {kv} KV heads do not split over {tp} ranks (nor replicate evenly); "
+            f"use a tensor parallel size that divides {kv} or is a multiple of it")
+    if inter % tp:
+        raise ModelConfigError(f"{config.name}: intermediate_size {inter} does not split over "
+                               f"{tp} ranks; use a tensor parallel size that divides it")
+
+
+def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
+    """The config of one rank's shard: heads, KV heads and intermediate size divided by tp. With
+    more ranks than KV heads each rank keeps one KV head, replicated over tp / num_kv_heads ranks
+    (as vLLM does). tp == 1 returns `config` itself."""
+    check_tensor_parallel(config, tp)
+    if tp == 1:
+        return config
+    return dataclasses.replace(config, num_heads=config.num_heads // tp,
+                               num_kv_heads=max(1, config.num_kv_heads // tp),
+                               intermediate_size=config.intermediate_size // tp)
+
+
+def shard_ranges(config: ModelConfig, name: str, rank: int, tp: int
+                 ) -> tuple[int, tuple[tuple[int, int], ...]] | None:
+    """(dim, ranges): rank's shard of fused tensor `name` is the ranges [lo, hi) of the full
+    tensor along `dim`, concatenated in order. None: the rank holds all of it (a replicated
+    tensor, or tp == 1)."""
+    _check_rank(rank, tp)
+    if tp == 1:
+        return None
+    local = shard_config(config, tp)
+    kind = name.rsplit(".", 1)[-1]
+    q, kv, hd = config.q_size, config.kv_size, config.head_dim
+    q_lo = rank * local.q_size
+    kv_lo = _first_kv_head(config, rank, tp) * hd
+    i_lo, inter = rank * local.intermediate_size, config.intermediate_size
+    q_rows = (q_lo, q_lo + local.q_size)
+    kv_rows = (kv_lo, kv_lo + local.kv_size)
+    i_rows = (i_lo, i_lo + local.intermediate_size)
+    if kind in ("qkv", "qkv_bias"):
+        return 0, (q_rows, _shift(kv_rows, q), _shift(kv_rows, q + kv))
+    if kind == "o_proj":
+        return 1, (q_rows,)
+    if kind == "gate_up":
+        return 0, (i_rows, _shift(i_rows, inter))
+    if kind == "down":
+        return 1, (i_rows,)
+    return None
+
+
+def _check_rank(rank: int, tp: int) -> None:
+    if not 0 <= rank < tp:
+        raise ValueError(f"tensor parallel rank {rank} is outside [0, {tp})")
+
+
+def _first_kv_head(config: ModelConfig, rank: int, tp: int) -> int:
+    kv = config.num_kv_heads
+    return rank * (kv // tp) if tp <= kv else rank // (tp // kv)
+
+
+def _shift(rows: tuple[int, int], by: int) -> tuple[int, int]:
+    return rows[0] + by, rows[1] + by
+
+
+def _copy_into_shard(dst: torch.Tensor, src: torch.Tensor, src_row: int, dim: int,
+                     ranges: tuple[tuple[int, int], ...]) -> None:
+    """Copy what `src` holds of a shard into `dst` (the shard). `src` is rows
+    [src_row, src_row + len(src)) of the full tensor, every column: a whole fused tensor, or
+    the slice of it one Hugging Face tensor fills."""
+    at = 0      # where the current range starts in the shard, along dim
+    for lo, hi in ranges:
+        if dim == 1:
+            dst[src_row:src_row + src.shape[0], at:at + hi - lo].copy_(src[:, lo:hi])
+        else:
+            a, b = max(lo, src_row), min(hi, src_row + src.shape[0])
+            if a < b:
+                dst[at + a - lo:at + b - lo].copy_(src[a - src_row:b - src_row])
+        at += hi - lo
+
+
+def shard_weights(config: ModelConfig, weights: dict[str, torch.Tensor], rank: int,
+                  tp: int) -> dict[str, torch.Tensor]:
+    """Rank's shard of full fused weights (replicated tensors are shared, not copied)."""
+    shapes = weight_shapes(shard_config(config, tp))
+    out: dict[str, torch.Tensor] = {}
+    for name, full in weights.items():
+        out[name] = _shard_tensor(config, name, full, shapes[name], rank, tp)
+    if config.tie_word_embeddings:
+        out["lm_head"] = out["embed"]
+    return out
+
+
+def _shard_tensor(config: ModelConfig, name: str, full: torch.Tensor, shape: tuple[int, ...],
+                  rank: int, tp: int) -> torch.Tensor:
+    split = shard_ranges(config, name, rank, tp)
+    if split is None:
+        return full
+    dim, ranges = split
+    shard = full.new_empty(shape)
+    _copy_into_shard(shard, full, 0, dim, ranges)
+    return shard
+
+
 # ---- random weights ---------------------------------------------------------------------------
 
 def random_weights(config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
+                   seed: int = 0, tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
     """Deterministic random weights (same names/shapes as `load_weights`): matrices ~ N(0, 0.02),
     norm scales ~ 1 + N(0, 0.02), biases ~ N(0, 0.02). Drawn on the CPU so that a seed gives the
-    same numbers on every device."""
+    same numbers on every device. With tp_size > 1, rank tp_rank's shard of those very numbers:
+    every full tensor is drawn, then cut."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    shapes = weight_shapes(shard_config(config, tp_size))
     out: dict[str, torch.Tensor] = {}
     for name, shape in weight_shapes(config).items():
         if name == "lm_head" and config.tie_word_embeddings:
@@ -66,6 +195,7 @@ def random_weights(config: ModelConfig, *, dtype: torch.dtype, device: torch.dev
         t = torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02
         if name == "norm" or name.endswith("_norm"):
             t += 1.0
+        t = _shard_tensor(config, name, t, shapes[name], tp_rank, tp_size)
         out[name] = t.to(device=device, dtype=dtype)
     return out
 
@@ -126,10 +256,12 @@ def _checkpoint_files(path: str) -> tuple[dict[str, str], str]:
 
 
 def load_weights(config: ModelConfig, path: str | os.PathLike, *, dtype: torch.dtype,
-                 device: torch.device | str, unused: list[str] | None = None) -> dict[str, torch.Tensor]:
+                 device: torch.device | str, unused: list[str] | None = None, tp_rank: int = 0,
+                 tp_size: int = 1) -> dict[str, torch.Tensor]:
     """Read a HF checkpoint directory into the fused layout (see module docstring), cast to
     `dtype` on `device`. Files are read one at a time and each tensor is copied straight into
     its slice of the preallocated fused tensor, so host memory stays at about one tensor.
+    With tp_size > 1 only rank tp_rank's shard is kept (see the module docstring).
 
     Tensors the model does not use are skipped; their names are appended to `unused` if given.
     Raises WeightLoadError for a missing tensor, a wrong shape or an unsupported bias."""
@@ -141,12 +273,13 @@ def load_weights(config: ModelConfig, path: str | os.PathLike, *, dtype: torch.d
         if where and hf_name not in where:
             raise WeightLoadError(f"tensor {hf_name!r} is missing from {source}")
 
-    shapes = weight_shapes(config)
-    out = {n: torch.empty(shapes[n], dtype=dtype, device=device)
-           for n in {slot.name for slot in plan.values()}}
+    shapes = weight_shapes(shard_config(config, tp_size))
+    names = {slot.name for slot in plan.values()}
+    out = {n: torch.empty(shapes[n], dtype=dtype, device=device) for n in names}
+    splits = {n: _split_or_whole(config, n, shapes[n], tp_rank, tp_size) for n in names}
     found: set[str] = set()
     for file in files:
-        found |= _load_file(file, plan, out, unused)
+        found |= _load_file(file, plan, out, splits, unused)
     for hf_name in plan:
         if hf_name not in found:
             raise WeightLoadError(f"tensor {hf_name!r} is missing from {where.get(hf_name, source)}")
@@ -155,9 +288,15 @@ def load_weights(config: ModelConfig, path: str | os.PathLike, *, dtype: torch.d
     return {n: out[n] for n in shapes if n in out}
 
 
-def _load_file(file: str, plan: dict[str, _Slot], out: dict[str, torch.Tensor],
+def _split_or_whole(config: ModelConfig, name: str, shape: tuple[int, ...], rank: int, tp: int):
+    """shard_ranges, with a tensor held whole as one range covering all its rows."""
+    return shard_ranges(config, name, rank, tp) or (0, ((0, shape[0]),))
+
+
+def _load_file(file: str, plan: dict[str, _Slot], out: dict[str, torch.Tensor], splits,
                unused: list[str] | None) -> set[str]:
-    """Copy every planned tensor in `file` into `out`; returns the HF names it held."""
+    """Copy every planned tensor in `file` into its place in `out` (this rank's shard, cut
+    as `splits` says); returns the HF names it held."""
     if not os.path.isfile(file):
         raise WeightLoadError(f"checkpoint file {file} (named in the index) does not exist")
     found = set()
@@ -171,7 +310,7 @@ def _load_file(file: str, plan: dict[str, _Slot], out: dict[str, torch.Tensor],
             if tuple(t.shape) != slot.shape:
                 raise WeightLoadError(f"tensor {hf_name!r} in {file} has shape {tuple(t.shape)}, "
                                       f"expected {slot.shape}")
-            out[slot.name][slot.start:slot.start + slot.shape[0]].copy_(t)  # casts and moves
+            _copy_into_shard(out[slot.name], t, slot.start, *splits[slot.name])  # casts, moves
             found.add(hf_name)
     return found
 

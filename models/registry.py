@@ -15,7 +15,10 @@ MODEL_CLASSES = {
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
 
 
-def build_model(config: ModelConfig, weights, *, max_model_len: int, attention_fn, kv_append_fn):
+def build_model(config: ModelConfig, weights, *, max_model_len: int, attention_fn, kv_append_fn,
+                tp_group=None):
+    """The model of `config` over `weights`; with `tp_group` (a torch.distributed process group),
+    this rank's tensor-parallel shard of it (`weights` must then be the shard)."""
     try:
         cls = MODEL_CLASSES[config.architecture]
     except KeyError:
@@ -23,4 +26,4 @@ def build_model(config: ModelConfig, weights, *, max_model_len: int, attention_f
             f"no model class for architecture {config.architecture!r}; supported: "
             f"{sorted(MODEL_CLASSES)}") from None
     return cls(config, weights, max_model_len=max_model_len, attention_fn=attention_fn,
-               kv_append_fn=kv_append_fn)
+               kv_append_fn=kv_append_fn, tp_group=tp_group)

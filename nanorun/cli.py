@@ -42,28 +42,45 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--weights", default="auto", choices=["auto", "random"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                   help="split the model over this many processes; launch with "
+                        "`torchrun --nproc-per-node N -m nanorun.cli generate --tp N`")
     p.set_defaults(func=_generate)
 
 
 def _generate(args) -> int:
-    import torch
-
-    from . import LLM, SamplingParams
+    from . import LLM
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout,
-              max_batch_tokens=args.max_batch_tokens, weights=args.weights, seed=args.seed)
+              max_batch_tokens=args.max_batch_tokens, weights=args.weights, seed=args.seed,
+              tensor_parallel_size=args.tp)
+    try:
+        return _report(llm, args)
+    finally:
+        llm.shutdown()
+
+
+def _report(llm, args) -> int:
+    """Generate on every rank (they work in lockstep); only the driver prints."""
+    import torch
+
+    from . import SamplingParams
+
     vocab = llm.engine.model_config.vocab_size
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up (JIT)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    outputs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty() and llm.is_driver)
     elapsed = time.perf_counter() - start
+    if not llm.is_driver:
+        return 0
     n_in = sum(len(o.prompt_token_ids) for o in outputs)
     n_out = sum(len(o.token_ids) for o in outputs)
     e = llm.engine
-    print(f"model {e.model_config.name} on {e.device} ({e.dtype}), layout "
+    tp = f", {e.tensor_parallel.size} tensor-parallel ranks" if e.tensor_parallel.size > 1 else ""
+    print(f"model {e.model_config.name} on {e.device} ({e.dtype}){tp}, layout "
           f"{e.executor.layout_name}, dense batch {e.config.max_batch_tokens} tokens")
     print(f"{len(outputs)} requests, {n_in} prompt + {n_out} output tokens in {elapsed:.2f} s")
     print(f"throughput: {(n_in + n_out) / elapsed:,.0f} tokens/s total, "

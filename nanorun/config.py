@@ -28,9 +28,11 @@ class EngineConfig:
     seed: int = 0
     weights: str = "auto"
     max_model_len: int | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _positive("max_batch_tokens", self.max_batch_tokens)
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("page_size", self.page_size)
         if self.kv_cache_tokens is not None:
             _positive("kv_cache_tokens", self.kv_cache_tokens)

@@ -10,10 +10,12 @@ import torch
 
 from .batch import build_batch
 from .config import EngineConfig
+from .distributed import TensorParallel, setup_tensor_parallel
 from .executor import Executor
 from .kernels import select_kernels
 from .kv_cache import KVCache
-from .models import ModelConfig, build_model, load_weights, random_weights, resolve_model
+from .models import (ModelConfig, build_model, check_tensor_parallel, load_weights,
+                     random_weights, resolve_model)
 from .outputs import RequestOutput
 from .request import Request
 from .sampler import Sampler
@@ -37,21 +39,31 @@ class Engine:
     >>> engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
     >>> while engine.has_unfinished_requests():
     ...     outputs = engine.step()
+
+    With tensor_parallel_size=N the engine is one of N processes (see nanorun.distributed):
+    every rank must get the same calls, and every rank's step() returns the same outputs;
+    `tensor_parallel.is_driver` (rank 0) says which one should report them. `process_group`
+    is a torch.distributed group of N ranks to use instead of the default one.
     """
 
-    def __init__(self, model: str, **kwargs) -> None:
+    def __init__(self, model: str, *, process_group=None, **kwargs) -> None:
         self.config = EngineConfig(model=model, **kwargs)
         cfg = self.config
         self.model_config, model_dir = resolve_model(model)
-        self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        check_tensor_parallel(self.model_config, cfg.tensor_parallel_size)
+        self.dtype = cfg.torch_dtype
+        if cfg.torch_device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device={cfg.device!r} but torch sees no CUDA device; "
                                f"use device='cpu'")
+        self.tensor_parallel: TensorParallel = setup_tensor_parallel(
+            cfg.tensor_parallel_size, cfg.torch_device, process_group)
+        self.device = self.tensor_parallel.device
         self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
         weights = self._load_weights(model_dir)
         attention_fn, kv_append_fn = select_kernels(self.device)
         self.model = build_model(self.model_config, weights, max_model_len=self.max_model_len,
-                                 attention_fn=attention_fn, kv_append_fn=kv_append_fn)
+                                 attention_fn=attention_fn, kv_append_fn=kv_append_fn,
+                                 tp_group=self.tensor_parallel.group)
         self.kv_cache = self._new_kv_cache()
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens)
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, cfg.layout,
@@ -59,9 +71,10 @@ class Engine:
         self.sampler = Sampler(cfg.seed)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
-        logger.info("nanorun engine: %s on %s (%s), %d KV pages of %d tokens, layout %s",
-                    self.model_config.name, self.device, self.dtype, self.kv_cache.num_pages,
-                    cfg.page_size, self.executor.layout_name)
+        logger.info("nanorun engine: %s on %s (%s), tensor parallel rank %d of %d, %d KV pages "
+                    "of %d tokens, layout %s", self.model_config.name, self.device, self.dtype,
+                    self.tensor_parallel.rank, self.tensor_parallel.size,
+                    self.kv_cache.num_pages, cfg.page_size, self.executor.layout_name)
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(
@@ -114,6 +127,10 @@ class Engine:
             self.scheduler.remove(request)
             request.finish("abort", time.perf_counter())
             self._aborted.append(request)
+
+    def shutdown(self) -> None:
+        """Release the tensor-parallel process group if this engine initialised it."""
+        self.tensor_parallel.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._aborted)
@@ -186,19 +203,26 @@ class Engine:
         return prompt
 
     def _load_weights(self, model_dir: str | None) -> dict[str, torch.Tensor]:
+        """This rank's shard (all of it without tensor parallelism)."""
+        tp = self.tensor_parallel
         if self.config.weights == "random" or model_dir is None:
             if self.config.weights == "auto":
                 logger.info("%s is a preset: using random weights", self.model_config.name)
             return random_weights(self.model_config, dtype=self.dtype, device=self.device,
-                                  seed=self.config.seed)
-        return load_weights(self.model_config, model_dir, dtype=self.dtype, device=self.device)
+                                  seed=self.config.seed, tp_rank=tp.rank, tp_size=tp.size)
+        return load_weights(self.model_config, model_dir, dtype=self.dtype, device=self.device,
+                            tp_rank=tp.rank, tp_size=tp.size)
 
     def _new_kv_cache(self) -> KVCache:
-        cfg, mc = self.config, self.model_config
+        """Sized per rank: each holds only its own KV heads."""
+        cfg, mc = self.config, self.model.local
         if cfg.kv_cache_tokens is not None:
             tokens = cfg.kv_cache_tokens
         else:
             tokens = _default_kv_tokens(mc, self.dtype, self.device, cfg.max_batch_tokens)
+            # Free memory differs between GPUs, but the ranks' schedulers must admit and
+            # preempt alike: every rank takes the smallest rank's pool.
+            tokens = self.tensor_parallel.agree_min(tokens)
         return KVCache(
             num_layers=mc.num_layers, num_pages=max(1, tokens // cfg.page_size),
             page_size=cfg.page_size, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,

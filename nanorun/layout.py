@@ -198,6 +198,8 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 # -- built-in layouts ----------------------------------------------------------------------------
 GEMM_OPS = ("qkv", "o_proj", "gate_up", "down")
+# The collectives of a tensor-parallel layer (models.llama.TP_LAYER_OPS, kind "network").
+NETWORK_OPS = ("attn_allreduce", "mlp_allreduce")
 
 
 def sequential(model_ops: tuple[str, ...], batch_tokens: int) -> Layout:
@@ -210,21 +212,36 @@ def sequential(model_ops: tuple[str, ...], batch_tokens: int) -> Layout:
 def overlap(model_ops: tuple[str, ...], batch_tokens: int, device) -> Layout:
     """NanoFlow-style: two nano-batches; GEMMs (with the norms and activation feeding them) on
     one partition, rope + KV append + attention on the other, so the GEMMs of one nano-batch
-    run while the other's attention streams the KV cache. SMs: three quarters to the GEMMs."""
+    run while the other's attention streams the KV cache. SMs: three quarters to the GEMMs.
+
+    A tensor-parallel model's all-reduces go on a third partition, "net": its stream stands for
+    NCCL's own, and its SMs (one granule, taken from the GEMMs' share) for NCCL's bounded CTA
+    count. Op by op, the all-reduce of nano-batch 0 then runs while nano-batch 1's o_proj or
+    down still computes."""
     if batch_tokens < 2:
         return sequential(model_ops, batch_tokens)
     half = batch_tokens // 2
     splits = (half, batch_tokens - half)
     attn_side = ("rope", "kv_append", "attention")
+    networked = any(op in NETWORK_OPS for op in model_ops)
     if device.sm_count is None:
-        gemm_sms = attn_sms = None
+        gemm_sms = attn_sms = net_sms = None
     else:
         g = device.sm_granularity
         usable = device.sm_count // g * g
         gemm_sms = max(g, round(usable * 0.75 / g) * g)
         attn_sms = usable - gemm_sms
+        net_sms = g
+        if networked:
+            gemm_sms -= net_sms
     parts = (Partition("gemm", gemm_sms), Partition("attn", attn_sms))
-    ops = tuple((op, OpLayout(splits, "attn" if op in attn_side else "gemm")) for op in model_ops)
+    if networked:
+        parts += (Partition("net", net_sms),)
+
+    def partition(op: str) -> str:
+        return "attn" if op in attn_side else "net" if op in NETWORK_OPS else "gemm"
+
+    ops = tuple((op, OpLayout(splits, partition(op))) for op in model_ops)
     return Layout("overlap", batch_tokens, parts, ops)
 
 

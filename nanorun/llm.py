@@ -26,6 +26,12 @@ class LLM:
         weights: "auto" loads the directory's safetensors (random for a preset); "random"
             skips loading.
         max_model_len: longest prompt + output; defaults to the model's context length.
+        tensor_parallel_size: split the model over this many processes, one per device
+            (Megatron-style; see nanorun.distributed). N > 1 needs N processes started by
+            `torchrun --nproc-per-node N`, each running this same code on the same prompts;
+            every rank returns the same outputs, `is_driver` (rank 0) says which reports them.
+        process_group: a torch.distributed group of tensor_parallel_size ranks to use instead
+            of the default group.
     """
 
     def __init__(
@@ -41,12 +47,25 @@ class LLM:
         seed: int = 0,
         weights: str = "auto",
         max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        process_group=None,
     ) -> None:
         self.engine = Engine(
             model, device=device, dtype=dtype, layout=layout,
             max_batch_tokens=max_batch_tokens, kv_cache_tokens=kv_cache_tokens,
-            page_size=page_size, seed=seed, weights=weights, max_model_len=max_model_len)
+            page_size=page_size, seed=seed, weights=weights, max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size, process_group=process_group)
         self._ids = itertools.count()
+
+    @property
+    def is_driver(self) -> bool:
+        """Whether this process reports results: always without tensor parallelism, rank 0
+        with it (every rank computes the same outputs)."""
+        return self.engine.tensor_parallel.is_driver
+
+    def shutdown(self) -> None:
+        """Release the tensor-parallel process group if this LLM initialised it."""
+        self.engine.shutdown()
 
     def generate(
         self,

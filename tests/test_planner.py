@@ -308,3 +308,49 @@ def test_shifted_pipeline_equals_sequential(rig):
     expected = rig.run(rig.sequential, batch)
     for order_seed in range(6):
         assert _close(rig.run(ex, batch, order_seed=order_seed), expected)
+
+
+# -- tensor parallelism: the all-reduces are ordinary ops on their own stream ---------------------
+def test_tensor_parallel_overlap_runs_allreduces_on_net_beside_the_other_nano_batch():
+    """With the tp > 1 op list, "overlap" puts both all-reduces on the "net" partition, and the
+    all-reduce of nano-batch 0 is ordered neither before nor after the row-parallel GEMM of
+    nano-batch 1 that feeds the next all-reduce: nothing forces them to run one after the other."""
+    from nanorun.layout import NETWORK_OPS
+    from nanorun.models import TP_LAYER_OPS
+    from nanorun.planner import Planner
+
+    ops = tuple(op.name for op in TP_LAYER_OPS)
+    layout = overlap(ops, BATCH, H100)
+    layout.validate(ops, H100)
+    assert [(p.name, p.sm_count) for p in layout.partitions] == [
+        ("gemm", 88), ("attn", 32), ("net", 8)]
+
+    class FakeBatch:
+        num_tokens, seq_starts = BATCH, (0, 3, 4, 30, BATCH)
+
+    plan = Planner(TP_LAYER_OPS, 2, layout).plan(FakeBatch())
+    net = layout.partition_index("net")
+    assert all((launch.stream == net) == (launch.op in NETWORK_OPS)
+               for launch in plan.launches if launch.layer >= 0)
+    at = {(launch.op, launch.layer, launch.nano_batch): i for i, launch in enumerate(plan.launches)}
+    before = _happens_before(plan)
+    for layer in range(2):
+        for allreduce, gemm in (("attn_allreduce", "o_proj"), ("mlp_allreduce", "down")):
+            a, g = at[(allreduce, layer, 0)], at[(gemm, layer, 1)]
+            assert not before[a] >> g & 1 and not before[g] >> a & 1, (allreduce, layer)
+            assert before[at[(allreduce, layer, 1)]] >> g & 1     # the one it feeds waits
+
+
+def _happens_before(plan: Plan) -> list[int]:
+    """Per launch, a bit set of the launches that must finish before it starts: earlier launches
+    on its stream, the launches it waits for, and (transitively) theirs."""
+    before: list[int] = []
+    last_on: dict[int, int] = {}
+    for i, launch in enumerate(plan.launches):
+        preds = [*launch.waits] + ([last_on[launch.stream]] if launch.stream in last_on else [])
+        bits = 0
+        for p in preds:
+            bits |= before[p] | 1 << p
+        before.append(bits)
+        last_on[launch.stream] = i
+    return before
