@@ -77,6 +77,8 @@ class Workload:
         """A trace by name, CSV path or const:PxO, as `nanorun bench` takes them."""
         from nanorun.benchmark.traces import load_trace
 
+        if num_requests is None and spec.startswith("const:"):
+            num_requests = 1   # every request is alike
         trace = load_trace(spec, num_requests=num_requests, seed=seed,
                            length_filter=length_filter)
         return cls.from_lengths(trace.name, trace.prompt_lens, trace.output_lens, trace.source)
