@@ -110,6 +110,9 @@ def test_bad_specs_name_the_known_forms(spec):
 def test_too_many_requests_and_bad_counts():
     with pytest.raises(ValueError, match="has 6967 requests after the filter"):
         load_trace("azure-code", num_requests=7000, length_filter=NANOFLOW_FILTER)
+    with pytest.raises(ValueError, match="no request of trace 'azure-code' is left"):
+        load_trace("azure-code", length_filter=LengthFilter(1, 1, 2))
+    assert len(load_trace("lmsys", num_requests=np.int64(3))) == 3
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="num_requests"):
             load_trace("lmsys", num_requests=bad)
