@@ -110,6 +110,9 @@ def test_bad_specs_name_the_known_forms(spec):
 def test_too_many_requests_and_bad_counts():
     with pytest.raises(ValueError, match="has 6967 requests after the filter"):
         load_trace("azure-code", num_requests=7000, length_filter=NANOFLOW_FILTER)
+    with pytest.raises(ValueError, match="no request of trace 'azure-code' is left"):
+        load_trace("azure-code", length_filter=LengthFilter(1, 1, 2))
+    assert len(load_trace("lmsys", num_requests=np.int64(3))) == 3
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="num_requests"):
             load_trace("lmsys", num_requests=bad)
@@ -348,7 +351,8 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     name, n, filt = SMOKE_TRACE
     rc = main(["bench", "tiny-llama", "--trace", name, "--num-requests", str(n), "--filter",
-               filt, "--layout", "overlap", "--request-rate", "inf", "100",
+               filt, "--layout", "overlap", "--kv-cache-tokens", "8192",
+               "--request-rate", "inf", "100",
                "--goodput", "ttft:60000", "tpot:60000", "--metric-percentiles", "50,99",
                "--result-json", str(out / "r.json"), "--plot", str(out / "r.png"),
                "--no-progress"])
@@ -365,6 +369,7 @@ def test_smoke_report_has_vllm_fields_and_nanorun_header(smoke):
         assert key in h, key
     assert h["device_type"] == "cpu" and h["ceilings_measured_on"] == "cpu"
     assert h["model"] == "tiny-llama" and h["dtype"] == "float32"
+    assert h["kv_cache_tokens"] == 8192 and h["num_skipped"] == 0
     assert h["layouts"] == ["sequential", "overlap"] and h["request_rates"] == ["inf", 100.0]
     assert h["length_filter"] == "prompt <= 40, output <= 8, prompt + output <= 48"
     assert h["gemm_tflops"] > 0 and h["copy_gbps"] > 0

@@ -106,8 +106,8 @@ class Workload:
             reason = (f"prompt + output longer than the model's context ({engine.max_model_len} "
                       f"tokens) or the KV cache ({kv.capacity_tokens} tokens)")
             if skipped == len(trace):
-                raise ValueError(f"every request of trace {trace.name!r} is {reason}; add a "
-                                 f"--filter or use shorter requests")
+                raise ValueError(f"every request of trace {trace.name!r} has {reason}; add "
+                                 f"a --filter or use shorter requests")
             logger.warning("skipping %d of %d requests: %s. Add --filter to choose which.",
                            skipped, len(trace), reason)
             trace = _subset(trace, fits)
@@ -156,7 +156,8 @@ def run_benchmark(config: BenchConfig) -> Measurement:
     trace = load_trace(config.trace, num_requests=config.num_requests, seed=config.seed,
                        length_filter=config.length_filter)
     for rate in config.request_rates:
-        arrival_process.schedule(trace, rate)    # a bad rate fails before anything is built
+        # A bad rate or burstiness fails here, before anything is built.
+        arrival_process.schedule(trace, rate, burstiness=config.burstiness)
     engine_config = EngineConfig(model=config.model, device=config.device, dtype=config.dtype)
     device = engine_config.torch_device
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import numbers
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -137,7 +138,7 @@ class Trace:
 
 
 def load_trace(
-    spec: str,
+    spec: str | os.PathLike,
     *,
     num_requests: int | None = None,
     seed: int = 0,
@@ -156,6 +157,7 @@ def load_trace(
     Raises ValueError for an unknown spec, a malformed file, or too few rows left.
     """
     _check_count(num_requests)
+    spec = os.fspath(spec)
     if spec.startswith(_CONST_PREFIX):
         return _const_trace(spec, num_requests, length_filter)
     if spec in TRACES:
@@ -178,15 +180,15 @@ def load_trace(
     window = _window(len(prompt), num_requests, seed, name, length_filter)
     prompt, output = prompt[window], output[window]
     if arrivals is not None:
-        arrivals = arrivals[window]
-        arrivals = arrivals - arrivals[0] if len(arrivals) else arrivals
+        arrivals = arrivals[window] - arrivals[window][0]
     return Trace(name, prompt, output, arrivals, source)
 
 
 def _check_count(num_requests: int | None) -> None:
     if num_requests is None:
         return
-    if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests <= 0:
+    if (isinstance(num_requests, bool) or not isinstance(num_requests, numbers.Integral)
+            or num_requests <= 0):
         raise ValueError(f"num_requests must be a positive int or None, got {num_requests!r}")
 
 
@@ -210,10 +212,12 @@ def _const_trace(spec: str, num_requests: int | None, length_filter: LengthFilte
 
 def _window(num_rows: int, num_requests: int | None, seed: int, name: str,
             length_filter: LengthFilter | None) -> slice:
+    after = f" after the filter ({length_filter})" if length_filter is not None else ""
+    if num_rows == 0:
+        raise ValueError(f"no request of trace {name!r} is left{after}; loosen the filter")
     if num_requests is None:
         return slice(0, num_rows)
     if num_requests > num_rows:
-        after = f" after the filter ({length_filter})" if length_filter is not None else ""
         raise ValueError(f"trace {name!r} has {num_rows} requests{after}; ask for at most that "
                          f"many (got num_requests={num_requests})")
     start = int(np.random.default_rng(seed).integers(0, num_rows - num_requests + 1))
