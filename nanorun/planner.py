@@ -52,6 +52,7 @@ class Planner:
         self.num_layers = num_layers
         self.layout = layout
         self.slots = layout.issue_slots()
+        self._max_shift = max(shift for *_, shift in self.slots)
         self._splits = {op: ol.splits for op, ol in layout.ops}
         self._check_shifts()
         # Ops reading the KV cache read earlier tokens of their sequences too, so their plans
@@ -91,7 +92,7 @@ class Planner:
         stream = {op: self.layout.partition_index(self.layout.op(op).partition)
                   for op in self.specs}
         # Slot v issues the layer-v launches, and the shifted ones of layer v - 1.
-        for v in range(self.num_layers + max(shift for *_, shift in self.slots)):
+        for v in range(self.num_layers + self._max_shift):
             for op, i, shift in self.slots:
                 layer = v - shift
                 t0, t1 = edges[op][i], edges[op][i + 1]

@@ -6,19 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nanorun.layout import Layout, resolve_layout
+from nanorun.models.llama import layer_ops
 from nanorun.planner import Planner
 
 from .costmodel import CostModel
 from .hardware import DeviceSpec, get_device
 from .simulate import Schedule, launch_costs, simulate
 from .workload import IterationMix
-
-
-def model_layer_ops(tp: int = 1):
-    """The model's layer ops at this tensor-parallel degree (network ops appear when tp > 1)."""
-    from nanorun.models.llama import layer_ops
-
-    return layer_ops(tp)
 
 
 @dataclass
@@ -28,7 +22,7 @@ class Predictor:
     cost: CostModel
 
     def __post_init__(self) -> None:
-        self.ops = model_layer_ops(self.cost.tp)
+        self.ops = layer_ops(self.cost.tp)   # network ops appear when tp > 1
         self.op_names = tuple(op.name for op in self.ops)
 
     @property

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -29,8 +28,6 @@ from nanorun.planner import Planner
 from .costmodel import CostModel
 from .evaluate import Predictor
 from .workload import IterationMix, Workload
-
-logger = logging.getLogger("nanorun")
 
 ATTENTION_SIDE = ("rope", "kv_append", "attention")   # as nanorun.layout.overlap
 SKEWS = (0.0, 0.25, 0.5, 1.0, 2.0)
@@ -46,7 +43,7 @@ class Candidate:
     attn_splits: int
     attn_partition: bool       # the attention side on its own partition
     gemm_sms: int | None       # SMs of the GEMM partition (None: device not partitioned)
-    net_sms: int | None        # SMs of the network partition (tp > 1)
+    net_sms: int | None        # SMs of the network partition (tp > 1; None: none)
     balance: str               # "tokens": even token counts; "cost": equal attention cost
     skew: float                # 0: op-major issue order; larger: later nano-batches lag
     pipeline: bool = False     # later nano-batches' post-attention GEMMs a layer slot behind
@@ -59,7 +56,7 @@ class SearchSpace:
     attn_splits: tuple[int, ...] = (1, 2, 3, 4)
     attn_partition: tuple[bool, ...] = (True, False)
     gemm_sms: tuple[int, ...] = ()
-    net_sms: tuple[int, ...] = ()
+    net_sms: tuple[int | None, ...] = ()    # None: collectives on the GEMM stream
     balance: tuple[str, ...] = ("tokens", "cost")
     skew: tuple[float, ...] = SKEWS
     pipeline: tuple[bool, ...] = (True, False)
@@ -121,12 +118,12 @@ class Tuner:
             top = self.max_batch_tokens()
             batch_tokens = tuple(range(256, top + 1, 256)) or (top,)
         gemm_sms: tuple[int, ...] = ()
-        net_sms: tuple[int, ...] = ()
+        net_sms: tuple[int | None, ...] = ()    # None: collectives on the GEMM stream
         if dev.sm_count is not None:
             g = dev.sm_granularity
             usable = dev.sm_count // g * g
-            net_sms = (g, 2 * g) if self.cost.tp > 1 else ()
-            reserve = max(net_sms, default=0)
+            net_sms = (None, g, 2 * g) if self.cost.tp > 1 else ()
+            reserve = 2 * g if self.cost.tp > 1 else 0
             gemm_sms = tuple(range(2 * g, usable - reserve - g + 1, g))
         return SearchSpace(tuple(batch_tokens), gemm_sms=gemm_sms, net_sms=net_sms)
 
@@ -173,27 +170,21 @@ def build_layout(ops, device, c: Candidate, mix: IterationMix | None = None,
     names = [op.name for op in ops]
     network = {op.name for op in ops if op.kind == "network"}
     b = c.batch_tokens
+    net = c.net_sms if network else None   # None: collectives share the GEMM stream
     partitions: list[Partition] = []
-    if c.attn_partition and device.sm_count is not None:
+    if device.sm_count is None:   # the CPU: partitions are logical streams
+        partitions = [Partition("gemm")] + [Partition("attn")] * c.attn_partition
+    elif c.attn_partition:
         g = device.sm_granularity
-        usable = device.sm_count // g * g
-        net = c.net_sms if network else 0
-        attn = usable - c.gemm_sms - (net or 0)
+        attn = device.sm_count // g * g - (c.gemm_sms or 0) - (net or 0)
         if c.gemm_sms is None or attn < g:
             raise LayoutError(f"{c.gemm_sms} GEMM SMs leave no attention partition")
         partitions = [Partition("gemm", c.gemm_sms), Partition("attn", attn)]
-        if network:
-            partitions.append(Partition("net", net))
-    elif c.attn_partition:
-        partitions = [Partition("gemm"), Partition("attn")] + \
-            ([Partition("net")] if network else [])
     else:
-        partitions = [Partition("gemm")]
-        if network:
-            g = device.sm_granularity
-            net = c.net_sms or g
-            partitions = ([Partition("gemm", (device.sm_count // g * g) - net), Partition("net", net)]
-                          if device.sm_count is not None else [Partition("gemm"), Partition("net")])
+        g = device.sm_granularity
+        partitions = [Partition("gemm", device.sm_count // g * g - net if net else None)]
+    if net:
+        partitions.append(Partition("net", net))
     part_names = {p.name for p in partitions}
 
     gemm = _even(b, c.gemm_splits)
@@ -204,7 +195,7 @@ def build_layout(ops, device, c: Candidate, mix: IterationMix | None = None,
     layout_ops = []
     for op in names:
         if op in network:
-            layout_ops.append((op, OpLayout(gemm, "net")))
+            layout_ops.append((op, OpLayout(gemm, "net" if net else "gemm")))
         elif op in ATTENTION_SIDE:
             layout_ops.append((op, OpLayout(attn, "attn" if "attn" in part_names else "gemm")))
         else:
@@ -375,6 +366,13 @@ def tune(tuner: Tuner, *, trials: int = 200, seed: int = 0, space: SearchSpace |
         tps, secs = tuner.score(layout, report)
         return (tps, secs) if multi_objective else tps
 
+    if not study.trials:   # the baseline is always a trial: tuned is never below sequential
+        baseline = {"batch_tokens": max(space.batch_tokens), "attn_partition": False,
+                    "gemm_splits": 1, "attn_splits": 1, "balance": space.balance[0],
+                    "skew": 0.0, "pipeline": False}
+        if space.net_sms:
+            baseline["net_sms"] = None
+        study.enqueue_trial(baseline)
     done = len([t for t in study.trials if t.state.is_finished()])
     study.optimize(objective, n_trials=max(0, trials - done), show_progress_bar=progress)
 
@@ -389,7 +387,7 @@ def tune(tuner: Tuner, *, trials: int = 200, seed: int = 0, space: SearchSpace |
                   for t in front]
     else:
         best, pareto = study.best_trial, []
-    layout = tuner.layout(_candidate(best.params, space))
+    layout = tuner.layout(_candidate(best.params))
     return _result(tuner, layout, len(study.trials), pareto)
 
 
@@ -409,7 +407,7 @@ def exhaustive(tuner: Tuner, space: SearchSpace) -> TuneResult:
     return _result(tuner, best, space.size, [])
 
 
-def _candidate(params: dict[str, Any], space: SearchSpace) -> Candidate:
+def _candidate(params: dict[str, Any]) -> Candidate:
     return Candidate(params["batch_tokens"], params["gemm_splits"], params["attn_splits"],
                      params["attn_partition"], params.get("gemm_sms"), params.get("net_sms"),
                      params["balance"], params["skew"], params.get("pipeline", False))

@@ -213,3 +213,19 @@ def test_plan_command_prints_and_draws(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "predicted iteration" in text and "attn" in text
     assert png.stat().st_size > 1000
+
+
+def test_tensor_parallel_search_has_network_ops_and_sequential_in_its_space():
+    """At tp 4 the plans carry the all-reduces, a network partition is a choice (not forced),
+    so the best layout is never predicted slower than sequential."""
+    t = Tuner(Predictor(CostModel(get_preset("llama-3-70b"), H100, tp=4)),
+              Workload.from_lengths("const", [1024] * 4, [512] * 4), num_mixes=1)
+    assert None in t.space().net_sms
+    space = SearchSpace(batch_tokens=(1024,), gemm_splits=(1, 2), attn_splits=(1,),
+                        attn_partition=(False, True), gemm_sms=(96,), net_sms=(None, 8),
+                        balance=("tokens",), skew=(0.0,), pipeline=(False,))
+    best = exhaustive(t, space)
+    assert best.speedup_vs_sequential >= 1.0 - 1e-9
+    plan = t.predictor.schedule(t.layout(next(iter(space.candidates()))),
+                                t.mixes(1024)[0]).plan
+    assert {"attn_allreduce", "mlp_allreduce"} <= {launch.op for launch in plan.launches}
