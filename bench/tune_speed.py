@@ -1,0 +1,68 @@
+"""How long does `nanorun tune` take on a CPU? (issue 5's target: 300 trials for llama-3-8b on
+h100 in under 2 minutes on a 2-core machine.)
+
+    python bench/tune_speed.py [--trials 300] [--repeats 3] [--out bench/results/cpu/tune_speed.json]
+
+Times the search itself (workload loading, Optuna trials, scoring the winner and the
+sequential baseline) over several repeats with the same seed, and writes the median, every
+run, the layout found and the machine's core count as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--gpu", default="h100")
+    ap.add_argument("--trace", default="azure-conv")
+    ap.add_argument("--trials", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/cpu/tune_speed.json")
+    args = ap.parse_args()
+
+    from nanorun import __version__
+    from nanorun.benchmark.traces import NANOFLOW_FILTER
+    from nanorun.models import get_preset
+    from nanorun.search import CostModel, Predictor, Workload, get_device
+    from nanorun.search.tune import Tuner, tune
+
+    runs, result = [], None
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        workload = Workload.from_trace(args.trace, length_filter=NANOFLOW_FILTER)
+        tuner = Tuner(Predictor(CostModel(get_preset(args.model), get_device(args.gpu))),
+                      workload)
+        result = tune(tuner, trials=args.trials, seed=0)
+        runs.append(time.perf_counter() - start)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    doc = {
+        "command": "python bench/tune_speed.py " + " ".join(sys.argv[1:]),
+        "model": args.model, "gpu_spec": args.gpu, "trace": args.trace,
+        "filter": "nanoflow", "trials": args.trials,
+        "median_s": round(statistics.median(runs), 2), "runs_s": [round(r, 2) for r in runs],
+        "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "python": platform.python_version(), "nanorun_version": __version__,
+        "commit": commit.stdout.strip() or None, "date": datetime.date.today().isoformat(),
+        "predicted": result.predicted(), "layout": result.layout.to_dict(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"{args.trials} trials: median {doc['median_s']} s over {args.repeats} runs "
+          f"({doc['runs_s']}), {os.cpu_count()} cores; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
