@@ -291,8 +291,9 @@ def attention_cases(sms: int):
 def device_info() -> dict:
     props = torch.cuda.get_device_properties(0)
     try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, check=True).stdout.split()[0]
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        driver = subprocess.run(query, capture_output=True, text=True,
+                                check=True).stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         driver = "unknown"
     return dict(name=props.name, multiprocessors=props.multi_processor_count,

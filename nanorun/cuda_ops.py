@@ -16,6 +16,7 @@ over their work, so any budget >= 1 gives the same result.
 from __future__ import annotations
 
 import functools
+from numbers import Integral
 from types import ModuleType
 
 import torch
@@ -72,20 +73,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.view(-1, t.shape[-1])
 
 
-def _budget(cta_budget: int | None) -> int:
-    if cta_budget is None:
+def _optional_count(name: str, value: int | None) -> int:
+    """None -> 0 (the kernels' "unset"), else an int >= 1."""
+    if value is None:
         return 0
-    if isinstance(cta_budget, bool) or not isinstance(cta_budget, int) or cta_budget < 1:
-        raise ValueError(f"cta_budget must be None or an int >= 1, got {cta_budget!r}")
-    return cta_budget
-
-
-def _window(sliding_window: int | None) -> int:
-    if sliding_window is None:
-        return 0
-    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-        raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
-    return sliding_window
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+    return int(value)
 
 
 def kv_append(
@@ -106,7 +100,7 @@ def kv_append(
     """
     _lib().kv_append(
         _arg(key), _arg(value), _arg(k_cache), _arg(v_cache), _arg(slot_mapping),
-        _budget(cta_budget), _stream(key),
+        _optional_count("cta_budget", cta_budget), _stream(key),
     )
 
 
@@ -197,7 +191,7 @@ def paged_attention(
     cta_budget: int | None = None,
     workspace: torch.Tensor | None = None,  # [W] float32 scratch for split-KV
 ) -> torch.Tensor:
-    """Attention over the paged KV cache for decode tokens and prompt chunks in any mix; returns out.
+    """Paged-KV attention for decode tokens and prompt chunks in any mix; writes, returns out.
 
     Semantics of nanorun.ops.paged_attention (token t attends to positions lo..positions[t] of
     sequence seq_ids[t]; sliding window; grouped-query heads). Head dims 32, 64, 128. Decode
@@ -211,8 +205,9 @@ def paged_attention(
                                                              device=q.device)
     _lib().paged_attention(
         _arg(q), _arg(k_cache), _arg(v_cache), _arg(block_tables), _arg(seq_ids),
-        _arg(positions), _arg(out), _arg(ws), float(scale), _window(sliding_window),
-        _budget(cta_budget), _stream(q),
+        _arg(positions), _arg(out), _arg(ws), float(scale),
+        _optional_count("sliding_window", sliding_window),
+        _optional_count("cta_budget", cta_budget), _stream(q),
     )
     return out
 
@@ -238,6 +233,7 @@ def paged_attention_plan(
                                                              device=q.device)
     return _lib().paged_attention_plan(
         _arg(q), _arg(k_cache), _arg(v_cache), _arg(block_tables), _arg(seq_ids),
-        _arg(positions), _arg(out), _arg(ws), float(scale), _window(sliding_window),
-        _budget(cta_budget),
+        _arg(positions), _arg(out), _arg(ws), float(scale),
+        _optional_count("sliding_window", sliding_window),
+        _optional_count("cta_budget", cta_budget),
     )

@@ -63,12 +63,13 @@ def run_emulated(exe: Path, case: AttentionCase, workdir: Path, *, max_ctas: int
     meta = dict(bf16=int(q.dtype == torch.bfloat16), tokens=q.shape[0], heads=q.shape[1],
                 kv_heads=k.shape[2], head_dim=q.shape[2], num_pages=k.shape[0],
                 page_size=k.shape[1], num_seqs=case.block_tables.shape[0],
-                max_pages=case.block_tables.shape[1], block_table_stride=case.block_tables.stride(0),
+                max_pages=case.block_tables.shape[1],
+                block_table_stride=case.block_tables.stride(0),
                 q_token_stride=q.stride(0), q_head_stride=q.stride(1),
                 out_token_stride=out.stride(0), out_head_stride=out.stride(1), scale=case.scale,
                 sliding_window=case.sliding_window or 0, max_ctas=max_ctas,
                 workspace_floats=workspace_floats)
-    (workdir / "meta.txt").write_text("".join(f"{name} {value!r}\n" for name, value in meta.items()))
+    (workdir / "meta.txt").write_text("".join(f"{k} {v!r}\n" for k, v in meta.items()))
     tensors = dict(q=_storage(q), k_cache=k, v_cache=case.v_cache, block_tables=case.block_tables,
                    seq_ids=case.seq_ids, positions=case.positions, out=_storage(out))
     for name, t in tensors.items():

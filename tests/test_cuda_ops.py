@@ -383,6 +383,8 @@ def _attention_args(_cuda, **override):
 
 
 @pytest.mark.parametrize("override,message", [
+    (dict(q="2-D q"), r"q must have 3 dims, got shape \[5, 512\]"),
+    (dict(positions="2-D positions"), "positions must have 1 dims"),
     (dict(q="float32 q"), "q must be float16 or bfloat16, got float32"),
     (dict(q=(5, 8, 80)), r"q.shape\[2\] \(head_dim\) must be 32, 64 or 128"),
     (dict(k_cache=(10, 16, 3, 64), v_cache=(10, 16, 3, 64)),
@@ -406,6 +408,8 @@ def _attention_args(_cuda, **override):
 def test_paged_attention_rejects_bad_arguments_without_touching_the_device(override, message):
     _cuda = pytest.importorskip("nanorun._cuda")
     fake = {
+        "2-D q": _fake(_cuda, "bf16", 5, 512),
+        "2-D positions": _fake(_cuda, "i64", 5, 1),
         "float32 q": _fake(_cuda, "f32", 5, 8, 64),
         "f16 k_cache": _fake(_cuda, "f16", 10, 16, 2, 64),
         "strided k_cache": _fake(_cuda, "bf16", 10, 16, 2, 64, strides=[4096, 128, 64, 1]),
@@ -427,6 +431,20 @@ def test_paged_attention_rejects_bad_arguments_without_touching_the_device(overr
     args.pop("stream")
     with pytest.raises(ValueError, match=message):
         _cuda.paged_attention_plan(**args)
+
+
+def test_paged_attention_rejects_cpu_tensors():
+    pytest.importorskip("nanorun._cuda")
+    q = torch.randn(3, 8, 64, dtype=torch.bfloat16)
+    cache = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16)
+    args = (q, cache, cache, torch.zeros(1, 4, dtype=torch.int32),
+            torch.zeros(3, dtype=torch.int32), torch.arange(3), 0.125, torch.empty_like(q))
+    with pytest.raises(ValueError, match="q must be a CUDA tensor, got host memory"):
+        cuda_ops.paged_attention(*args)
+    with pytest.raises(ValueError, match="cta_budget must be None or an int >= 1"):
+        cuda_ops.paged_attention(*args, cta_budget=0)
+    with pytest.raises(ValueError, match="sliding_window must be None or an int >= 1"):
+        cuda_ops.paged_attention(*args, sliding_window=1.5)
 
 
 def test_rotary_embedding_rejects_bad_arguments():
@@ -467,7 +485,8 @@ def test_attention_plan_splits_only_what_leaves_the_budget_idle():
     small = plan(7, 16, 2, 64, 4096, 3, 1 << 21)
     assert small.grid == 3 and small.splits == 1
     # Groups beyond one CTA's 64 rows take several row blocks; prefill tiles shrink with groups.
-    assert (plan(4, 128, 1, 64, 64, 1000, 0).row_blocks, plan(4, 28, 4, 64, 64, 1000, 0).tile_tokens) == (2, 9)
+    assert plan(4, 128, 1, 64, 64, 1000, 0).row_blocks == 2
+    assert plan(4, 28, 4, 64, 64, 1000, 0).tile_tokens == 9
 
 
 def test_select_kernels_on_the_cpu_is_nanorun_ops():

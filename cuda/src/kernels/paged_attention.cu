@@ -90,8 +90,9 @@ Status paged_attention(const TensorView& q, const TensorView& k_cache, const Ten
       num_tokens, static_cast<int>(q.size(1)), static_cast<int>(k_cache.size(2)),
       static_cast<int>(q.size(2)), block_tables.size(1) * k_cache.size(1), max_ctas,
       workspace.numel());
-  const attention::Params p = attention::make_params(q, k_cache, v_cache, block_tables, seq_ids, positions,
-                                          out, workspace, scale, sliding_window, plan);
+  const attention::Params p =
+      attention::make_params(q, k_cache, v_cache, block_tables, seq_ids, positions, out,
+                             workspace, scale, sliding_window, plan);
   Status launched = Status::kOk;
   const Status s = dispatch_attention(q.dtype, static_cast<int>(q.size(2)), [&](auto tag,
                                                                                auto dim) {

@@ -93,8 +93,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 
 // d += a * b on the tensor cores: a is 16x16 (row-major fragment), b is 16x8 (column-major
 // fragment), d is 16x8 in fp32. With g = lane / 4 and c = 2 (lane % 4):
-//   a[0] = A[g][c, c+1]      a[1] = A[g+8][c, c+1]   a[2] = A[g][c+8, c+9]   a[3] = A[g+8][c+8, c+9]
-//   b0   = B[c, c+1][g]      b1   = B[c+8, c+9][g]
+//   a[0] = A[g][c, c+1]   a[1] = A[g+8][c, c+1]   a[2] = A[g][c+8, c+9]   a[3] = A[g+8][c+8, c+9]
+//   b0   = B[c, c+1][g]   b1   = B[c+8, c+9][g]
 //   d[0], d[1] = D[g][c, c+1]                        d[2], d[3] = D[g+8][c, c+1]
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
