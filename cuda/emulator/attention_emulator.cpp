@@ -114,6 +114,8 @@ int main(int argc, char** argv) {
          seq = read_file(dir + "/seq_ids.bin"), pos = read_file(dir + "/positions.bin"),
          out = read_file(dir + "/out.bin");
   std::vector<float> workspace(static_cast<size_t>(get("workspace_floats")), NAN);
+  nanorun::emulator::register_global(k.data(), k.bytes);
+  nanorun::emulator::register_global(v.data(), v.bytes);
 
   const TensorView qv = view(q.data(), dtype, {T, Hq, D},
                              {get("q_token_stride"), get("q_head_stride"), 1});

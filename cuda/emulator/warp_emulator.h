@@ -11,6 +11,9 @@
 // every shared access is bounds- and alignment-checked, and a deadlock (a barrier some threads
 // never reach) aborts with a message instead of hanging.
 //
+// cp.async sources must lie inside a buffer registered with register_global (when any is), so a
+// read outside the KV caches aborts too.
+//
 // Emulates what the attention kernel uses, nothing more: 1-D grids and blocks, dynamic shared
 // memory, f16/bf16 m16n8k16 MMAs with fp32 accumulation.
 #pragma once
@@ -170,6 +173,29 @@ inline int take_buffer(Warp& w) {
   return b;
 }
 
+struct Region {
+  const unsigned char* begin;
+  size_t bytes;
+};
+
+inline std::vector<Region>& global_regions() {
+  static std::vector<Region> regions;
+  return regions;
+}
+
+// Declares [p, p + bytes) readable by cp.async.
+inline void register_global(const void* p, size_t bytes) {
+  global_regions().push_back({static_cast<const unsigned char*>(p), bytes});
+}
+
+inline void check_global(const void* p, size_t bytes) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  for (const Region& r : global_regions()) {
+    if (b >= r.begin && b + bytes <= r.begin + r.bytes) return;
+  }
+  if (!global_regions().empty()) fail("cp.async reads outside every registered buffer");
+}
+
 inline void check_smem(const void* p, size_t bytes, size_t alignment) {
   const Cta& c = cta();
   const auto* b = static_cast<const unsigned char*>(p);
@@ -238,8 +264,9 @@ inline float fast_exp2(float x) { return std::exp2(x); }
 inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   emulator::check_smem(smem, 16, 16);
   if (src_bytes != 0 && src_bytes != 16) emulator::fail("cp.async src_bytes must be 0 or 16");
-  if (src_bytes == 16 && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) {
-    emulator::fail("misaligned cp.async source");
+  if (src_bytes == 16) {
+    if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0) emulator::fail("misaligned cp.async source");
+    emulator::check_global(gmem, 16);
   }
   emulator::cta().threads[thread_index()].open_group.push_back({smem, gmem, src_bytes});
 }
