@@ -4,13 +4,19 @@
 imports cleanly on any machine, and `available()` says whether the kernels can run here.
 The wrappers pass raw pointers plus shapes/strides (`_cuda.TensorArg`) and torch's current
 stream of the tensors' device; every argument is validated in C++ (ValueError naming the
-argument), and a failed launch raises RuntimeError. Kernels only enqueue work on that stream,
-so all of them can be captured in a CUDA graph.
+argument), and a failed launch raises RuntimeError. Kernels only enqueue work on that stream:
+no allocation (unless a wrapper is asked to allocate its output), no host-device copy, no
+read of device data on the host, so all of them can be captured in a CUDA graph.
+
+`cta_budget` (kv_append, paged_attention) is the most CTAs a kernel's grid may hold, so it
+stays inside an SM partition; None means as many as fit on the device. Those kernels stride
+over their work, so any budget >= 1 gives the same result.
 """
 
 from __future__ import annotations
 
 import functools
+from numbers import Integral
 from types import ModuleType
 
 import torch
@@ -67,12 +73,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.view(-1, t.shape[-1])
 
 
+def _optional_count(name: str, value: int | None) -> int:
+    """None -> 0 (the kernels' "unset"), else an int >= 1."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+    return int(value)
+
+
 def kv_append(
     key: torch.Tensor,  # [T, Hkv, D]
     value: torch.Tensor,  # [T, Hkv, D]
     k_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
     v_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
     slot_mapping: torch.Tensor,  # [T] int64
+    cta_budget: int | None = None,
 ) -> None:
     """Write each token's key/value into the paged caches, in place.
 
@@ -83,7 +99,8 @@ def kv_append(
     bfloat16, int32, int64).
     """
     _lib().kv_append(
-        _arg(key), _arg(value), _arg(k_cache), _arg(v_cache), _arg(slot_mapping), _stream(key)
+        _arg(key), _arg(value), _arg(k_cache), _arg(v_cache), _arg(slot_mapping),
+        _optional_count("cta_budget", cta_budget), _stream(key),
     )
 
 
@@ -134,3 +151,89 @@ def silu_and_mul(
         out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)
     _lib().silu_and_mul(_arg(_rows(out)), _arg(_rows(x)), _stream(x))
     return out
+
+
+def rotary_embedding(
+    qk: torch.Tensor,  # [T, H, Dh]: query and key heads, e.g. a view of the fused QKV output
+    positions: torch.Tensor,  # [T] int64
+    cos: torch.Tensor | None = None,  # [max_position, Dh/2] float32
+    sin: torch.Tensor | None = None,  # [max_position, Dh/2] float32
+    *,
+    inv_freq: torch.Tensor | None = None,  # [Dh/2] float32
+) -> None:
+    """Rotate every head of qk by its token's position, in place ("rotate half", fp32 math).
+
+    Dims i and i + Dh/2 form a pair: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin. The angles
+    come from `cos`/`sin` tables indexed by position (the model's own tables, so Llama 3 or
+    linear rope scaling is already in them), or from `inv_freq` (scaling applied), with angle
+    = float32(position) * inv_freq[i] computed on the device: no table of max_position rows.
+    A position outside the table (or negative) turns its token's heads into NaN. qk is float32,
+    float16 or bfloat16, with any token and head strides and unit stride in Dh.
+    """
+    if (inv_freq is None) == (cos is None or sin is None):
+        raise ValueError("rotary_embedding: give cos and sin, or inv_freq (not both)")
+    if inv_freq is not None:
+        _lib().rotary_embedding_inv_freq(_arg(qk), _arg(positions), _arg(inv_freq), _stream(qk))
+    else:
+        _lib().rotary_embedding(_arg(qk), _arg(positions), _arg(cos), _arg(sin), _stream(qk))
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D] float16 / bfloat16
+    k_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D], contiguous
+    v_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D], contiguous
+    block_tables: torch.Tensor,  # [num_seqs, max_pages] int32
+    seq_ids: torch.Tensor,  # [T] int32
+    positions: torch.Tensor,  # [T] int64
+    scale: float,
+    out: torch.Tensor,  # [T, Hq, D], written in place
+    sliding_window: int | None = None,
+    cta_budget: int | None = None,
+    workspace: torch.Tensor | None = None,  # [W] float32 scratch for split-KV
+) -> torch.Tensor:
+    """Paged-KV attention for decode tokens and prompt chunks in any mix; writes, returns out.
+
+    Semantics of nanorun.ops.paged_attention (token t attends to positions lo..positions[t] of
+    sequence seq_ids[t]; sliding window; grouped-query heads). Head dims 32, 64, 128. Decode
+    tokens and prefill tiles are told apart on the device (see cuda/src/kernels/
+    attention_kernel.cuh), so nothing about the batch is read on the host. Split-KV (for
+    batches too small to fill the budget) needs `workspace`; without one (or with a small
+    one) fewer or no splits are used: same result, less parallelism. Tokens with out-of-range
+    metadata (sequence id, page id, position) get NaN, never an out-of-bounds read.
+    """
+    ws = workspace if workspace is not None else torch.empty(0, dtype=torch.float32,
+                                                             device=q.device)
+    _lib().paged_attention(
+        _arg(q), _arg(k_cache), _arg(v_cache), _arg(block_tables), _arg(seq_ids),
+        _arg(positions), _arg(out), _arg(ws), float(scale),
+        _optional_count("sliding_window", sliding_window),
+        _optional_count("cta_budget", cta_budget), _stream(q),
+    )
+    return out
+
+
+def paged_attention_plan(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_ids: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    sliding_window: int | None = None,
+    cta_budget: int | None = None,
+    workspace: torch.Tensor | None = None,
+):  # -> nanorun._cuda.AttentionPlan
+    """The work plan paged_attention uses for these arguments: splits, grid, items, ...
+
+    A function of shapes, the budget and the device only (never of tensor contents).
+    """
+    ws = workspace if workspace is not None else torch.empty(0, dtype=torch.float32,
+                                                             device=q.device)
+    return _lib().paged_attention_plan(
+        _arg(q), _arg(k_cache), _arg(v_cache), _arg(block_tables), _arg(seq_ids),
+        _arg(positions), _arg(out), _arg(ws), float(scale),
+        _optional_count("sliding_window", sliding_window),
+        _optional_count("cta_budget", cta_budget),
+    )

@@ -91,6 +91,23 @@ def test_kv_append(T, heads, head_dim, dtype):
 
 @pytest.mark.gpu
 @requires_kernels
+@pytest.mark.parametrize("cta_budget", [1, 3])
+def test_kv_append_under_a_cta_budget(cta_budget):
+    T, heads, head_dim, page_size = 33, 2, 64, 16
+    key = _randn(T, heads, head_dim, dtype=torch.bfloat16, seed=12)
+    value = _randn(T, heads, head_dim, dtype=torch.bfloat16, seed=13)
+    k_cache = torch.full((4, page_size, heads, head_dim), float("nan"), dtype=torch.bfloat16,
+                         device="cuda")
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = torch.randperm(4 * page_size, generator=torch.Generator().manual_seed(1))[:T].cuda()
+    cuda_ops.kv_append(key, value, k_cache, v_cache, slots, cta_budget=cta_budget)
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache.view(-1, heads, head_dim)[slots], key)
+    assert torch.equal(v_cache.view(-1, heads, head_dim)[slots], value)
+
+
+@pytest.mark.gpu
+@requires_kernels
 def test_kv_append_skips_slots_past_the_end():
     k_cache = torch.zeros(2, 4, 1, 8, device="cuda")
     v_cache = torch.zeros_like(k_cache)
@@ -185,6 +202,72 @@ def test_silu_and_mul(T, inter, dtype, strided):
 
 
 # ---------------------------------------------------------------------------------------------
+# Rotary embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def _rotate_ref(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """fp32 "rotate half" of qk [T, H, Dh] with per-token cos/sin [T, Dh/2]."""
+    x = qk.float()
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _llama3_rope(max_len: int):
+    """inv_freq and cos/sin tables of Llama 3.1 (llama3 rope scaling), as the model builds them."""
+    from nanorun.models import get_preset
+    from nanorun.models.llama import rope_inv_freq, rope_tables
+
+    config = get_preset("llama-3-8b")
+    assert config.rope_scaling is not None and config.rope_scaling.rope_type == "llama3"
+    cos, sin = rope_tables(config, max_len, "cuda")
+    return config, rope_inv_freq(config).cuda(), cos, sin
+
+
+@pytest.mark.gpu
+@requires_kernels
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("from_table", [True, False])
+def test_rotary_embedding_with_llama3_scaling(T, dtype, from_table):
+    max_len = 40000
+    config, inv_freq, cos, sin = _llama3_rope(max_len)
+    heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+    # q and k heads of a fused QKV output: a strided view, as the model passes it.
+    qkv = _randn(T, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=14)
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(T, heads + kv_heads, head_dim)
+    g = torch.Generator().manual_seed(T)
+    positions = torch.randint(0, max_len, (T,), generator=g).cuda()
+    expected = _rotate_ref(qk, cos[positions], sin[positions])
+    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
+
+    if from_table:
+        cuda_ops.rotary_embedding(qk, positions, cos, sin)
+    else:
+        cuda_ops.rotary_embedding(qk, positions, inv_freq=inv_freq)
+    torch.cuda.synchronize()
+
+    # inv_freq computes sincos on the device: a few ulp from torch's tables in fp32.
+    tol = TOL[dtype] if from_table or dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(qk.float(), expected, **tol)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # V untouched
+
+
+@pytest.mark.gpu
+@requires_kernels
+def test_rotary_embedding_poisons_positions_outside_the_table():
+    _, _, cos, sin = _llama3_rope(64)
+    qk = _randn(3, 4, 128, dtype=torch.float16, seed=15)
+    before = qk.clone()
+    cuda_ops.rotary_embedding(qk, torch.tensor([5, 64, -1], device="cuda"), cos, sin)
+    torch.cuda.synchronize()
+    assert not torch.isnan(qk[0]).any() and not torch.equal(qk[0], before[0])
+    assert torch.isnan(qk[1:]).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Streams, graphs, validation on the device
 # ---------------------------------------------------------------------------------------------
 
@@ -262,15 +345,155 @@ def test_validation_names_the_argument_without_touching_the_device():
 
     key, cache, slots = arg("f16", 5, 2, 8), arg("f16", 4, 16, 2, 8), arg("i64", 5)
     with pytest.raises(ValueError, match="slot_mapping must be int64"):
-        _cuda.kv_append(key, key, cache, cache, arg("i32", 5), 0)
+        _cuda.kv_append(key, key, cache, cache, arg("i32", 5), 0, 0)
     with pytest.raises(ValueError, match=r"v_cache must have the shape of k_cache"):
-        _cuda.kv_append(key, key, cache, arg("f16", 4, 16, 2, 9), slots, 0)
+        _cuda.kv_append(key, key, cache, arg("f16", 4, 16, 2, 9), slots, 0, 0)
     with pytest.raises(ValueError, match=r"k_cache.shape\[2\]"):
         bad_cache = arg("f16", 4, 16, 3, 8)
-        _cuda.kv_append(key, key, bad_cache, bad_cache, slots, 0)
+        _cuda.kv_append(key, key, bad_cache, bad_cache, slots, 0, 0)
     with pytest.raises(ValueError, match="x.shape\\[1\\] must be even"):
         _cuda.silu_and_mul(arg("f32", 3, 5), arg("f32", 3, 5), 0)
     with pytest.raises(ValueError, match="eps"):
         _cuda.rms_norm(arg("f32", 3, 5), arg("f32", 3, 5), arg("f32", 5), -1.0, 0)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         cuda_ops.rms_norm(torch.ones(3, 5), torch.ones(5), EPS)
+    with pytest.raises(ValueError, match="cta_budget"):
+        _cuda.kv_append(key, key, cache, cache, slots, -1, 0)
+
+
+def _fake(_cuda, dtype, *shape, strides=None, data=0x1000, device=0):
+    """A TensorArg over memory that is never touched (validation fails first)."""
+    if strides is None:
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+    return _cuda.TensorArg(data, dtype, list(shape), strides, device)
+
+
+def _attention_args(_cuda, **override):
+    """Valid paged_attention arguments (T=5, Hq=8, Hkv=2, D=64), with some replaced."""
+    args = dict(
+        q=_fake(_cuda, "bf16", 5, 8, 64), k_cache=_fake(_cuda, "bf16", 10, 16, 2, 64),
+        v_cache=_fake(_cuda, "bf16", 10, 16, 2, 64), block_tables=_fake(_cuda, "i32", 3, 4),
+        seq_ids=_fake(_cuda, "i32", 5), positions=_fake(_cuda, "i64", 5),
+        out=_fake(_cuda, "bf16", 5, 8, 64), workspace=_fake(_cuda, "f32", 100), scale=0.125,
+        sliding_window=0, cta_budget=0, stream=0)
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(q="2-D q"), r"q must have 3 dims, got shape \[5, 512\]"),
+    (dict(positions="2-D positions"), "positions must have 1 dims"),
+    (dict(q="float32 q"), "q must be float16 or bfloat16, got float32"),
+    (dict(q=(5, 8, 80)), r"q.shape\[2\] \(head_dim\) must be 32, 64 or 128"),
+    (dict(k_cache=(10, 16, 3, 64), v_cache=(10, 16, 3, 64)),
+     r"q.shape\[1\] \(num_heads, 8\) must be a multiple of k_cache.shape\[2\]"),
+    (dict(v_cache=(10, 16, 2, 32)), "v_cache must have the shape of k_cache"),
+    (dict(k_cache="f16 k_cache"), "k_cache must be bfloat16, got float16"),
+    (dict(k_cache="strided k_cache"), "k_cache must be contiguous"),
+    (dict(k_cache="misaligned k_cache"), "k_cache's data must be 16-byte aligned"),
+    (dict(q="odd q strides"), "q's token and head strides must be even"),
+    (dict(block_tables="i64 block_tables"), "block_tables must be int32"),
+    (dict(seq_ids=(4,)), r"seq_ids.shape\[0\] must be 5"),
+    (dict(positions="i32 positions"), "positions must be int64"),
+    (dict(out=(5, 8, 32)), "out must have the shape of q"),
+    (dict(workspace="bf16 workspace"), "workspace must be float32"),
+    (dict(scale=float("inf")), "scale must be finite"),
+    (dict(sliding_window=-3), "sliding_window must be None or >= 1"),
+    (dict(cta_budget=-1), "cta_budget must be None or >= 1"),
+    (dict(seq_ids="host seq_ids"), "seq_ids must be a CUDA tensor, got host memory"),
+    (dict(out="out on cuda:1"), "out is on cuda:1 but q is on cuda:0"),
+])
+def test_paged_attention_rejects_bad_arguments_without_touching_the_device(override, message):
+    _cuda = pytest.importorskip("nanorun._cuda")
+    fake = {
+        "2-D q": _fake(_cuda, "bf16", 5, 512),
+        "2-D positions": _fake(_cuda, "i64", 5, 1),
+        "float32 q": _fake(_cuda, "f32", 5, 8, 64),
+        "f16 k_cache": _fake(_cuda, "f16", 10, 16, 2, 64),
+        "strided k_cache": _fake(_cuda, "bf16", 10, 16, 2, 64, strides=[4096, 128, 64, 1]),
+        "misaligned k_cache": _fake(_cuda, "bf16", 10, 16, 2, 64, data=0x1008),
+        "odd q strides": _fake(_cuda, "bf16", 5, 8, 64, strides=[513, 64, 1]),
+        "i64 block_tables": _fake(_cuda, "i64", 3, 4),
+        "i32 positions": _fake(_cuda, "i32", 5),
+        "bf16 workspace": _fake(_cuda, "bf16", 100),
+        "host seq_ids": _fake(_cuda, "i32", 5, device=-1),
+        "out on cuda:1": _fake(_cuda, "bf16", 5, 8, 64, device=1),
+    }
+    dtypes = dict(q="bf16", k_cache="bf16", v_cache="bf16", seq_ids="i32", out="bf16")
+    args = _attention_args(_cuda, **{
+        name: fake[value] if isinstance(value, str)
+        else _fake(_cuda, dtypes[name], *value) if isinstance(value, tuple) else value
+        for name, value in override.items()})
+    with pytest.raises(ValueError, match=message):
+        _cuda.paged_attention(**args)
+    args.pop("stream")
+    with pytest.raises(ValueError, match=message):
+        _cuda.paged_attention_plan(**args)
+
+
+def test_paged_attention_rejects_cpu_tensors():
+    pytest.importorskip("nanorun._cuda")
+    q = torch.randn(3, 8, 64, dtype=torch.bfloat16)
+    cache = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16)
+    args = (q, cache, cache, torch.zeros(1, 4, dtype=torch.int32),
+            torch.zeros(3, dtype=torch.int32), torch.arange(3), 0.125, torch.empty_like(q))
+    with pytest.raises(ValueError, match="q must be a CUDA tensor, got host memory"):
+        cuda_ops.paged_attention(*args)
+    with pytest.raises(ValueError, match="cta_budget must be None or an int >= 1"):
+        cuda_ops.paged_attention(*args, cta_budget=0)
+    with pytest.raises(ValueError, match="sliding_window must be None or an int >= 1"):
+        cuda_ops.paged_attention(*args, sliding_window=1.5)
+
+
+def test_rotary_embedding_rejects_bad_arguments():
+    _cuda = pytest.importorskip("nanorun._cuda")
+    qk, positions = _fake(_cuda, "bf16", 5, 12, 128), _fake(_cuda, "i64", 5)
+    table = _fake(_cuda, "f32", 100, 64)
+    with pytest.raises(ValueError, match=r"qk.shape\[2\] \(head_dim\) must be even"):
+        _cuda.rotary_embedding(_fake(_cuda, "bf16", 5, 12, 7), positions, table, table, 0)
+    with pytest.raises(ValueError, match="positions must be int64"):
+        _cuda.rotary_embedding(qk, _fake(_cuda, "i32", 5), table, table, 0)
+    with pytest.raises(ValueError, match=r"cos.shape\[1\] must be 64 \(half of qk.shape\[2\]\)"):
+        _cuda.rotary_embedding(qk, positions, _fake(_cuda, "f32", 100, 32), table, 0)
+    with pytest.raises(ValueError, match="sin must have the shape of cos"):
+        _cuda.rotary_embedding(qk, positions, table, _fake(_cuda, "f32", 99, 64), 0)
+    with pytest.raises(ValueError, match="inv_freq must be float32"):
+        _cuda.rotary_embedding_inv_freq(qk, positions, _fake(_cuda, "bf16", 64), 0)
+    with pytest.raises(ValueError, match="give cos and sin, or inv_freq"):
+        cuda_ops.rotary_embedding(torch.ones(5, 12, 128), torch.arange(5))
+
+
+def test_attention_plan_splits_only_what_leaves_the_budget_idle():
+    _cuda = pytest.importorskip("nanorun._cuda")
+    plan = _cuda.plan_paged_attention
+    # The issue's target batch fills any budget: no split-KV, the grid is the budget.
+    big = plan(num_tokens=256, num_heads=32, num_kv_heads=8, head_dim=128, max_context=2048,
+               max_ctas=264, workspace_floats=1 << 21)
+    assert (big.splits, big.grid, big.items, big.combine_grid) == (1, 264, 2048, 0)
+    # One long decode token: as many splits as fill the budget, at most 16.
+    one = plan(1, 32, 8, 128, 5000, 264, 1 << 21)
+    assert (one.splits, one.items, one.grid) == (16, 128, 128)
+    assert one.workspace_floats == 16 * 32 * 129 and one.combine_grid == 8
+    # ...no more than whole 64-position tiles of the longest context...
+    assert plan(1, 32, 8, 128, 130, 264, 1 << 21).splits == 3
+    # ...and no more than the workspace holds (none without one).
+    assert plan(1, 32, 8, 128, 5000, 264, 3 * 32 * 129).splits == 3
+    assert plan(1, 32, 8, 128, 5000, 264, 0).splits == 1
+    # A small budget: the grid never exceeds it.
+    small = plan(7, 16, 2, 64, 4096, 3, 1 << 21)
+    assert small.grid == 3 and small.splits == 1
+    # Groups beyond one CTA's 64 rows take several row blocks; prefill tiles shrink with groups.
+    assert plan(4, 128, 1, 64, 64, 1000, 0).row_blocks == 2
+    assert plan(4, 28, 4, 64, 64, 1000, 0).tile_tokens == 9
+
+
+def test_select_kernels_on_the_cpu_is_nanorun_ops():
+    from nanorun.kernels import CudaPagedAttention, select_kernels
+
+    attention, kv_append = select_kernels(torch.device("cpu"))
+    assert not attention.graph_safe and not kv_append.graph_safe
+    assert CudaPagedAttention.supports(torch.bfloat16, 128)
+    assert not CudaPagedAttention.supports(torch.float32, 128)
+    assert not CudaPagedAttention.supports(torch.float16, 96)

@@ -106,6 +106,30 @@ void check_last_dim_contiguous(const TensorView& t, const char* name) {
   }
 }
 
+void check_contiguous(const TensorView& t, const char* name) {
+  int64_t expected = 1;
+  for (int i = t.ndim - 1; i >= 0; --i) {
+    if (t.shape[i] != 1 && t.strides[i] != expected) {
+      fail(std::string(name) + " must be contiguous, got shape " + shape_str(t) + " and strides " +
+           list_str(t.strides, t.ndim));
+    }
+    expected *= t.shape[i];
+  }
+}
+
+void check_aligned(const TensorView& t, const char* name, int bytes) {
+  if (reinterpret_cast<uintptr_t>(t.data) % bytes != 0) {
+    fail(std::string(name) + "'s data must be " + std::to_string(bytes) +
+         "-byte aligned (a view starting at an odd offset is not)");
+  }
+}
+
+void check_half_precision(const TensorView& t, const char* name) {
+  if (t.dtype != DType::f16 && t.dtype != DType::bf16) {
+    fail(std::string(name) + " must be float16 or bfloat16, got " + dtype_name(t.dtype));
+  }
+}
+
 void check_cuda_device(const TensorView& t, const char* name, const TensorView& ref,
                        const char* ref_name) {
   if (t.device < 0) fail(std::string(name) + " must be a CUDA tensor, got host memory");

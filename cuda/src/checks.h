@@ -32,6 +32,12 @@ void check_size(const TensorView& t, const char* name, int dim, int64_t expected
 void check_same_shape(const TensorView& t, const char* name, const TensorView& ref,
                       const char* ref_name);
 void check_last_dim_contiguous(const TensorView& t, const char* name);
+// Row-major contiguous (size-1 dims excepted).
+void check_contiguous(const TensorView& t, const char* name);
+// The data pointer is a multiple of `bytes`.
+void check_aligned(const TensorView& t, const char* name, int bytes);
+// float16 or bfloat16: what the tensor-core kernels take.
+void check_half_precision(const TensorView& t, const char* name);
 // On a CUDA device (not host memory), and on the same one as `ref`.
 void check_cuda_device(const TensorView& t, const char* name, const TensorView& ref,
                        const char* ref_name);

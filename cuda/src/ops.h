@@ -7,13 +7,37 @@
 
 #include <cstdint>
 
+#include "nanorun/kernels.h"
 #include "nanorun/tensor.h"
 
 namespace nanorun {
 namespace ops {
 
 void kv_append(const TensorView& key, const TensorView& value, const TensorView& k_cache,
-               const TensorView& v_cache, const TensorView& slot_mapping, uintptr_t stream);
+               const TensorView& v_cache, const TensorView& slot_mapping, int cta_budget,
+               uintptr_t stream);
+
+// cta_budget: the most CTAs the kernel may occupy; 0 = as many as fit on the device.
+void paged_attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
+                     const TensorView& block_tables, const TensorView& seq_ids,
+                     const TensorView& positions, const TensorView& out,
+                     const TensorView& workspace, float scale, int sliding_window, int cta_budget,
+                     uintptr_t stream);
+
+// The plan paged_attention would use for these arguments (validated the same way).
+kernels::AttentionPlan paged_attention_plan(const TensorView& q, const TensorView& k_cache,
+                                            const TensorView& v_cache,
+                                            const TensorView& block_tables,
+                                            const TensorView& seq_ids,
+                                            const TensorView& positions, const TensorView& out,
+                                            const TensorView& workspace, float scale,
+                                            int sliding_window, int cta_budget);
+
+void rotary_embedding(const TensorView& qk, const TensorView& positions, const TensorView& cos,
+                      const TensorView& sin, uintptr_t stream);
+
+void rotary_embedding_inv_freq(const TensorView& qk, const TensorView& positions,
+                               const TensorView& inv_freq, uintptr_t stream);
 
 void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight, float eps,
               uintptr_t stream);
