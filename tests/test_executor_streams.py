@@ -10,138 +10,20 @@ a padded batch all show up here as a result that differs from the "sequential" l
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 
 import pytest
 import torch
+from executor_rig import BATCH, GRAPH_SAFE, Rig, close, dense_attention
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_planner import BATCH, PAGE, batch_shapes, layouts
+from test_planner import batch_shapes, layouts
 
 from nanorun.backends import SimulatedStreams, graph_sizes, padded_size
 from nanorun.backends.streams import SimulatedEvent
-from nanorun.batch import StaticBatch, build_batch
-from nanorun.executor import Executor
-from nanorun.kv_cache import KVCache
-from nanorun.models import build_model, get_preset, random_weights
+from nanorun.batch import StaticBatch
 from nanorun.ops import kv_append, paged_attention, paged_attention_reference
-from nanorun.request import Request
-from nanorun.sampling_params import SamplingParams
-from nanorun.scheduler import ScheduledChunk
-from nanorun.search import get_device
-
-CPU = get_device("cpu")
-
-
-# -- a graph-safe attention for tests: fixed shapes, no host reads -------------------------------
-def dense_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scale, out,
-                    sliding_window=None):
-    """Every token gathers its sequence's whole page-table row and masks what it may not see:
-    slow, but every shape is fixed by the tensors' shapes, so it can be captured in a CUDA
-    graph and replayed with new metadata in the same buffers."""
-    page, num_kv = k_cache.shape[1], k_cache.shape[2]
-    pages = block_tables[seq_ids.long()].clamp(min=0).long()               # [T, P]
-    keys = k_cache[pages].flatten(1, 2).float()                             # [T, K, Hkv, D]
-    values = v_cache[pages].flatten(1, 2).float()                           # [T, K, Hkv, D]
-    kpos = torch.arange(keys.shape[1], device=q.device)                     # [K]
-    seen = kpos[None] <= positions[:, None]                                 # [T, K]
-    if sliding_window is not None:
-        seen &= kpos[None] > positions[:, None] - sliding_window
-    group = q.shape[1] // num_kv
-    keys = keys.repeat_interleave(group, dim=2)                             # [T, K, H, D]
-    values = torch.where(seen[:, :, None, None], values, 0.0).repeat_interleave(group, dim=2)
-    scores = torch.einsum("thd,tkhd->thk", q.float(), keys) * scale         # [T, H, K]
-    probs = scores.masked_fill(~seen[:, None, :], -math.inf).softmax(-1)
-    out.copy_(torch.einsum("thk,tkhd->thd", probs, values).to(out.dtype))
-    return out
-
-
-def graph_safe(fn):
-    """fn declared graph-safe. For kv_append: padding slots are -1 and skipped on the CPU; on a
-    GPU its sync-free path rewrites slot 0 for an all-padding launch, harmless where no other
-    stream writes slot 0 meanwhile (true for the overlap layout, whose appends share a stream)."""
-    def wrapped(*args, **kwargs):
-        return fn(*args, **kwargs)
-    wrapped.__name__ = fn.__name__
-    wrapped.graph_safe = True
-    return wrapped
-
-
-GRAPH_SAFE = (graph_safe(dense_attention), graph_safe(kv_append))
-
-
-# -- a model, its cache, and batches ---------------------------------------------------------------
-class Rig:
-    """A 2-layer tiny model on `device`, its KV cache, and a "sequential" executor."""
-
-    def __init__(self, attention=paged_attention, device="cpu", dtype=torch.float32,
-                 spec=CPU) -> None:
-        cfg = dataclasses.replace(get_preset("tiny-llama"), num_layers=2)
-        self.device, self.spec = torch.device(device), spec
-        weights = random_weights(cfg, dtype=dtype, device=device, seed=0)
-        self.model = build_model(cfg, weights, max_model_len=512, attention_fn=attention,
-                                 kv_append_fn=kv_append)
-        self.kv = KVCache(num_layers=2, num_pages=256, page_size=PAGE,
-                          num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype,
-                          device=self.device)
-        self.sequential = Executor(self.model, self.kv, BATCH, "sequential", spec, graphs=False)
-
-    def executor(self, layout, **kwargs) -> Executor:
-        return Executor(self.model, self.kv, BATCH, layout, self.spec, **kwargs)
-
-    def batches(self, shapes: list[list[tuple[int, int]]], seed: int):
-        """One batch per shape, all of whose KV contexts are in the cache at once.
-        A shape is (context already cached, tokens this iteration) per sequence."""
-        g = torch.Generator().manual_seed(seed)
-        self.kv.allocator.reset()
-        per_batch, warm = [], []
-        for shape in shapes:
-            chunks = []
-            for ctx, n in shape:
-                r = Request(str(len(warm)) + "." + str(len(chunks)),
-                            torch.randint(0, 2048, (ctx + n,), generator=g).tolist(),
-                            SamplingParams(), 0.0, ())
-                self.kv.grow(r, ctx + n)
-                chunks.append(ScheduledChunk(r, ctx, n))
-                warm += [ScheduledChunk(r, i, min(BATCH, ctx - i)) for i in range(0, ctx, BATCH)]
-            per_batch.append(chunks)
-        for chunks in _packed(warm):   # fill the earlier contexts
-            self.sequential.run(build_batch(chunks, PAGE, self.device))
-        return [build_batch(chunks, PAGE, self.device, logits_for_all=True)
-                for chunks in per_batch]
-
-    def run(self, executor: Executor, batch, plan=None, seed: int | None = None):
-        """Logits of every token, with the workspace and this batch's KV slots poisoned first,
-        so a launch that runs before what it needs reads NaN. `seed` picks the execution order
-        (CPU race detector or simulated streams)."""
-        for buf in dataclasses.astuple(executor.ws):
-            buf.fill_(float("nan"))
-        for cache in (self.kv.k, self.kv.v):
-            cache.view(cache.shape[0], -1, *cache.shape[3:])[:, batch.slot_mapping] = math.nan
-        if seed is not None and isinstance(executor.streams, SimulatedStreams):
-            executor.streams.reseed(seed)
-        if plan is None:
-            return executor.run(batch, order_seed=seed)
-        return executor.run_plan(plan, batch, order_seed=seed)
-
-
-def _packed(chunks: list[ScheduledChunk]):
-    """Consecutive runs of chunks of at most BATCH tokens, no request twice in one run."""
-    run, tokens = [], 0
-    for c in chunks:
-        if tokens + c.length > BATCH or any(r.request is c.request for r in run):
-            yield run
-            run, tokens = [], 0
-        run.append(c)
-        tokens += c.length
-    if run:
-        yield run
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
-    return bool(torch.isfinite(a).all()) and torch.allclose(a, b, rtol=tol, atol=tol)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +36,7 @@ def dense_rig():
     return Rig(attention=dense_attention)
 
 
-# -- the attention stand-in is itself right ------------------------------------------------------
+# -- the attention stand-in is itself right --------------------------------------------------------
 def test_dense_attention_matches_the_reference(dense_rig):
     batch, = dense_rig.batches([[(5, 1), (0, 13), (20, 3)]], seed=1)
     g = torch.Generator().manual_seed(2)
@@ -169,7 +51,7 @@ def test_dense_attention_matches_the_reference(dense_rig):
         assert close(out, paged_attention_reference(*args, sliding_window=window))
 
 
-# -- eager: any layout on simulated streams == sequential == the random-order CPU path -----------
+# -- eager: any layout on simulated streams == sequential == the random-order CPU path -------------
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layout=layouts(), shape=batch_shapes(), seed=st.integers(0, 2**16))
 def test_streams_equal_sequential_and_the_cpu_race_detector(rig, layout, shape, seed):
@@ -180,7 +62,7 @@ def test_streams_equal_sequential_and_the_cpu_race_detector(rig, layout, shape, 
     assert close(racing, expected) and close(on_streams, expected)
 
 
-# -- graphs: captured per padded size, replayed with new batches ---------------------------------
+# -- graphs: captured per padded size, replayed with new batches -----------------------------------
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layout=layouts(), shapes=st.lists(batch_shapes(), min_size=2, max_size=2),
        seed=st.integers(0, 2**16))
@@ -219,19 +101,19 @@ def test_a_failed_capture_falls_back_to_eager(dense_rig, caplog):
 
 
 def test_graphs_only_with_graph_safe_kernels(dense_rig, caplog, monkeypatch):
+    def executor(kernels, streams=SimulatedStreams):
+        return dense_rig.executor("overlap", kernels=kernels, streams=streams and streams())
+
     with caplog.at_level(logging.WARNING, logger="nanorun"):
-        ex = dense_rig.executor("overlap", kernels=(paged_attention, kv_append),
-                                streams=SimulatedStreams())
-    assert ex.graphs is None and "paged_attention, kv_append not marked graph_safe" in caplog.text
+        assert executor((paged_attention, kv_append)).graphs is None
+    assert "paged_attention, kv_append not marked graph_safe" in caplog.text
+    assert executor(GRAPH_SAFE).graphs_active
+    assert executor(GRAPH_SAFE, streams=None).graphs is None        # the CPU path
     monkeypatch.setenv("NANORUN_CUDA_GRAPHS", "0")
-    assert dense_rig.executor("overlap", kernels=GRAPH_SAFE, streams=SimulatedStreams()).graphs \
-        is None
-    monkeypatch.delenv("NANORUN_CUDA_GRAPHS")
-    assert dense_rig.executor("overlap", kernels=GRAPH_SAFE, streams=SimulatedStreams()).graphs_active
-    assert dense_rig.executor("overlap", kernels=GRAPH_SAFE).graphs is None   # the CPU path
+    assert executor(GRAPH_SAFE).graphs is None
 
 
-# -- mutation check: every wait and record the backend issues is needed --------------------------
+# -- mutation check: every wait and record the backend issues is needed ----------------------------
 class Dropping(SimulatedStreams):
     """Drops the k-th wait (or record) issued while capturing a graph; a dropped record gives
     an event nothing records, which CUDA treats as already complete."""
@@ -294,7 +176,7 @@ def test_dropping_any_wait_or_record_is_caught(dense_rig):
     assert not uncaught, f"dropping these went unnoticed: {uncaught}"
 
 
-# -- the padding rule and the fixed buffers -------------------------------------------------------
+# -- the padding rule and the fixed buffers --------------------------------------------------------
 def test_graph_sizes_and_padding_rule():
     assert graph_sizes(1024) == (8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024)
     assert graph_sizes(48) == (6, 12, 18, 24, 30, 36, 42, 48)

@@ -73,7 +73,8 @@ def open_partitions(layout: Layout, device: torch.device,
             green = _green_streams(shares, device)
             how = "green contexts"
         except Exception as e:  # any failure leaves the backend working on plain streams
-            how = f"plain streams, because green contexts failed: {e}"
+            why = str(e) if isinstance(e, GreenContextError) else f"{type(e).__name__}: {e}"
+            how = f"plain streams, because green contexts failed: {why}"
             logger.warning("nanorun CUDA backend: %s", how)
     partitions = []
     for p in layout.partitions:
@@ -95,8 +96,11 @@ def _green_streams(shares: dict[str, int], device: torch.device) -> dict[str, Gr
     try:
         from cuda.bindings import driver
     except ImportError:
-        raise GreenContextError("cuda-python is not installed (pip install 'nanorun[cuda]')"
-                                ) from None
+        try:
+            from cuda import cuda as driver     # cuda-python before 12.6
+        except ImportError:
+            raise GreenContextError("cuda-python is not installed (pip install "
+                                    "'nanorun[cuda]')") from None
     torch.zeros(1, device=device)   # the primary context must exist before green ones
     streams = green_contexts(driver, device.index or 0, shares)
     _check_event_ordering([torch.cuda.ExternalStream(g.handle, device=device)
