@@ -74,9 +74,10 @@ class Executor:
     @torch.inference_mode()
     def run(self, batch: Batch, order_seed: int | None = None) -> torch.Tensor:
         """Returns [N, V] float32 logits of the batch's sampled tokens."""
-        if self.graphs_active:
-            return self.graphs.run(batch)
-        return self.run_plan(self.planner.plan(batch), batch, order_seed)
+        if not self.graphs_active:
+            return self.run_plan(self.planner.plan(batch), batch, order_seed)
+        self.graphs.enqueue(batch)
+        return self._logits_on_main(batch)
 
     @torch.inference_mode()
     def run_plan(self, plan: Plan, batch: Batch, order_seed: int | None = None) -> torch.Tensor:
@@ -106,6 +107,7 @@ class Executor:
         return self.model.logits(self.ws, batch)
 
     def _logits_on_main(self, batch: Batch) -> torch.Tensor:
+        """After the iteration's join: the logits, from the caller's batch, on its stream."""
         out: dict[str, torch.Tensor] = {}
         self.streams.enqueue(MAIN, lambda: out.setdefault("logits", self._logits(batch)))
         self.streams.flush()
@@ -119,7 +121,7 @@ class Executor:
             logger.warning("nanorun: CUDA graphs off (%s); iterations run eagerly", why_not)
             return None
         return IterationGraphs(self.streams, self.planner, max_batch_tokens, self.model.device,
-                               self._launch, self._logits)
+                               self._launch)
 
 
 def _why_no_graphs(kernels) -> str | None:

@@ -286,28 +286,33 @@ def test_overlap_equals_sequential_on_gpu(gpu_rig):
 
 
 @gpu
-def test_graph_replay_equals_eager_on_gpu(gpu_spec):
+@pytest.mark.parametrize("green", [True, False], ids=["green-contexts", "plain-streams"])
+def test_graph_replay_equals_eager_on_gpu(gpu_spec, green, monkeypatch):
+    """Both ways, so a failure tells capture on green-context streams from capture at all."""
+    if not green:
+        monkeypatch.setenv("NANORUN_GREEN_CONTEXTS", "0")
     rig = Rig(attention=dense_attention, device="cuda", spec=gpu_spec)
     graphed = rig.executor("overlap", kernels=GRAPH_SAFE)
     eager = rig.executor("overlap", kernels=GRAPH_SAFE, graphs=False)
+    assert graphed.streams.green == green, graphed.streams.how
     batches = rig.batches([[(4, 1), (6, 1), (0, 22), (11, 1), (2, 12)],
                            [(0, 9), (3, 1), (30, 1), (0, 17), (7, 12)],
                            [(17, 1)] * 5], seed=1)
-    warm_up = []
-    for round_ in range(2):          # round 0 warms up and captures, round 1 replays
+    first_round = []
+    for round_ in range(2):     # a size's first batch runs eagerly and is captured; then replays
         for k, b in enumerate(batches):
             want = rig.run(eager, b)
             got = rig.run(graphed, b)
             assert graphed.graphs_active, graphed.graphs.failure
             assert close(got, want, tol=1e-4), (got - want).abs().max()
             if round_ == 0:
-                warm_up.append(got)
+                first_round.append(got)
                 continue
             _say(f"batch {k} ({b.num_tokens} tokens): replay vs eager max |diff| "
-                 f"{(got - want).abs().max().item():.2e}, replay bit-identical to its eager "
-                 f"warm-up: {torch.equal(got, warm_up[k])}")
-            assert close(got, warm_up[k], tol=1e-6)
-    _say(f"graphs captured for sizes {sorted(graphed.graphs.graphs)}")
+                 f"{(got - want).abs().max().item():.2e}; bit-identical to its first run: "
+                 f"{torch.equal(got, first_round[k])}")
+            assert close(got, first_round[k], tol=1e-6)
+    _say(f"graphs on {graphed.streams.how}: captured for sizes {sorted(graphed.graphs.graphs)}")
 
 
 @gpu

@@ -14,7 +14,7 @@ sequence, so the planner orders attention after the KV appends of every earlier 
 covers wherever the real sequences start.
 
 The logits stay outside the graph: their row count (the sampled tokens) differs per batch, and
-they run right after the replay, on MAIN, from the caller's batch.
+the executor computes them right after the replay, on MAIN, from the caller's batch.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from ..planner import Launch, Planner
 from .streams import MAIN, Streams, issue
 
 logger = logging.getLogger("nanorun")
-
-_MIN_SIZE = 8
 
 
 def graph_sizes(batch_tokens: int) -> tuple[int, ...]:
@@ -49,23 +47,23 @@ def padded_size(num_tokens: int, sizes: tuple[int, ...]) -> int:
 
 
 class IterationGraphs:
-    """Runs whole iterations as graphs on `streams`.
+    """Enqueues whole iterations (all launches but the logits) on `streams` as graphs.
 
-    `launch(launch, batch)` enqueues one op (the executor's), `logits(batch)` computes [N, V].
+    `launch(launch, batch)` enqueues one op (the executor's).
     """
 
     def __init__(self, streams: Streams, planner: Planner, max_tokens: int, device,
-                 launch: Callable[[Launch, Batch], None],
-                 logits: Callable[[Batch], torch.Tensor]) -> None:
+                 launch: Callable[[Launch, Batch], None]) -> None:
         self.streams, self.planner, self.device = streams, planner, torch.device(device)
         self.sizes = graph_sizes(max_tokens)
-        self.launch, self.logits = launch, logits
+        self.launch = launch
         self.static: StaticBatch | None = None
         self.graphs: dict[int, Any] = {}
         self.failure: str | None = None     # why graphs were given up, if they were
 
-    def run(self, batch: Batch) -> torch.Tensor:
-        """[N, V] logits of the batch's sampled tokens."""
+    def enqueue(self, batch: Batch) -> None:
+        """Copy `batch` into the fixed buffers on MAIN, then replay the graph of its padded
+        size after it (on first use: run the iteration eagerly and capture it)."""
         size = padded_size(batch.num_tokens, self.sizes)
         static = self._static_for(batch)
         view = static.view(size)
@@ -75,10 +73,6 @@ class IterationGraphs:
             self._warm_up_and_capture(size, view)
         else:
             self.streams.replay(graph)
-        out: dict[str, torch.Tensor] = {}
-        self.streams.enqueue(MAIN, lambda: out.setdefault("logits", self.logits(batch)))
-        self.streams.flush()
-        return out["logits"]
 
     def _warm_up_and_capture(self, size: int, view: Batch) -> None:
         """Run the iteration eagerly (this batch's result, and every stream's library state

@@ -123,10 +123,9 @@ def green_contexts(driver, ordinal: int, shares: dict[str, int]) -> dict[str, Gr
     for split in (_equal_groups, _carved_one_by_one):
         try:
             descs = split(cu, dev, whole, step, shares)
+            return {name: _open(cu, dev, desc) for name, desc in descs.items()}
         except GreenContextError as e:
             errors.append(f"{split.__name__.strip('_')}: {e}")
-            continue
-        return {name: _open(cu, dev, desc) for name, desc in descs.items()}
     raise GreenContextError("; ".join(errors))
 
 
