@@ -5,6 +5,7 @@ backend tests (GPU). No hypothesis here: the GPU machine may not have it."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
@@ -86,13 +87,12 @@ class Rig:
         A shape is (context already cached, tokens this iteration) per sequence."""
         g = torch.Generator().manual_seed(seed)
         self.kv.allocator.reset()
-        per_batch, warm = [], []
+        per_batch, warm, ids = [], [], itertools.count()
         for shape in shapes:
             chunks = []
             for ctx, n in shape:
-                r = Request(str(len(warm)) + "." + str(len(chunks)),
-                            torch.randint(0, 2048, (ctx + n,), generator=g).tolist(),
-                            SamplingParams(), 0.0, ())
+                prompt = torch.randint(0, 2048, (ctx + n,), generator=g).tolist()
+                r = Request(str(next(ids)), prompt, SamplingParams(), 0.0, ())
                 self.kv.grow(r, ctx + n)
                 chunks.append(ScheduledChunk(r, ctx, n))
                 warm += [ScheduledChunk(r, i, min(BATCH, ctx - i)) for i in range(0, ctx, BATCH)]
@@ -102,7 +102,7 @@ class Rig:
         return [build_batch(chunks, PAGE, self.device, logits_for_all=True)
                 for chunks in per_batch]
 
-    def run(self, executor: Executor, batch, plan=None, seed: int | None = None):
+    def run(self, executor: Executor, batch, seed: int | None = None):
         """Logits of every token, with the workspace and this batch's KV slots poisoned first,
         so a launch that runs before what it needs reads NaN. `seed` picks the execution order
         (CPU race detector or simulated streams)."""
@@ -112,9 +112,7 @@ class Rig:
             cache.view(cache.shape[0], -1, *cache.shape[3:])[:, batch.slot_mapping] = math.nan
         if seed is not None and isinstance(executor.streams, SimulatedStreams):
             executor.streams.reseed(seed)
-        if plan is None:
-            return executor.run(batch, order_seed=seed)
-        return executor.run_plan(plan, batch, order_seed=seed)
+        return executor.run(batch, order_seed=seed)
 
 
 def _packed(chunks: list[ScheduledChunk]):

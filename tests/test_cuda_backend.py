@@ -174,9 +174,9 @@ def overlap_streams(gpu_rig) -> CudaStreams:
 
 
 @gpu
-def test_granted_sm_counts_per_partition(gpu_rig, overlap_streams):
+def test_granted_sm_counts_per_partition(overlap_streams):
     streams = overlap_streams
-    asked = {p.name: p.sm_count for p in gpu_rig.executor("overlap").layout.partitions}
+    asked = {p.name: p.requested for p in streams.partitions}
     assert sum(streams.granted.values()) <= streams.device_sms
     assert streams.granted == asked, f"asked {asked}, granted {streams.granted}"
     seen = {}

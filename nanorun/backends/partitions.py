@@ -47,15 +47,19 @@ class PartitionStream:
     requested: int | None     # SMs the layout asked for; None: the whole device
     granted: int              # SMs the stream's kernels can run on
     budget: int | None        # SMs GEMMs and attention size their grids for; None: no limit
-    green: bool
     stream: torch.cuda.Stream
+    context: Any = None       # its CUgreenCtx; None on a plain stream
+
+    @property
+    def green(self) -> bool:
+        return self.context is not None
 
 
 @dataclass(frozen=True)
 class GreenStream:
     handle: int               # CUstream, as an int
     granted: int
-    context: Any              # CUgreenCtx, kept alive for the life of the process
+    context: Any              # CUgreenCtx (never destroyed: streams live as long as the process)
 
 
 def open_partitions(layout: Layout, device: torch.device,
@@ -81,11 +85,11 @@ def open_partitions(layout: Layout, device: torch.device,
         if p.name in green:
             g = green[p.name]
             stream = torch.cuda.ExternalStream(g.handle, device=device)
-            partitions.append(PartitionStream(p.name, p.sm_count, g.granted, g.granted, True,
-                                              stream))
+            partitions.append(PartitionStream(p.name, p.sm_count, g.granted, g.granted, stream,
+                                              g.context))
         else:
             budget = None if p.name in ordinary else p.sm_count
-            partitions.append(PartitionStream(p.name, p.sm_count, device_sms, budget, False,
+            partitions.append(PartitionStream(p.name, p.sm_count, device_sms, budget,
                                               torch.cuda.Stream(device)))
     return partitions, how
 
