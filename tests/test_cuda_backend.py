@@ -166,8 +166,7 @@ def gpu_rig(gpu_spec):
 @pytest.fixture(scope="module")
 def overlap_streams(gpu_rig) -> CudaStreams:
     streams = gpu_rig.executor("overlap").streams
-    _say(f"overlap partitions: {streams.how}; granted "
-         f"{streams.granted}, budgets {({p.name: p.budget for p in streams.partitions})}")
+    _say(f"overlap partitions: {streams.summary}")
     if not streams.green:
         pytest.fail(f"no green contexts on this GPU: {streams.how}")
     return streams

@@ -51,14 +51,19 @@ class CudaStreams(Streams):
         self.device_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._gemms = _GemmBudget(self.device_sms)
         self._pool = None
-        logger.info("nanorun CUDA backend: %s; %s of %d SMs", self.how, ", ".join(
-            f"{p.name} {p.granted} SMs" + (f" (budget {p.budget})" if p.budget and not p.green
-                                           else "") for p in self.partitions), self.device_sms)
+        logger.info("nanorun CUDA backend: %s", self.summary)
 
     @property
     def granted(self) -> dict[str, int]:
         """SMs each partition's stream can run on: its green context's, else the device's."""
         return {p.name: p.granted for p in self.partitions}
+
+    @property
+    def summary(self) -> str:
+        """How the partitions were made and what each got, in one line."""
+        parts = ", ".join(f"{p.name} {p.granted} SMs, budget {p.budget or 'none'}"
+                          for p in self.partitions)
+        return f"{self.how}; {parts} (device: {self.device_sms} SMs)"
 
     @property
     def green(self) -> bool:
