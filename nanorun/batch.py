@@ -1,4 +1,5 @@
-"""One iteration's dense batch, as the tensors the model's ops read."""
+"""One iteration's dense batch, as the tensors the model's ops read, and the fixed buffers a
+captured CUDA graph reads them from."""
 
 from __future__ import annotations
 
@@ -82,3 +83,61 @@ def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.devi
         seq_starts=tuple(int(x) for x in seq_starts),
         num_decode_tokens=num_decode,
     )
+
+
+class StaticBatch:
+    """Fixed device buffers for batches of up to max_tokens tokens, for CUDA graphs.
+
+    A captured graph reads its metadata at fixed addresses, so each batch is copied in (on the
+    current stream) before a replay, padded to the graph's size. view(size) is the Batch the
+    graph of that size was captured with; it is the same tensors every time. Its seq_starts
+    mark all rows as one sequence, the most ordering any batch of that size can need (the
+    planner reads them; the ops do not). Its sample_indices are empty: logits are taken from
+    the caller's batch. Padding rows (see load) run through every op and are never read back.
+    """
+
+    def __init__(self, max_tokens: int, max_pages: int, device) -> None:
+        long = dict(dtype=torch.int64, device=device)
+        self.pad_row = max_tokens                   # block-table row of the padding sequence
+        self.token_ids = torch.zeros(max_tokens, **long)
+        self.positions = torch.zeros(max_tokens, **long)
+        self.slot_mapping = torch.full((max_tokens,), -1, **long)
+        self.seq_ids = torch.zeros(max_tokens, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((max_tokens + 1, max_pages), -1, dtype=torch.int32,
+                                       device=device)
+        self.block_tables[self.pad_row, 0] = 0      # the padding sequence reads page 0
+        self._no_samples = torch.zeros(0, **long)
+
+    @property
+    def max_pages(self) -> int:
+        return self.block_tables.shape[1]
+
+    def view(self, size: int) -> Batch:
+        return Batch(
+            token_ids=self.token_ids[:size],
+            positions=self.positions[:size],
+            seq_ids=self.seq_ids[:size],
+            slot_mapping=self.slot_mapping[:size],
+            block_tables=self.block_tables,
+            sample_indices=self._no_samples,
+            seq_starts=(0, size),
+            num_decode_tokens=0,
+        )
+
+    def load(self, batch: Batch, size: int) -> None:
+        """Copy `batch` into rows [0, T) and pad rows [T, size): token 0 at position 0 of the
+        padding sequence, writing no KV (slot -1). Device copies only, no host sync."""
+        T, S = batch.num_tokens, batch.num_seqs
+        pages = batch.block_tables.shape[1]
+        if not T <= size <= self.token_ids.shape[0] or pages > self.max_pages:
+            raise ValueError(f"a batch of {T} tokens and {pages} page-table columns does not "
+                             f"fit a {size}-token view of buffers for "
+                             f"{self.token_ids.shape[0]} tokens and {self.max_pages} columns")
+        for buf, src, pad in ((self.token_ids, batch.token_ids, 0),
+                              (self.positions, batch.positions, 0),
+                              (self.seq_ids, batch.seq_ids, self.pad_row),
+                              (self.slot_mapping, batch.slot_mapping, -1)):
+            buf[:T].copy_(src, non_blocking=True)
+            buf[T:size].fill_(pad)
+        self.block_tables[:S, :pages].copy_(batch.block_tables, non_blocking=True)
+        self.block_tables[:S, pages:].fill_(-1)

@@ -67,7 +67,7 @@ class Engine:
         self.kv_cache = self._new_kv_cache()
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens)
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, cfg.layout,
-                                 _device_spec(self.device))
+                                 _device_spec(self.device), kernels=(attention_fn, kv_append_fn))
         self.sampler = Sampler(cfg.seed)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []

@@ -1,26 +1,48 @@
-"""Executor.run(batch): plan the iteration under the layout, then launch the plan."""
+"""Executor.run(batch): plan the iteration under the layout, then launch the plan.
+
+Three ways to launch, one planner and one op path (model.run_op on the fixed workspace):
+  - CPU, no streams: in issue order, or, with `order_seed`, in a random order that respects
+    only stream order and the plan's waits: a race detector.
+  - streams (the CUDA backend, or SimulatedStreams in tests): backends.issue() puts each launch
+    on its partition's stream with the events it needs; the logits follow on the caller's
+    stream. On CUDA, whole iterations are captured as graphs (backends.graphs) when the kernels
+    allow it.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+from functools import partial
 
 import torch
 
+from .backends.cuda import CudaStreams
+from .backends.graphs import IterationGraphs
+from .backends.streams import MAIN, Streams, issue
 from .batch import Batch
 from .kv_cache import KVCache
 from .layout import Layout, resolve_layout
-from .planner import EMBED, LOGITS, Plan, Planner
+from .planner import EMBED, LOGITS, Launch, Plan, Planner
+
+GRAPHS_ENV = "NANORUN_CUDA_GRAPHS"
+logger = logging.getLogger("nanorun")
 
 
 class Executor:
     """Owns the fixed workspace; runs every launch of the plan on the model's ops.
 
-    CPU backend: partitions are logical streams. Launches run in issue order, or, with
-    `order_seed`, in a random order that respects only stream order and the plan's waits: a
-    race detector, since a missing dependency then shows up as a wrong output.
+    kernels: the (attention_fn, kv_append_fn) the model was built with; CUDA graphs need both
+        to declare `graph_safe = True` (no host sync, metadata read from device memory).
+    streams: where launches run. None: the CPU path on a CPU model, CudaStreams (a stream per
+        partition, green contexts where possible) on a CUDA model.
+    graphs: capture iterations as graphs where the streams and kernels allow it (and
+        NANORUN_CUDA_GRAPHS is not 0); False never does.
     """
 
-    def __init__(self, model, kv_cache: KVCache, max_batch_tokens: int, layout, device_spec):
+    def __init__(self, model, kv_cache: KVCache, max_batch_tokens: int, layout, device_spec,
+                 *, kernels=(), streams: Streams | None = None, graphs: bool = True):
         self.model = model
         self.kv = kv_cache
         self.ws = model.new_workspace(max_batch_tokens)
@@ -28,30 +50,100 @@ class Executor:
         self.layout: Layout = resolve_layout(layout, op_names, max_batch_tokens, device_spec,
                                              model.config.name)
         self.planner = Planner(model.layer_ops, model.config.num_layers, self.layout)
+        if streams is None and model.device.type == "cuda":
+            streams = CudaStreams(self.layout, model.device, _network_partitions(model,
+                                                                                 self.layout))
+        self.streams = streams
+        self.graphs = self._graphs(graphs, kernels, max_batch_tokens)
 
     @property
     def layout_name(self) -> str:
         return self.layout.name
 
+    @property
+    def partition_sms(self) -> dict[str, int | None]:
+        """SMs each partition's stream can run on, as granted (None: not on a GPU)."""
+        if isinstance(self.streams, CudaStreams):
+            return self.streams.granted
+        return {p.name: None for p in self.layout.partitions}
+
+    @property
+    def graphs_active(self) -> bool:
+        return self.graphs is not None and self.graphs.failure is None
+
+    @torch.inference_mode()
     def run(self, batch: Batch, order_seed: int | None = None) -> torch.Tensor:
         """Returns [N, V] float32 logits of the batch's sampled tokens."""
-        return self.run_plan(self.planner.plan(batch), batch, order_seed)
+        if not self.graphs_active:
+            return self.run_plan(self.planner.plan(batch), batch, order_seed)
+        self.graphs.enqueue(batch)
+        return self._logits_on_main(batch)
 
     @torch.inference_mode()
     def run_plan(self, plan: Plan, batch: Batch, order_seed: int | None = None) -> torch.Tensor:
+        """Runs `plan` eagerly (never as a graph). order_seed applies to the CPU path."""
+        if self.streams is not None:
+            issue(plan, self.streams, partial(self._launch, batch=batch))
+            return self._logits_on_main(batch)
         order = range(len(plan.launches)) if order_seed is None else \
             random_order(plan, random.Random(order_seed))
         logits = None
-        m, ws, kv = self.model, self.ws, self.kv
         for i in order:
             launch = plan.launches[i]
-            if launch.op == EMBED:
-                m.embed(ws, batch, launch.t0, launch.t1)
-            elif launch.op == LOGITS:
-                logits = m.logits(ws, batch)
+            if launch.op == LOGITS:
+                logits = self._logits(batch)
             else:
-                m.run_op(launch.op, launch.layer, ws, batch, kv, launch.t0, launch.t1)
+                self._launch(launch, batch)
         return logits
+
+    def _launch(self, launch: Launch, batch: Batch) -> None:
+        if launch.op == EMBED:
+            self.model.embed(self.ws, batch, launch.t0, launch.t1)
+        else:
+            self.model.run_op(launch.op, launch.layer, self.ws, batch, self.kv, launch.t0,
+                              launch.t1)
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        return self.model.logits(self.ws, batch)
+
+    def _logits_on_main(self, batch: Batch) -> torch.Tensor:
+        """After the iteration's join: the logits, from the caller's batch, on its stream."""
+        out: dict[str, torch.Tensor] = {}
+        self.streams.enqueue(MAIN, lambda: out.setdefault("logits", self._logits(batch)))
+        self.streams.flush()
+        return out["logits"]
+
+    def _graphs(self, wanted: bool, kernels, max_batch_tokens: int) -> IterationGraphs | None:
+        if self.streams is None or not wanted:
+            return None
+        why_not = _why_no_graphs(kernels)
+        if why_not:
+            logger.warning("nanorun: CUDA graphs off (%s); iterations run eagerly", why_not)
+            return None
+        return IterationGraphs(self.streams, self.planner, max_batch_tokens, self.model.device,
+                               self._launch)
+
+
+def _why_no_graphs(kernels) -> str | None:
+    if os.environ.get(GRAPHS_ENV) == "0":
+        return f"{GRAPHS_ENV}=0"
+    if not kernels:
+        return "no kernels were named to check for graph safety"
+    unsafe = [getattr(fn, "__name__", repr(fn)) for fn in kernels
+              if not getattr(fn, "graph_safe", False)]
+    if unsafe:
+        return (f"{', '.join(unsafe)} not marked graph_safe: a kernel that syncs with the host "
+                f"or reads metadata on it cannot be replayed")
+    return None
+
+
+def _network_partitions(model, layout: Layout) -> frozenset[str]:
+    """Partitions every op of which is a collective: they keep an ordinary stream."""
+    kinds = {op.name: op.kind for op in model.layer_ops}
+    by_partition: dict[str, set[str]] = {}
+    for op, ol in layout.ops:
+        by_partition.setdefault(ol.partition, set()).add(kinds[op])
+    return frozenset(p for p, k in by_partition.items() if k == {"network"})
 
 
 def random_order(plan: Plan, rng: random.Random) -> list[int]:
