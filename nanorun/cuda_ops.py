@@ -212,6 +212,14 @@ def paged_attention(
     return out
 
 
+def paged_attention_capacity(q: torch.Tensor) -> int:
+    """CTAs of paged_attention that fit on q's device at once (SMs x resident CTAs per SM) for
+    q's dtype and head dim: what a cta_budget of None means."""
+    if not q.is_cuda:
+        raise ValueError(f"paged_attention_capacity needs a CUDA tensor, got one on {q.device}")
+    return int(_lib().paged_attention_capacity(_arg(q)))
+
+
 def paged_attention_plan(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -3,7 +3,8 @@
 `select_kernels(device)` returns `(attention_fn, kv_append_fn)` with the signatures of
 `nanorun.ops.paged_attention` and `nanorun.ops.kv_append`, plus an optional keyword
 `cta_budget: int | None` (the most CTAs the kernel's grid may hold, so it fits its SM partition;
-None = the whole device; ignored on the CPU).
+ignored on the CPU). None means: the budget of the SM partition whose launch is being enqueued
+(`nanorun.backends.current_sm_budget()`, set by the CUDA backend), else the whole device.
 
 CPU, or CUDA without `nanorun._cuda`: the `nanorun.ops` functions (numba decode attention and
 torch for prompt runs). On CUDA they sync with the host once per call, so they cannot be
@@ -38,6 +39,7 @@ import torch
 
 from . import cuda_ops
 from . import ops
+from .backends.cuda import current_sm_budget
 
 # Per-stream split-KV scratch: 2M floats (8 MiB) hold the partial results of every split plan a
 # 132-SM device makes for groups of up to 16 query heads per kv head; larger groups split less.
@@ -73,6 +75,7 @@ class CudaPagedAttention:
         self.device = torch.device(device)
         self.workspace_floats = workspace_floats
         self._workspaces: dict[int, torch.Tensor] = {}  # cuda stream handle -> scratch
+        self._ctas_per_sm: dict[tuple[torch.dtype, int], int] = {}
 
     @staticmethod
     def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -101,9 +104,26 @@ class CudaPagedAttention:
                     "nanorun.ops fallback syncs with the host and cannot be graph-captured")
             return ops.paged_attention(q, k_cache, v_cache, block_tables, seq_ids, positions,
                                        scale, out, sliding_window)
+        if cta_budget is None:
+            cta_budget = self.partition_budget(q)
         return cuda_ops.paged_attention(
             q, k_cache, v_cache, block_tables, seq_ids, positions, scale, out, sliding_window,
             cta_budget, self.workspace(q.device))
+
+    def partition_budget(self, q: torch.Tensor) -> int | None:
+        """CTAs that fit on the SMs of the partition being enqueued (None: no partition, so the
+        whole device). A grid sized for the whole device on a green context of a third of its
+        SMs would run in three waves, the last mostly idle."""
+        sms = current_sm_budget()
+        if sms is None:
+            return None
+        key = (q.dtype, q.shape[-1])
+        per_sm = self._ctas_per_sm.get(key)
+        if per_sm is None:
+            device_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            per_sm = max(1, cuda_ops.paged_attention_capacity(q) // device_sms)
+            self._ctas_per_sm[key] = per_sm
+        return sms * per_sm
 
     def workspace(self, device: torch.device) -> torch.Tensor:
         """The split-KV scratch of the current stream of `device` (allocated on first use)."""

@@ -86,7 +86,11 @@ class Planner:
 
     def _launch_specs(self, T: int):
         """(op, layer, nano_batch, t0, t1, stream) in issue order, empty ranges skipped."""
-        first, last = self.slots[0][0], self.slots[-1][0]
+        first = self.slots[0][0]
+        # The logits are a GEMM (the LM head): they go where the layer's last GEMM went, not
+        # on the last op's partition, which under tensor parallelism is the small network one.
+        gemms = [op for op, _, _ in self.slots if self.specs[op].kind == "gemm"]
+        last = gemms[-1] if gemms else self.slots[-1][0]
         yield EMBED, -1, 0, 0, T, self.layout.partition_index(self.layout.op(first).partition)
         edges = {op: self._edges(op, T) for op in self.specs}
         stream = {op: self.layout.partition_index(self.layout.op(op).partition)

@@ -340,3 +340,31 @@ def test_float32_falls_back_to_nanorun_ops_outside_capture_only():
     with pytest.raises(ValueError, match="cannot be graph-captured"):
         with torch.cuda.graph(graph):
             attention(*case.args(), out)
+
+
+@pytest.mark.gpu
+@requires_kernels
+def test_partition_sm_budget_bounds_the_grid():
+    """Enqueued on a partition of S SMs (the CUDA backend sets current_sm_budget), the kernel's
+    default budget is S x the CTAs per SM that fit, and the grid stays within it."""
+    from nanorun.backends.cuda import _SM_BUDGET
+
+    attention, _ = select_kernels(torch.device("cuda"))
+    case = make_case([(2000, 1)] * 64, heads=32, kv_heads=8, head_dim=128,
+                     dtype=torch.bfloat16, seed=3).to("cuda")
+    device_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    per_sm = cuda_ops.paged_attention_capacity(case.q) // device_sms
+    assert attention.partition_budget(case.q) is None  # no partition: the whole device
+    token = _SM_BUDGET.set(16)
+    try:
+        budget = attention.partition_budget(case.q)
+        out = case.poisoned_out()
+        attention(*case.args(), out, case.sliding_window)
+    finally:
+        _SM_BUDGET.reset(token)
+    assert budget == 16 * per_sm
+    plan = cuda_ops.paged_attention_plan(*case.args(), out, case.sliding_window, budget,
+                                         attention.workspace(case.q.device))
+    assert 0 < plan.grid <= budget
+    torch.cuda.synchronize()
+    assert_attention_close(out, case.reference(), case, "16-SM partition")

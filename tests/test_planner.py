@@ -339,6 +339,10 @@ def test_tensor_parallel_overlap_runs_allreduces_on_net_beside_the_other_nano_ba
             a, g = at[(allreduce, layer, 0)], at[(gemm, layer, 1)]
             assert not before[a] >> g & 1 and not before[g] >> a & 1, (allreduce, layer)
             assert before[at[(allreduce, layer, 1)]] >> g & 1     # the one it feeds waits
+    # The LM head is a GEMM: it runs on the GEMM partition, not on the 8 SMs of "net" where
+    # the layer's last op (an all-reduce) ran.
+    logits = plan.launches[-1]
+    assert logits.op == "logits" and logits.stream == layout.partition_index("gemm")
 
 
 def _happens_before(plan: Plan) -> list[int]:

@@ -62,6 +62,7 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_ids"), py::arg("positions"),
         py::arg("out"), py::arg("workspace"), py::arg("scale"), py::arg("sliding_window"),
         py::arg("cta_budget"), py::arg("stream"));
+  m.def("paged_attention_capacity", &ops::paged_attention_capacity, py::arg("q"));
   m.def("paged_attention_plan", &ops::paged_attention_plan, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_ids"), py::arg("positions"),
         py::arg("out"), py::arg("workspace"), py::arg("scale"), py::arg("sliding_window"),

@@ -281,6 +281,18 @@ void paged_attention(const TensorView& q, const TensorView& k_cache, const Tenso
                                            attention_ctas(q, cta_budget), as_stream(stream)));
 }
 
+int paged_attention_capacity(const TensorView& q) {
+  check_ndim(q, "q", 3);
+  check_half_precision(q, "q");
+  const int64_t head_dim = q.size(2);
+  if (head_dim != 32 && head_dim != 64 && head_dim != 128) {
+    throw std::invalid_argument("q.shape[2] (head_dim) must be 32, 64 or 128, got " +
+                                std::to_string(head_dim));
+  }
+  DeviceGuard guard("paged_attention_capacity", q.device);
+  return attention_ctas(q, 0);
+}
+
 kernels::AttentionPlan paged_attention_plan(const TensorView& q, const TensorView& k_cache,
                                             const TensorView& v_cache,
                                             const TensorView& block_tables,

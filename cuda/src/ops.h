@@ -24,6 +24,10 @@ void paged_attention(const TensorView& q, const TensorView& k_cache, const Tenso
                      const TensorView& workspace, float scale, int sliding_window, int cta_budget,
                      uintptr_t stream);
 
+// CTAs of paged_attention that fit on q's device at once (SMs x resident CTAs per SM) for q's
+// dtype and head dim: the budget a cta_budget of None means.
+int paged_attention_capacity(const TensorView& q);
+
 // The plan paged_attention would use for these arguments (validated the same way).
 kernels::AttentionPlan paged_attention_plan(const TensorView& q, const TensorView& k_cache,
                                             const TensorView& v_cache,
