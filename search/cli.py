@@ -12,6 +12,7 @@ DEFAULT_TRACE = "azure-conv"
 def add_parsers(sub) -> None:
     _add_tune(sub)
     _add_plan(sub)
+    _add_profile(sub)
 
 
 def _common(p) -> None:
@@ -35,6 +36,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--filter", default="nanoflow",
                    help="length filter: 'nanoflow' (prompt<=3072, output<=1024, sum<=4096), "
                         "'none', or P,O,T")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="largest dense batch to consider (default: the largest whose KV cache "
+                        "fits the device's memory)")
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--multi-objective", action="store_true",
@@ -47,7 +51,71 @@ def _add_tune(sub) -> None:
     p.add_argument("--plot", default=None, help="Gantt chart PNG (default: beside --out)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--measure", type=int, nargs="?", const=5, default=0, metavar="K",
+                   help="re-time the K best candidates (default 5) and sequential as whole "
+                        "iterations on --device with the engine's executor, and keep the "
+                        "measured winner (needs a GPU for GPU specs)")
+    p.add_argument("--device", default="cuda", help="where --measure runs (default cuda)")
     p.set_defaults(func=_tune)
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="measure a model's ops on this GPU to calibrate the cost model",
+        description="Time every layer op over token counts x SM partitions, decode attention "
+                    "at a context, GEMM and attention overlapping, and the device's GEMM rate "
+                    "and copy bandwidth; write a profile JSON for tune/plan --profile.")
+    p.add_argument("model", help="preset name (e.g. llama-3-8b) or model directory")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--gpu", default=None,
+                   help="the device spec this calibrates (default: from the device's name)")
+    p.add_argument("--tokens", default=",".join(map(str, _measure_defaults()[0])),
+                   help="token counts, comma-separated (default %(default)s)")
+    p.add_argument("--sms", default=None,
+                   help="SM counts, comma-separated (default: quarters of the device)")
+    p.add_argument("--context", type=int, default=_measure_defaults()[1],
+                   help="decode attention context (default %(default)s)")
+    p.add_argument("--out", default=None, help="profile JSON (default profiles/GPU.json)")
+    p.set_defaults(func=_profile)
+
+
+def _measure_defaults():
+    from .measure import DEFAULT_CONTEXT, DEFAULT_TOKENS
+
+    return DEFAULT_TOKENS, DEFAULT_CONTEXT
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} needs positive integers, got {text!r}")
+    return values
+
+
+def _profile(args) -> int:
+    from .measure import Rig, profile
+
+    tokens = _ints(args.tokens, "--tokens")
+    sms = _ints(args.sms, "--sms") if args.sms else None
+    rig = Rig(args.model, args.device, num_layers=1, max_tokens=max(tokens),
+              max_context=args.context + 1, kv_tokens=max(tokens) * (args.context + 16))
+    gpu = args.gpu or rig.spec.name
+    print(f"profiling {rig.config.name} on {gpu} ({rig.device}, {rig.dtype}): "
+          f"{len(tokens)} token counts, attention at context {args.context}")
+    start = time.perf_counter()
+    prof = profile(rig, gpu, tokens=tokens, sms=sms, context=args.context)
+    out = Path(args.out or f"profiles/{gpu}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prof.provenance["command"] = "nanorun profile " + " ".join(
+        [args.model, "--device", args.device, "--tokens", args.tokens, "--context",
+         str(args.context)] + (["--sms", args.sms] if args.sms else []))
+    prof.save(out)
+    print(f"partitions: {rig.partitions_how}")
+    print(f"profiled in {time.perf_counter() - start:.1f} s; wrote {out}")
+    return 0
 
 
 def _add_plan(sub) -> None:
@@ -94,8 +162,15 @@ def _tune(args) -> int:
     print(f"tuning {c.name} on {dev.name} (tp={args.tp}) for {workload.name}: "
           f"{len(workload.prompt_lens)} requests, mean prompt {workload.mean_prompt:.0f}, "
           f"mean output {workload.mean_output:.0f} tokens; {args.trials} trials, seed {args.seed}")
+    space = None
+    if args.max_batch_tokens is not None:
+        top = min(args.max_batch_tokens, tuner.max_batch_tokens())
+        if top < 1:
+            raise ValueError(f"--max-batch-tokens must be positive, got {args.max_batch_tokens}")
+        space = tuner.space(tuple(range(256, top + 1, 256)) or (top,))
     start = time.perf_counter()
     result = tune(tuner, trials=args.trials, seed=args.seed, multi_objective=args.multi_objective,
+                  space=space,
                   storage=args.storage, study_name=args.study_name,
                   progress=not args.no_progress)
     elapsed = time.perf_counter() - start
@@ -112,10 +187,12 @@ def _tune(args) -> int:
     doc["provenance"] = prov
     if result.pareto:
         doc["pareto"] = result.pareto
+    if args.measure:
+        layout, doc = _measure(args, predictor, tuner, result, doc, name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
 
-    p = result.predicted()
+    p = doc["predicted"]
     print(f"searched {result.trials} trials in {elapsed:.1f} s")
     print(_describe(layout))
     print(f"predicted: {p['tokens_per_s']:,.0f} tokens/s (prompt + output), "
@@ -137,6 +214,43 @@ def _tune(args) -> int:
                     f"{p['tokens_per_s']:,.0f} tok/s predicted")
         print(f"wrote {png}")
     return 0
+
+
+def _measure(args, predictor, tuner, result, doc, name):
+    """--measure: time the best candidates and sequential for real; the measured winner
+    becomes the written layout, with its measured figures beside the predicted ones."""
+    from .measure import Rig, measure_layouts
+    from .tune import prediction
+
+    candidates = result.candidates[: args.measure]
+    layouts = candidates + [tuner.sequential(b) for b in
+                            sorted({c.batch_tokens for c in candidates})]
+    mixes = {b: tuner.mixes(b) for b in {lo.batch_tokens for lo in layouts}}
+    longest = max(max(m.decode_contexts + tuple(s + n for s, n in m.prompt_chunks), default=1)
+                  for ms in mixes.values() for m in ms)
+    rig = Rig(args.model, args.device, max_tokens=max(mixes), max_context=longest + 1)
+    print(f"measuring {len(layouts)} layouts on {rig.device} ({rig.spec.name}):")
+    rows = measure_layouts(predictor, rig, layouts, mixes.__getitem__,
+                           tuner.workload.tokens_per_batch_token)
+    tuned = rows[: len(candidates)]
+    best = max(range(len(tuned)), key=lambda i: tuned[i]["measured_tokens_per_s"])
+    seq = {r["batch_tokens"]: r for r in rows[len(candidates):]}
+    winner, row = candidates[best], tuned[best]
+    optimal = predictor.cost.optimal_tokens_per_s()
+    doc = dict(winner.to_dict(), name=doc["name"], provenance=doc["provenance"])
+    doc["predicted"] = prediction(tuner, winner)
+    doc["measured"] = {
+        "device": rig.spec.name, "tokens_per_s": row["measured_tokens_per_s"],
+        "speedup_vs_sequential": round(row["measured_tokens_per_s"] /
+                                       seq[winner.batch_tokens]["measured_tokens_per_s"], 4),
+        "percent_of_optimal": round(100.0 * row["measured_tokens_per_s"] / optimal, 2),
+        "candidates": rows}
+    doc["provenance"]["measured"] = {"candidates": len(candidates), "device": args.device}
+    m = doc["measured"]
+    print(f"measured winner: candidate {best + 1} of {len(candidates)}, "
+          f"{m['tokens_per_s']:,.0f} tokens/s, {m['speedup_vs_sequential']:.3f}x sequential "
+          f"measured side by side, {m['percent_of_optimal']:.1f} % of optimal")
+    return winner, doc
 
 
 def _plan(args) -> int:

@@ -293,6 +293,9 @@ class TuneResult:
     optimal_tokens_per_s: float
     trials: int
     pareto: list[dict[str, Any]] = field(default_factory=list)
+    # The best distinct layouts found, best first (layout is candidates[0]): what
+    # `tune --measure` re-times on the device.
+    candidates: list[Layout] = field(default_factory=list)
 
     @property
     def speedup_vs_sequential(self) -> float:
@@ -309,6 +312,11 @@ class TuneResult:
                 "speedup_vs_sequential": round(self.speedup_vs_sequential, 4),
                 "sequential_tokens_per_s": round(self.sequential_tokens_per_s, 1),
                 "optimal_tokens_per_s": round(self.optimal_tokens_per_s, 1)}
+
+
+def prediction(tuner: Tuner, layout: Layout) -> dict[str, float]:
+    """The predicted figures of any layout, as TuneResult.predicted() gives the best's."""
+    return _result(tuner, layout, 0, []).predicted()
 
 
 def suggest(trial, space: SearchSpace) -> Candidate:
@@ -331,8 +339,9 @@ def suggest(trial, space: SearchSpace) -> Candidate:
 
 def tune(tuner: Tuner, *, trials: int = 200, seed: int = 0, space: SearchSpace | None = None,
          multi_objective: bool = False, storage: str | None = None,
-         study_name: str | None = None, progress: bool = False) -> TuneResult:
-    """Search the layout space; returns the best layout and its predicted figures."""
+         study_name: str | None = None, progress: bool = False, keep: int = 8) -> TuneResult:
+    """Search the layout space; returns the best layout and its predicted figures, and the
+    `keep` best distinct layouts (for re-timing on a device)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -387,8 +396,23 @@ def tune(tuner: Tuner, *, trials: int = 200, seed: int = 0, space: SearchSpace |
                   for t in front]
     else:
         best, pareto = study.best_trial, []
-    layout = tuner.layout(_candidate(best.params))
-    return _result(tuner, layout, len(study.trials), pareto)
+    ranked = [best] + sorted((t for t in complete if t is not best),
+                             key=lambda t: -t.values[0])
+    result = _result(tuner, tuner.layout(_candidate(best.params)), len(study.trials), pareto)
+    result.candidates = _distinct(tuner, ranked, keep)
+    return result
+
+
+def _distinct(tuner: Tuner, trials, keep: int) -> list[Layout]:
+    """The layouts of the first `keep` trials that build distinct layouts."""
+    layouts: list[Layout] = []
+    for t in trials:
+        layout = tuner.layout(_candidate(t.params))
+        if layout not in layouts:
+            layouts.append(layout)
+            if len(layouts) == keep:
+                break
+    return layouts
 
 
 def exhaustive(tuner: Tuner, space: SearchSpace) -> TuneResult:

@@ -1,0 +1,155 @@
+"""Measuring on a device (search/measure.py): the rig's synthetic batches, `nanorun profile`,
+calibration by a measured profile, and `tune --measure`. On the CPU here; the same code times
+on a GPU with CUDA events and SM partitions (tests marked gpu)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanorun.cli import main
+from nanorun.layout import overlap, sequential
+from nanorun.search import CostModel, IterationMix, Profile, get_device
+from nanorun.search.measure import Rig, Timing, measure_layouts, profile, sm_grid
+from nanorun.search.evaluate import Predictor
+
+QUICK = Timing(warmup=1, reps=1, rounds=1)
+MIX = IterationMix(decode_contexts=(5, 17, 40, 33), prompt_chunks=((0, 9), (16, 11)))
+
+
+@pytest.fixture(scope="module")
+def rig() -> Rig:
+    return Rig("tiny-llama", "cpu", max_tokens=64, max_context=128, kv_tokens=2048)
+
+
+def test_rig_batch_is_the_mix(rig):
+    b = rig.batch(MIX)
+    assert b.num_tokens == MIX.num_tokens == 24 and b.num_decode_tokens == 4
+    assert b.seq_starts == (0, 1, 2, 3, 4, 13, 24)
+    assert b.positions[:4].tolist() == [4, 16, 39, 32]                  # context - 1
+    assert b.positions[4:13].tolist() == list(range(9))
+    assert b.positions[13:].tolist() == list(range(16, 27))
+    # Each token's slot is on its own sequence's pages, at its position.
+    page = rig.kv.page_size
+    for t in range(b.num_tokens):
+        s, p = int(b.seq_ids[t]), int(b.positions[t])
+        assert int(b.slot_mapping[t]) == int(b.block_tables[s, p // page]) * page + p % page
+    assert b.sample_indices.tolist() == [0, 1, 2, 3, 12, 23]
+    with pytest.raises(ValueError, match="max_tokens >= 70"):
+        rig.batch(IterationMix((3,) * 70, ()))
+    with pytest.raises(ValueError, match="max_context >= 200"):
+        rig.batch(IterationMix((200,), ()))
+
+
+def test_overlap_on_a_rig_batch_equals_sequential(rig):
+    """The synthetic batches drive the real executor: nano-batched equals sequential there."""
+    from nanorun.executor import Executor
+
+    names = tuple(op.name for op in rig.model.layer_ops)
+    b = rig.batch(MIX)
+    kv = (rig.kv.k.clone(), rig.kv.v.clone())
+    out = []
+    for layout in (sequential(names, 24), overlap(names, 24, rig.spec)):
+        rig.kv.k.copy_(kv[0])
+        rig.kv.v.copy_(kv[1])
+        out.append(Executor(rig.model, rig.kv, 24, layout, rig.spec).run(b))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-4)
+
+
+def test_profile_calibrates_the_cost_model_to_what_it_measured(rig, tmp_path):
+    prof = profile(rig, "cpu", tokens=(4, 16), context=32, timing=QUICK, log=lambda _: None)
+    assert set(prof.ops) == {op.name for op in rig.model.layer_ops} | {"logits"}
+    assert prof.ops["attention"].context == 32 and prof.ops["qkv"].sms == (1,)
+    assert prof.gemm_tflops > 0 and prof.copy_gbps > 0 and prof.interference is None
+    assert "torch" in prof.provenance and "date" in prof.provenance
+    path = tmp_path / "cpu.json"
+    prof.save(path)
+    loaded = Profile.load(path)
+    # Calibrated, the model predicts each profiled point exactly as measured.
+    cost = CostModel(rig.config, get_device("cpu"), profile=loaded)
+    from nanorun.search.costmodel import TokenStats
+
+    for op, tokens, stats in (("qkv", 16, None), ("gate_up", 4, None),
+                              ("attention", 16, TokenStats(16, 16 * 32))):
+        i = loaded.ops[op].tokens.index(tokens)
+        assert cost.launch(op, tokens, None, stats).seconds == \
+            pytest.approx(loaded.ops[op].seconds[i][0], rel=1e-9)
+
+
+def test_sm_grid_is_granular_and_ends_at_the_whole_device():
+    assert sm_grid(132, 8) == (32, 64, 96, 132)
+    assert sm_grid(108, 2) == (26, 54, 80, 108)
+    assert sm_grid(16, 8) == (8, 16)
+
+
+def test_measure_layouts_reports_predicted_and_measured_per_mix(rig):
+    names = tuple(op.name for op in rig.model.layer_ops)
+    full = Rig("tiny-llama", "cpu", max_tokens=64, max_context=128, kv_tokens=2048)
+    predictor = Predictor(CostModel(full.config, get_device("cpu")))
+    layouts = [sequential(names, 24), overlap(names, 24, full.spec)]
+    rows = measure_layouts(predictor, full, layouts, lambda b: [MIX], 1.0, QUICK,
+                           log=lambda _: None)
+    assert [r["layout"] for r in rows] == ["sequential", "overlap"]
+    for r in rows:
+        (m,) = r["mixes"]
+        assert m["tokens"] == 24 and m["decode_tokens"] == 4
+        assert m["measured_ms"] > 0 and m["predicted_ms"] > 0
+        assert m["error_percent"] == pytest.approx(100 * (m["predicted_ms"] / m["measured_ms"]
+                                                          - 1), abs=0.05)
+        assert r["measured_tokens_per_s"] == pytest.approx(24 / (m["measured_ms"] * 1e-3),
+                                                           rel=1e-3)
+
+
+def test_profile_cli_writes_a_profile_tune_can_load(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert main(["profile", "tiny-llama", "--device", "cpu", "--tokens", "4,8",
+                 "--context", "16", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu" and doc["model"] == "tiny-llama"
+    assert doc["provenance"]["command"].startswith("nanorun profile tiny-llama")
+    assert str(tmp_path) not in out.read_text()        # no machine paths
+    assert main(["plan", "tiny-llama", "--gpu", "cpu", "--profile", str(out),
+                 "--batch-tokens", "8", "--decode-context", "16"]) == 0
+    assert main(["profile", "tiny-llama", "--device", "cpu", "--tokens", "4,x"]) == 2
+    assert "--tokens takes comma-separated integers" in capsys.readouterr().err
+
+
+def test_tune_measure_keeps_the_measured_winner(tmp_path, capsys):
+    out = tmp_path / "tuned.json"
+    assert main(["tune", "tiny-llama", "--gpu", "cpu", "--trace", "const:24x8",
+                 "--max-batch-tokens", "32", "--trials", "8", "--measure", "3",
+                 "--device", "cpu", "--no-plot", "--no-progress", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    m = doc["measured"]
+    tuned = [r for r in m["candidates"] if r["layout"] != "sequential"]
+    assert 1 <= len(tuned) <= 3 and any(r["layout"] == "sequential" for r in m["candidates"])
+    best = max(tuned, key=lambda r: r["measured_tokens_per_s"])
+    assert m["tokens_per_s"] == best["measured_tokens_per_s"]
+    assert doc["batch_tokens"] == best["batch_tokens"] == 32
+    assert m["speedup_vs_sequential"] > 0 and m["percent_of_optimal"] > 0
+    assert set(doc["predicted"]) >= {"tokens_per_s", "speedup_vs_sequential"}
+    assert "measured winner" in capsys.readouterr().out
+
+
+def test_measuring_on_cuda_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(RuntimeError, match="use --device cpu"):
+        Rig("tiny-llama", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_profile_times_partitions_and_pairs():
+    """On a GPU: fewer SMs never make a large GEMM faster, and the pair is measured."""
+    rig = Rig("llama-3-8b", "cuda", num_layers=1, max_tokens=2048, max_context=1100,
+              kv_tokens=2048 * 1100)
+    prof = profile(rig, rig.spec.name, tokens=(256, 2048), context=1024,
+                   pairs=(("gate_up", "attention"),), log=print)
+    print("partitions:", rig.partitions_how)
+    gemm = prof.ops["gate_up"].seconds[-1]          # 2048 tokens, over the SM grid
+    assert gemm[0] > gemm[-1]                       # a quarter of the SMs is slower than all
+    (pair,) = prof.pairs
+    assert all(t > 0 for t in pair["together_s"]) and prof.interference is not None
