@@ -39,7 +39,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="dense batch size (default: the layout's own, e.g. a tuned one that "
+                        "--layout auto finds, else 512)")
     p.add_argument("--weights", default="auto", choices=["auto", "random"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,

@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+# The dense batch size when neither the user nor the layout sets one.
+DEFAULT_MAX_BATCH_TOKENS = 512
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -16,13 +19,18 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything an Engine is built from. See LLM for what each field means."""
+    """Everything an Engine is built from. See LLM for what each field means.
+
+    max_batch_tokens None: not chosen by the user, so the layout's own dense batch size where
+    the layout has one (a Layout, a layout JSON, or the tuned layout "auto" finds), else
+    DEFAULT_MAX_BATCH_TOKENS. The Engine's `config` has it filled in.
+    """
 
     model: str
     device: str = "cpu"
     dtype: str | torch.dtype | None = None
     layout: Any = "sequential"
-    max_batch_tokens: int = 512
+    max_batch_tokens: int | None = None
     kv_cache_tokens: int | None = None
     page_size: int = 16
     seed: int = 0
@@ -31,7 +39,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        _positive("max_batch_tokens", self.max_batch_tokens)
+        if self.max_batch_tokens is not None:
+            _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("page_size", self.page_size)
         if self.kv_cache_tokens is not None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 
 from .batch import build_batch
-from .config import EngineConfig
+from .config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
 from .distributed import TensorParallel, setup_tensor_parallel
 from .executor import Executor
 from .kernels import select_kernels
 from .kv_cache import KVCache
+from .layout import Layout, is_layout_file, tuned_layout
 from .models import (ModelConfig, build_model, check_tensor_parallel, load_weights,
                      random_weights, resolve_model)
 from .outputs import RequestOutput
@@ -22,6 +24,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
 from .search import DeviceSpec, get_device
+from .search.hardware import known_device
 
 logger = logging.getLogger("nanorun")
 
@@ -44,6 +47,9 @@ class Engine:
     every rank must get the same calls, and every rank's step() returns the same outputs;
     `tensor_parallel.is_driver` (rank 0) says which one should report them. `process_group`
     is a torch.distributed group of N ranks to use instead of the default one.
+
+    `config` is the EngineConfig as run: max_batch_tokens filled in where the user left it to
+    the layout (see EngineConfig).
     """
 
     def __init__(self, model: str, *, process_group=None, **kwargs) -> None:
@@ -58,6 +64,9 @@ class Engine:
         self.tensor_parallel: TensorParallel = setup_tensor_parallel(
             cfg.tensor_parallel_size, cfg.torch_device, process_group)
         self.device = self.tensor_parallel.device
+        device_spec = _device_spec(self.device)
+        layout, batch_tokens = _layout_and_batch_tokens(cfg, self.model_config.name, device_spec)
+        self.config = cfg = replace(cfg, max_batch_tokens=batch_tokens)
         self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
         weights = self._load_weights(model_dir)
         attention_fn, kv_append_fn = select_kernels(self.device)
@@ -66,8 +75,8 @@ class Engine:
                                  tp_group=self.tensor_parallel.group)
         self.kv_cache = self._new_kv_cache()
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens)
-        self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, cfg.layout,
-                                 _device_spec(self.device), kernels=(attention_fn, kv_append_fn))
+        self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
+                                 device_spec, kernels=(attention_fn, kv_append_fn))
         self.sampler = Sampler(cfg.seed)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
@@ -229,16 +238,36 @@ class Engine:
             dtype=self.dtype, device=self.device)
 
 
-def _device_spec(device: torch.device):
-    """The spec layouts are validated against: the CPU, or the GPU's nearest known spec."""
+def _layout_and_batch_tokens(cfg: EngineConfig, model_name: str, device_spec: DeviceSpec):
+    """What the executor is built from: the layout ("auto" looked up, a JSON file loaded) and
+    the dense batch size: the user's max_batch_tokens, else the layout's own, else the
+    default. So a layout that `nanorun tune` sized runs at its size unless the user says
+    otherwise; "auto" with an explicit size takes only a layout tuned for that size."""
+    layout = cfg.layout
+    if layout == "auto":
+        layout = tuned_layout(model_name, device_spec.name, cfg.tensor_parallel_size,
+                              cfg.max_batch_tokens) or "overlap"
+    elif is_layout_file(layout):
+        layout = Layout.load(layout)
+    if cfg.max_batch_tokens is not None:
+        return layout, cfg.max_batch_tokens
+    if isinstance(layout, Layout):
+        return layout, layout.batch_tokens
+    return layout, DEFAULT_MAX_BATCH_TOKENS
+
+
+def _device_spec(device: torch.device) -> DeviceSpec:
+    """The spec layouts are validated against, and whose name "auto" looks tuned layouts up
+    by: the CPU, the known GPU the device's name names (h100, h200, a100, l40s), else one
+    made from the device's properties."""
     if device.type != "cuda":
         return get_device("cpu")
-    name = torch.cuda.get_device_name(device).lower()
-    for key in ("h200", "h100", "a100", "l40s"):
-        if key in name:
-            return get_device(key)
+    name = torch.cuda.get_device_name(device)
+    spec = known_device(name)
+    if spec is not None:
+        return spec
     props = torch.cuda.get_device_properties(device)
-    return DeviceSpec(name, props.multi_processor_count, 8, 0.0, 0.0, 0.0,
+    return DeviceSpec(name.lower(), props.multi_processor_count, 8, 0.0, 0.0, 0.0,
                       props.total_memory / 2**30)
 
 

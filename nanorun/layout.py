@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -245,32 +245,108 @@ def overlap(model_ops: tuple[str, ...], batch_tokens: int, device) -> Layout:
     return Layout("overlap", batch_tokens, parts, ops)
 
 
-def tuned_layout_path(model_name: str, device_name: str, batch_tokens: int) -> Path:
-    """Where `nanorun tune` stores its layout for a model, device and dense batch size:
-    $NANORUN_LAYOUT_DIR if set, else the layouts/ folder of nanorun.search."""
-    root = os.environ.get("NANORUN_LAYOUT_DIR") or Path(__file__).parent / "search" / "layouts"
-    return Path(root) / f"{model_name}.{device_name}.{batch_tokens}.json"
+# -- tuned layouts ("auto") ----------------------------------------------------------------------
+# `nanorun tune` writes MODEL.GPU[.tpN].BATCH.json; "auto" reads the same names back. One place
+# says where they live, so the writer and the reader cannot drift apart.
+LAYOUT_DIR_ENV = "NANORUN_LAYOUT_DIR"
+LOCAL_LAYOUT_DIR = "layouts"
+
+
+def tuned_layout_dir() -> Path:
+    """Where `nanorun tune` writes: $NANORUN_LAYOUT_DIR if set, else ./layouts."""
+    return Path(os.environ.get(LAYOUT_DIR_ENV) or LOCAL_LAYOUT_DIR)
+
+
+def tuned_layout_dirs() -> tuple[Path, ...]:
+    """Where "auto" looks, first match wins: $NANORUN_LAYOUT_DIR if set, ./layouts, then the
+    layouts shipped inside the package (search/layouts in the repository)."""
+    from . import search
+
+    env = os.environ.get(LAYOUT_DIR_ENV)
+    dirs = ([Path(env)] if env else []) + [Path(LOCAL_LAYOUT_DIR),
+                                           Path(search.__file__).parent / "layouts"]
+    return tuple(dict.fromkeys(dirs))
+
+
+def tuned_layout_stem(model_name: str, device_name: str, tp: int = 1) -> str:
+    """MODEL.GPU, with .tpN when the model is split over tp > 1 devices (its ops differ)."""
+    return f"{model_name}.{device_name}" + (f".tp{tp}" if tp > 1 else "")
+
+
+def tuned_layout_path(model_name: str, device_name: str, batch_tokens: int,
+                      tp: int = 1) -> Path:
+    """Where `nanorun tune` stores its layout for a model, device, tp and dense batch size."""
+    return tuned_layout_dir() / f"{tuned_layout_stem(model_name, device_name, tp)}." \
+                                f"{batch_tokens}.json"
+
+
+def find_tuned_layouts(model_name: str, device_name: str, tp: int = 1) -> dict[int, Path]:
+    """The stored tuned layouts for a model, device and tp by dense batch size; where several
+    directories hold one size, the first in tuned_layout_dirs() order."""
+    prefix = tuned_layout_stem(model_name, device_name, tp) + "."
+    found: dict[int, Path] = {}
+    for root in tuned_layout_dirs():
+        if not root.is_dir():
+            continue
+        for path in sorted(root.iterdir()):
+            size = path.name.removeprefix(prefix).removesuffix(".json")
+            if path.name.startswith(prefix) and path.suffix == ".json" and size.isdigit():
+                found.setdefault(int(size), path)
+    return found
+
+
+def tuned_layout(model_name: str, device_name: str, tp: int = 1,
+                 batch_tokens: int | None = None) -> Layout | None:
+    """The tuned layout "auto" takes, named by its file, or None (after a warning saying what
+    exists and what to do) when there is none to take.
+
+    batch_tokens given: the layout for exactly that dense batch size. None: the engine adopts
+    the tuned batch size, so one is chosen: among the layouts of the first directory (in
+    tuned_layout_dirs() order) that holds any, the most recently written, the largest batch
+    size on a tie. A user's own tuning thus wins over a shipped layout, and a re-run of
+    `nanorun tune` over an older one."""
+    found = find_tuned_layouts(model_name, device_name, tp)
+    what = f"{tuned_layout_stem(model_name, device_name, tp)}.BATCH.json"
+    if not found:
+        tp_flag = f" --tp {tp}" if tp > 1 else ""
+        logger.warning("layout auto: no tuned layout %s in $%s, ./%s or the package's layouts; "
+                       "using 'overlap'. Run `nanorun tune %s --gpu %s%s` to make one",
+                       what, LAYOUT_DIR_ENV, LOCAL_LAYOUT_DIR, model_name, device_name, tp_flag)
+        return None
+    if batch_tokens is None:
+        first_dir = next(iter(found.values())).parent
+        batch_tokens = max((b for b, p in found.items() if p.parent == first_dir),
+                           key=lambda b: (found[b].stat().st_mtime, b))
+    elif batch_tokens not in found:
+        logger.warning("layout auto: no tuned layout for max_batch_tokens=%d (%s exists for %s "
+                       "tokens); using 'overlap'. Leave max_batch_tokens unset to adopt the "
+                       "tuned size, or set it to one of those", batch_tokens, what,
+                       ", ".join(str(b) for b in sorted(found)))
+        return None
+    path = found[batch_tokens]
+    logger.warning("layout auto: using the tuned layout %s (dense batch %d tokens)", path.name,
+                   batch_tokens)
+    return replace(Layout.load(path), name=path.name)
+
+
+def is_layout_file(layout) -> bool:
+    """Whether a user's layout argument names a layout JSON file."""
+    return isinstance(layout, (str, Path)) and Path(layout).suffix == ".json"
 
 
 def resolve_layout(layout, model_ops: tuple[str, ...], batch_tokens: int, device,
-                   model_name: str = "") -> Layout:
-    """A Layout from what a user passed: a Layout, a built-in name, "auto", or a JSON path."""
+                   model_name: str = "", tp: int = 1) -> Layout:
+    """A Layout from what a user passed: a Layout, a built-in name, "auto" (the tuned layout for
+    this model, device, tp and batch size, else "overlap"), or a JSON path."""
     if layout == "auto":
-        path = tuned_layout_path(model_name, device.name, batch_tokens)
-        if path.is_file():
-            logger.warning("layout auto: using the tuned layout %s", path.name)
-            layout = path
-        else:
-            logger.warning("layout auto: no tuned layout for %s on %s at %d tokens (%s); "
-                           "using 'overlap'", model_name, device.name, batch_tokens, path.name)
-            layout = "overlap"
+        layout = tuned_layout(model_name, device.name, tp, batch_tokens) or "overlap"
     if isinstance(layout, Layout):
         result = layout
     elif layout == "sequential":
         result = sequential(model_ops, batch_tokens)
     elif layout == "overlap":
         result = overlap(model_ops, batch_tokens, device)
-    elif isinstance(layout, (str, Path)) and Path(layout).suffix == ".json":
+    elif is_layout_file(layout):
         result = Layout.load(layout)
     else:
         raise LayoutError(f"unknown layout {layout!r}: use 'sequential', 'overlap', 'auto', "

@@ -18,8 +18,12 @@ class LLM:
             Hugging Face config.json and its safetensors.
         device: "cpu" or "cuda".
         dtype: None picks float32 on CPU and bfloat16 on GPU.
-        layout: how each iteration is split into nano-batches ("sequential" runs it whole).
+        layout: how each iteration is split into nano-batches: "sequential" (runs it whole),
+            "overlap", "auto" (the layout `nanorun tune` stored for this model, device and
+            tensor_parallel_size, else "overlap"; see docs/layout.md), a Layout, or the path
+            of a layout JSON.
         max_batch_tokens: the dense batch size: tokens per iteration (Dynamic SplitFuse budget).
+            None: the layout's own (a tuned or loaded layout's), else 512.
         kv_cache_tokens: KV cache capacity in tokens; None sizes it from free memory.
         page_size: tokens per KV page.
         seed: seeds random weights and the shared sampling generator.
@@ -41,7 +45,7 @@ class LLM:
         device: str = "cpu",
         dtype=None,
         layout="sequential",
-        max_batch_tokens: int = 512,
+        max_batch_tokens: int | None = None,
         kv_cache_tokens: int | None = None,
         page_size: int = 16,
         seed: int = 0,

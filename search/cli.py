@@ -27,8 +27,8 @@ def _add_tune(sub) -> None:
     p = sub.add_parser(
         "tune", help="search the pipeline layout for a model and GPU (no GPU needed)",
         description="Search nano-batch layouts with Optuna over the cost model and the engine's "
-                    "own planner; print the best, write it as JSON (found by layout='auto' "
-                    "through NANORUN_LAYOUT_DIR) and draw its pipeline.")
+                    "own planner; print the best, write it as JSON where layout='auto' finds "
+                    "it ($NANORUN_LAYOUT_DIR if set, else ./layouts) and draw its pipeline.")
     _common(p)
     p.add_argument("--trace", default=DEFAULT_TRACE,
                    help="workload: azure-conv, azure-code, sharegpt, lmsys, a CSV path, or "
@@ -47,7 +47,8 @@ def _add_tune(sub) -> None:
                    help="Optuna storage URL, e.g. sqlite:///tune.db, so a study resumes")
     p.add_argument("--study-name", default=None)
     p.add_argument("--out", default=None,
-                   help="layout JSON (default layouts/MODEL.GPU.BATCH.json)")
+                   help="layout JSON (default: MODEL.GPU[.tpN].BATCH.json in "
+                        "$NANORUN_LAYOUT_DIR, else in ./layouts)")
     p.add_argument("--plot", default=None, help="Gantt chart PNG (default: beside --out)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -150,6 +151,7 @@ def _predictor(args):
 
 def _tune(args) -> int:
     from nanorun.benchmark.traces import parse_length_filter
+    from nanorun.layout import tuned_layout_path, tuned_layout_stem
 
     from .tune import Tuner, provenance, tune
     from .workload import Workload
@@ -175,8 +177,9 @@ def _tune(args) -> int:
                   progress=not args.no_progress)
     elapsed = time.perf_counter() - start
     layout = result.layout
-    name = f"{c.name}.{dev.name}" + (f".tp{args.tp}" if args.tp > 1 else "")
-    out = Path(args.out or f"layouts/{name}.{layout.batch_tokens}.json")
+    name = tuned_layout_stem(c.name, dev.name, args.tp)
+    out = Path(args.out) if args.out else tuned_layout_path(c.name, dev.name,
+                                                            layout.batch_tokens, args.tp)
     prov = provenance(tuner, trials=result.trials, seed=args.seed, trace=workload.name,
                       profile=Path(args.profile).name if args.profile else None,
                       multi_objective=args.multi_objective)

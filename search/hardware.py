@@ -9,6 +9,7 @@ at run time and the layout validator uses this one offline.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 
@@ -38,11 +39,22 @@ DEVICES: dict[str, DeviceSpec] = {
 }
 
 
+def known_device(name: str) -> DeviceSpec | None:
+    """The spec a device name names, None if none: a short name ("h100"), an alias
+    ("H100-SXM") or the name CUDA reports ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"),
+    matched word by word so that tuned layouts carry the same GPU name whoever made them."""
+    for word in re.split(r"[^a-z0-9]+", name.lower()):
+        if word in DEVICES:
+            return DEVICES[word]
+    return None
+
+
 def get_device(name: str) -> DeviceSpec:
-    """A spec by name ("h100", "h200", "a100", "l40s", "cpu"); aliases like "H100-SXM" work."""
-    key = name.lower().replace("_", "-").split("-")[0].replace("nvidia", "").strip()
-    if key in DEVICES:
-        return DEVICES[key]
+    """A spec by name ("h100", "h200", "a100", "l40s", "cpu"), as known_device() reads it."""
+    spec = known_device(name)
+    if spec is not None:
+        return spec
+    key = name.lower().replace("nvidia", "").strip()
     close = difflib.get_close_matches(key, DEVICES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown device {name!r}.{hint} Known: {', '.join(DEVICES)}")
