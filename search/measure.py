@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from nanorun.benchmark.ceilings import measure as measure_ceilings
 from nanorun.layout import Layout, Partition
 from nanorun.models import ModelConfig, resolve_model
 
@@ -261,28 +262,6 @@ class Rig:
                 samples[i].append(start.elapsed_time(end) * 1e-3 / reps)
         return [statistics.median(s) for s in samples]
 
-    # -- the device's own rates ----------------------------------------------------------------
-    def gemm_tflops(self, n: int | None = None, timing: Timing = Timing()) -> float:
-        """Dense TFLOP/s of an n x n x n matmul in the rig's dtype on the whole device."""
-        n = n or (8192 if self.is_cuda else 512)
-        a = torch.randn(n, n, generator=self.gen).to(self.device, self.dtype)
-        b = torch.randn(n, n, generator=self.gen).to(self.device, self.dtype)
-        out = torch.empty(n, n, device=self.device, dtype=self.dtype)
-        fn = lambda: torch.mm(a, b, out=out)  # noqa: E731
-        s = _event_time(fn, torch.cuda.current_stream(self.device), timing) if self.is_cuda \
-            else _cpu_time(fn, timing)
-        return 2.0 * n ** 3 / s / 1e12
-
-    def copy_gbps(self, nbytes: int | None = None, timing: Timing = Timing()) -> float:
-        """GB/s of a device-to-device copy (bytes read + bytes written)."""
-        nbytes = nbytes or ((1 << 30) if self.is_cuda else (64 << 20))
-        src = torch.randn(nbytes // 4, generator=self.gen).to(self.device)
-        dst = torch.empty_like(src)
-        fn = lambda: dst.copy_(src)  # noqa: E731
-        s = _event_time(fn, torch.cuda.current_stream(self.device), timing) if self.is_cuda \
-            else _cpu_time(fn, timing)
-        return 2.0 * src.numel() * 4 / s / 1e9
-
 
 def _cpu_time(fn: Callable[[], object], timing: Timing) -> float:
     for _ in range(timing.warmup):
@@ -359,7 +338,8 @@ def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
         slowdowns = [t / s - 1.0 for p in measured_pairs
                      for t, s in zip(p["together_s"], p["alone_s"])]
         interference = max(0.0, statistics.mean(slowdowns)) if slowdowns else None
-    gemm, copy = rig.gemm_tflops(timing=timing), rig.copy_gbps(timing=timing)
+    ceilings = measure_ceilings(rig.device, rig.dtype)   # as `nanorun bench` measures them
+    gemm, copy = ceilings.gemm_tflops, ceilings.copy_gbps
     log(f"  device: {gemm:.1f} TFLOP/s large GEMM, {copy:.0f} GB/s copy"
         + (f", interference {interference:.3f}" if interference is not None else ""))
     return Profile(device=gpu, model=rig.config.name, tp=1, ops=ops, gemm_tflops=round(gemm, 2),

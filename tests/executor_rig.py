@@ -32,7 +32,7 @@ def dense_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scale
     """Every token gathers its sequence's whole page-table row and masks what it may not see:
     slow, but every shape is fixed by the tensors' shapes, so it can be captured in a CUDA
     graph and replayed with new metadata in the same buffers."""
-    page, num_kv = k_cache.shape[1], k_cache.shape[2]
+    num_kv = k_cache.shape[2]
     pages = block_tables[seq_ids.long()].clamp(min=0).long()               # [T, P]
     keys = k_cache[pages].flatten(1, 2).float()                             # [T, K, Hkv, D]
     values = v_cache[pages].flatten(1, 2).float()                           # [T, K, Hkv, D]

@@ -4,7 +4,6 @@ dependency-respecting execution orders; every wait of the overlap plan is needed
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
