@@ -153,3 +153,24 @@ def test_gpu_profile_times_partitions_and_pairs():
     assert gemm[0] > gemm[-1]                       # a quarter of the SMs is slower than all
     (pair,) = prof.pairs
     assert all(t > 0 for t in pair["together_s"]) and prof.interference is not None
+
+
+def test_calibration_report_on_the_cpu(tmp_path):
+    """bench/calibration.py end to end on the CPU: every layout's mixes predicted and measured."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "bench" / "calibration.py"
+    prof, out = tmp_path / "cpu.json", tmp_path / "calibration.json"
+    assert main(["profile", "tiny-llama", "--device", "cpu", "--tokens", "8,32",
+                 "--context", "32", "--out", str(prof)]) == 0
+    subprocess.run([sys.executable, str(script), "tiny-llama", "--gpu", "cpu", "--profile",
+                    str(prof), "--device", "cpu", "--trace", "const:24x8", "--batch-tokens",
+                    "32", "--mixes", "1", "--out", str(out)], check=True)
+    doc = json.loads(out.read_text())
+    assert [r["layout"] for r in doc["layouts"]] == ["sequential", "overlap"]
+    assert doc["profile"] == "cpu.json" and doc["tuned_within_target"] is None
+    assert doc["worst_abs_error_percent"] == max(r["max_abs_error_percent"]
+                                                 for r in doc["layouts"])
+    assert str(tmp_path) not in out.read_text()        # no machine paths
