@@ -18,6 +18,12 @@ Launch with `torchrun --nproc-per-node N ...`: it sets RANK, WORLD_SIZE, LOCAL_R
 rendezvous address, and nanorun initialises the default group (gloo on CPU, NCCL on CUDA, each
 rank on cuda:LOCAL_RANK). A program that initialised torch.distributed itself, or wants a
 subgroup, passes its group instead.
+
+NCCL's kernels run on the communicator's own stream, not on a green context, so the group
+nanorun creates bounds how many CTAs (SMs) a collective may occupy: NCCL_MAX_CTAS, 8 unless
+$NANORUN_NCCL_MAX_CTAS says otherwise (the "net" partition of the overlap layout is 8 SMs).
+An all-reduce overlapping GEMMs of the other nano-batch then takes a bounded slice of the SMs
+instead of as many channels as NCCL would pick for a lone collective.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+NCCL_MAX_CTAS = 8
 
 
 @dataclass(frozen=True)
@@ -95,8 +102,19 @@ def _init_from_launcher(size: int, device: torch.device) -> tuple[torch.device, 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # Read by NCCL (>= 2.17) when the communicator is created; a user's own setting wins.
+        os.environ.setdefault("NCCL_MAX_CTAS", str(nccl_max_ctas()))
     dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=world)
     return device, dist.group.WORLD
+
+
+def nccl_max_ctas() -> int:
+    """CTAs a collective of the group nanorun creates may use ($NANORUN_NCCL_MAX_CTAS)."""
+    value = os.environ.get("NANORUN_NCCL_MAX_CTAS", str(NCCL_MAX_CTAS))
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise ValueError(f"NANORUN_NCCL_MAX_CTAS must be an integer from 1 to 64 (NCCL's "
+                         f"limit), got {value!r}")
+    return int(value)
 
 
 def _from_group(size: int, device: torch.device, group: dist.ProcessGroup, *,

@@ -268,3 +268,16 @@ def test_tensor_parallel_without_a_launcher_says_how_to_launch(monkeypatch):
 
 if __name__ == "__main__":
     _rank_main(sys.argv[1])
+
+
+def test_nccl_cta_bound_is_validated(monkeypatch):
+    from nanorun.distributed import NCCL_MAX_CTAS, nccl_max_ctas
+
+    monkeypatch.delenv("NANORUN_NCCL_MAX_CTAS", raising=False)
+    assert nccl_max_ctas() == NCCL_MAX_CTAS
+    monkeypatch.setenv("NANORUN_NCCL_MAX_CTAS", "16")
+    assert nccl_max_ctas() == 16
+    for bad in ("0", "65", "eight"):
+        monkeypatch.setenv("NANORUN_NCCL_MAX_CTAS", bad)
+        with pytest.raises(ValueError, match="NANORUN_NCCL_MAX_CTAS must be an integer"):
+            nccl_max_ctas()
