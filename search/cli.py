@@ -133,6 +133,10 @@ def _add_plan(sub) -> None:
     p.add_argument("--decode-context", type=int, default=1024)
     p.add_argument("--plot", default=None, help="Gantt chart PNG")
     p.add_argument("--layer", type=int, default=None, help="layer to draw (default: middle)")
+    p.add_argument("--measure", action="store_true",
+                   help="also run the iteration on --device with every launch timed (CUDA "
+                        "events on a GPU) and draw the measured pipeline")
+    p.add_argument("--device", default="cuda", help="where --measure runs (default cuda)")
     p.set_defaults(func=_plan)
 
 
@@ -274,14 +278,30 @@ def _plan(args) -> int:
           f"cross-stream waits, {len(plan.recorded)} events recorded")
     print(f"predicted iteration ({d} decode tokens at context {args.decode_context}, "
           f"{b - d} prompt tokens): {schedule.makespan * 1e3:.3f} ms")
-    for s, part in enumerate(layout.partitions):
-        print(f"  {part.name:8s} busy {schedule.busy(s) * 1e3:8.3f} ms "
-              f"({100 * schedule.busy(s) / schedule.makespan:5.1f} %)")
+    _busy(schedule, layout)
+    title = "predicted"
+    if args.measure:
+        from .measure import Rig
+
+        rig = Rig(args.model, args.device, max_tokens=b, max_context=args.decode_context + b)
+        schedule = rig.timeline(layout, mix)
+        print(f"measured on {rig.device} ({rig.spec.name}, {rig.partitions_how}): "
+              f"{schedule.makespan * 1e3:.3f} ms")
+        _busy(schedule, layout)
+        title = f"measured on {rig.spec.name}"
     if args.plot:
         from .plot import gantt
 
-        print(f"wrote {gantt(schedule, layout, _kinds(predictor), args.plot, layer=args.layer)}")
+        path = gantt(schedule, layout, _kinds(predictor), args.plot, layer=args.layer,
+                     title=f"{layout.name}, {title}")
+        print(f"wrote {path}")
     return 0
+
+
+def _busy(schedule, layout) -> None:
+    for s, part in enumerate(layout.partitions):
+        print(f"  {part.name:8s} busy {schedule.busy(s) * 1e3:8.3f} ms "
+              f"({100 * schedule.busy(s) / schedule.makespan:5.1f} %)")
 
 
 def _kinds(predictor) -> dict[str, str]:

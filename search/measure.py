@@ -225,6 +225,62 @@ class Rig:
             return _cpu_time(fn, replace(timing, reps=1))
         return _event_time(fn, torch.cuda.current_stream(self.device), timing, reps=1)
 
+    def timeline(self, layout: Layout, mix: IterationMix, warmup: int = 2):
+        """One iteration of `mix` under `layout`, run eagerly (no CUDA graph) with every launch
+        timed: a search.simulate.Schedule of measured starts and ends (seconds from the
+        iteration's start), the same shape `nanorun plan` draws from the cost model. On a GPU,
+        CUDA events around each launch on its own stream; on the CPU, the launches one after
+        another in issue order."""
+        from nanorun.backends.streams import MAIN, issue
+        from nanorun.executor import Executor
+        from nanorun.planner import LOGITS
+
+        from .simulate import Schedule
+
+        executor = Executor(self.model, self.kv, layout.batch_tokens, layout, self.spec,
+                            kernels=self.kernels, graphs=False)
+        batch = self.batch(mix)
+        plan = executor.planner.plan(batch)
+        for _ in range(warmup):
+            executor.run_plan(plan, batch)
+        n = len(plan.launches)
+        if not self.is_cuda:
+            start, end = [0.0] * n, [0.0] * n
+            t0 = time.perf_counter()
+            for i, launch in enumerate(plan.launches):
+                start[i] = time.perf_counter() - t0
+                if launch.op == LOGITS:
+                    executor._logits(batch)
+                else:
+                    executor._launch(launch, batch)
+                end[i] = time.perf_counter() - t0
+            return Schedule(plan, tuple(start), tuple(end))
+
+        index = {id(launch): i for i, launch in enumerate(plan.launches)}
+        marks: list = [None] * n
+
+        def timed(launch, i=None) -> None:
+            begin, done = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            begin.record()
+            if launch.op == LOGITS:
+                executor._logits(batch)
+            else:
+                executor._launch(launch, batch)
+            done.record()
+            marks[index[id(launch)] if i is None else i] = (begin, done)
+
+        streams = executor.streams
+        torch.cuda.synchronize(self.device)
+        origin = torch.cuda.Event(enable_timing=True)
+        origin.record(streams.stream(MAIN))
+        issue(plan, streams, timed)
+        logits = next(i for i, launch in enumerate(plan.launches) if launch.op == LOGITS)
+        streams.enqueue(MAIN, lambda: timed(plan.launches[logits], logits))
+        torch.cuda.synchronize(self.device)
+        start = tuple(origin.elapsed_time(b) * 1e-3 for b, _ in marks)
+        end = tuple(origin.elapsed_time(e) * 1e-3 for _, e in marks)
+        return Schedule(plan, start, end)
+
     def _op(self, op: str, batch, tokens: int) -> Callable[[], None]:
         model, ws, kv = self.model, self.ws, self.kv
         if op == "logits":
