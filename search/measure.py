@@ -270,6 +270,7 @@ class Rig:
             marks[index[id(launch)] if i is None else i] = (begin, done)
 
         streams = executor.streams
+        self.partitions_how = streams.summary
         torch.cuda.synchronize(self.device)
         origin = torch.cuda.Event(enable_timing=True)
         origin.record(streams.stream(MAIN))
