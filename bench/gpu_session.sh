@@ -346,7 +346,7 @@ stage_latency() {
     [[ -f $peak ]] && { peak_args=(--peak-from "$peak"); break; }
   done
   # shellcheck disable=SC2086  # the fractions are words
-  step latency-curve 120 "$PY" bench/latency_curve.py "$MODEL" --device cuda \
+  step latency-curve 180 "$PY" bench/latency_curve.py "$MODEL" --device cuda \
     --trace "$LATENCY_TRACE" --num-requests "$LATENCY_REQUESTS" --layout "$layout" \
     --max-batch-tokens "$batch" --fractions $LATENCY_FRACTIONS "${peak_args[@]}" \
     --out "$STAGE_DIR/latency/$stem.json"
