@@ -382,10 +382,10 @@ main() {
     log "OUT is not set: results stay in $WORK"
   fi
   log "stages: ${stages[*]}; budget ${BUDGET_S}s; model $MODEL"
-  GPU_NAME=$(gpu_slug) || exit 2
   NANORUN_COMMIT=$(commit)
   export NANORUN_COMMIT    # the tree here has no .git: what reports should record
   setup || { log "setup failed: see the log above; stopping"; exit 1; }
+  GPU_NAME=$(gpu_slug) || exit 2     # after setup: it imports bench/gpu_traces.py, so nanorun
   for s in "${stages[@]}"; do
     [[ $s == setup ]] && continue
     begin_stage "$s"
