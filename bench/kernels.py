@@ -29,6 +29,7 @@ import math
 import re
 import shlex
 import statistics
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -308,7 +309,8 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A tree copied without .git (the GPU machine): bench/gpu_session.sh exports the commit.
+        return os.environ.get("NANORUN_COMMIT", "unknown")
     return sha + ("-dirty" if dirty else "")
 
 

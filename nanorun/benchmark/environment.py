@@ -47,12 +47,13 @@ def device_name(device: torch.device) -> str:
 
 def git_commit() -> tuple[str | None, bool | None]:
     """(HEAD of the checkout holding the imported nanorun, whether its tracked files differ
-    from HEAD), or (None, None) outside such a checkout."""
+    from HEAD); outside such a checkout (a tree copied to a GPU machine without .git),
+    ($NANORUN_COMMIT, None) or (None, None)."""
     package = os.path.dirname(os.path.abspath(nanorun.__file__))
     top = _git(package, "rev-parse", "--show-toplevel")
     if top is None or not _same_file(os.path.join(top, "nanorun", "__init__.py"),
                                      nanorun.__file__):
-        return None, None
+        return os.environ.get("NANORUN_COMMIT") or None, None
     commit = _git(top, "rev-parse", "HEAD")
     status = _git(top, "status", "--porcelain", "--untracked-files=no")
     return commit, (bool(status) if status is not None else None)
