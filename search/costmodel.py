@@ -89,6 +89,15 @@ class TokenStats:
     prompt_context: int = 0
 
 
+# The profile entry of attention over prompt chunks (the decode part is "attention").
+ATTENTION_PREFILL = "attention_prefill"
+
+
+def prefill_context(tokens: int) -> int:
+    """Summed contexts of a prompt's first chunk of `tokens` tokens (token i sees i + 1)."""
+    return tokens * (tokens + 1) // 2
+
+
 def op_work(config: "ModelConfig", tp: int = 1, dtype_bytes: int = 2) -> dict[str, OpWork]:
     """The work of every layer op (and embed/logits) for one tensor-parallel rank."""
     d, b = config.hidden_size, dtype_bytes
@@ -158,8 +167,12 @@ class CostModel:
             self.params = replace(self.params, interference=profile.interference)
 
         def predict(op: str, tokens: int, sms: int, context: int | None) -> float:
-            stats = TokenStats(tokens, tokens * context) if op == "attention" and context \
-                else None
+            stats = None
+            if op == "attention" and context:           # decode tokens at `context`
+                stats = TokenStats(tokens, tokens * context)
+            elif op == ATTENTION_PREFILL:               # a prompt's first chunk of `tokens`
+                op, stats = "attention", TokenStats(prompt_tokens=tokens,
+                                                    prompt_context=prefill_context(tokens))
             return self.launch(op, tokens, sms, stats).seconds
 
         profile.calibrate(predict)
@@ -191,19 +204,42 @@ class CostModel:
     def launch(self, op: str, tokens: int, sms: int | None,
                stats: TokenStats | None = None) -> LaunchCost:
         """Cost of `op` on `tokens` tokens on a partition of `sms` SMs (None: whole device).
-        Attention needs the range's TokenStats; logits takes the number of sampled tokens."""
+        Attention needs the range's TokenStats; logits takes the number of sampled tokens.
+
+        Attention over a mixed range is its decode part plus its prompt-chunk part, each priced
+        (and calibrated: profile entries "attention" and "attention_prefill") on its own: one
+        kernel launch does both kinds of work item, one after another per CTA."""
         try:
             w = self.work[op]
         except KeyError:
             raise ValueError(f"the cost model has no formula for op {op!r}; known ops: "
                              f"{sorted(self.work)}") from None
+        if w.kind != "attention":
+            return self._cost(op, w, tokens, sms, None)
+        stats = stats or TokenStats(decode_tokens=tokens, decode_context=tokens)
+        parts = [(ATTENTION_PREFILL if prompt else op, part) for prompt, part in (
+            (False, TokenStats(stats.decode_tokens, stats.decode_context)),
+            (True, TokenStats(prompt_tokens=stats.prompt_tokens,
+                              prompt_context=stats.prompt_context)))
+            if part.decode_tokens or part.prompt_tokens]
+        if len(parts) == 1:
+            return self._cost(parts[0][0], w, tokens, sms, parts[0][1])
+        costs = [self._cost(name, w, part.decode_tokens + part.prompt_tokens, sms, part)
+                 for name, part in parts]
+        seconds = sum(c.seconds for c in costs)
+        memory = sum(c.memory_share * c.seconds for c in costs)
+        demand = sum(c.demand * c.seconds for c in costs)
+        return LaunchCost(seconds, memory / seconds, demand / seconds)
+
+    def _cost(self, name: str, w: OpWork, tokens: int, sms: int | None,
+              stats: TokenStats | None) -> LaunchCost:
+        """One launch's roofline time, times the profile's factor for `name` at this point."""
         p = self.params
         f = self._sm_fraction(sms)
         flops = w.flops_per_token * tokens
         nbytes = w.bytes_per_token * tokens + w.weight_bytes
         efficiency = p.gemm_efficiency * tokens / (tokens + p.gemm_half_tokens)
         if w.kind == "attention":
-            stats = stats or TokenStats(decode_tokens=tokens, decode_context=tokens)
             flops, nbytes, efficiency = self._attention(stats, nbytes)
         compute = flops / (self.peak_flops * max(efficiency, 1e-6) * f) if flops else 0.0
         memory = nbytes / (self.bandwidth * self._bandwidth_share(f))
@@ -215,7 +251,7 @@ class CostModel:
             seconds = max(compute, memory) + p.launch_overhead_s
             memory_time = memory if memory >= compute else 0.0
         if self.profile is not None:
-            seconds *= self.profile.factor(op, tokens, sms if sms is not None else
+            seconds *= self.profile.factor(name, tokens, sms if sms is not None else
                                            self.device.sm_count)
         demand = min(1.0, nbytes / (self.bandwidth * seconds)) if seconds else 0.0
         return LaunchCost(seconds, min(1.0, memory_time / seconds) if seconds else 0.0, demand)

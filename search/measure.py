@@ -35,6 +35,7 @@ from nanorun.benchmark.ceilings import measure as measure_ceilings
 from nanorun.layout import Layout, Partition
 from nanorun.models import ModelConfig, resolve_model
 
+from .costmodel import ATTENTION_PREFILL
 from .profile import OpProfile, Profile
 from .workload import IterationMix
 
@@ -179,10 +180,14 @@ class Rig:
         return s
 
     def time_op(self, op: str, tokens: int, sms: int | None = None,
-                context: int = DEFAULT_CONTEXT, timing: Timing = Timing()) -> float:
-        """Seconds of one launch of layer op `op` on `tokens` decode tokens at `context`, on a
-        partition of `sms` SMs (None: the whole device)."""
-        batch = self.batch(IterationMix((context,) * tokens, ()))
+                context: int = DEFAULT_CONTEXT, timing: Timing = Timing(),
+                prefill: bool = False) -> float:
+        """Seconds of one launch of layer op `op` on `tokens` decode tokens at `context` (with
+        `prefill`: a prompt's first chunk of `tokens` tokens instead), on a partition of `sms`
+        SMs (None: the whole device)."""
+        mix = IterationMix((), ((0, tokens),)) if prefill else \
+            IterationMix((context,) * tokens, ())
+        batch = self.batch(mix)
         fn = self._op(op, batch, tokens)
         if not self.is_cuda:
             return _cpu_time(fn, timing)
@@ -374,13 +379,13 @@ def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
     else:
         sms = (1,)    # the CPU has no SM partitions: one column
     ops = {}
-    for op in [o.name for o in rig.model.layer_ops] + ["logits"]:
-        grid = []
-        for n in tokens:
-            grid.append(tuple(float(f"{rig.time_op(op, n, _limit(s, rig), context, timing):.4g}")
-                              for s in sms))
+    for op in [o.name for o in rig.model.layer_ops] + ["logits", ATTENTION_PREFILL]:
+        prefill = op == ATTENTION_PREFILL       # a prompt's first chunk of n tokens
+        timed = "attention" if prefill else op
+        grid = [tuple(_sig(rig.time_op(timed, n, _limit(s, rig), context, timing, prefill))
+                      for s in sms) for n in tokens]
         ops[op] = OpProfile(tokens, sms, tuple(grid), context if op == "attention" else None)
-        log(f"  {op:10s} " + "  ".join(f"{n}:{grid[i][-1] * 1e6:.1f}us"
+        log(f"  {op:17s} " + "  ".join(f"{n}:{grid[i][-1] * 1e6:.1f}us"
                                        for i, n in enumerate(tokens)))
     measured_pairs, interference = [], None
     if rig.is_cuda:
@@ -405,6 +410,11 @@ def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
                    dtype=str(rig.dtype).removeprefix("torch."), pairs=measured_pairs,
                    provenance=environment(rig) | {"partitions": rig.partitions_how,
                                                   "timing": timing.__dict__})
+
+
+def _sig(seconds: float) -> float:
+    """Four significant digits: what the timing's noise allows."""
+    return float(f"{seconds:.4g}")
 
 
 def _limit(sms: int, rig: Rig) -> int | None:

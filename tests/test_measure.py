@@ -60,7 +60,8 @@ def test_overlap_on_a_rig_batch_equals_sequential(rig):
 
 def test_profile_calibrates_the_cost_model_to_what_it_measured(rig, tmp_path):
     prof = profile(rig, "cpu", tokens=(4, 16), context=32, timing=QUICK, log=lambda _: None)
-    assert set(prof.ops) == {op.name for op in rig.model.layer_ops} | {"logits"}
+    assert set(prof.ops) == {op.name for op in rig.model.layer_ops} | {"logits",
+                                                                       "attention_prefill"}
     assert prof.ops["attention"].context == 32 and prof.ops["qkv"].sms == (1,)
     assert prof.gemm_tflops > 0 and prof.copy_gbps > 0 and prof.interference is None
     assert "torch" in prof.provenance and "date" in prof.provenance
@@ -69,13 +70,21 @@ def test_profile_calibrates_the_cost_model_to_what_it_measured(rig, tmp_path):
     loaded = Profile.load(path)
     # Calibrated, the model predicts each profiled point exactly as measured.
     cost = CostModel(rig.config, get_device("cpu"), profile=loaded)
-    from nanorun.search.costmodel import TokenStats
+    from nanorun.search.costmodel import TokenStats, prefill_context
 
-    for op, tokens, stats in (("qkv", 16, None), ("gate_up", 4, None),
-                              ("attention", 16, TokenStats(16, 16 * 32))):
-        i = loaded.ops[op].tokens.index(tokens)
+    decode, prompt = TokenStats(16, 16 * 32), TokenStats(prompt_tokens=4,
+                                                         prompt_context=prefill_context(4))
+    for entry, op, tokens, stats in (("qkv", "qkv", 16, None), ("gate_up", "gate_up", 4, None),
+                                     ("attention", "attention", 16, decode),
+                                     ("attention_prefill", "attention", 4, prompt)):
+        i = loaded.ops[entry].tokens.index(tokens)
         assert cost.launch(op, tokens, None, stats).seconds == \
-            pytest.approx(loaded.ops[op].seconds[i][0], rel=1e-9)
+            pytest.approx(loaded.ops[entry].seconds[i][0], rel=1e-9)
+    # A mixed range is its decode part plus its prompt part, each calibrated by its own entry.
+    mixed = TokenStats(16, 16 * 32, 4, prefill_context(4))
+    assert cost.launch("attention", 20, None, mixed).seconds == pytest.approx(
+        cost.launch("attention", 16, None, decode).seconds
+        + cost.launch("attention", 4, None, prompt).seconds, rel=1e-9)
 
 
 def test_sm_grid_is_granular_and_ends_at_the_whole_device():
