@@ -12,7 +12,8 @@ Format (version 1):
      "gemm_tflops": 702.0, "copy_gbps": 2950.0, "interference": 0.06,
      "ops": {"qkv": {"tokens": [64, 256, 1024], "sms": [32, 64, 132],
                      "seconds": [[...], [...], [...]]},          # seconds[i][j]: tokens[i], sms[j]
-             "attention": {"tokens": [...], "sms": [...], "context": 1024, "seconds": [...]}},
+             "attention": {"tokens": [...], "sms": [...], "context": 1024, "seconds": [...]},
+             "attention_prefill": {...}},      # a prompt's first chunk of each token count
      "pairs": [{"ops": ["gate_up", "attention"], "alone_s": [a, b], "together_s": [a2, b2]}],
      "provenance": {...}}
 """
