@@ -73,7 +73,7 @@ class Rig:
         from nanorun.engine import _device_spec
         from nanorun.kernels import select_kernels
         from nanorun.kv_cache import KVCache
-        from nanorun.models import build_model, random_weights
+        from nanorun.models import build_model
 
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -94,7 +94,7 @@ class Rig:
         self.max_tokens, self.max_context = max_tokens, max_context
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self.kernels = select_kernels(self.device)
-        weights = random_weights(config, dtype=self.dtype, device=self.device, seed=seed)
+        weights = _random_weights(config, self.dtype, self.device, seed)
         self.model = build_model(config, weights, max_model_len=max_context,
                                  attention_fn=self.kernels[0], kv_append_fn=self.kernels[1])
         per_token = config.kv_bytes_per_token(self.model.w["embed"].element_size())
@@ -323,6 +323,26 @@ class Rig:
             for i, ((_, _, reps), end) in enumerate(zip(launches, ends)):
                 samples[i].append(start.elapsed_time(end) * 1e-3 / reps)
         return [statistics.median(s) for s in samples]
+
+
+def _random_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                    seed: int) -> dict[str, torch.Tensor]:
+    """Weights of the shapes the model expects, drawn on the device itself: timing needs
+    realistic values (never zeros), not models.random_weights' device-independent numbers,
+    whose CPU draw of an 8B model takes most of a minute."""
+    from nanorun.models import weight_shapes
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in weight_shapes(config).items():
+        if name == "lm_head" and config.tie_word_embeddings:
+            out[name] = out["embed"]
+            continue
+        t = torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.02)
+        if name == "norm" or name.endswith("_norm"):
+            t.add_(1.0)
+        out[name] = t
+    return out
 
 
 def _cpu_time(fn: Callable[[], object], timing: Timing) -> float:
