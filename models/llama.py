@@ -118,6 +118,39 @@ AttentionFn = Callable[..., None]
 KVAppendFn = Callable[..., None]
 
 
+@dataclass(frozen=True)
+class PointwiseOps:
+    """The element-wise (memory-bound) math of a layer, swappable per device like attention:
+    torch by default (`TORCH_POINTWISE`), nanorun._cuda's fused kernels on a GPU
+    (nanorun.kernels.select_pointwise). Each writes into `out` (rope: into `qk`, in place).
+
+    rms_norm(x, weight, eps, out)       out = RMSNorm(x) * weight
+    rope(qk, positions, cos, sin)       rotate [n, heads, Dh] by position; cos/sin are the
+                                        model's [max_len, Dh/2] fp32 tables
+    silu_and_mul(gate_up, out)          out = silu(gate) * up, gate_up = [gate | up]
+    """
+
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor], object]
+    rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    silu_and_mul: Callable[[torch.Tensor, torch.Tensor], object]
+
+
+def _torch_rms_norm(x, weight, eps, out) -> None:
+    out.copy_(rms_norm(x, weight, eps))
+
+
+def _torch_rope(qk, positions, cos, sin) -> None:
+    apply_rope(qk, cos[positions], sin[positions])
+
+
+def _torch_silu_and_mul(gate_up, out) -> None:
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.mul(F.silu(gate), up, out=out)
+
+
+TORCH_POINTWISE = PointwiseOps(_torch_rms_norm, _torch_rope, _torch_silu_and_mul)
+
+
 class LlamaModel:
     """Weights plus the math of each op. Knows nothing of scheduling, streams or splitting.
 
@@ -139,6 +172,7 @@ class LlamaModel:
         attention_fn: AttentionFn,
         kv_append_fn: KVAppendFn,
         tp_group: dist.ProcessGroup | None = None,
+        pointwise: PointwiseOps = TORCH_POINTWISE,
     ) -> None:
         self.config = config
         self.tp_group = tp_group
@@ -152,6 +186,7 @@ class LlamaModel:
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self._attention_kernel = attention_fn
         self._kv_append_kernel = kv_append_fn
+        self.pointwise = pointwise
         self.cos, self.sin = rope_tables(config, max_model_len, self.device)
         self._ops = {op.name: getattr(self, f"_{op.name}") for op in self.layer_ops}
         if self.tp > 1:     # row-parallel: partial sums, for the all-reduces to add up
@@ -180,7 +215,7 @@ class LlamaModel:
     def logits(self, ws: Workspace, batch) -> torch.Tensor:
         """[N, V] float32 logits of the tokens at batch.sample_indices."""
         h = ws.hidden.index_select(0, batch.sample_indices)
-        h = rms_norm(h, self.w["norm"], self.config.rms_norm_eps)
+        self.pointwise.rms_norm(h, self.w["norm"], self.config.rms_norm_eps, h)
         return F.linear(h, self.w["lm_head"]).float()
 
     def run_op(self, name: str, layer: int, ws: Workspace, batch, kv, t0: int, t1: int) -> None:
@@ -189,8 +224,8 @@ class LlamaModel:
 
     # -- the ops ------------------------------------------------------------------------------
     def _attn_norm(self, i, ws, batch, kv, t0, t1):
-        w = self.w[f"layers.{i}.attn_norm"]
-        ws.x[t0:t1] = rms_norm(ws.hidden[t0:t1], w, self.config.rms_norm_eps)
+        self.pointwise.rms_norm(ws.hidden[t0:t1], self.w[f"layers.{i}.attn_norm"],
+                                self.config.rms_norm_eps, ws.x[t0:t1])
 
     def _qkv(self, i, ws, batch, kv, t0, t1):
         bias = self.w.get(f"layers.{i}.qkv_bias")
@@ -203,8 +238,7 @@ class LlamaModel:
     def _rope(self, i, ws, batch, kv, t0, t1):
         c = self.local
         qk = ws.qkv[t0:t1, : c.q_size + c.kv_size].unflatten(-1, (-1, c.head_dim))  # [n, Hq+Hkv, Dh]
-        pos = batch.positions[t0:t1]
-        apply_rope(qk, self.cos[pos], self.sin[pos])
+        self.pointwise.rope(qk, batch.positions[t0:t1], self.cos, self.sin)
 
     def _kv_append(self, i, ws, batch, kv, t0, t1):
         k, v = self._kv_views(ws, t0, t1)
@@ -222,15 +256,14 @@ class LlamaModel:
         ws.hidden[t0:t1].addmm_(ws.attn[t0:t1], self.w[f"layers.{i}.o_proj"].t())
 
     def _mlp_norm(self, i, ws, batch, kv, t0, t1):
-        w = self.w[f"layers.{i}.mlp_norm"]
-        ws.x[t0:t1] = rms_norm(ws.hidden[t0:t1], w, self.config.rms_norm_eps)
+        self.pointwise.rms_norm(ws.hidden[t0:t1], self.w[f"layers.{i}.mlp_norm"],
+                                self.config.rms_norm_eps, ws.x[t0:t1])
 
     def _gate_up(self, i, ws, batch, kv, t0, t1):
         torch.mm(ws.x[t0:t1], self.w[f"layers.{i}.gate_up"].t(), out=ws.gate_up[t0:t1])
 
     def _act(self, i, ws, batch, kv, t0, t1):
-        gate, up = ws.gate_up[t0:t1].chunk(2, dim=-1)
-        torch.mul(F.silu(gate), up, out=ws.act[t0:t1])
+        self.pointwise.silu_and_mul(ws.gate_up[t0:t1], ws.act[t0:t1])
 
     def _down(self, i, ws, batch, kv, t0, t1):
         ws.hidden[t0:t1].addmm_(ws.act[t0:t1], self.w[f"layers.{i}.down"].t())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
-from .llama import LlamaModel
+from .llama import TORCH_POINTWISE, LlamaModel, PointwiseOps
 
 # Llama 2/3, Mistral and Qwen2 share one decoder: they differ only in config (GQA, rope
 # scaling, sliding window, qkv bias), which LlamaModel reads.
@@ -16,9 +16,10 @@ assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
 
 
 def build_model(config: ModelConfig, weights, *, max_model_len: int, attention_fn, kv_append_fn,
-                tp_group=None):
+                tp_group=None, pointwise: PointwiseOps = TORCH_POINTWISE):
     """The model of `config` over `weights`; with `tp_group` (a torch.distributed process group),
-    this rank's tensor-parallel shard of it (`weights` must then be the shard)."""
+    this rank's tensor-parallel shard of it (`weights` must then be the shard). `pointwise`: the
+    element-wise ops (RMSNorm, rope, SiLU-and-mul) the backend runs them with."""
     try:
         cls = MODEL_CLASSES[config.architecture]
     except KeyError:
@@ -26,4 +27,4 @@ def build_model(config: ModelConfig, weights, *, max_model_len: int, attention_f
             f"no model class for architecture {config.architecture!r}; supported: "
             f"{sorted(MODEL_CLASSES)}") from None
     return cls(config, weights, max_model_len=max_model_len, attention_fn=attention_fn,
-               kv_append_fn=kv_append_fn, tp_group=tp_group)
+               kv_append_fn=kv_append_fn, tp_group=tp_group, pointwise=pointwise)

@@ -13,7 +13,7 @@ from .batch import build_batch
 from .config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
 from .distributed import TensorParallel, setup_tensor_parallel
 from .executor import Executor
-from .kernels import select_kernels
+from .kernels import select_kernels, select_pointwise
 from .kv_cache import KVCache
 from .layout import Layout, is_layout_file, tuned_layout
 from .models import (ModelConfig, build_model, check_tensor_parallel, load_weights,
@@ -72,7 +72,8 @@ class Engine:
         attention_fn, kv_append_fn = select_kernels(self.device)
         self.model = build_model(self.model_config, weights, max_model_len=self.max_model_len,
                                  attention_fn=attention_fn, kv_append_fn=kv_append_fn,
-                                 tp_group=self.tensor_parallel.group)
+                                 tp_group=self.tensor_parallel.group,
+                                 pointwise=select_pointwise(self.device))
         self.kv_cache = self._new_kv_cache()
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens)
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,

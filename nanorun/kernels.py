@@ -1,4 +1,5 @@
-"""Which attention and KV-append kernels the model's ops call on each device.
+"""Which kernels the model's ops call on each device: attention and KV append
+(`select_kernels`), and the element-wise ops RMSNorm, rope and SiLU-and-mul (`select_pointwise`).
 
 `select_kernels(device)` returns `(attention_fn, kv_append_fn)` with the signatures of
 `nanorun.ops.paged_attention` and `nanorun.ops.kv_append`, plus an optional keyword
@@ -40,6 +41,7 @@ import torch
 from . import cuda_ops
 from . import ops
 from .backends.cuda import current_sm_budget
+from .models.llama import TORCH_POINTWISE, PointwiseOps
 
 # Per-stream split-KV scratch: 2M floats (8 MiB) hold the partial results of every split plan a
 # 132-SM device makes for groups of up to 16 query heads per kv head; larger groups split less.
@@ -151,6 +153,33 @@ class CudaKVAppend:
         cta_budget: int | None = None,
     ) -> None:
         cuda_ops.kv_append(key, value, k_cache, v_cache, slot_mapping, cta_budget)
+
+
+def select_pointwise(device: torch.device) -> PointwiseOps:
+    """The model's element-wise ops on `device`: nanorun._cuda's kernels on a GPU where it is
+    built (one launch each, fp32 math, no host sync, so graph-safe), else torch's.
+
+    RMSNorm differs from Hugging Face's in rounding only: HF rounds the normalised row to the
+    dtype and then multiplies by the weight in the dtype; the kernel multiplies in fp32 and
+    rounds once (one bf16 ulp at most, the GPU parity test's tolerance covers it)."""
+    if torch.device(device).type == "cuda" and cuda_ops.available():
+        return CUDA_POINTWISE
+    return TORCH_POINTWISE
+
+
+def _cuda_rms_norm(x, weight, eps, out) -> None:
+    cuda_ops.rms_norm(x, weight, eps, out=out)
+
+
+def _cuda_rope(qk, positions, cos, sin) -> None:
+    cuda_ops.rotary_embedding(qk, positions, cos, sin)
+
+
+def _cuda_silu_and_mul(gate_up, out) -> None:
+    cuda_ops.silu_and_mul(gate_up, out=out)
+
+
+CUDA_POINTWISE = PointwiseOps(_cuda_rms_norm, _cuda_rope, _cuda_silu_and_mul)
 
 
 def select_kernels(device: torch.device):

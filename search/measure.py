@@ -71,7 +71,7 @@ class Rig:
                  max_tokens: int = 4096, max_context: int = 8192,
                  kv_tokens: int | None = None, seed: int = 0) -> None:
         from nanorun.engine import _device_spec
-        from nanorun.kernels import select_kernels
+        from nanorun.kernels import select_kernels, select_pointwise
         from nanorun.kv_cache import KVCache
         from nanorun.models import build_model
 
@@ -96,7 +96,8 @@ class Rig:
         self.kernels = select_kernels(self.device)
         weights = _random_weights(config, self.dtype, self.device, seed)
         self.model = build_model(config, weights, max_model_len=max_context,
-                                 attention_fn=self.kernels[0], kv_append_fn=self.kernels[1])
+                                 attention_fn=self.kernels[0], kv_append_fn=self.kernels[1],
+                                 pointwise=select_pointwise(self.device))
         per_token = config.kv_bytes_per_token(self.model.w["embed"].element_size())
         if kv_tokens is None:
             kv_tokens = max_tokens * max_context
