@@ -13,7 +13,7 @@ from .scheduler import ScheduledChunk
 
 @dataclass(frozen=True)
 class Batch:
-    """The T tokens of one iteration, sequence by sequence (decode tokens first).
+    """The T tokens of one iteration, sequence by sequence (in `spread_order`).
 
     Token t belongs to sequence seq_ids[t] (a row of block_tables) at absolute position
     positions[t]; its K/V go to slot_mapping[t] = page * page_size + offset. The logits of the
@@ -38,6 +38,30 @@ class Batch:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_starts) - 1
+
+
+def spread_order(is_decode: list[bool], lengths: list[int]) -> list[int]:
+    """The order of one iteration's sequences in its batch: decode tokens spread evenly among
+    the prompt chunks, so every contiguous nano-batch of the layout gets its share of both
+    kinds of work. (Decode tokens first would give the first nano-batch all the attention and
+    the last all the GEMM-heavy prompt tokens, and each nano-batch's chain of GEMMs, then
+    attention, then GEMMs could not hide behind the other's.)
+
+    Each sequence is placed at the middle of its share of its own kind: the i-th of D decode
+    tokens at (i + 0.5) / D, a prompt chunk at the middle of the prompt tokens it covers.
+    Returns indices into the inputs; the order within each kind is kept.
+    """
+    decode = [i for i, d in enumerate(is_decode) if d]
+    prompt = [i for i, d in enumerate(is_decode) if not d]
+    if not decode or not prompt:
+        return list(range(len(is_decode)))
+    keys = {i: (k + 0.5) / len(decode) for k, i in enumerate(decode)}
+    total = sum(lengths[i] for i in prompt)
+    before = 0
+    for i in prompt:
+        keys[i] = (before + lengths[i] / 2) / total
+        before += lengths[i]
+    return sorted(range(len(is_decode)), key=lambda i: (keys[i], i))
 
 
 def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.device,

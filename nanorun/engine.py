@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from .batch import build_batch
+from .batch import build_batch, spread_order
 from .config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
 from .distributed import TensorParallel, setup_tensor_parallel
 from .executor import Executor
@@ -160,9 +160,12 @@ class Engine:
         for chunk in sched.chunks:
             if chunk.request.metrics.first_scheduled_time is None:
                 chunk.request.metrics.first_scheduled_time = start
-        batch = build_batch(sched.chunks, self.kv_cache.page_size, self.device)
+        chunks = sched.chunks
+        chunks = [chunks[i] for i in spread_order([c.request.is_decoding for c in chunks],
+                                                  [c.length for c in chunks])]
+        batch = build_batch(chunks, self.kv_cache.page_size, self.device)
         logits = self.executor.run(batch)
-        sampling = [c.request for c in sched.chunks if c.samples]
+        sampling = [c.request for c in chunks if c.samples]
         tokens = self.sampler(logits, sampling)
         now = time.perf_counter()
         for chunk in sched.chunks:

@@ -128,11 +128,12 @@ class Rig:
 
     # -- batches ---------------------------------------------------------------------------
     def batch(self, mix: IterationMix):
-        """The Batch of one iteration of `mix`: decode tokens first, then prompt chunks, each
-        sequence on its own run of pages (reused round-robin past the cache's end)."""
+        """The Batch of one iteration of `mix`, laid out as the engine lays out its batches
+        (IterationMix.sequences), each sequence on its own run of pages (reused round-robin
+        past the cache's end)."""
         from nanorun.batch import Batch
 
-        seqs = [(c - 1, 1) for c in mix.decode_contexts] + list(mix.prompt_chunks)
+        seqs = [(first, n) for first, n, _ in mix.sequences()]
         T = mix.num_tokens
         if T > self.max_tokens:
             raise ValueError(f"the mix has {T} tokens but the rig holds {self.max_tokens}; "

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from nanorun.batch import spread_order
+
 
 @dataclass(frozen=True)
 class IterationMix:
@@ -30,22 +32,29 @@ class IterationMix:
     def num_tokens(self) -> int:
         return len(self.decode_contexts) + sum(n for _, n in self.prompt_chunks)
 
+    def sequences(self) -> list[tuple[int, int, bool]]:
+        """(first position, tokens, is decode) per sequence, in the order the engine lays out
+        its batches (nanorun.batch.spread_order): decode tokens spread among prompt chunks."""
+        seqs = [(c - 1, 1, True) for c in self.decode_contexts] + \
+            [(start, n, False) for start, n in self.prompt_chunks]
+        order = spread_order([d for _, _, d in seqs], [n for _, n, _ in seqs])
+        return [seqs[i] for i in order]
+
     def batch(self) -> SimpleNamespace:
         """What the planner and cost model read of a batch: num_tokens and seq_starts (as
-        nanorun.batch.Batch has them, decode tokens first), plus per-token contexts, decode
-        flags and the number of sampled tokens."""
-        d = len(self.decode_contexts)
-        starts = list(range(d + 1))
-        contexts = list(self.decode_contexts)
-        for start, n in self.prompt_chunks:
+        nanorun.batch.Batch has them), plus per-token contexts, decode flags and the number of
+        sampled tokens."""
+        starts, contexts, decode = [0], [], []
+        for first, n, is_decode in self.sequences():
             starts.append(starts[-1] + n)
-            contexts.extend(range(start + 1, start + n + 1))
+            contexts.extend(range(first + 1, first + n + 1))
+            decode.extend([is_decode] * n)
         # Every decode token samples; a prompt chunk samples when it completes its prompt,
         # which in steady state is all but the last (partial) chunk of the iteration.
-        sampled = d + max(0, len(self.prompt_chunks) - 1)
+        sampled = len(self.decode_contexts) + max(0, len(self.prompt_chunks) - 1)
         return SimpleNamespace(num_tokens=self.num_tokens, seq_starts=tuple(starts),
                                contexts=np.array(contexts, dtype=np.int64),
-                               is_decode=np.arange(len(contexts)) < d,
+                               is_decode=np.array(decode, dtype=bool),
                                num_sampled=max(1, sampled))
 
 

@@ -27,16 +27,15 @@ def rig() -> Rig:
 def test_rig_batch_is_the_mix(rig):
     b = rig.batch(MIX)
     assert b.num_tokens == MIX.num_tokens == 24 and b.num_decode_tokens == 4
-    assert b.seq_starts == (0, 1, 2, 3, 4, 13, 24)
-    assert b.positions[:4].tolist() == [4, 16, 39, 32]                  # context - 1
-    assert b.positions[4:13].tolist() == list(range(9))
-    assert b.positions[13:].tolist() == list(range(16, 27))
+    # As the engine lays out batches: decode tokens spread among the prompt chunks.
+    assert b.seq_starts == (0, 1, 10, 11, 12, 23, 24)
+    assert b.positions.tolist() == [4, *range(9), 16, 39, *range(16, 27), 32]
     # Each token's slot is on its own sequence's pages, at its position.
     page = rig.kv.page_size
     for t in range(b.num_tokens):
         s, p = int(b.seq_ids[t]), int(b.positions[t])
         assert int(b.slot_mapping[t]) == int(b.block_tables[s, p // page]) * page + p % page
-    assert b.sample_indices.tolist() == [0, 1, 2, 3, 12, 23]
+    assert b.sample_indices.tolist() == [0, 9, 10, 11, 22, 23]
     with pytest.raises(ValueError, match="max_tokens >= 70"):
         rig.batch(IterationMix((3,) * 70, ()))
     with pytest.raises(ValueError, match="max_context >= 200"):

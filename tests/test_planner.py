@@ -3,6 +3,8 @@ dependency-respecting execution orders; every wait of the overlap plan is needed
 
 from __future__ import annotations
 
+import random
+
 import dataclasses
 
 import pytest
@@ -357,3 +359,26 @@ def _happens_before(plan: Plan) -> list[int]:
         before.append(bits)
         last_on[launch.stream] = i
     return before
+
+
+def test_spread_order_gives_every_nano_batch_its_share_of_decode_tokens():
+    """Decode tokens first would put them all in the first nano-batches; spread, every even
+    split of the batch gets decode tokens in proportion (within one sequence's worth)."""
+    from nanorun.batch import spread_order
+
+    rng = random.Random(3)
+    for _ in range(50):
+        is_decode = [rng.random() < 0.6 for _ in range(rng.randint(1, 40))]
+        lengths = [1 if d else rng.randint(1, 300) for d in is_decode]
+        order = spread_order(is_decode, lengths)
+        assert sorted(order) == list(range(len(is_decode)))
+        kinds = [i for i in order if is_decode[i]], [i for i in order if not is_decode[i]]
+        assert all(k == sorted(k) for k in kinds)          # each kind keeps its order
+        tokens = [is_decode[i] for i in order for _ in range(lengths[i])]
+        total, decode = len(tokens), sum(tokens)
+        for k in (2, 3, 4):
+            for j in range(1, k):
+                cut = total * j // k
+                expected = decode * j / k
+                biggest = max(lengths)
+                assert abs(sum(tokens[:cut]) - expected) <= 1 + decode * biggest / total
