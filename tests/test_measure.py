@@ -125,6 +125,14 @@ def test_profile_cli_writes_a_profile_tune_can_load(tmp_path, capsys):
     assert "--tokens takes comma-separated integers" in capsys.readouterr().err
 
 
+def test_profile_cli_times_prompt_chunks_longer_than_the_context(tmp_path):
+    """attention_prefill runs a prompt's first max(tokens) positions, past --context."""
+    out = tmp_path / "cpu.json"
+    assert main(["profile", "tiny-llama", "--device", "cpu", "--tokens", "4,40",
+                 "--context", "16", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["ops"]["attention_prefill"]["tokens"] == [4, 40]
+
+
 def test_tune_measure_keeps_the_measured_winner(tmp_path, capsys):
     out = tmp_path / "tuned.json"
     assert main(["tune", "tiny-llama", "--gpu", "cpu", "--trace", "const:24x8",
@@ -153,7 +161,7 @@ def test_measuring_on_cuda_without_a_gpu_says_so():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_profile_times_partitions_and_pairs():
     """On a GPU: fewer SMs never make a large GEMM faster, and the pair is measured."""
-    rig = Rig("llama-3-8b", "cuda", num_layers=1, max_tokens=2048, max_context=1100,
+    rig = Rig("llama-3-8b", "cuda", num_layers=1, max_tokens=2048, max_context=2048,
               kv_tokens=2048 * 1100)
     prof = profile(rig, rig.spec.name, tokens=(256, 2048), context=1024,
                    pairs=(("gate_up", "attention"),), log=print)
