@@ -9,10 +9,13 @@ Granularity: read from the driver (cuda.bindings: cuDeviceGetDevResource, SM res
 the granularity of the device spec that layouts are built with. Partitions: the overlap layout
 for --model at --batch-tokens on this device's spec, opened by the CUDA backend itself
 (CudaStreams), so the SM counts are what the executor really gets. Graphs: two engines on
---check-model (float32, random weights, layout "overlap", so every iteration spans both
-partitions), one with CUDA graphs and one with NANORUN_CUDA_GRAPHS=0; the graphed one runs the
-requests twice (the first pass captures each padded batch size, the second replays them) and
-its greedy tokens and prompt logits are compared with the eager engine's.
+--check-model (float16, which the CUDA attention kernel runs under capture; random weights;
+layout "overlap", so every iteration spans both partitions), one with CUDA graphs and one with
+NANORUN_CUDA_GRAPHS=0; the graphed one runs the requests twice (the first pass runs each new
+padded batch size eagerly and captures it, the second replays them): the replayed pass must
+give the first pass's greedy tokens exactly, and the prompt logits must match the eager
+engine's within float16 rounding (the eager engine runs unpadded shapes, so its roundings
+differ; its greedy tokens are reported beside).
 
 Prints each fact as it is read and writes them all as JSON with the command, date, commit and
 versions. Exit status: 0 when every check passed, 1 when one failed (the JSON says which and
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-TOLERANCE = 1e-4        # max |graph - eager| / max |eager| over float32 prompt logits
+TOLERANCE = 1e-2        # max |graph - eager| / max |eager| over float16 prompt logits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +168,7 @@ def overlap_partitions(model: str, batch_tokens: int) -> dict:
 def graph_replay_vs_eager(model: str) -> dict:
     from nanorun import Engine, SamplingParams
 
-    kw = dict(device="cuda", dtype="float32", layout="overlap", max_batch_tokens=64,
+    kw = dict(device="cuda", dtype="float16", layout="overlap", max_batch_tokens=64,
               kv_cache_tokens=16384, weights="random", seed=0)
     graphed = Engine(model, **kw)
     eager = engine_without_graphs(Engine, model, kw)
@@ -186,14 +189,16 @@ def graph_replay_vs_eager(model: str) -> dict:
     logits_eager = [eager.prompt_logits(p) for p in prompts[:2]]
     rel = max(float((a - b).abs().max() / b.abs().max())
               for a, b in zip(logits_graph, logits_eager))
-    tokens_match = replayed == want
-    return {"model": model, "dtype": "float32", "layout": ex.layout_name,
+    replay_matches = replayed == captured_first
+    return {"model": model, "dtype": "float16", "layout": ex.layout_name,
             "partitions": ex.partition_sms, "how": ex.streams.how,
-            "captured_sizes": sorted(ex.graphs.graphs),
-            "greedy_tokens_match": tokens_match,
+            "captured_sizes": sorted(ex.graphs.graphs), "graphs_active": ex.graphs_active,
+            "replay_tokens_match_first_pass": replay_matches,
+            "greedy_tokens_match": replayed == want,
             "first_pass_tokens_match": captured_first == want,
             "prompt_logits_max_rel_diff": rel, "tolerance": TOLERANCE,
-            "ok": bool(tokens_match and rel <= TOLERANCE and len(ex.partition_sms) > 1)}
+            "ok": bool(ex.graphs_active and replay_matches and rel <= TOLERANCE
+                       and len(ex.partition_sms) > 1)}
 
 
 def engine_without_graphs(engine_cls, model: str, kw: dict):

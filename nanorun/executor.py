@@ -116,7 +116,7 @@ class Executor:
     def _graphs(self, wanted: bool, kernels, max_batch_tokens: int) -> IterationGraphs | None:
         if self.streams is None or not wanted:
             return None
-        why_not = _why_no_graphs(kernels)
+        why_not = _why_no_graphs(kernels, self.model)
         if why_not:
             logger.warning("nanorun: CUDA graphs off (%s); iterations run eagerly", why_not)
             return None
@@ -124,17 +124,28 @@ class Executor:
                                self._launch)
 
 
-def _why_no_graphs(kernels) -> str | None:
+def _why_no_graphs(kernels, model) -> str | None:
     if os.environ.get(GRAPHS_ENV) == "0":
         return f"{GRAPHS_ENV}=0"
     if not kernels:
         return "no kernels were named to check for graph safety"
-    unsafe = [getattr(fn, "__name__", repr(fn)) for fn in kernels
-              if not getattr(fn, "graph_safe", False)]
+    unsafe = [_kernel_name(fn) for fn in kernels if not getattr(fn, "graph_safe", False)]
     if unsafe:
         return (f"{', '.join(unsafe)} not marked graph_safe: a kernel that syncs with the host "
                 f"or reads metadata on it cannot be replayed")
+    # A graph-safe kernel with `supports` is so only for the inputs it supports; for others it
+    # falls back to a path that syncs (and refuses to be captured).
+    head_dim = model.config.head_dim
+    fallback = [_kernel_name(fn) for fn in kernels
+                if hasattr(fn, "supports") and not fn.supports(model.dtype, head_dim)]
+    if fallback:
+        return (f"{', '.join(fallback)} cannot run {model.dtype} with head dim {head_dim} and "
+                f"falls back to a path that syncs with the host")
     return None
+
+
+def _kernel_name(fn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
 def _network_partitions(model, layout: Layout) -> frozenset[str]:

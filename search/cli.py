@@ -101,8 +101,10 @@ def _profile(args) -> int:
 
     tokens = _ints(args.tokens, "--tokens")
     sms = _ints(args.sms, "--sms") if args.sms else None
+    # Positions reach the context (decode attention) and max(tokens) (a prompt's first chunk).
     rig = Rig(args.model, args.device, num_layers=1, max_tokens=max(tokens),
-              max_context=args.context + 1, kv_tokens=max(tokens) * (args.context + 16))
+              max_context=max(args.context + 1, max(tokens)),
+              kv_tokens=max(tokens) * (args.context + 16))
     gpu = args.gpu or rig.spec.name
     print(f"profiling {rig.config.name} on {gpu} ({rig.device}, {rig.dtype}): "
           f"{len(tokens)} token counts, attention at context {args.context}")

@@ -412,9 +412,11 @@ def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
     measured_pairs, interference = [], None
     if rig.is_cuda:
         gemm_tokens, attn_tokens = tokens[-1], tokens[len(tokens) // 2]
-        half = rig.device_sms // 2 // rig.spec.sm_granularity * rig.spec.sm_granularity
+        g = rig.spec.sm_granularity
+        usable = rig.device_sms // g * g    # whole groups: what green contexts can split into
+        half = usable // 2 // g * g
         for a, b in pairs:
-            p = rig.time_pair((a, gemm_tokens, rig.device_sms - half), (b, attn_tokens, half),
+            p = rig.time_pair((a, gemm_tokens, usable - half), (b, attn_tokens, half),
                               context, timing)
             measured_pairs.append(p)
             log(f"  {a} + {b}: " + ", ".join(f"{t / s:.2f}x" for t, s in

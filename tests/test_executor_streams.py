@@ -113,6 +113,19 @@ def test_graphs_only_with_graph_safe_kernels(dense_rig, caplog, monkeypatch):
     assert executor(GRAPH_SAFE).graphs is None
 
 
+def test_no_graphs_where_the_cuda_attention_falls_back(dense_rig, caplog):
+    """The CUDA attention is graph-safe for fp16/bf16 only; on a float32 model it takes the
+    nanorun.ops path, which syncs and raises (ValueError) under capture, so no graphs."""
+    from nanorun.kernels import CudaKVAppend, CudaPagedAttention
+
+    kernels = (CudaPagedAttention(torch.device("cpu")), CudaKVAppend())
+    assert dense_rig.model.dtype == torch.float32
+    with caplog.at_level(logging.WARNING, logger="nanorun"):
+        ex = dense_rig.executor("overlap", kernels=kernels, streams=SimulatedStreams())
+    assert ex.graphs is None
+    assert "CudaPagedAttention cannot run torch.float32 with head dim 32" in caplog.text
+
+
 # -- mutation check: every wait and record the backend issues is needed ----------------------------
 class Dropping(SimulatedStreams):
     """Drops the k-th wait (or record) issued while capturing a graph; a dropped record gives

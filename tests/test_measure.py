@@ -124,6 +124,14 @@ def test_profile_cli_writes_a_profile_tune_can_load(tmp_path, capsys):
     assert "--tokens takes comma-separated integers" in capsys.readouterr().err
 
 
+def test_profile_cli_times_prompt_chunks_longer_than_the_context(tmp_path):
+    """attention_prefill runs a prompt's first max(tokens) positions, past --context."""
+    out = tmp_path / "cpu.json"
+    assert main(["profile", "tiny-llama", "--device", "cpu", "--tokens", "4,40",
+                 "--context", "16", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["ops"]["attention_prefill"]["tokens"] == [4, 40]
+
+
 def test_tune_measure_keeps_the_measured_winner(tmp_path, capsys):
     out = tmp_path / "tuned.json"
     assert main(["tune", "tiny-llama", "--gpu", "cpu", "--trace", "const:24x8",
@@ -141,6 +149,34 @@ def test_tune_measure_keeps_the_measured_winner(tmp_path, capsys):
     assert "measured winner" in capsys.readouterr().out
 
 
+def test_profile_pairs_take_partitions_green_contexts_can_make(rig, monkeypatch):
+    """On an H100 (132 SMs, groups of 8) the overlapping pair's two partitions must fit the
+    16 whole groups the driver splits the device into, or both fall back to plain streams."""
+    from types import SimpleNamespace
+
+    from nanorun.backends.partitions import assign_groups
+    from nanorun.benchmark.ceilings import Ceilings
+    from nanorun.search import measure
+
+    h100 = get_device("h100")
+    asked = []
+
+    def time_pair(a, b, context, timing):
+        asked.append((a[2], b[2]))
+        return {"alone_s": [1.0, 1.0], "together_s": [1.5, 1.5]}
+
+    fake = SimpleNamespace(max_tokens=64, is_cuda=True, device_sms=h100.sm_count, spec=h100,
+                           model=rig.model, config=rig.config, dtype=rig.dtype,
+                           device=rig.device, partitions_how="green contexts",
+                           time_op=lambda *args: 1e-3, time_pair=time_pair)
+    monkeypatch.setattr(measure, "measure_ceilings", lambda *_: Ceilings(1.0, "bf16", 8, 1.0))
+    monkeypatch.setattr(measure, "environment", lambda _: {})
+    profile(fake, "h100", tokens=(16,), sms=(64, 132), log=lambda _: None)
+    assert asked and all(a % 8 == 0 and b % 8 == 0 for a, b in asked)
+    for a, b in asked:
+        assign_groups({"gemm": a, "attn": b}, 8, h100.sm_count // 8)   # raises if they do not fit
+
+
 def test_measuring_on_cuda_without_a_gpu_says_so():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
@@ -152,7 +188,7 @@ def test_measuring_on_cuda_without_a_gpu_says_so():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_profile_times_partitions_and_pairs():
     """On a GPU: fewer SMs never make a large GEMM faster, and the pair is measured."""
-    rig = Rig("llama-3-8b", "cuda", num_layers=1, max_tokens=2048, max_context=1100,
+    rig = Rig("llama-3-8b", "cuda", num_layers=1, max_tokens=2048, max_context=2048,
               kv_tokens=2048 * 1100)
     prof = profile(rig, rig.spec.name, tokens=(256, 2048), context=1024,
                    pairs=(("gate_up", "attention"),), log=print)
