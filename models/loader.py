@@ -182,17 +182,22 @@ def _shard_tensor(config: ModelConfig, name: str, full: torch.Tensor, shape: tup
 def random_weights(config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str,
                    seed: int = 0, tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
     """Deterministic random weights (same names/shapes as `load_weights`): matrices ~ N(0, 0.02),
-    norm scales ~ 1 + N(0, 0.02), biases ~ N(0, 0.02). Drawn on the CPU so that a seed gives the
-    same numbers on every device. With tp_size > 1, rank tp_rank's shard of those very numbers:
-    every full tensor is drawn, then cut."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    norm scales ~ 1 + N(0, 0.02), biases ~ N(0, 0.02). With tp_size > 1, rank tp_rank's shard
+    of those very numbers: every full tensor is drawn, then cut.
+
+    Where they are drawn: on the CPU for a CPU device, so a seed gives the same numbers on every
+    machine; on the GPU itself for a CUDA device, with a CUDA generator (the same numbers on
+    every rank and every run with one torch build), because the CPU draw of an 8B model takes
+    most of a minute, too long for benchmarks that build several engines."""
+    draw = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+    gen = torch.Generator(device=draw).manual_seed(seed)
     shapes = weight_shapes(shard_config(config, tp_size))
     out: dict[str, torch.Tensor] = {}
     for name, shape in weight_shapes(config).items():
         if name == "lm_head" and config.tie_word_embeddings:
             out[name] = out["embed"]
             continue
-        t = torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02
+        t = torch.randn(shape, generator=gen, dtype=torch.float32, device=draw).mul_(0.02)
         if name == "norm" or name.endswith("_norm"):
             t += 1.0
         t = _shard_tensor(config, name, t, shapes[name], tp_rank, tp_size)

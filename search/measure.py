@@ -44,6 +44,8 @@ DEFAULT_CONTEXT = 1024
 # The pairs NanoFlow overlaps: a compute-bound GEMM beside memory-bound decode attention.
 DEFAULT_PAIRS = (("gate_up", "attention"), ("o_proj", "attention"))
 PAGE_SIZE = 16
+# GPU clock cycles (~10 ms) the main stream sleeps before each timed round of op launches.
+HOLD_CYCLES = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Rig:
         from nanorun.engine import _device_spec
         from nanorun.kernels import select_kernels, select_pointwise
         from nanorun.kv_cache import KVCache
-        from nanorun.models import build_model
+        from nanorun.models import build_model, random_weights
 
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -94,7 +96,7 @@ class Rig:
         self.max_tokens, self.max_context = max_tokens, max_context
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self.kernels = select_kernels(self.device)
-        weights = _random_weights(config, self.dtype, self.device, seed)
+        weights = random_weights(config, dtype=self.dtype, device=self.device, seed=seed)
         self.model = build_model(config, weights, max_model_len=max_context,
                                  attention_fn=self.kernels[0], kv_append_fn=self.kernels[1],
                                  pointwise=select_pointwise(self.device))
@@ -310,6 +312,10 @@ class Rig:
         torch.cuda.synchronize(self.device)
         samples = [[] for _ in launches]
         for _ in range(timing.rounds):
+            # Hold the GPU while Python enqueues the launches: small ops finish faster than
+            # they can be launched, and timing them from an idle start would time the host.
+            with torch.cuda.stream(main):
+                torch.cuda._sleep(HOLD_CYCLES)
             start = torch.cuda.Event(enable_timing=True)
             start.record(main)
             ends = []
@@ -325,26 +331,6 @@ class Rig:
             for i, ((_, _, reps), end) in enumerate(zip(launches, ends)):
                 samples[i].append(start.elapsed_time(end) * 1e-3 / reps)
         return [statistics.median(s) for s in samples]
-
-
-def _random_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                    seed: int) -> dict[str, torch.Tensor]:
-    """Weights of the shapes the model expects, drawn on the device itself: timing needs
-    realistic values (never zeros), not models.random_weights' device-independent numbers,
-    whose CPU draw of an 8B model takes most of a minute."""
-    from nanorun.models import weight_shapes
-
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for name, shape in weight_shapes(config).items():
-        if name == "lm_head" and config.tie_word_embeddings:
-            out[name] = out["embed"]
-            continue
-        t = torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.02)
-        if name == "norm" or name.endswith("_norm"):
-            t.add_(1.0)
-        out[name] = t
-    return out
 
 
 def _cpu_time(fn: Callable[[], object], timing: Timing) -> float:
