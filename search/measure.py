@@ -15,8 +15,10 @@ synthetic batches built from an IterationMix: decode tokens at their contexts an
 over a paged KV cache filled with random values (never all zeros). SM counts are real
 partitions: the CUDA backend's own `CudaStreams` (green contexts where the driver allows, else
 plain streams with SM budgets; `Rig.partitions_how` says which). Timing: CUDA events around
-`reps` back-to-back launches after warm-up, the median of `rounds` such timings; on the CPU,
-perf_counter (no SM partitions: one column, and no pairs).
+`reps` back-to-back launches after warm-up, queued behind a short GPU sleep so that the host's
+launch rate is not what gets timed, the median of `rounds` such timings (whole iterations are
+timed end to end, host included, as the engine runs them); on the CPU, perf_counter (no SM
+partitions: one column, and no pairs).
 """
 
 from __future__ import annotations
