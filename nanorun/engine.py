@@ -263,14 +263,20 @@ def _layout_and_batch_tokens(cfg: EngineConfig, model_name: str, device_spec: De
 def _device_spec(device: torch.device) -> DeviceSpec:
     """The spec layouts are validated against, and whose name "auto" looks tuned layouts up
     by: the CPU, the known GPU the device's name names (h100, h200, a100, l40s), else one
-    made from the device's properties."""
+    made from the device's properties. The SM count is always the device's own: an H100 PCIe
+    (114 SMs) is named "h100" but is not partitioned like the 132-SM SXM part."""
     if device.type != "cuda":
         return get_device("cpu")
     name = torch.cuda.get_device_name(device)
     spec = known_device(name)
-    if spec is not None:
-        return spec
     props = torch.cuda.get_device_properties(device)
+    if spec is not None:
+        if spec.sm_count != props.multi_processor_count:
+            logger.warning("%s has %d SMs, not the %d of the %s spec: layouts are validated "
+                           "against %d", name, props.multi_processor_count, spec.sm_count,
+                           spec.name, props.multi_processor_count)
+            spec = replace(spec, sm_count=props.multi_processor_count)
+        return spec
     return DeviceSpec(name.lower(), props.multi_processor_count, 8, 0.0, 0.0, 0.0,
                       props.total_memory / 2**30)
 

@@ -7,6 +7,8 @@ $NANORUN_LAYOUT_DIR cleared, so nothing is read from or left in the repository.
 
 from __future__ import annotations
 
+import types
+
 import logging
 import os
 
@@ -170,7 +172,11 @@ def test_cuda_device_names_map_to_the_gpu_names_tune_uses(cuda_name, gpu, monkey
     assert known_device(cuda_name).name == gpu
     assert get_device(cuda_name).name == gpu
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: cuda_name)
-    assert _device_spec(torch.device("cuda")).name == gpu
+    sms = 114 if "PCIe" in cuda_name and gpu == "h100" else get_device(gpu).sm_count
+    props = types.SimpleNamespace(multi_processor_count=sms, total_memory=80 << 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    spec = _device_spec(torch.device("cuda"))
+    assert spec.name == gpu and spec.sm_count == sms     # the device's own SM count
 
 
 def test_an_unknown_gpu_name_is_not_mistaken_for_a_known_one():
