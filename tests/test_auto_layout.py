@@ -7,10 +7,9 @@ $NANORUN_LAYOUT_DIR cleared, so nothing is read from or left in the repository.
 
 from __future__ import annotations
 
-import types
-
 import logging
 import os
+import types
 
 import pytest
 import torch
