@@ -376,12 +376,8 @@ def tune(tuner: Tuner, *, trials: int = 200, seed: int = 0, space: SearchSpace |
         return (tps, secs) if multi_objective else tps
 
     if not study.trials:   # the baseline is always a trial: tuned is never below sequential
-        baseline = {"batch_tokens": max(space.batch_tokens), "attn_partition": False,
-                    "gemm_splits": 1, "attn_splits": 1, "balance": space.balance[0],
-                    "skew": 0.0, "pipeline": False}
-        if space.net_sms:
-            baseline["net_sms"] = None
-        study.enqueue_trial(baseline)
+        for params in seed_points(space):
+            study.enqueue_trial(params)
     done = len([t for t in study.trials if t.state.is_finished()])
     study.optimize(objective, n_trials=max(0, trials - done), show_progress_bar=progress)
 
@@ -413,6 +409,36 @@ def _distinct(tuner: Tuner, trials, keep: int) -> list[Layout]:
             if len(layouts) == keep:
                 break
     return layouts
+
+
+def seed_points(space: SearchSpace) -> list[dict[str, Any]]:
+    """The first trials of a new study, at the largest batch size: "sequential" (so the tuned
+    layout is never predicted below it), then NanoFlow's shape of pipeline (two nano-batches,
+    attention on its own partition, the later nano-batch's post-attention GEMMs a layer behind)
+    at a few GEMM shares. Throughput is dominated by the batch size, so a search started
+    elsewhere spends its trials there and seldom reaches the conjunction of choices the
+    pipeline needs; started here, TPE refines around it."""
+    b = max(space.batch_tokens)
+    net = {"net_sms": None} if space.net_sms else {}
+    points = [{"batch_tokens": b, "attn_partition": False, "gemm_splits": 1, "attn_splits": 1,
+               "balance": space.balance[0], "skew": 0.0, "pipeline": False, **net}]
+    if not (True in space.attn_partition and True in space.pipeline
+            and 2 in space.gemm_splits and 2 in space.attn_splits):
+        return points
+    shares = [None]
+    if space.gemm_sms:
+        top = max(space.gemm_sms) + min(space.gemm_sms)     # about the device's usable SMs
+        shares = sorted({min(space.gemm_sms, key=lambda s: abs(s - f * top))
+                         for f in (0.7, 0.8, 0.9)})
+    skew = min(space.skew, key=lambda k: abs(k - 0.5))
+    for sms in shares:
+        point = {"batch_tokens": b, "attn_partition": True, "gemm_splits": 2, "attn_splits": 2,
+                 "balance": "tokens" if "tokens" in space.balance else space.balance[0],
+                 "skew": skew, "pipeline": True, **net}
+        if sms is not None:
+            point["gemm_sms"] = sms
+        points.append(point)
+    return points
 
 
 def exhaustive(tuner: Tuner, space: SearchSpace) -> TuneResult:
