@@ -190,6 +190,10 @@ def build_layout(ops, device, c: Candidate, mix: IterationMix | None = None,
     gemm = _even(b, c.gemm_splits)
     if c.balance == "cost" and mix is not None and c.attn_splits > 1:
         attn = _cost_balanced(b, c.attn_splits, mix)
+        if c.gemm_splits == c.attn_splits:
+            # Same nano-batches on both sides: misaligned boundaries would make each GEMM
+            # nano-batch wait for two attention nano-batches, serialising the pipeline.
+            gemm = attn
     else:
         attn = _even(b, c.attn_splits)
     layout_ops = []
