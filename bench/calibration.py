@@ -18,7 +18,6 @@ small model; it checks the tooling, not a GPU.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -64,9 +63,7 @@ def main() -> int:
             else default_batch
         layouts.append(predictor.resolve(name, batch))
     mixes = {lo.batch_tokens: tuner.mixes(lo.batch_tokens) for lo in layouts}
-    longest = max(max(m.decode_contexts + tuple(s + n for s, n in m.prompt_chunks))
-                  for ms in mixes.values() for m in ms)
-    rig = Rig(config, args.device, max_tokens=max(mixes), max_context=longest + 1)
+    rig = Rig.for_mixes(config, args.device, (m for ms in mixes.values() for m in ms))
     print(f"calibration of {config.name} on {args.gpu} ({rig.device}), profile "
           f"{Path(args.profile).name if args.profile else 'none (uncalibrated)'}, "
           f"trace {workload.name}:")

@@ -197,7 +197,7 @@ def _tune(args) -> int:
     if result.pareto:
         doc["pareto"] = result.pareto
     if args.measure:
-        layout, doc = _measure(args, predictor, tuner, result, doc, name)
+        layout, doc = _measure(args, predictor, tuner, result, doc)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -225,7 +225,7 @@ def _tune(args) -> int:
     return 0
 
 
-def _measure(args, predictor, tuner, result, doc, name):
+def _measure(args, predictor, tuner, result, doc):
     """--measure: time the best candidates and sequential for real; the measured winner
     becomes the written layout, with its measured figures beside the predicted ones."""
     from .measure import Rig, measure_layouts
@@ -235,9 +235,7 @@ def _measure(args, predictor, tuner, result, doc, name):
     layouts = candidates + [tuner.sequential(b) for b in
                             sorted({c.batch_tokens for c in candidates})]
     mixes = {b: tuner.mixes(b) for b in {lo.batch_tokens for lo in layouts}}
-    longest = max(max(m.decode_contexts + tuple(s + n for s, n in m.prompt_chunks), default=1)
-                  for ms in mixes.values() for m in ms)
-    rig = Rig(args.model, args.device, max_tokens=max(mixes), max_context=longest + 1)
+    rig = Rig.for_mixes(args.model, args.device, (m for ms in mixes.values() for m in ms))
     print(f"measuring {len(layouts)} layouts on {rig.device} ({rig.spec.name}):")
     rows = measure_layouts(predictor, rig, layouts, mixes.__getitem__,
                            tuner.workload.tokens_per_batch_token)
@@ -285,7 +283,7 @@ def _plan(args) -> int:
     if args.measure:
         from .measure import Rig
 
-        rig = Rig(args.model, args.device, max_tokens=b, max_context=args.decode_context + b)
+        rig = Rig.for_mixes(args.model, args.device, [mix])
         schedule = rig.timeline(layout, mix)
         print(f"measured on {rig.device} ({rig.spec.name}, {rig.partitions_how}): "
               f"{schedule.makespan * 1e3:.3f} ms")

@@ -217,15 +217,15 @@ class CostModel:
         if w.kind != "attention":
             return self._cost(op, w, tokens, sms, None)
         stats = stats or TokenStats(decode_tokens=tokens, decode_context=tokens)
-        parts = [(ATTENTION_PREFILL if prompt else op, part) for prompt, part in (
-            (False, TokenStats(stats.decode_tokens, stats.decode_context)),
-            (True, TokenStats(prompt_tokens=stats.prompt_tokens,
-                              prompt_context=stats.prompt_context)))
-            if part.decode_tokens or part.prompt_tokens]
-        if len(parts) == 1:
-            return self._cost(parts[0][0], w, tokens, sms, parts[0][1])
-        costs = [self._cost(name, w, part.decode_tokens + part.prompt_tokens, sms, part)
-                 for name, part in parts]
+        decode = TokenStats(stats.decode_tokens, stats.decode_context)
+        prompt = TokenStats(prompt_tokens=stats.prompt_tokens,
+                            prompt_context=stats.prompt_context)
+        if not stats.prompt_tokens:
+            return self._cost(op, w, tokens, sms, decode)
+        if not stats.decode_tokens:
+            return self._cost(ATTENTION_PREFILL, w, tokens, sms, prompt)
+        costs = (self._cost(op, w, stats.decode_tokens, sms, decode),
+                 self._cost(ATTENTION_PREFILL, w, stats.prompt_tokens, sms, prompt))
         seconds = sum(c.seconds for c in costs)
         memory = sum(c.memory_share * c.seconds for c in costs)
         demand = sum(c.demand * c.seconds for c in costs)

@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from nanorun.benchmark.ceilings import measure as measure_ceilings
+from nanorun.benchmark.ceilings import measure as measure_ceilings, median_seconds
 from nanorun.layout import Layout, Partition
 from nanorun.models import ModelConfig, resolve_model
 
@@ -122,6 +122,14 @@ class Rig:
         self.partitions_how = "no SM partitions (CPU)" if self.device.type != "cuda" else \
             "whole device only"
 
+    @classmethod
+    def for_mixes(cls, model: str | ModelConfig, device: str | torch.device,
+                  mixes: Iterable[IterationMix]) -> "Rig":
+        """A whole-model rig big enough for every iteration of `mixes`."""
+        mixes = list(mixes)
+        return cls(model, device, max_tokens=max(m.num_tokens for m in mixes),
+                   max_context=max(m.reach for m in mixes))
+
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
@@ -142,7 +150,7 @@ class Rig:
         if T > self.max_tokens:
             raise ValueError(f"the mix has {T} tokens but the rig holds {self.max_tokens}; "
                              f"build the Rig with max_tokens >= {T}")
-        longest = max(first + n for first, n in seqs)
+        longest = mix.reach
         if longest > self.max_context:
             raise ValueError(f"the mix reaches position {longest} but the rig's rope tables "
                              f"hold {self.max_context}; build the Rig with max_context >= "
@@ -231,10 +239,8 @@ class Rig:
             executor = Executor(self.model, self.kv, layout.batch_tokens, layout, self.spec,
                                 kernels=self.kernels)
         batch = self.batch(mix)
-        fn = lambda: executor.run(batch)  # noqa: E731
-        if not self.is_cuda:
-            return _cpu_time(fn, replace(timing, reps=1))
-        return _event_time(fn, torch.cuda.current_stream(self.device), timing, reps=1)
+        return median_seconds(lambda: executor.run(batch), self.device, timing.warmup,
+                              timing.rounds)
 
     def timeline(self, layout: Layout, mix: IterationMix, warmup: int = 2):
         """One iteration of `mix` under `layout`, run eagerly (no CUDA graph) with every launch
@@ -270,7 +276,7 @@ class Rig:
         index = {id(launch): i for i, launch in enumerate(plan.launches)}
         marks: list = [None] * n
 
-        def timed(launch, i=None) -> None:
+        def timed(launch) -> None:
             begin, done = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             begin.record()
             if launch.op == LOGITS:
@@ -278,7 +284,7 @@ class Rig:
             else:
                 executor._launch(launch, batch)
             done.record()
-            marks[index[id(launch)] if i is None else i] = (begin, done)
+            marks[index[id(launch)]] = (begin, done)
 
         streams = executor.streams
         self.partitions_how = streams.summary
@@ -286,8 +292,8 @@ class Rig:
         origin = torch.cuda.Event(enable_timing=True)
         origin.record(streams.stream(MAIN))
         issue(plan, streams, timed)
-        logits = next(i for i, launch in enumerate(plan.launches) if launch.op == LOGITS)
-        streams.enqueue(MAIN, lambda: timed(plan.launches[logits], logits))
+        logits = next(launch for launch in plan.launches if launch.op == LOGITS)
+        streams.enqueue(MAIN, lambda: timed(logits))
         torch.cuda.synchronize(self.device)
         start = tuple(origin.elapsed_time(b) * 1e-3 for b, _ in marks)
         end = tuple(origin.elapsed_time(e) * 1e-3 for _, e in marks)
@@ -344,24 +350,6 @@ def _cpu_time(fn: Callable[[], object], timing: Timing) -> float:
         for _ in range(timing.reps):
             fn()
         samples.append((time.perf_counter() - t0) / timing.reps)
-    return statistics.median(samples)
-
-
-def _event_time(fn: Callable[[], object], stream, timing: Timing, reps: int | None = None) -> float:
-    reps = reps or timing.reps
-    with torch.cuda.stream(stream):
-        for _ in range(timing.warmup):
-            fn()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(timing.rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            for _ in range(reps):
-                fn()
-            end.record(stream)
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e-3 / reps)
     return statistics.median(samples)
 
 

@@ -32,6 +32,11 @@ class IterationMix:
     def num_tokens(self) -> int:
         return len(self.decode_contexts) + sum(n for _, n in self.prompt_chunks)
 
+    @property
+    def reach(self) -> int:
+        """How far into its sequences the iteration reaches: its longest context."""
+        return max([*self.decode_contexts, *(s + n for s, n in self.prompt_chunks)], default=0)
+
     def sequences(self) -> list[tuple[int, int, bool]]:
         """(first position, tokens, is decode) per sequence, in the order the engine lays out
         its batches (nanorun.batch.spread_order): decode tokens spread among prompt chunks."""

@@ -37,12 +37,12 @@ def measure(device: torch.device, dtype: torch.dtype) -> Ceilings:
     size, warmup, repeats, copy_bytes = _GPU if device.type == "cuda" else _CPU
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    seconds = _median_seconds(lambda: torch.mm(a, b), device, warmup, repeats)
+    seconds = median_seconds(lambda: torch.mm(a, b), device, warmup, repeats)
     tflops = 2 * size**3 / seconds / 1e12
     del a, b
     src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), device, warmup, repeats)
+    seconds = median_seconds(lambda: dst.copy_(src), device, warmup, repeats)
     gbps = 2 * copy_bytes / seconds / 1e9
     del src, dst
     if device.type == "cuda":
@@ -55,7 +55,9 @@ def optimal_tokens_per_s(gemm_tflops: float, active_params_per_token: int) -> fl
     return gemm_tflops * 1e12 / (2 * active_params_per_token)
 
 
-def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of one call of `fn` on `device` after `warmup` calls (CUDA events on a
+    GPU, perf_counter on the CPU)."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
