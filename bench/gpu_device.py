@@ -121,7 +121,7 @@ def green_context_facts() -> dict:
     assume for this device (the spec's)."""
     from cuda.bindings import driver
 
-    from nanorun.engine import _device_spec
+    from nanorun.engine import device_spec
 
     def call(name, *args):
         err, *out = getattr(driver, name)(*args)
@@ -136,7 +136,7 @@ def green_context_facts() -> dict:
     fields = {f: getattr(sm, f, None) for f in ("smCount", "minSmPartitionSize",
                                                 "smCoscheduledAlignment")}
     fields = {k: int(v) for k, v in fields.items() if v is not None}
-    spec = _device_spec(torch.device("cuda"))
+    spec = device_spec(torch.device("cuda"))
     driver_step = max(fields.get("minSmPartitionSize", 0), fields.get("smCoscheduledAlignment", 0))
     return {"driver_sm_resource": fields, "spec": spec.name,
             "spec_sm_granularity": spec.sm_granularity, "spec_sm_count": spec.sm_count,
@@ -149,13 +149,13 @@ def green_context_facts() -> dict:
 def overlap_partitions(model: str, batch_tokens: int) -> dict:
     """Open the overlap layout's partitions as the executor does and read back their SMs."""
     from nanorun.backends import CudaStreams
-    from nanorun.engine import _device_spec
+    from nanorun.engine import device_spec
     from nanorun.layout import overlap
     from nanorun.models import layer_ops, resolve_model
 
     config, _ = resolve_model(model)
     ops = tuple(op.name for op in layer_ops(1))
-    layout = overlap(ops, batch_tokens, _device_spec(torch.device("cuda")))
+    layout = overlap(ops, batch_tokens, device_spec(torch.device("cuda")))
     streams = CudaStreams(layout, "cuda")
     requested = {p.name: p.sm_count for p in layout.partitions}
     return {"model": config.name, "batch_tokens": batch_tokens, "requested": requested,

@@ -64,8 +64,8 @@ class Engine:
         self.tensor_parallel: TensorParallel = setup_tensor_parallel(
             cfg.tensor_parallel_size, cfg.torch_device, process_group)
         self.device = self.tensor_parallel.device
-        device_spec = _device_spec(self.device)
-        layout, batch_tokens = _layout_and_batch_tokens(cfg, self.model_config.name, device_spec)
+        spec = device_spec(self.device)
+        layout, batch_tokens = _layout_and_batch_tokens(cfg, self.model_config.name, spec)
         self.config = cfg = replace(cfg, max_batch_tokens=batch_tokens)
         self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
         weights = self._load_weights(model_dir)
@@ -77,7 +77,7 @@ class Engine:
         self.kv_cache = self._new_kv_cache()
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens)
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
-                                 device_spec, kernels=(attention_fn, kv_append_fn))
+                                 spec, kernels=(attention_fn, kv_append_fn))
         self.sampler = Sampler(cfg.seed)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
@@ -242,17 +242,13 @@ class Engine:
             dtype=self.dtype, device=self.device)
 
 
-def _layout_and_batch_tokens(cfg: EngineConfig, model_name: str, device_spec: DeviceSpec):
+def _layout_and_batch_tokens(cfg: EngineConfig, model_name: str, spec: DeviceSpec):
     """What the executor is built from: the layout ("auto" looked up, a JSON file loaded) and
     the dense batch size: the user's max_batch_tokens, else the layout's own, else the
     default. So a layout that `nanorun tune` sized runs at its size unless the user says
     otherwise; "auto" with an explicit size takes only a layout tuned for that size."""
-    layout = cfg.layout
-    if layout == "auto":
-        layout = tuned_layout(model_name, device_spec.name, cfg.tensor_parallel_size,
-                              cfg.max_batch_tokens) or "overlap"
-    elif is_layout_file(layout):
-        layout = Layout.load(layout)
+    layout = resolve_layout(cfg.layout, model_name, spec, cfg.tensor_parallel_size,
+                            cfg.max_batch_tokens)
     if cfg.max_batch_tokens is not None:
         return layout, cfg.max_batch_tokens
     if isinstance(layout, Layout):
@@ -260,7 +256,19 @@ def _layout_and_batch_tokens(cfg: EngineConfig, model_name: str, device_spec: De
     return layout, DEFAULT_MAX_BATCH_TOKENS
 
 
-def _device_spec(device: torch.device) -> DeviceSpec:
+def resolve_layout(layout, model_name: str, spec: DeviceSpec, tp: int = 1,
+                   batch_tokens: int | None = None):
+    """A layout as the engine runs it: "auto" becomes the tuned Layout for this model, device,
+    tp (and batch size, when given) or "overlap"; a JSON file becomes its Layout; anything else
+    is returned as it is."""
+    if layout == "auto":
+        return tuned_layout(model_name, spec.name, tp, batch_tokens) or "overlap"
+    if is_layout_file(layout):
+        return Layout.load(layout)
+    return layout
+
+
+def device_spec(device: torch.device) -> DeviceSpec:
     """The spec layouts are validated against, and whose name "auto" looks tuned layouts up
     by: the CPU, the known GPU the device's name names (h100, h200, a100, l40s), else one
     made from the device's properties. The SM count is always the device's own: an H100 PCIe

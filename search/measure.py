@@ -74,7 +74,7 @@ class Rig:
                  dtype: torch.dtype | None = None, num_layers: int | None = None,
                  max_tokens: int = 4096, max_context: int = 8192,
                  kv_tokens: int | None = None, seed: int = 0) -> None:
-        from nanorun.engine import _device_spec
+        from nanorun.engine import device_spec
         from nanorun.kernels import select_kernels, select_pointwise
         from nanorun.kv_cache import KVCache
         from nanorun.models import build_model, random_weights
@@ -94,7 +94,7 @@ class Rig:
             config = replace(config, num_layers=num_layers)
         self.config = config
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.spec = _device_spec(self.device)
+        self.spec = device_spec(self.device)
         self.max_tokens, self.max_context = max_tokens, max_context
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self.kernels = select_kernels(self.device)

@@ -17,7 +17,7 @@ import torch
 from nanorun import LLM, SamplingParams
 from nanorun.cli import main
 from nanorun.config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
-from nanorun.engine import _device_spec
+from nanorun.engine import device_spec
 from nanorun.layout import (LAYOUT_DIR_ENV, Layout, find_tuned_layouts, overlap,
                             tuned_layout_path)
 from nanorun.models import get_preset, layer_ops
@@ -174,7 +174,7 @@ def test_cuda_device_names_map_to_the_gpu_names_tune_uses(cuda_name, gpu, monkey
     sms = 114 if "PCIe" in cuda_name and gpu == "h100" else get_device(gpu).sm_count
     props = types.SimpleNamespace(multi_processor_count=sms, total_memory=80 << 30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
-    spec = _device_spec(torch.device("cuda"))
+    spec = device_spec(torch.device("cuda"))
     assert spec.name == gpu and spec.sm_count == sms     # the device's own SM count
 
 

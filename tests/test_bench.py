@@ -433,3 +433,26 @@ def test_bad_command_lines_fail_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--request-rate", "0"])
     assert "requests/s" in capsys.readouterr().err
+
+
+def test_one_dense_batch_size_for_every_layout(tmp_path, monkeypatch):
+    """--max-batch-tokens unset: the first layout with a size of its own sets it for all, so
+    "sequential" runs at the tuned size it is compared with."""
+    from nanorun.benchmark.runner import BenchConfig
+    from nanorun.config import DEFAULT_MAX_BATCH_TOKENS
+    from nanorun.layout import LAYOUT_DIR_ENV, overlap, tuned_layout_path
+    from nanorun.models import layer_ops
+    from nanorun.search import get_device
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(LAYOUT_DIR_ENV, raising=False)
+    ops = tuple(op.name for op in layer_ops(1))
+    config = BenchConfig(layouts=("overlap", "auto"))
+    assert config.dense_batch_tokens() == DEFAULT_MAX_BATCH_TOKENS      # nothing tuned yet
+    path = tuned_layout_path("tiny-llama", "cpu", 96)
+    path.parent.mkdir(parents=True)
+    overlap(ops, 96, get_device("cpu")).save(path)
+    assert config.dense_batch_tokens() == 96
+    overlap(ops, 80, get_device("cpu")).save(tmp_path / "mine.json")
+    assert BenchConfig(layouts=(str(tmp_path / "mine.json"), "auto")).dense_batch_tokens() == 80
+    assert BenchConfig(layouts=("auto",), max_batch_tokens=64).dense_batch_tokens() == 64

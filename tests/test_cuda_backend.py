@@ -20,7 +20,7 @@ from executor_rig import BATCH, GRAPH_SAFE, Rig, close, dense_attention
 from nanorun import Engine, SamplingParams
 from nanorun.backends import MAIN, CudaStreams, current_sm_budget
 from nanorun.backends.partitions import GreenContextError, assign_groups, green_contexts
-from nanorun.engine import _device_spec
+from nanorun.engine import device_spec
 from nanorun.executor import _network_partitions
 from nanorun.layout import Layout, OpLayout, Partition, overlap
 from nanorun.models import LAYER_OPS, OpSpec
@@ -151,7 +151,7 @@ def _say(*parts) -> None:
 
 @pytest.fixture(scope="module")
 def gpu_spec():
-    spec = _device_spec(torch.device("cuda"))
+    spec = device_spec(torch.device("cuda"))
     props = torch.cuda.get_device_properties(0)
     _say(f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
          f"CUDA {torch.version.cuda}, spec {spec.name}")

@@ -33,8 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--layout", nargs="+", default=["sequential", "overlap"],
                    help="layouts to compare: sequential, overlap, auto or a layout JSON file "
                         "(sequential always runs too, first)")
-    p.add_argument("--max-batch-tokens", type=int, default=512,
-                   help="dense batch size: tokens per iteration (default: 512)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="dense batch size, tokens per iteration, for every layout (default: "
+                        "the size of the first --layout that has one, such as a tuned 'auto' "
+                        "layout or a layout JSON, else 512)")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV cache capacity in tokens (default: sized from free memory)")
     p.add_argument("--trace", default="sharegpt",

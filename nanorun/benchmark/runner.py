@@ -29,8 +29,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from ..config import EngineConfig
-from ..engine import Engine
+from ..config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
+from ..engine import Engine, device_spec, resolve_layout
+from ..layout import Layout
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from . import arrivals as arrival_process
@@ -51,7 +52,7 @@ class BenchConfig:
     model: str = "tiny-llama"
     device: str = "cpu"
     dtype: str | None = None
-    max_batch_tokens: int = 512
+    max_batch_tokens: int | None = None     # None: see dense_batch_tokens()
     kv_cache_tokens: int | None = None
     weights: str = "auto"
     trace: str = "sharegpt"
@@ -79,9 +80,24 @@ class BenchConfig:
         """The asked layouts, deduplicated, with the baseline first."""
         return tuple(dict.fromkeys((BASELINE, *self.layouts)))
 
-    def engine(self, layout: str) -> Engine:
+    def dense_batch_tokens(self) -> int:
+        """One dense batch size for every layout, so that their ratios compare like with like:
+        --max-batch-tokens, else the size of the first layout that has its own (a layout
+        `nanorun tune` stored for "auto", a layout JSON), else the engine's default."""
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens
+        from ..models import resolve_model
+        model_name = resolve_model(self.model)[0].name
+        spec = device_spec(torch.device(self.device))
+        for layout in self.layouts:
+            resolved = resolve_layout(layout, model_name, spec)
+            if isinstance(resolved, Layout):
+                return resolved.batch_tokens
+        return DEFAULT_MAX_BATCH_TOKENS
+
+    def engine(self, layout: str, max_batch_tokens: int) -> Engine:
         return Engine(self.model, device=self.device, dtype=self.dtype, layout=layout,
-                      max_batch_tokens=self.max_batch_tokens,
+                      max_batch_tokens=max_batch_tokens,
                       kv_cache_tokens=self.kv_cache_tokens, seed=self.seed,
                       weights=self.weights)
 
@@ -165,9 +181,10 @@ def run_benchmark(config: BenchConfig) -> Measurement:
                            f"--device cpu")
     env = environment.describe(device)
     measured = ceilings.measure(device, engine_config.torch_dtype)
+    batch_tokens = config.dense_batch_tokens()
     workload, facts, runs = None, {}, []
     for layout in config.layouts_to_run:
-        engine = config.engine(layout)
+        engine = config.engine(layout, batch_tokens)
         if workload is None:
             workload, facts = Workload.fit(trace, engine, config.seed), engine_facts(engine)
         warm_up(engine)
