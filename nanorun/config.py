@@ -37,8 +37,15 @@ class EngineConfig:
     weights: str = "auto"
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
+    scheduling_policy: str = "fcfs"
+    length_predictor: Any = None
 
     def __post_init__(self) -> None:
+        from .scheduler import POLICIES
+
+        if self.scheduling_policy not in POLICIES:
+            raise ValueError(f"unknown scheduling_policy {self.scheduling_policy!r}: use one of "
+                             f"{POLICIES}")
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("tensor_parallel_size", self.tensor_parallel_size)

@@ -75,7 +75,8 @@ class Engine:
                                  tp_group=self.tensor_parallel.group,
                                  pointwise=select_pointwise(self.device))
         self.kv_cache = self._new_kv_cache()
-        self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens)
+        self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens, cfg.scheduling_policy,
+                                   cfg.length_predictor)
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
                                  spec, kernels=(attention_fn, kv_append_fn))
         self.sampler = Sampler(cfg.seed)
@@ -103,8 +104,8 @@ class Engine:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use by an "
                              f"unfinished request; give each request a unique id")
-        self.requests[request.request_id] = request
         self.scheduler.add(request)
+        self.requests[request.request_id] = request
 
     def new_request(self, request_id, prompt_token_ids, sampling_params=None, arrival_time=None):
         """Validate and build a Request without queueing it."""

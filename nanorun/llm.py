@@ -36,6 +36,11 @@ class LLM:
             every rank returns the same outputs, `is_driver` (rank 0) says which reports them.
         process_group: a torch.distributed group of tensor_parallel_size ranks to use instead
             of the default group.
+        scheduling_policy: which waiting requests start first: "fcfs" (arrival order) or
+            "hrrn" (highest response ratio next, by predicted output length: Magnus).
+        length_predictor: what "hrrn" predicts output lengths with: None (each request's
+            max_tokens), a trace name to fit a prompt-length model on (see nanorun.lengths),
+            or an object with predict(prompt_token_ids, sampling_params).
     """
 
     def __init__(
@@ -53,12 +58,15 @@ class LLM:
         max_model_len: int | None = None,
         tensor_parallel_size: int = 1,
         process_group=None,
+        scheduling_policy: str = "fcfs",
+        length_predictor=None,
     ) -> None:
         self.engine = Engine(
             model, device=device, dtype=dtype, layout=layout,
             max_batch_tokens=max_batch_tokens, kv_cache_tokens=kv_cache_tokens,
             page_size=page_size, seed=seed, weights=weights, max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size, process_group=process_group)
+            tensor_parallel_size=tensor_parallel_size, process_group=process_group,
+            scheduling_policy=scheduling_policy, length_predictor=length_predictor)
         self._ids = itertools.count()
 
     @property

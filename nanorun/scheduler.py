@@ -3,20 +3,38 @@
 Every iteration gets a fixed token budget (the dense batch size). It is filled, in order, with
   1. one decode token for every running request that is decoding,
   2. the next chunk of a prompt that was split in the previous iteration,
-  3. chunks of waiting prompts, first come first served,
+  3. chunks of waiting prompts, in the order of the scheduling policy,
 until the budget is exactly used or nothing is left. Only the chunk that reaches a request's
 last known token samples. When a running request needs a page and none is free, the most
 recently admitted request still unscheduled this iteration is preempted: its pages are freed and
 it goes back to the front of the waiting queue to be recomputed later. Nothing is dropped.
+
+Policies decide which waiting requests are admitted first:
+  - "fcfs": first come, first served.
+  - "hrrn": highest response ratio next (Magnus): ratio = (W + S) / S, with S the request's
+    predicted service (the iterations its prompt chunks take, plus one per predicted output
+    token after the first; the output length comes from a LengthPredictor) and W the
+    iterations it has waited. Short requests go first, and every wait raises a long request's
+    ratio until it goes too, so nothing starves. Time is counted in iterations, not seconds,
+    so that every tensor-parallel rank ranks alike.
+Under both, preempted requests go first, in the order they were preempted: their clients have
+seen tokens, and they hold a place they were already given. Admission is strict: it stops at
+the first request (in policy order) that does not fit, so a large request is never skipped
+for ever by smaller ones behind it.
 """
 
 from __future__ import annotations
 
 import collections
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from .kv_cache import KVCache
+from .lengths import LengthPredictor, get_length_predictor
 from .request import Request, RequestStatus
+
+POLICIES = ("fcfs", "hrrn")
 
 
 @dataclass(frozen=True)
@@ -47,13 +65,33 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCache, max_batch_tokens: int) -> None:
+    """policy: "fcfs" or "hrrn" (see the module's docstring). predictor: what get_length_predictor
+    takes (None: the request's max_tokens); used by "hrrn" only."""
+
+    def __init__(self, kv_cache: KVCache, max_batch_tokens: int, policy: str = "fcfs",
+                 predictor: LengthPredictor | str | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}: use one of {POLICIES}")
         self.kv = kv_cache
         self.max_batch_tokens = max_batch_tokens
+        self.policy = policy
+        self.predictor = get_length_predictor(predictor) if policy == "hrrn" else None
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []          # in admission order
+        self.iteration = 0                        # schedule() calls so far
+        # hrrn: (iteration it was added, predicted output tokens) of every queued request
+        self._hrrn: dict[Request, tuple[int, float]] = {}
 
     def add(self, request: Request) -> None:
+        """Queue a request. Raises (and queues nothing) if the length predictor fails on it."""
+        if self.predictor is not None:
+            predicted = self.predictor.predict(request.prompt_token_ids, request.sampling_params)
+            if not isinstance(predicted, numbers.Real) or not math.isfinite(predicted) \
+                    or predicted < 1:
+                raise ValueError(f"length predictor {self.predictor!r} predicted {predicted!r} "
+                                 f"output tokens for request {request.request_id!r}; a "
+                                 f"predictor must return a finite number >= 1")
+            self._hrrn[request] = (self.iteration, float(predicted))
         self.waiting.append(request)
 
     def remove(self, request: Request) -> None:
@@ -62,17 +100,43 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self._hrrn.pop(request, None)
         self.kv.release(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        self.iteration += 1
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_batch_tokens)
         if not out.preempted:   # short of pages: admit nothing new this iteration
+            if self.policy == "hrrn" and budget > 0 and len(self.waiting) > 1:
+                self._rank_waiting()
             self._admit_waiting(out, budget)
         return out
+
+    def predicted_service(self, request: Request) -> float:
+        """hrrn's S: iterations the request still needs, as predicted (at least 1)."""
+        _, predicted_output = self._hrrn[request]
+        prompt_iterations = -(-request.num_remaining // self.max_batch_tokens)
+        return prompt_iterations + max(0.0, predicted_output - len(request.output_token_ids) - 1)
+
+    def response_ratio(self, request: Request) -> float:
+        """hrrn's (W + S) / S, with W the iterations since the request was added."""
+        service = self.predicted_service(request)
+        waited = self.iteration - self._hrrn[request][0]
+        return (waited + service) / service
+
+    def _rank_waiting(self) -> None:
+        """Preempted requests first, as they are; then the rest by highest response ratio.
+        Equal ratios (requests that waited equally long: 0 iterations, say) go shortest
+        service first, which is where 1 + W/S tends as W grows alike for all; then in arrival
+        order (the sort is stable)."""
+        resumed = [r for r in self.waiting if r.metrics.num_preemptions]
+        fresh = sorted((r for r in self.waiting if not r.metrics.num_preemptions),
+                       key=lambda r: (-self.response_ratio(r), self.predicted_service(r)))
+        self.waiting = collections.deque(resumed + fresh)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         # Decode tokens first, then the continuing prompt chunks; victims come off the back.

@@ -39,6 +39,13 @@ def add_parser(sub) -> None:
                         "layout or a layout JSON, else 512)")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV cache capacity in tokens (default: sized from free memory)")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "hrrn"],
+                   help="which waiting requests start first: fcfs, or hrrn (highest response "
+                        "ratio next by predicted output length, Magnus) (default: fcfs)")
+    p.add_argument("--length-predictor", default=None,
+                   help="hrrn's output-length prediction: max_tokens (each request's own "
+                        "length here, so an oracle) or a trace name to fit a prompt-length "
+                        "model on (default: max_tokens)")
     p.add_argument("--trace", default="sharegpt",
                    help="azure-conv, azure-code, sharegpt, lmsys, a CSV path "
                         "(TIMESTAMP,ContextTokens,GeneratedTokens) or const:PxO "
@@ -87,7 +94,8 @@ def run(args) -> int:
         request_rates=tuple(args.request_rate), burstiness=args.burstiness,
         goodput=tuple(parse_goodput(args.goodput).items()),
         percentiles=_percentiles(args.metric_percentiles), seed=args.seed,
-        show_progress=not args.no_progress)
+        show_progress=not args.no_progress, scheduling_policy=args.scheduling_policy,
+        length_predictor=args.length_predictor)
     report = build_report(run_benchmark(config))
     print(format_summary(report))
     if args.result_json:

@@ -32,6 +32,7 @@ import torch
 from ..config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
 from ..engine import Engine, device_spec, resolve_layout
 from ..layout import Layout
+from ..lengths import predictor_name
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from . import arrivals as arrival_process
@@ -65,6 +66,8 @@ class BenchConfig:
     percentiles: tuple[float, ...] = (99.0,)
     seed: int = 0
     show_progress: bool = True
+    scheduling_policy: str = "fcfs"
+    length_predictor: str | None = None     # for "hrrn": see nanorun.lengths
 
     def __post_init__(self) -> None:
         if not self.layouts:
@@ -99,7 +102,8 @@ class BenchConfig:
         return Engine(self.model, device=self.device, dtype=self.dtype, layout=layout,
                       max_batch_tokens=max_batch_tokens,
                       kv_cache_tokens=self.kv_cache_tokens, seed=self.seed,
-                      weights=self.weights)
+                      weights=self.weights, scheduling_policy=self.scheduling_policy,
+                      length_predictor=self.length_predictor)
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,8 @@ def engine_facts(engine: Engine) -> dict:
         "num_active_params_per_token": mc.num_active_params_per_token,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "max_batch_tokens": cfg.max_batch_tokens,
+        "scheduling_policy": cfg.scheduling_policy,
+        "length_predictor": predictor_name(engine.scheduler.predictor),
         "kv_cache_tokens": engine.kv_cache.capacity_tokens,
         "max_model_len": engine.max_model_len,
         "weights": "random" if random_weights else "loaded",

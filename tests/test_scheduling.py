@@ -1,0 +1,212 @@
+"""Scheduling policies (FCFS, Magnus's HRRN) and output-length predictors.
+
+The scheduler tests drive a Scheduler over a real KVCache with a budget that admits one prompt
+per iteration, so the order of admission is the policy's order and nothing else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nanorun import LLM, Engine, SamplingParams
+from nanorun.config import EngineConfig
+from nanorun.kv_cache import KVCache
+from nanorun.lengths import (BucketedLengthPredictor, LengthPredictor, MaxTokensPredictor,
+                             get_length_predictor)
+from nanorun.request import Request
+from nanorun.scheduler import Scheduler
+
+PROMPT = 8          # tokens per prompt, and the budget: one prompt a iteration
+
+
+def _scheduler(policy: str, predictor=None, pages: int = 64) -> Scheduler:
+    kv = KVCache(num_layers=1, num_pages=pages, page_size=4, num_kv_heads=1, head_dim=4,
+                 dtype=torch.float32, device=torch.device("cpu"))
+    return Scheduler(kv, PROMPT, policy, predictor)
+
+
+def _request(rid: str, max_tokens: int, prompt_len: int = PROMPT) -> Request:
+    return Request(rid, [1] * prompt_len, SamplingParams(max_tokens=max_tokens), 0.0, ())
+
+
+def _admitted(out) -> list[str]:
+    """Ids of the requests whose first chunk this iteration scheduled."""
+    return [c.request.request_id for c in out.chunks if c.start == 0]
+
+
+def _run(sched: Scheduler, iterations: int, arrivals=None) -> list[str]:
+    """Admission order over some iterations; arrivals[i] are added before iteration i. Every
+    admitted request is treated as finishing at once, so the budget is free again."""
+    order = []
+    for i in range(iterations):
+        for r in (arrivals or {}).get(i, []):
+            sched.add(r)
+        out = sched.schedule()
+        order += _admitted(out)
+        for chunk in out.chunks:
+            sched.remove(chunk.request)
+    return order
+
+
+# -- policies -----------------------------------------------------------------------------------
+def test_fcfs_admits_in_arrival_order():
+    sched = _scheduler("fcfs")
+    for rid, n in (("long", 50), ("short", 2), ("mid", 10)):
+        sched.add(_request(rid, n))
+    assert _run(sched, 3) == ["long", "short", "mid"]
+
+
+def test_hrrn_runs_an_offline_batch_shortest_first():
+    """Requests that arrive together wait alike, so the highest ratio 1 + W/S is the shortest S."""
+    sched = _scheduler("hrrn")
+    for rid, n in (("long", 50), ("short", 2), ("mid", 10)):
+        sched.add(_request(rid, n))
+    assert _run(sched, 3) == ["short", "mid", "long"]
+
+
+def test_hrrn_ratio_is_waiting_plus_service_over_service():
+    sched = _scheduler("hrrn")
+    r = _request("a", 11, prompt_len=20)          # 3 prompt iterations of 8, then 10 more
+    sched.add(r)
+    assert sched.predicted_service(r) == 3 + 10
+    sched.iteration += 13
+    assert sched.response_ratio(r) == pytest.approx((13 + 13) / 13)
+
+
+def test_hrrn_does_not_starve_a_long_request():
+    """A short request arrives every iteration. Shortest-first would never run the long one;
+    HRRN runs it once it has waited about S_long / S_short iterations."""
+    def arrivals():
+        shorts = {i: [_request(f"s{i}", 4)] for i in range(60)}
+        shorts[0].insert(0, _request("long", 40))
+        return shorts
+
+    order = _run(_scheduler("hrrn"), 60, arrivals())
+    assert 8 <= order.index("long") <= 12         # S_long / S_short = 40 / 4 = 10
+    assert len(order) == 60
+    fcfs = _run(_scheduler("fcfs"), 60, arrivals())
+    assert fcfs.index("long") == 0
+
+
+def test_preempted_requests_go_before_higher_ratios():
+    sched = _scheduler("hrrn")
+    victim = _request("victim", 100)
+    victim.metrics.num_preemptions = 1
+    sched.add(_request("short", 1))
+    sched.add(victim)
+    assert _run(sched, 2) == ["victim", "short"]
+
+
+def test_hrrn_admission_stops_at_the_first_request_that_does_not_fit():
+    """Strict order: the ranked head waits for pages; nothing behind it jumps ahead."""
+    sched = _scheduler("hrrn", pages=2)             # 8 tokens of KV
+    holder = _request("holder", 100, prompt_len=3)
+    holder.output_token_ids.append(5)
+    sched.running.append(holder)
+    sched.kv.grow(holder, 3)
+    holder.num_computed_tokens = 3                  # decoding: will hold one page
+    sched.add(big := _request("big", 3, prompt_len=7))     # its 7-token chunk needs 2 pages
+    sched.add(_request("late", 50, prompt_len=2))          # would fit in the free page
+    sched.iteration += 5
+    assert sched.response_ratio(big) > sched.response_ratio(sched.waiting[1])
+    out = sched.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["holder"]
+    assert _admitted(out) == []                     # big (ratio first) does not fit
+    assert [r.request_id for r in sched.waiting] == ["big", "late"]
+
+
+def test_policies_give_the_same_tokens():
+    """A policy changes when a request runs, never what it produces."""
+    prompts = [[3 + i] * (5 + 7 * i) for i in range(6)]
+    params = [SamplingParams(max_tokens=2 + 5 * (i % 3), temperature=0.0, ignore_eos=True)
+              for i in range(6)]
+    outs = {policy: LLM("tiny-llama", weights="random", kv_cache_tokens=256,
+                        max_batch_tokens=24, scheduling_policy=policy).generate(prompts, params)
+            for policy in ("fcfs", "hrrn")}
+    assert [o.token_ids for o in outs["fcfs"]] == [o.token_ids for o in outs["hrrn"]]
+    assert [len(o.token_ids) for o in outs["hrrn"]] == [p.max_tokens for p in params]
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_unknown_policy_says_what_to_use():
+    with pytest.raises(ValueError, match="scheduling_policy 'sjf'.*fcfs.*hrrn"):
+        EngineConfig(model="tiny-llama", scheduling_policy="sjf")
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        _scheduler("lifo")
+
+
+class _Broken:
+    def __init__(self, value):
+        self.value = value
+
+    def predict(self, prompt_token_ids, sampling_params):
+        if self.value == "raise":
+            raise RuntimeError("model offline")
+        return self.value
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan"), "12", None])
+def test_a_bad_prediction_queues_nothing_and_the_engine_serves_on(value):
+    engine = Engine("tiny-llama", weights="random", kv_cache_tokens=256,
+                    scheduling_policy="hrrn", length_predictor=_Broken(value))
+    with pytest.raises(ValueError, match="predicted .* output tokens for request 'x'"):
+        engine.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished_requests()
+    engine.scheduler.predictor.value = 3.0
+    engine.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv_cache.num_free_pages == engine.kv_cache.num_pages
+
+
+def test_length_predictor_forms():
+    assert isinstance(get_length_predictor(None), MaxTokensPredictor)
+    assert isinstance(get_length_predictor("max_tokens"), MaxTokensPredictor)
+    fitted = get_length_predictor("azure-code")
+    assert isinstance(fitted, BucketedLengthPredictor) and fitted.name == "bucketed:azure-code"
+    mine = _Broken(5.0)
+    assert get_length_predictor(mine) is mine and isinstance(mine, LengthPredictor)
+    with pytest.raises(ValueError, match="unknown length predictor 'oracle'.*sharegpt"):
+        get_length_predictor("oracle")
+    with pytest.raises(TypeError, match="predict"):
+        get_length_predictor(42)
+
+
+# -- the bucketed predictor -----------------------------------------------------------------------
+def test_bucketed_predictor_learns_medians_per_prompt_length():
+    rng = np.random.default_rng(0)
+    short = rng.integers(1, 5, 300)                     # prompts 1..4 -> about 10 tokens
+    long = rng.integers(100, 129, 300)                  # prompts 100..128 -> about 500 tokens
+    prompts = np.concatenate([short, long])
+    outputs = np.concatenate([rng.integers(8, 13, 300), rng.integers(490, 511, 300)])
+    p = BucketedLengthPredictor.fit(prompts, outputs, min_samples=50)
+    unlimited = SamplingParams(max_tokens=10_000)
+    assert p.predict([0] * 3, unlimited) == pytest.approx(np.median(outputs[prompts == 3]),
+                                                          abs=2)
+    assert 490 <= p.predict([0] * 120, unlimited) <= 510
+    assert 490 <= p.predict([0] * 5000, unlimited) <= 510      # beyond the data: last bucket
+    assert p.predict([0] * 120, SamplingParams(max_tokens=7)) == 7.0  # capped at max_tokens
+
+
+def test_bucketed_predictor_merges_sparse_buckets():
+    prompts = np.array([1] * 10 + [3] * 10 + [1000] * 3)
+    outputs = np.array([5] * 10 + [7] * 10 + [900] * 3)
+    p = BucketedLengthPredictor.fit(prompts, outputs, min_samples=10)
+    assert p.upper_bounds == (1, 1024)                 # 3 and 1000: 13 requests, one bucket
+    assert p.medians == (5.0, 7.0)
+    whole = BucketedLengthPredictor.fit(prompts, outputs, min_samples=1000)
+    assert whole.upper_bounds == (1024,) and whole.medians == (7.0,)
+
+
+@pytest.mark.parametrize("prompts, outputs, match", [
+    ([], [], "not empty"),
+    ([1, 2], [3], "of one length"),
+    ([0, 2], [3, 4], ">= 1"),
+])
+def test_bucketed_predictor_rejects_bad_data(prompts, outputs, match):
+    with pytest.raises(ValueError, match=match):
+        BucketedLengthPredictor.fit(prompts, outputs)
+    with pytest.raises(ValueError, match="increasing"):
+        BucketedLengthPredictor((4, 2), (1.0, 1.0))
