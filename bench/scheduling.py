@@ -1,8 +1,8 @@
 """FCFS against HRRN (Magnus's highest response ratio next) on one trace, side by side.
 
     python bench/scheduling.py [--model tiny-llama] [--device cpu] [--trace sharegpt]
-        [--num-requests 160] [--max-batch-tokens 128] [--kv-cache-tokens 4096]
-        [--repeats 3] [--out bench/results/cpu/scheduling.json]
+        [--num-requests 400] [--max-batch-tokens 128] [--kv-cache-tokens 4096]
+        [--load 0.8 1.0 1.2] [--out bench/results/cpu/scheduling.json]
 
 Two parts, one JSON:
 
@@ -11,14 +11,20 @@ Two parts, one JSON:
    (mean absolute error, against the half's global median as the baseline, and Spearman's rank
    correlation, which is what a ranking policy needs).
 2. The engine under three schedulers on the same requests: "fcfs"; "hrrn" with each request's
-   max_tokens (the harness runs every request to its trace length, so that is an oracle: what
-   HRRN gains at best); and "hrrn" with the prompt-length model fitted on the whole trace (the
-   window run is 0.3 % of ShareGPT, so its leak into the fit is negligible). Every engine is
-   built and warmed up first; then each repeat runs the three one after the other, and the
-   report takes per-metric medians over repeats and their ratios to fcfs. A small KV cache
-   makes requests queue for pages, which is where the order of admission matters.
+   max_tokens (every request runs to its trace length, so that is an oracle: what HRRN gains
+   at best); and "hrrn" with the prompt-length model fitted on the whole trace (the window run
+   is a fraction of a percent of it, so its leak into the fit is negligible), used without its
+   cap at max_tokens, since here max_tokens is the answer. A small KV cache makes requests
+   queue for pages, which is where the order of admission matters. Two arrival patterns: all
+   at once (offline), and Poisson arrivals at each --load times the rate FCFS sustained
+   offline (the same seeded gaps, scaled).
 
-The latencies are wall-clock on whatever device ran it; on a CPU only the ratios mean anything.
+Latencies are counted in engine iterations (steps): TTFT is the steps from a request's arrival
+to its first token, E2EL to its last. A policy changes only which request runs when, so steps
+are the measure of it that does not depend on the machine: they are deterministic, where
+wall-clock on a shared CPU swung 6x between repeats of one run. Under load every iteration is
+filled to the same token budget, so on a GPU an iteration takes about the same time whoever is
+in it. Wall-clock seconds are recorded too, for what they are worth.
 """
 
 from __future__ import annotations
@@ -29,18 +35,16 @@ import json
 import os
 import shlex
 import sys
+import time
 
 import numpy as np
 
+from nanorun import Engine, SamplingParams
 from nanorun.benchmark import environment
 from nanorun.benchmark.cli import CPU_FILTER
-from nanorun.benchmark.metrics import compute_metrics
-from nanorun.benchmark.runner import BASELINE, BenchConfig, Workload, drive, warm_up
+from nanorun.benchmark.runner import Workload, warm_up
 from nanorun.benchmark.traces import TRACES, load_trace, parse_length_filter
-from nanorun.lengths import BucketedLengthPredictor
-
-METRICS = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_e2el_ms", "median_e2el_ms",
-           "p99_e2el_ms", "mean_tpot_ms", "total_token_throughput", "request_throughput")
+from nanorun.lengths import BucketedLengthPredictor, predictor_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>10}: MAE {q['mae_bucketed']:.1f} tokens vs {q['mae_global_median']:.1f} "
               f"for the global median; Spearman {q['spearman_bucketed']:.3f}")
     doc["policies"] = compare_policies(args)
-    for name, row in doc["policies"]["medians"].items():
-        ratio = doc["policies"]["ratio_to_fcfs"][name]
-        print(f"{name:>16}: mean TTFT {row['mean_ttft_ms']:8.1f} ms ({ratio['mean_ttft_ms']:.3f}x)"
-              f", mean E2EL {row['mean_e2el_ms']:8.1f} ms ({ratio['mean_e2el_ms']:.3f}x), "
-              f"p99 E2EL {ratio['p99_e2el_ms']:.3f}x, tok/s "
-              f"{ratio['total_token_throughput']:.3f}x")
+    for pattern, runs in doc["policies"]["patterns"].items():
+        print(pattern)
+        for name, run in runs.items():
+            r = run["ratio_to_fcfs"]
+            print(f"  {name:>16}: TTFT mean {run['mean_ttft_steps']:6.1f} steps "
+                  f"({r['mean_ttft_steps']:.3f}x), E2EL mean {run['mean_e2el_steps']:6.1f} "
+                  f"({r['mean_e2el_steps']:.3f}x) p99 {run['p99_e2el_steps']:6.1f} "
+                  f"({r['p99_e2el_steps']:.3f}x), {run['steps']} steps, "
+                  f"{run['preemptions']} preemptions")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
@@ -94,47 +101,93 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ((ends - (counts - 1) / 2.0) - 1)[inverse]
 
 
+class PromptLengthOnly:
+    """A fitted BucketedLengthPredictor without the cap at max_tokens: here each request's
+    max_tokens is its true output length, so the cap would hand over the answer."""
+
+    def __init__(self, model: BucketedLengthPredictor) -> None:
+        self.model = model
+        self.name = f"{model.name}, uncapped"
+
+    def predict(self, prompt_token_ids, sampling_params) -> float:
+        return self.model.median_for(len(prompt_token_ids))
+
+
 def compare_policies(args) -> dict:
-    base = BenchConfig(model=args.model, device=args.device, weights="random",
-                       max_batch_tokens=args.max_batch_tokens,
-                       kv_cache_tokens=args.kv_cache_tokens, trace=args.trace,
-                       num_requests=args.num_requests,
-                       length_filter=parse_length_filter(args.filter), layouts=(BASELINE,),
-                       seed=args.seed, show_progress=False)
+    trace = load_trace(args.trace, num_requests=args.num_requests, seed=args.seed,
+                       length_filter=parse_length_filter(args.filter))
     setups = {"fcfs": ("fcfs", None), "hrrn:max_tokens": ("hrrn", "max_tokens"),
-              f"hrrn:{args.trace}": ("hrrn", args.trace)}
+              f"hrrn:{args.trace}": ("hrrn", PromptLengthOnly(
+                  BucketedLengthPredictor.from_trace(args.trace)))}
     engines = {}
     for name, (policy, predictor) in setups.items():
-        config = BenchConfig(**{**base.__dict__, "scheduling_policy": policy,
-                                "length_predictor": predictor})
-        engines[name] = config.engine(BASELINE, args.max_batch_tokens)
+        engines[name] = Engine(args.model, device=args.device, weights="random",
+                               max_batch_tokens=args.max_batch_tokens,
+                               kv_cache_tokens=args.kv_cache_tokens, seed=args.seed,
+                               scheduling_policy=policy, length_predictor=predictor)
         warm_up(engines[name])
-    trace = load_trace(args.trace, num_requests=args.num_requests, seed=args.seed,
-                       length_filter=base.length_filter)
     workload = Workload.fit(trace, engines["fcfs"], args.seed)
-    arrivals = np.zeros(len(workload.trace))            # offline: all at once
-    runs = {name: [] for name in setups}
-    for repeat in range(args.repeats):
-        for name, engine in engines.items():
-            done = drive(engine, workload, arrivals)
-            metrics = compute_metrics(done.results, done.duration, percentiles=(99.0,))
-            if metrics["failed"]:
-                raise RuntimeError(f"{name}: {metrics['failed']} requests failed")
-            runs[name].append({**{k: metrics[k] for k in METRICS},
-                               "engine_steps": done.engine_steps,
-                               "preemptions": done.preemptions})
-            print(f"repeat {repeat} {name}: mean E2EL {metrics['mean_e2el_ms']:.1f} ms, "
-                  f"{done.engine_steps} steps, {done.preemptions} preemptions")
-    medians = {name: {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
-               for name, rs in runs.items()}
-    ratios = {name: {k: m[k] / medians["fcfs"][k] for k in METRICS}
-              for name, m in medians.items()}
-    return {"model": args.model, "trace": workload.trace.name,
-            "trace_source": workload.trace.source, "num_requests": len(workload.trace),
+    n = len(workload.trace)
+    offline = np.zeros(n, dtype=np.int64)
+    results = {"offline": {name: run_in_steps(e, workload, offline)
+                           for name, e in engines.items()}}
+    capacity = n / results["offline"]["fcfs"]["steps"]       # requests per step, offline
+    unit_gaps = np.random.default_rng(args.seed).exponential(1.0, n)
+    for load in args.load:
+        gaps = unit_gaps / (load * capacity)
+        poisson = np.floor(np.cumsum(gaps) - gaps[0]).astype(np.int64)
+        results[f"poisson, load {load}"] = {name: run_in_steps(e, workload, poisson)
+                                            for name, e in engines.items()}
+    for pattern, runs in results.items():
+        for name, run in runs.items():
+            run["ratio_to_fcfs"] = {k: run[k] / runs["fcfs"][k]
+                                    for k in STEP_METRICS if runs["fcfs"][k]}
+    return {"model": args.model, "device": args.device, "trace": workload.trace.name,
+            "trace_source": workload.trace.source, "num_requests": n,
             "length_filter": args.filter, "max_batch_tokens": args.max_batch_tokens,
-            "kv_cache_tokens": args.kv_cache_tokens, "request_rate": "inf",
-            "repeats": args.repeats, "runs": runs, "medians": medians,
-            "ratio_to_fcfs": ratios}
+            "kv_cache_tokens": args.kv_cache_tokens,
+            "offline_fcfs_requests_per_step": capacity,
+            "predictors": {name: predictor_name(engines[name].scheduler.predictor)
+                           for name in engines},
+            "patterns": results}
+
+
+STEP_METRICS = ("mean_ttft_steps", "median_ttft_steps", "p99_ttft_steps", "mean_e2el_steps",
+                "median_e2el_steps", "p99_e2el_steps", "steps")
+
+
+def run_in_steps(engine: Engine, workload: Workload, arrival_steps: np.ndarray) -> dict:
+    """Add request i before step arrival_steps[i] (or as soon as the engine is idle and it is
+    next); run every request to its trace length; latencies in steps."""
+    trace, n = workload.trace, len(workload.trace)
+    first, last, arrived = np.zeros(n), np.zeros(n), np.zeros(n)
+    added, step, preemptions, start = 0, 0, 0, time.perf_counter()
+    while added < n or engine.has_unfinished_requests():
+        if not engine.has_unfinished_requests():
+            step = max(step, int(arrival_steps[added]))     # idle: skip to the next arrival
+        while added < n and arrival_steps[added] <= step:
+            engine.add_request(str(added), workload.prompts[added].tolist(), SamplingParams(
+                max_tokens=int(trace.output_lens[added]), temperature=0.0, ignore_eos=True))
+            arrived[added] = step
+            added += 1
+        step += 1
+        for out in engine.step():
+            i = int(out.request_id)
+            if len(out.token_ids) == 1 and not first[i]:
+                first[i] = step
+            if out.finished:
+                if len(out.token_ids) != trace.output_lens[i]:
+                    raise RuntimeError(f"request {i} produced {len(out.token_ids)} tokens, "
+                                       f"expected {trace.output_lens[i]}")
+                last[i] = step
+                preemptions += out.metrics.num_preemptions
+    ttft, e2el = first - arrived, last - arrived
+    return {"steps": step, "preemptions": preemptions,
+            "wall_seconds": time.perf_counter() - start,
+            "mean_ttft_steps": float(ttft.mean()), "median_ttft_steps": float(np.median(ttft)),
+            "p99_ttft_steps": float(np.percentile(ttft, 99)),
+            "mean_e2el_steps": float(e2el.mean()), "median_e2el_steps": float(np.median(e2el)),
+            "p99_e2el_steps": float(np.percentile(e2el, 99))}
 
 
 def parse_args(argv):
@@ -143,10 +196,12 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu")
     p.add_argument("--trace", default="sharegpt", choices=list(TRACES))
     p.add_argument("--filter", default=CPU_FILTER)
-    p.add_argument("--num-requests", type=int, default=160)
+    p.add_argument("--num-requests", type=int, default=400)
     p.add_argument("--max-batch-tokens", type=int, default=128)
     p.add_argument("--kv-cache-tokens", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--load", type=float, nargs="+", default=[0.8, 1.0, 1.2],
+                   help="Poisson arrival rates, as fractions of the request rate FCFS "
+                        "sustained offline (default: 0.8 1.0 1.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here")
     return p.parse_args(argv)

@@ -370,6 +370,7 @@ def test_smoke_report_has_vllm_fields_and_nanorun_header(smoke):
     assert h["device_type"] == "cpu" and h["ceilings_measured_on"] == "cpu"
     assert h["model"] == "tiny-llama" and h["dtype"] == "float32"
     assert h["kv_cache_tokens"] == 8192 and h["num_skipped"] == 0
+    assert h["scheduling_policy"] == "fcfs" and h["length_predictor"] is None
     assert h["layouts"] == ["sequential", "overlap"] and h["request_rates"] == ["inf", 100.0]
     assert h["length_filter"] == "prompt <= 40, output <= 8, prompt + output <= 48"
     assert h["gemm_tflops"] > 0 and h["copy_gbps"] > 0
@@ -456,3 +457,17 @@ def test_one_dense_batch_size_for_every_layout(tmp_path, monkeypatch):
     overlap(ops, 80, get_device("cpu")).save(tmp_path / "mine.json")
     assert BenchConfig(layouts=(str(tmp_path / "mine.json"), "auto")).dense_batch_tokens() == 80
     assert BenchConfig(layouts=("auto",), max_batch_tokens=64).dense_batch_tokens() == 64
+
+
+def test_bench_engines_take_the_scheduling_policy():
+    from nanorun.benchmark.runner import BenchConfig, engine_facts
+
+    engine = BenchConfig(scheduling_policy="hrrn", length_predictor="azure-code",
+                         kv_cache_tokens=1024).engine("sequential", 64)
+    facts = engine_facts(engine)
+    assert facts["scheduling_policy"] == "hrrn"
+    assert facts["length_predictor"] == "bucketed:azure-code"
+    with pytest.raises(SystemExit):
+        main(["bench", "--scheduling-policy", "sjf", "--no-progress"])
+    assert main(["bench", "--scheduling-policy", "hrrn", "--length-predictor", "oracle",
+                 "--no-progress"]) == 2

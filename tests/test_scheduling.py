@@ -168,13 +168,25 @@ def test_length_predictor_forms():
     assert isinstance(fitted, BucketedLengthPredictor) and fitted.name == "bucketed:azure-code"
     mine = _Broken(5.0)
     assert get_length_predictor(mine) is mine and isinstance(mine, LengthPredictor)
-    with pytest.raises(ValueError, match="unknown length predictor 'oracle'.*sharegpt"):
+    with pytest.raises(ValueError, match="length predictor 'oracle'.*sharegpt.*unknown trace"):
         get_length_predictor("oracle")
+    with pytest.raises(ValueError, match="nothing to learn"):
+        get_length_predictor("const:10x10")
     with pytest.raises(TypeError, match="predict"):
         get_length_predictor(42)
 
 
 # -- the bucketed predictor -----------------------------------------------------------------------
+def test_a_request_log_csv_fits_a_predictor(tmp_path):
+    log = tmp_path / "my_log.csv"
+    rows = [f"XXX,{p},{o}" for p, o in [(10, 5)] * 200 + [(600, 90)] * 200]
+    log.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    p = get_length_predictor(str(log))
+    assert p.name == "bucketed:my_log"
+    assert p.predict([0] * 9, SamplingParams(max_tokens=500)) == 5.0
+    assert p.predict([0] * 700, SamplingParams(max_tokens=500)) == 90.0
+
+
 def test_bucketed_predictor_learns_medians_per_prompt_length():
     rng = np.random.default_rng(0)
     short = rng.integers(1, 5, 300)                     # prompts 1..4 -> about 10 tokens
@@ -210,3 +222,48 @@ def test_bucketed_predictor_rejects_bad_data(prompts, outputs, match):
         BucketedLengthPredictor.fit(prompts, outputs)
     with pytest.raises(ValueError, match="increasing"):
         BucketedLengthPredictor((4, 2), (1.0, 1.0))
+
+
+# -- bench/scheduling.py ----------------------------------------------------------------------------
+def _bench_scheduling():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "scheduling.py"
+    spec = importlib.util.spec_from_file_location("bench_scheduling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spearman_ranks_ties_by_their_average():
+    spearman = _bench_scheduling().spearman
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 99]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1.5, 1.5, 3, 4) against (1, 2, 3, 4): Pearson of the ranks
+    assert spearman([7, 7, 8, 9], [1, 2, 3, 4]) == pytest.approx(
+        np.corrcoef([1.5, 1.5, 3, 4], [1, 2, 3, 4])[0, 1])
+
+
+def test_latency_in_steps_is_deterministic_and_hrrn_cuts_the_queue():
+    """Long requests first in arrival order and a budget of one prompt per iteration: FCFS
+    makes the short ones wait behind the long ones, HRRN with exact lengths does not."""
+    from nanorun.benchmark.runner import Workload
+    from nanorun.benchmark.traces import Trace
+
+    bench = _bench_scheduling()
+    trace = Trace("t", np.array([8] * 6), np.array([30, 30, 2, 2, 2, 2]), None, "test")
+    runs = {}
+    for policy in ("fcfs", "hrrn"):
+        engine = Engine("tiny-llama", weights="random", kv_cache_tokens=96, max_batch_tokens=8,
+                        scheduling_policy=policy)
+        workload = Workload.fit(trace, engine, seed=0)
+        arrivals = np.zeros(6, dtype=np.int64)
+        runs[policy] = bench.run_in_steps(engine, workload, arrivals)
+        again = bench.run_in_steps(engine, workload, arrivals)
+        assert {k: v for k, v in again.items() if k != "wall_seconds"} == \
+            {k: v for k, v in runs[policy].items() if k != "wall_seconds"}
+    for run in runs.values():
+        assert 1 <= run["mean_ttft_steps"] <= run["mean_e2el_steps"] <= run["steps"]
+    assert runs["hrrn"]["mean_e2el_steps"] < runs["fcfs"]["mean_e2el_steps"]
+    assert runs["hrrn"]["mean_ttft_steps"] < runs["fcfs"]["mean_ttft_steps"]

@@ -43,9 +43,11 @@ def add_parser(sub) -> None:
                    help="which waiting requests start first: fcfs, or hrrn (highest response "
                         "ratio next by predicted output length, Magnus) (default: fcfs)")
     p.add_argument("--length-predictor", default=None,
-                   help="hrrn's output-length prediction: max_tokens (each request's own "
-                        "length here, so an oracle) or a trace name to fit a prompt-length "
-                        "model on (default: max_tokens)")
+                   help="hrrn's output-length prediction: max_tokens or a trace name to "
+                        "fit a prompt-length model on (default: max_tokens). Both know the "
+                        "answer here: each request's max_tokens is its trace length, and the "
+                        "model's prediction is capped at it; bench/scheduling.py compares "
+                        "policies without that leak")
     p.add_argument("--trace", default="sharegpt",
                    help="azure-conv, azure-code, sharegpt, lmsys, a CSV path "
                         "(TIMESTAMP,ContextTokens,GeneratedTokens) or const:PxO "

@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ import torch
 from ..config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
 from ..engine import Engine, device_spec, resolve_layout
 from ..layout import Layout
-from ..lengths import predictor_name
+from ..lengths import get_length_predictor, predictor_name
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from . import arrivals as arrival_process
@@ -67,7 +68,7 @@ class BenchConfig:
     seed: int = 0
     show_progress: bool = True
     scheduling_policy: str = "fcfs"
-    length_predictor: str | None = None     # for "hrrn": see nanorun.lengths
+    length_predictor: Any = None            # for "hrrn": see nanorun.lengths
 
     def __post_init__(self) -> None:
         if not self.layouts:
@@ -173,6 +174,8 @@ class Measurement:
 
 def run_benchmark(config: BenchConfig) -> Measurement:
     """Measure the device, then every layout at every request rate."""
+    if config.scheduling_policy == "hrrn":     # fit (or fail) once, before anything is built
+        config = replace(config, length_predictor=get_length_predictor(config.length_predictor))
     trace = load_trace(config.trace, num_requests=config.num_requests, seed=config.seed,
                        length_filter=config.length_filter)
     for rate in config.request_rates:
