@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -54,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(bench/gpu_session.sh device)", file=sys.stderr)
         return 2
 
-    report = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+    from nanorun.benchmark.environment import command_line
+    report = {"command": command_line(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit(), "device": device_facts()}
     say("device", report["device"])

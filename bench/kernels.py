@@ -27,7 +27,6 @@ import datetime
 import json
 import math
 import re
-import shlex
 import statistics
 import os
 import subprocess
@@ -364,8 +363,9 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(r)
                 print(json.dumps(r.row(copy_gbs)))
 
+    from nanorun.benchmark.environment import command_line
     report = dict(
-        command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        command=command_line(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_commit=git_commit(), device=device,
         copy_bandwidth_gb_per_s=round(copy_gbs, 1),

@@ -23,11 +23,11 @@ import argparse
 import datetime
 import json
 import math
-import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from nanorun.benchmark import environment
 from nanorun.benchmark.cli import CPU_FILTER
 from nanorun.benchmark.report import build_report
 from nanorun.benchmark.runner import BASELINE, BenchConfig, run_benchmark
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = tuple(round(f * peak["request_throughput"], 4) for f in args.fractions)
     report = build_report(run_benchmark(replace(config, request_rates=rates)))
     curve = [row(run, peak["request_throughput"]) for run in report["runs"]]
-    doc = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+    doc = {"command": environment.command_line(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "model": args.model, "trace": args.trace, "layout": args.layout,
            "fractions": list(args.fractions), "peak": peak, "curve": curve, "report": report}

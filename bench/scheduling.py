@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import shlex
 import sys
 import time
 
@@ -49,7 +48,7 @@ from nanorun.lengths import BucketedLengthPredictor, predictor_name
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    doc = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+    doc = {"command": environment.command_line(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "environment": environment.describe(_torch_device(args.device)),
            "prediction": {name: prediction_quality(name, args.seed) for name in TRACES}}

@@ -471,3 +471,12 @@ def test_bench_engines_take_the_scheduling_policy():
         main(["bench", "--scheduling-policy", "sjf", "--no-progress"])
     assert main(["bench", "--scheduling-policy", "hrrn", "--length-predictor", "oracle",
                  "--no-progress"]) == 2
+
+
+def test_command_lines_in_results_hold_no_path_of_this_machine(tmp_path, monkeypatch):
+    from nanorun.benchmark.environment import command_line
+
+    monkeypatch.chdir(tmp_path)
+    inside, outside = str(tmp_path / "bench" / "x.py"), "/somewhere/else/out.json"
+    assert command_line([inside, "--out", outside, "--n", "3", "a b"]) == \
+        "python bench/x.py --out out.json --n 3 'a b'"

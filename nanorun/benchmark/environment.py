@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -37,6 +38,20 @@ def describe(device: torch.device) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": torch.get_num_threads(),
     }
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that made a result, as anyone could type it again: "python" and the
+    arguments, with an absolute path made relative to the working directory when inside it
+    and cut to its file name when not (a machine's own directories stay out of reports)."""
+    cwd = os.getcwd()
+    words = []
+    for arg in sys.argv if argv is None else argv:
+        if os.path.isabs(arg):
+            inside = os.path.commonpath([cwd, os.path.abspath(arg)]) == cwd
+            arg = os.path.relpath(arg, cwd) if inside else os.path.basename(arg)
+        words.append(shlex.quote(arg))
+    return " ".join(["python", *words])
 
 
 def device_name(device: torch.device) -> str:
