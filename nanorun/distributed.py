@@ -62,6 +62,16 @@ class TensorParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
+    def from_driver(self, value):
+        """Rank 0's `value`, on every rank (a collective: all ranks must call it). For what a
+        rank decides from its own files or clock, which the ranks must not decide apart."""
+        if self.group is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0),
+                                   group=self.group, device=self.device)
+        return box[0]
+
     def shutdown(self) -> None:
         """Destroy the default process group if nanorun created it; idempotent."""
         if self.owns_group and dist.is_available() and dist.is_initialized():

@@ -65,7 +65,9 @@ class Engine:
             cfg.tensor_parallel_size, cfg.torch_device, process_group)
         self.device = self.tensor_parallel.device
         spec = device_spec(self.device)
-        layout, batch_tokens = _layout_and_batch_tokens(cfg, self.model_config.name, spec)
+        # Every rank must run rank 0's layout: "auto" reads files, which may differ per host.
+        layout, batch_tokens = self.tensor_parallel.from_driver(
+            _layout_and_batch_tokens(cfg, self.model_config.name, spec))
         self.config = cfg = replace(cfg, max_batch_tokens=batch_tokens)
         self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
         weights = self._load_weights(model_dir)

@@ -22,16 +22,18 @@ import torch.nn.functional as F
 
 from nanorun import LLM, SamplingParams
 from nanorun.config import EngineConfig
-from nanorun.layout import NETWORK_OPS
+from nanorun.layout import LAYOUT_DIR_ENV, NETWORK_OPS, overlap
 from nanorun.models import (LAYER_OPS, ModelConfigError, TP_LAYER_OPS, get_preset, layer_ops,
                             load_weights, random_weights, shard_config, shard_ranges,
                             shard_weights)
+from nanorun.search import get_device
 
 PROMPT_LENGTHS = [3, 17, 40, 1, 25, 9]
 BATCH_TOKENS = 16                      # < the longest prompts: prefill runs in chunks
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=8, temperature=0.9, top_k=40, seed=3, ignore_eos=True)
 RUNS = [("tiny-llama", "sequential"), ("tiny-llama", "overlap"), ("tiny-qwen2", "overlap")]
+AUTO_BATCH_TOKENS = 48
 WORKER_TIMEOUT_S = 180
 
 
@@ -53,6 +55,11 @@ def _generate(llm: LLM) -> dict:
 
 # -- two processes == one process ---------------------------------------------------------------
 def test_two_gloo_ranks_generate_the_tokens_of_one_process(tmp_path):
+    # Only rank 0 finds a tuned layout for "auto": both must run it, at its batch size.
+    tuned = tmp_path / "layouts0" / f"tiny-llama.cpu.tp2.{AUTO_BATCH_TOKENS}.json"
+    tuned.parent.mkdir()
+    (tmp_path / "layouts1").mkdir()
+    overlap(tuple(op.name for op in layer_ops(2)), AUTO_BATCH_TOKENS, get_device("cpu")).save(tuned)
     procs = _start_ranks(tmp_path, world=2)
     single = {f"{m}/{lay}": _generate(_llm(m, lay)) for m, lay in RUNS}
     results = _join(procs)
@@ -63,6 +70,7 @@ def test_two_gloo_ranks_generate_the_tokens_of_one_process(tmp_path):
             diff = (torch.tensor(got[key]["logits"]) - torch.tensor(want["logits"])).abs().max()
             assert diff < 1e-4, f"{key}: rank {rank}'s prompt logits differ by {diff}"
     assert results[0]["is_driver"] and not results[1]["is_driver"]
+    assert [r["auto"] for r in results] == [[tuned.name, AUTO_BATCH_TOKENS]] * 2
     assert all(r["race_detector_ok"] for r in results)
 
 
@@ -72,11 +80,12 @@ def _start_ranks(tmp_path: Path, world: int) -> list[tuple[subprocess.Popen, Pat
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+               "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+               LAYOUT_DIR_ENV: str(tmp_path / f"layouts{rank}")}
         out = tmp_path / f"rank{rank}.json"
         procs.append((subprocess.Popen([sys.executable, __file__, str(out)], env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True), out))
+                                       text=True, cwd=tmp_path), out))
     return procs
 
 
@@ -114,6 +123,8 @@ def _rank_main(out_path: str) -> None:
     first = llms[f"{RUNS[0][0]}/{RUNS[0][1]}"]
     result["is_driver"] = first.is_driver
     result["race_detector_ok"] = _random_orders_agree(llms["tiny-llama/overlap"].engine)
+    auto = LLM("tiny-llama", layout="auto", kv_cache_tokens=1024, tensor_parallel_size=2).engine
+    result["auto"] = [auto.executor.layout_name, auto.config.max_batch_tokens]
     Path(out_path).write_text(json.dumps(result))
     first.shutdown()
 
