@@ -2,7 +2,7 @@
 
     python bench/scheduling.py [--model tiny-llama] [--device cpu] [--trace sharegpt]
         [--num-requests 400] [--max-batch-tokens 128] [--kv-cache-tokens 4096]
-        [--load 0.8 1.0 1.2] [--out bench/results/cpu/scheduling.json]
+        [--load 1.0 1.2] [--out bench/results/cpu/scheduling.json]
 
 Two parts, one JSON:
 
@@ -10,12 +10,13 @@ Two parts, one JSON:
    BucketedLengthPredictor fitted on a seeded half of the trace, scored on the other half
    (mean absolute error, against the half's global median as the baseline, and Spearman's rank
    correlation, which is what a ranking policy needs).
-2. The engine under three schedulers on the same requests: "fcfs"; "hrrn" with each request's
+2. The engine under six schedulers on the same requests: "fcfs"; "hrrn" with each request's
    max_tokens (every request runs to its trace length, so that is an oracle: what HRRN gains
-   at best); and "hrrn" with the prompt-length model fitted on the whole trace (the window run
-   is a fraction of a percent of it, so its leak into the fit is negligible), used without its
-   cap at max_tokens, since here max_tokens is the answer. A small KV cache makes requests
-   queue for pages, which is where the order of admission matters. Two arrival patterns: all
+   at best); "hrrn" with the prompt-length model fitted on the whole trace (the window run is
+   a fraction of a percent of it, so its leak into the fit is negligible), used without its
+   cap at max_tokens, since here max_tokens is the answer; and the same three admitting with
+   kv_reservation="predicted" (fcfs's reservation with the oracle). A small KV cache makes
+   requests queue for pages and preempt each other, which is where admission matters. Two arrival patterns: all
    at once (offline), and Poisson arrivals at each --load times the rate FCFS sustained
    offline (the same seeded gaps, scaled).
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(pattern)
         for name, run in runs.items():
             r = run["ratio_to_fcfs"]
-            print(f"  {name:>16}: TTFT mean {run['mean_ttft_steps']:6.1f} steps "
+            print(f"  {name:>24}: TTFT mean {run['mean_ttft_steps']:6.1f} steps "
                   f"({r['mean_ttft_steps']:.3f}x), E2EL mean {run['mean_e2el_steps']:6.1f} "
                   f"({r['mean_e2el_steps']:.3f}x) p99 {run['p99_e2el_steps']:6.1f} "
                   f"({r['p99_e2el_steps']:.3f}x), {run['steps']} steps, "
@@ -115,15 +116,22 @@ class PromptLengthOnly:
 def compare_policies(args) -> dict:
     trace = load_trace(args.trace, num_requests=args.num_requests, seed=args.seed,
                        length_filter=parse_length_filter(args.filter))
-    setups = {"fcfs": ("fcfs", None), "hrrn:max_tokens": ("hrrn", "max_tokens"),
-              f"hrrn:{args.trace}": ("hrrn", PromptLengthOnly(
-                  BucketedLengthPredictor.from_trace(args.trace)))}
+    fitted = PromptLengthOnly(BucketedLengthPredictor.from_trace(args.trace))
+    setups = {   # name: (scheduling_policy, length_predictor, kv_reservation)
+        "fcfs": ("fcfs", None, "none"),
+        "hrrn:max_tokens": ("hrrn", "max_tokens", "none"),
+        f"hrrn:{args.trace}": ("hrrn", fitted, "none"),
+        "fcfs+reserve:max_tokens": ("fcfs", "max_tokens", "predicted"),
+        "hrrn+reserve:max_tokens": ("hrrn", "max_tokens", "predicted"),
+        f"hrrn+reserve:{args.trace}": ("hrrn", fitted, "predicted"),
+    }
     engines = {}
-    for name, (policy, predictor) in setups.items():
+    for name, (policy, predictor, reservation) in setups.items():
         engines[name] = Engine(args.model, device=args.device, weights="random",
                                max_batch_tokens=args.max_batch_tokens,
                                kv_cache_tokens=args.kv_cache_tokens, seed=args.seed,
-                               scheduling_policy=policy, length_predictor=predictor)
+                               scheduling_policy=policy, length_predictor=predictor,
+                               kv_reservation=reservation)
         warm_up(engines[name])
     workload = Workload.fit(trace, engines["fcfs"], args.seed)
     n = len(workload.trace)
@@ -146,8 +154,10 @@ def compare_policies(args) -> dict:
             "length_filter": args.filter, "max_batch_tokens": args.max_batch_tokens,
             "kv_cache_tokens": args.kv_cache_tokens,
             "offline_fcfs_requests_per_step": capacity,
-            "predictors": {name: predictor_name(engines[name].scheduler.predictor)
-                           for name in engines},
+            "setups": {name: {"scheduling_policy": e.scheduler.policy,
+                              "length_predictor": predictor_name(e.scheduler.predictor),
+                              "kv_reservation": e.scheduler.kv_reservation}
+                       for name, e in engines.items()},
             "patterns": results}
 
 
@@ -198,9 +208,9 @@ def parse_args(argv):
     p.add_argument("--num-requests", type=int, default=400)
     p.add_argument("--max-batch-tokens", type=int, default=128)
     p.add_argument("--kv-cache-tokens", type=int, default=4096)
-    p.add_argument("--load", type=float, nargs="+", default=[0.8, 1.0, 1.2],
+    p.add_argument("--load", type=float, nargs="+", default=[1.0, 1.2],
                    help="Poisson arrival rates, as fractions of the request rate FCFS "
-                        "sustained offline (default: 0.8 1.0 1.2)")
+                        "sustained offline (default: 1.0 1.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here")
     return p.parse_args(argv)

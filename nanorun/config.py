@@ -39,13 +39,17 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     scheduling_policy: str = "fcfs"
     length_predictor: Any = None
+    kv_reservation: str = "none"
 
     def __post_init__(self) -> None:
-        from .scheduler import POLICIES
+        from .scheduler import KV_RESERVATIONS, POLICIES
 
         if self.scheduling_policy not in POLICIES:
             raise ValueError(f"unknown scheduling_policy {self.scheduling_policy!r}: use one of "
                              f"{POLICIES}")
+        if self.kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"unknown kv_reservation {self.kv_reservation!r}: use one of "
+                             f"{KV_RESERVATIONS}")
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("tensor_parallel_size", self.tensor_parallel_size)

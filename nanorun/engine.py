@@ -78,7 +78,7 @@ class Engine:
                                  pointwise=select_pointwise(self.device))
         self.kv_cache = self._new_kv_cache()
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens, cfg.scheduling_policy,
-                                   cfg.length_predictor)
+                                   cfg.length_predictor, cfg.kv_reservation)
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
                                  spec, kernels=(attention_fn, kv_append_fn))
         self.sampler = Sampler(cfg.seed)

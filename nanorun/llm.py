@@ -38,9 +38,12 @@ class LLM:
             of the default group.
         scheduling_policy: which waiting requests start first: "fcfs" (arrival order) or
             "hrrn" (highest response ratio next, by predicted output length: Magnus).
-        length_predictor: what "hrrn" predicts output lengths with: None (each request's
-            max_tokens), a trace name to fit a prompt-length model on (see nanorun.lengths),
-            or an object with predict(prompt_token_ids, sampling_params).
+        length_predictor: what "hrrn" and kv_reservation="predicted" predict output lengths
+            with: None (each request's max_tokens), a trace to fit a prompt-length model on
+            (see nanorun.lengths), or an object with predict(prompt_token_ids, sampling_params).
+        kv_reservation: "none" admits a request when its first chunk's KV pages are free;
+            "predicted" also keeps back the pages running requests are predicted to need, so
+            that fewer are preempted and recomputed later.
     """
 
     def __init__(
@@ -60,13 +63,15 @@ class LLM:
         process_group=None,
         scheduling_policy: str = "fcfs",
         length_predictor=None,
+        kv_reservation: str = "none",
     ) -> None:
         self.engine = Engine(
             model, device=device, dtype=dtype, layout=layout,
             max_batch_tokens=max_batch_tokens, kv_cache_tokens=kv_cache_tokens,
             page_size=page_size, seed=seed, weights=weights, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size, process_group=process_group,
-            scheduling_policy=scheduling_policy, length_predictor=length_predictor)
+            scheduling_policy=scheduling_policy, length_predictor=length_predictor,
+            kv_reservation=kv_reservation)
         self._ids = itertools.count()
 
     @property

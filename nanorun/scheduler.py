@@ -21,6 +21,14 @@ Under both, preempted requests go first, in the order they were preempted: their
 seen tokens, and they hold a place they were already given. Admission is strict: it stops at
 the first request (in policy order) that does not fit, so a large request is never skipped
 for ever by smaller ones behind it.
+
+What "fits" means, kv_reservation:
+  - "none": the pages of the request's first chunk are free. Running requests may later run out
+    of pages, and then one is preempted and recomputed: work done twice.
+  - "predicted" (Magnus's use of predicted lengths for memory): also, the pages free now, less
+    the pages running requests are predicted to still need, hold the new request's predicted
+    peak (prompt + predicted output). With exact predictions nothing is ever preempted; a
+    request that outgrows its prediction is still served, with preemption as the safety net.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from .lengths import LengthPredictor, get_length_predictor
 from .request import Request, RequestStatus
 
 POLICIES = ("fcfs", "hrrn")
+KV_RESERVATIONS = ("none", "predicted")
 
 
 @dataclass(frozen=True)
@@ -65,22 +74,29 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """policy: "fcfs" or "hrrn" (see the module's docstring). predictor: what get_length_predictor
-    takes (None: the request's max_tokens); used by "hrrn" only."""
+    """policy: "fcfs" or "hrrn"; kv_reservation: "none" or "predicted" (see the module's
+    docstring). predictor: what get_length_predictor takes (None: the request's max_tokens);
+    used by "hrrn" and "predicted" only."""
 
     def __init__(self, kv_cache: KVCache, max_batch_tokens: int, policy: str = "fcfs",
-                 predictor: LengthPredictor | str | None = None) -> None:
+                 predictor: LengthPredictor | str | None = None,
+                 kv_reservation: str = "none") -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}: use one of {POLICIES}")
+        if kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"unknown kv_reservation {kv_reservation!r}: use one of "
+                             f"{KV_RESERVATIONS}")
         self.kv = kv_cache
         self.max_batch_tokens = max_batch_tokens
         self.policy = policy
-        self.predictor = get_length_predictor(predictor) if policy == "hrrn" else None
+        self.kv_reservation = kv_reservation
+        uses_predictions = policy == "hrrn" or kv_reservation == "predicted"
+        self.predictor = get_length_predictor(predictor) if uses_predictions else None
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []          # in admission order
         self.iteration = 0                        # schedule() calls so far
-        # hrrn: (iteration it was added, predicted output tokens) of every queued request
-        self._hrrn: dict[Request, tuple[int, float]] = {}
+        # With a predictor: (iteration it was added, predicted output tokens) per request.
+        self._predicted: dict[Request, tuple[int, float]] = {}
 
     def add(self, request: Request) -> None:
         """Queue a request. Raises (and queues nothing) if the length predictor fails on it."""
@@ -91,7 +107,7 @@ class Scheduler:
                 raise ValueError(f"length predictor {self.predictor!r} predicted {predicted!r} "
                                  f"output tokens for request {request.request_id!r}; a "
                                  f"predictor must return a finite number >= 1")
-            self._hrrn[request] = (self.iteration, float(predicted))
+            self._predicted[request] = (self.iteration, float(predicted))
         self.waiting.append(request)
 
     def remove(self, request: Request) -> None:
@@ -100,7 +116,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self._hrrn.pop(request, None)
+        self._predicted.pop(request, None)
         self.kv.release(request)
 
     def has_work(self) -> bool:
@@ -118,14 +134,14 @@ class Scheduler:
 
     def predicted_service(self, request: Request) -> float:
         """hrrn's S: iterations the request still needs, as predicted (at least 1)."""
-        _, predicted_output = self._hrrn[request]
+        _, predicted_output = self._predicted[request]
         prompt_iterations = -(-request.num_remaining // self.max_batch_tokens)
         return prompt_iterations + max(0.0, predicted_output - len(request.output_token_ids) - 1)
 
     def response_ratio(self, request: Request) -> float:
         """hrrn's (W + S) / S, with W the iterations since the request was added."""
         service = self.predicted_service(request)
-        waited = self.iteration - self._hrrn[request][0]
+        waited = self.iteration - self._predicted[request][0]
         return (waited + service) / service
 
     def _rank_waiting(self) -> None:
@@ -158,12 +174,31 @@ class Scheduler:
             i += 1
         return budget
 
+    def predicted_peak_tokens(self, request: Request) -> int:
+        """The KV tokens a request is predicted to hold at its end: prompt + predicted output,
+        within max_tokens, and never less than it holds already."""
+        _, predicted_output = self._predicted[request]
+        sp = request.sampling_params
+        peak = len(request.prompt_token_ids) + min(math.ceil(predicted_output), sp.max_tokens)
+        return max(peak, request.num_tokens)
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        # "predicted": pages that admissions may take, once running requests have theirs.
+        spare = math.inf
+        if self.kv_reservation == "predicted":
+            spare = self.kv.num_free_pages - sum(
+                max(0, self.kv.pages_for(self.predicted_peak_tokens(r)) - len(r.pages))
+                for r in self.running)
         while self.waiting and budget > 0:
             request = self.waiting[0]
             n = min(request.num_remaining, budget)
             if not self.kv.can_grow(request, request.num_computed_tokens + n):
                 break
+            if spare is not math.inf:
+                peak_pages = self.kv.pages_for(self.predicted_peak_tokens(request))
+                if peak_pages > spare and self.running:
+                    break
+                spare -= peak_pages
             self.waiting.popleft()
             self.kv.grow(request, request.num_computed_tokens + n)
             request.status = RequestStatus.RUNNING

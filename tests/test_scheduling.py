@@ -267,3 +267,42 @@ def test_latency_in_steps_is_deterministic_and_hrrn_cuts_the_queue():
         assert 1 <= run["mean_ttft_steps"] <= run["mean_e2el_steps"] <= run["steps"]
     assert runs["hrrn"]["mean_e2el_steps"] < runs["fcfs"]["mean_e2el_steps"]
     assert runs["hrrn"]["mean_ttft_steps"] < runs["fcfs"]["mean_ttft_steps"]
+
+
+# -- KV reservation by predicted length -----------------------------------------------------------
+def _offline(kv_reservation: str, predictor=None, policy: str = "fcfs"):
+    """Eight requests at once into a KV cache that holds about three of them whole."""
+    engine = Engine("tiny-llama", weights="random", kv_cache_tokens=160, max_batch_tokens=32,
+                    scheduling_policy=policy, kv_reservation=kv_reservation,
+                    length_predictor=predictor)
+    for i in range(8):
+        engine.add_request(str(i), [5 + i] * (10 + 3 * i), SamplingParams(
+            max_tokens=20 + 4 * i, temperature=0.0, ignore_eos=True))
+    outs, preemptions = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out.token_ids
+                preemptions += out.metrics.num_preemptions
+    assert engine.kv_cache.num_free_pages == engine.kv_cache.num_pages
+    return outs, preemptions
+
+
+def test_exact_predictions_reserve_away_every_preemption():
+    greedy, preempted = _offline("none")
+    assert preempted > 0                             # the workload does run out of pages
+    for policy in ("fcfs", "hrrn"):
+        reserved, none = _offline("predicted", policy=policy)
+        assert none == 0
+        assert reserved == greedy                    # and it changes no token
+
+
+def test_under_predictions_still_serve_everyone():
+    """A predictor that says 1 token reserves too little: preemption catches the rest."""
+    outs, _ = _offline("predicted", _Broken(1.0))
+    assert outs == _offline("none")[0]
+
+
+def test_unknown_kv_reservation_says_what_to_use():
+    with pytest.raises(ValueError, match="kv_reservation 'all'.*none.*predicted"):
+        EngineConfig(model="tiny-llama", kv_reservation="all")
