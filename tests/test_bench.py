@@ -371,6 +371,7 @@ def test_smoke_report_has_vllm_fields_and_nanorun_header(smoke):
     assert h["model"] == "tiny-llama" and h["dtype"] == "float32"
     assert h["kv_cache_tokens"] == 8192 and h["num_skipped"] == 0
     assert h["scheduling_policy"] == "fcfs" and h["length_predictor"] is None
+    assert h["kv_reservation"] == "none"
     assert h["layouts"] == ["sequential", "overlap"] and h["request_rates"] == ["inf", 100.0]
     assert h["length_filter"] == "prompt <= 40, output <= 8, prompt + output <= 48"
     assert h["gemm_tflops"] > 0 and h["copy_gbps"] > 0
@@ -463,9 +464,9 @@ def test_bench_engines_take_the_scheduling_policy():
     from nanorun.benchmark.runner import BenchConfig, engine_facts
 
     engine = BenchConfig(scheduling_policy="hrrn", length_predictor="azure-code",
-                         kv_cache_tokens=1024).engine("sequential", 64)
+                         kv_reservation="predicted", kv_cache_tokens=1024).engine("sequential", 64)
     facts = engine_facts(engine)
-    assert facts["scheduling_policy"] == "hrrn"
+    assert facts["scheduling_policy"] == "hrrn" and facts["kv_reservation"] == "predicted"
     assert facts["length_predictor"] == "bucketed:azure-code"
     with pytest.raises(SystemExit):
         main(["bench", "--scheduling-policy", "sjf", "--no-progress"])

@@ -43,11 +43,14 @@ def add_parser(sub) -> None:
                    help="which waiting requests start first: fcfs, or hrrn (highest response "
                         "ratio next by predicted output length, Magnus) (default: fcfs)")
     p.add_argument("--length-predictor", default=None,
-                   help="hrrn's output-length prediction: max_tokens or a trace name to "
-                        "fit a prompt-length model on (default: max_tokens). Both know the "
-                        "answer here: each request's max_tokens is its trace length, and the "
-                        "model's prediction is capped at it; bench/scheduling.py compares "
-                        "policies without that leak")
+                   help="what hrrn and --kv-reservation predicted predict output lengths "
+                        "with: max_tokens, or a trace name or CSV to fit a prompt-length model "
+                        "on (default: max_tokens). Both know the answer here: each request's "
+                        "max_tokens is its trace length, and the model's prediction is capped "
+                        "at it; bench/scheduling.py compares policies without that leak")
+    p.add_argument("--kv-reservation", default="none", choices=["none", "predicted"],
+                   help="predicted: admit a request only when the KV pages running requests "
+                        "are predicted to need are left over (default: none)")
     p.add_argument("--trace", default="sharegpt",
                    help="azure-conv, azure-code, sharegpt, lmsys, a CSV path "
                         "(TIMESTAMP,ContextTokens,GeneratedTokens) or const:PxO "
@@ -97,7 +100,7 @@ def run(args) -> int:
         goodput=tuple(parse_goodput(args.goodput).items()),
         percentiles=_percentiles(args.metric_percentiles), seed=args.seed,
         show_progress=not args.no_progress, scheduling_policy=args.scheduling_policy,
-        length_predictor=args.length_predictor)
+        length_predictor=args.length_predictor, kv_reservation=args.kv_reservation)
     report = build_report(run_benchmark(config))
     print(format_summary(report))
     if args.result_json:

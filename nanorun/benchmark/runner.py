@@ -68,7 +68,8 @@ class BenchConfig:
     seed: int = 0
     show_progress: bool = True
     scheduling_policy: str = "fcfs"
-    length_predictor: Any = None            # for "hrrn": see nanorun.lengths
+    length_predictor: Any = None            # for "hrrn" and "predicted": nanorun.lengths
+    kv_reservation: str = "none"
 
     def __post_init__(self) -> None:
         if not self.layouts:
@@ -104,7 +105,8 @@ class BenchConfig:
                       max_batch_tokens=max_batch_tokens,
                       kv_cache_tokens=self.kv_cache_tokens, seed=self.seed,
                       weights=self.weights, scheduling_policy=self.scheduling_policy,
-                      length_predictor=self.length_predictor)
+                      length_predictor=self.length_predictor,
+                      kv_reservation=self.kv_reservation)
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ class Measurement:
 
 def run_benchmark(config: BenchConfig) -> Measurement:
     """Measure the device, then every layout at every request rate."""
-    if config.scheduling_policy == "hrrn":     # fit (or fail) once, before anything is built
+    if config.scheduling_policy == "hrrn" or config.kv_reservation == "predicted":
+        # Fit (or fail) once, before anything is built.
         config = replace(config, length_predictor=get_length_predictor(config.length_predictor))
     trace = load_trace(config.trace, num_requests=config.num_requests, seed=config.seed,
                        length_filter=config.length_filter)
@@ -282,6 +285,7 @@ def engine_facts(engine: Engine) -> dict:
         "max_batch_tokens": cfg.max_batch_tokens,
         "scheduling_policy": cfg.scheduling_policy,
         "length_predictor": predictor_name(engine.scheduler.predictor),
+        "kv_reservation": cfg.kv_reservation,
         "kv_cache_tokens": engine.kv_cache.capacity_tokens,
         "max_model_len": engine.max_model_len,
         "weights": "random" if random_weights else "loaded",
