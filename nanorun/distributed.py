@@ -29,6 +29,7 @@ instead of as many channels as NCCL would pick for a lone collective.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -62,20 +63,37 @@ class TensorParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
-    def from_driver(self, value):
-        """Rank 0's `value`, on every rank (a collective: all ranks must call it). For what a
-        rank decides from its own files or clock, which the ranks must not decide apart."""
+    def on_driver(self, decide):
+        """decide() run on rank 0 only, its result (or its exception) on every rank: a
+        collective, all ranks must call it. For what ranks must not decide apart, such as a
+        choice made from files that may differ, or be missing, on another host."""
         if self.group is None:
-            return value
-        box = [value]
+            return decide()
+        box = [None]
+        if self.is_driver:
+            try:
+                box = [(True, decide())]
+            except Exception as e:     # every rank raises it, so none waits in a collective
+                box = [(False, e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}"))]
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0),
                                    group=self.group, device=self.device)
-        return box[0]
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def shutdown(self) -> None:
         """Destroy the default process group if nanorun created it; idempotent."""
         if self.owns_group and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _picklable(value) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
 
 
 def setup_tensor_parallel(size: int, device: torch.device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -16,6 +17,7 @@ from .executor import Executor
 from .kernels import select_kernels, select_pointwise
 from .kv_cache import KVCache
 from .layout import Layout, is_layout_file, tuned_layout
+from .lengths import get_length_predictor
 from .models import (ModelConfig, build_model, check_tensor_parallel, load_weights,
                      random_weights, resolve_model)
 from .outputs import RequestOutput
@@ -65,9 +67,9 @@ class Engine:
             cfg.tensor_parallel_size, cfg.torch_device, process_group)
         self.device = self.tensor_parallel.device
         spec = device_spec(self.device)
-        # Every rank must run rank 0's layout: "auto" reads files, which may differ per host.
-        layout, batch_tokens = self.tensor_parallel.from_driver(
-            _layout_and_batch_tokens(cfg, self.model_config.name, spec))
+        # Every rank must run rank 0's layout: "auto" and layout files are read there only.
+        layout, batch_tokens = self.tensor_parallel.on_driver(
+            lambda: _layout_and_batch_tokens(cfg, self.model_config.name, spec))
         self.config = cfg = replace(cfg, max_batch_tokens=batch_tokens)
         self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
         weights = self._load_weights(model_dir)
@@ -77,8 +79,12 @@ class Engine:
                                  tp_group=self.tensor_parallel.group,
                                  pointwise=select_pointwise(self.device))
         self.kv_cache = self._new_kv_cache()
+        predictor = cfg.length_predictor
+        if isinstance(predictor, (str, os.PathLike)):   # fitted from a file: on rank 0 only
+            predictor = self.tensor_parallel.on_driver(lambda: get_length_predictor(
+                cfg.length_predictor))
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens, cfg.scheduling_policy,
-                                   cfg.length_predictor, cfg.kv_reservation)
+                                   predictor, cfg.kv_reservation)
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
                                  spec, kernels=(attention_fn, kv_append_fn))
         self.sampler = Sampler(cfg.seed)
@@ -250,7 +256,7 @@ def _layout_and_batch_tokens(cfg: EngineConfig, model_name: str, spec: DeviceSpe
     the dense batch size: the user's max_batch_tokens, else the layout's own, else the
     default. So a layout that `nanorun tune` sized runs at its size unless the user says
     otherwise; "auto" with an explicit size takes only a layout tuned for that size."""
-    layout = resolve_layout(cfg.layout, model_name, spec, cfg.tensor_parallel_size,
+    layout = choose_layout(cfg.layout, model_name, spec, cfg.tensor_parallel_size,
                             cfg.max_batch_tokens)
     if cfg.max_batch_tokens is not None:
         return layout, cfg.max_batch_tokens
@@ -259,7 +265,7 @@ def _layout_and_batch_tokens(cfg: EngineConfig, model_name: str, spec: DeviceSpe
     return layout, DEFAULT_MAX_BATCH_TOKENS
 
 
-def resolve_layout(layout, model_name: str, spec: DeviceSpec, tp: int = 1,
+def choose_layout(layout, model_name: str, spec: DeviceSpec, tp: int = 1,
                    batch_tokens: int | None = None):
     """A layout as the engine runs it: "auto" becomes the tuned Layout for this model, device,
     tp (and batch size, when given) or "overlap"; a JSON file becomes its Layout; anything else

@@ -37,7 +37,8 @@ from .sampling_params import SamplingParams
 @runtime_checkable
 class LengthPredictor(Protocol):
     def predict(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams) -> float:
-        """Expected number of output tokens (at least 1)."""
+        """Expected number of output tokens: at least 1, and (to be of use) at most
+        sampling_params.max_tokens; the scheduler takes it as it is."""
 
 
 class MaxTokensPredictor:

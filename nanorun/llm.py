@@ -108,14 +108,18 @@ class LLM:
 
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
-        for r in requests:
-            engine.enqueue(r)
         finished: dict[str, RequestOutput] = {}
         bar = _progress(len(requests)) if use_tqdm else None
         try:
-            while len(finished) < len(requests):
+            for i, r in enumerate(requests):
+                try:
+                    engine.enqueue(r)      # may still refuse one: its length predictor failed
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"prompt {i}: {e}") from None
+            ours = {r.request_id for r in requests}    # a step may also end an earlier call's
+            while len(finished) < len(requests):       # requests (aborted when it raised)
                 for out in engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in ours:
                         finished[out.request_id] = out
                         if bar is not None:
                             bar.update(1)

@@ -19,15 +19,17 @@ Policies decide which waiting requests are admitted first:
     so that every tensor-parallel rank ranks alike.
 Under both, preempted requests go first, in the order they were preempted: their clients have
 seen tokens, and they hold a place they were already given. Admission is strict: it stops at
-the first request (in policy order) that does not fit, so a large request is never skipped
-for ever by smaller ones behind it.
+the first request (in policy order) that does not fit, and that request keeps its place at the
+front until it is admitted, so a large request is never skipped for ever by smaller ones that
+a re-ranking would put before it.
 
 What "fits" means, kv_reservation:
   - "none": the pages of the request's first chunk are free. Running requests may later run out
     of pages, and then one is preempted and recomputed: work done twice.
   - "predicted" (Magnus's use of predicted lengths for memory): also, the pages free now, less
     the pages running requests are predicted to still need, hold the new request's predicted
-    peak (prompt + predicted output). With exact predictions nothing is ever preempted; a
+    peak (prompt + predicted output - 1: the last token's KV is never computed). With exact
+    predictions nothing is ever preempted; a
     request that outgrows its prediction is still served, with preemption as the safety net.
 """
 
@@ -97,6 +99,7 @@ class Scheduler:
         self.iteration = 0                        # schedule() calls so far
         # With a predictor: (iteration it was added, predicted output tokens) per request.
         self._predicted: dict[Request, tuple[int, float]] = {}
+        self._blocked: Request | None = None     # where admission last stopped: kept first
 
     def add(self, request: Request) -> None:
         """Queue a request. Raises (and queues nothing) if the length predictor fails on it."""
@@ -117,6 +120,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self._predicted.pop(request, None)
+        if request is self._blocked:
+            self._blocked = None
         self.kv.release(request)
 
     def has_work(self) -> bool:
@@ -132,11 +137,17 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
+    def predicted_output(self, request: Request) -> float:
+        """The request's output length as predicted when it was added. Taken as it is: keeping
+        within max_tokens is the predictor's business (the built-in ones do), so that a
+        benchmark whose max_tokens are the true lengths can run one that does not peek."""
+        return self._predicted[request][1]
+
     def predicted_service(self, request: Request) -> float:
         """hrrn's S: iterations the request still needs, as predicted (at least 1)."""
-        _, predicted_output = self._predicted[request]
         prompt_iterations = -(-request.num_remaining // self.max_batch_tokens)
-        return prompt_iterations + max(0.0, predicted_output - len(request.output_token_ids) - 1)
+        return prompt_iterations + max(
+            0.0, self.predicted_output(request) - len(request.output_token_ids) - 1)
 
     def response_ratio(self, request: Request) -> float:
         """hrrn's (W + S) / S, with W the iterations since the request was added."""
@@ -145,14 +156,16 @@ class Scheduler:
         return (waited + service) / service
 
     def _rank_waiting(self) -> None:
-        """Preempted requests first, as they are; then the rest by highest response ratio.
-        Equal ratios (requests that waited equally long: 0 iterations, say) go shortest
-        service first, which is where 1 + W/S tends as W grows alike for all; then in arrival
-        order (the sort is stable)."""
+        """Preempted requests first, as they are; then the request admission stopped at last
+        time, if any; then the rest by highest response ratio. Equal ratios (requests that
+        waited equally long: 0 iterations, say) go shortest service first, which is where
+        1 + W/S tends as W grows alike for all; then in arrival order (the sort is stable)."""
         resumed = [r for r in self.waiting if r.metrics.num_preemptions]
-        fresh = sorted((r for r in self.waiting if not r.metrics.num_preemptions),
+        pinned = [r for r in self.waiting if r is self._blocked and r not in resumed]
+        fresh = sorted((r for r in self.waiting
+                        if not r.metrics.num_preemptions and r is not self._blocked),
                        key=lambda r: (-self.response_ratio(r), self.predicted_service(r)))
-        self.waiting = collections.deque(resumed + fresh)
+        self.waiting = collections.deque(resumed + pinned + fresh)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         # Decode tokens first, then the continuing prompt chunks; victims come off the back.
@@ -175,11 +188,10 @@ class Scheduler:
         return budget
 
     def predicted_peak_tokens(self, request: Request) -> int:
-        """The KV tokens a request is predicted to hold at its end: prompt + predicted output,
-        within max_tokens, and never less than it holds already."""
-        _, predicted_output = self._predicted[request]
-        sp = request.sampling_params
-        peak = len(request.prompt_token_ids) + min(math.ceil(predicted_output), sp.max_tokens)
+        """The KV tokens a request is predicted to hold at its end: prompt + predicted output
+        - 1 (the last token is sampled, its KV never computed), and never less than its next
+        step needs."""
+        peak = len(request.prompt_token_ids) + math.ceil(self.predicted_output(request)) - 1
         return max(peak, request.num_tokens)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -193,12 +205,16 @@ class Scheduler:
             request = self.waiting[0]
             n = min(request.num_remaining, budget)
             if not self.kv.can_grow(request, request.num_computed_tokens + n):
+                self._blocked = request
                 break
             if spare is not math.inf:
                 peak_pages = self.kv.pages_for(self.predicted_peak_tokens(request))
                 if peak_pages > spare and self.running:
+                    self._blocked = request
                     break
                 spare -= peak_pages
+            if request is self._blocked:
+                self._blocked = None
             self.waiting.popleft()
             self.kv.grow(request, request.num_computed_tokens + n)
             request.status = RequestStatus.RUNNING

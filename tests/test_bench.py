@@ -479,5 +479,5 @@ def test_command_lines_in_results_hold_no_path_of_this_machine(tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     inside, outside = str(tmp_path / "bench" / "x.py"), "/somewhere/else/out.json"
-    assert command_line([inside, "--out", outside, "--n", "3", "a b"]) == \
-        "python bench/x.py --out out.json --n 3 'a b'"
+    assert command_line([inside, "--out", outside, "--n", "3", "a b", f"--plot={outside}"]) == \
+        "python bench/x.py --out out.json --n 3 'a b' --plot=out.json"

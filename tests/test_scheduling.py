@@ -306,3 +306,61 @@ def test_under_predictions_still_serve_everyone():
 def test_unknown_kv_reservation_says_what_to_use():
     with pytest.raises(ValueError, match="kv_reservation 'all'.*none.*predicted"):
         EngineConfig(model="tiny-llama", kv_reservation="all")
+
+
+def _serve(sched: Scheduler, iterations: int, arrivals) -> dict[str, int]:
+    """Run the scheduler as the engine would (every computed chunk that reaches the last token
+    samples one); returns the iteration each request was admitted at."""
+    admitted = {}
+    for t in range(iterations):
+        for r in arrivals(t):
+            sched.add(r)
+        out = sched.schedule()
+        for c in out.chunks:
+            if c.start == 0:
+                admitted.setdefault(c.request.request_id, t)
+            c.request.num_computed_tokens += c.length
+        for c in out.chunks:
+            r = c.request
+            if r.num_computed_tokens == r.num_tokens:
+                r.append_token(7, float(t))
+                if r.finished:
+                    sched.remove(r)
+    return admitted
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "hrrn"])
+def test_a_request_blocked_on_memory_keeps_its_place(policy):
+    """Short requests keep arriving; a long one's predicted peak does not fit beside them. Once
+    admission stops at it, no re-ranking may put the short ones before it again."""
+    kv = KVCache(num_layers=1, num_pages=100, page_size=4, num_kv_heads=1, head_dim=4,
+                 dtype=torch.float32, device=torch.device("cpu"))
+    sched = Scheduler(kv, 64, policy, None, "predicted")
+
+    def arrivals(t):
+        new = [_request(f"s{t}", 40)] if t % 8 == 0 else []
+        return new + ([_request("big", 300)] if t == 20 else [])
+
+    admitted = _serve(sched, 400, arrivals)
+    assert admitted["big"] < 80
+
+
+def test_predicted_peak_leaves_out_the_last_tokens_kv():
+    sched = _scheduler("hrrn")
+    r = _request("a", 5, prompt_len=4)
+    sched.add(r)
+    assert sched.predicted_peak_tokens(r) == 4 + 5 - 1
+
+
+def test_generate_queues_nothing_when_a_prediction_is_refused():
+    class ShortPromptsOnly:
+        def predict(self, prompt_token_ids, sampling_params):
+            return 4.0 if len(prompt_token_ids) < 4 else 0.0
+
+    llm = LLM("tiny-llama", weights="random", kv_cache_tokens=256, scheduling_policy="hrrn",
+              length_predictor=ShortPromptsOnly())
+    with pytest.raises(ValueError, match="prompt 1: .*predicted 0.0"):
+        llm.generate([[1, 2, 3], [1, 2, 3, 4]], SamplingParams(max_tokens=4, ignore_eos=True))
+    outs = llm.generate([[5, 6]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(outs[0].token_ids) == 3
+    assert not llm.engine.requests and not llm.engine.scheduler.waiting

@@ -60,6 +60,10 @@ def test_two_gloo_ranks_generate_the_tokens_of_one_process(tmp_path):
     tuned.parent.mkdir()
     (tmp_path / "layouts1").mkdir()
     overlap(tuple(op.name for op in layer_ops(2)), AUTO_BATCH_TOKENS, get_device("cpu")).save(tuned)
+    # Likewise a request log to fit the length predictor on, in rank 0's directory only.
+    rows = [f"XXX,{p},{o}" for p, o in [(10, 5)] * 120 + [(600, 90)] * 120]
+    (tmp_path / "log.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                                      + "\n".join(rows) + "\n")
     procs = _start_ranks(tmp_path, world=2)
     single = {f"{m}/{lay}": _generate(_llm(m, lay)) for m, lay in RUNS}
     results = _join(procs)
@@ -71,6 +75,8 @@ def test_two_gloo_ranks_generate_the_tokens_of_one_process(tmp_path):
             assert diff < 1e-4, f"{key}: rank {rank}'s prompt logits differ by {diff}"
     assert results[0]["is_driver"] and not results[1]["is_driver"]
     assert [r["auto"] for r in results] == [[tuned.name, AUTO_BATCH_TOKENS]] * 2
+    assert [r["predictor"] for r in results] == [["bucketed:log", [5.0, 90.0]]] * 2
+    assert [r["driver_error"] for r in results] == ["ValueError: only rank 0 decides"] * 2
     assert all(r["race_detector_ok"] for r in results)
 
 
@@ -83,9 +89,11 @@ def _start_ranks(tmp_path: Path, world: int) -> list[tuple[subprocess.Popen, Pat
                "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
                LAYOUT_DIR_ENV: str(tmp_path / f"layouts{rank}")}
         out = tmp_path / f"rank{rank}.json"
+        cwd = tmp_path if rank == 0 else tmp_path / f"rank{rank}"
+        cwd.mkdir(exist_ok=True)
         procs.append((subprocess.Popen([sys.executable, __file__, str(out)], env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, cwd=tmp_path), out))
+                                       text=True, cwd=cwd), out))
     return procs
 
 
@@ -125,8 +133,20 @@ def _rank_main(out_path: str) -> None:
     result["race_detector_ok"] = _random_orders_agree(llms["tiny-llama/overlap"].engine)
     auto = LLM("tiny-llama", layout="auto", kv_cache_tokens=1024, tensor_parallel_size=2).engine
     result["auto"] = [auto.executor.layout_name, auto.config.max_batch_tokens]
+    hrrn = LLM("tiny-llama", kv_cache_tokens=1024, tensor_parallel_size=2,
+               scheduling_policy="hrrn", length_predictor="log.csv").engine
+    predictor = hrrn.scheduler.predictor
+    result["predictor"] = [predictor.name, list(predictor.medians)]
+    try:
+        hrrn.tensor_parallel.on_driver(_only_rank_0_decides)
+    except ValueError as e:
+        result["driver_error"] = f"ValueError: {e}"
     Path(out_path).write_text(json.dumps(result))
     first.shutdown()
+
+
+def _only_rank_0_decides():
+    raise ValueError("only rank 0 decides")
 
 
 def _random_orders_agree(engine) -> bool:

@@ -45,11 +45,17 @@ def command_line(argv: list[str] | None = None) -> str:
     arguments, with an absolute path made relative to the working directory when inside it
     and cut to its file name when not (a machine's own directories stay out of reports)."""
     cwd = os.getcwd()
+
+    def portable(path: str) -> str:
+        if not os.path.isabs(path):
+            return path
+        inside = os.path.commonpath([cwd, os.path.abspath(path)]) == cwd
+        return os.path.relpath(path, cwd) if inside else os.path.basename(path)
+
     words = []
     for arg in sys.argv if argv is None else argv:
-        if os.path.isabs(arg):
-            inside = os.path.commonpath([cwd, os.path.abspath(arg)]) == cwd
-            arg = os.path.relpath(arg, cwd) if inside else os.path.basename(arg)
+        flag, eq, value = arg.partition("=")
+        arg = f"{flag}={portable(value)}" if eq and flag.startswith("-") else portable(arg)
         words.append(shlex.quote(arg))
     return " ".join(["python", *words])
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
-from ..engine import Engine, device_spec, resolve_layout
+from ..engine import Engine, choose_layout, device_spec
 from ..layout import Layout
 from ..lengths import get_length_predictor, predictor_name
 from ..outputs import RequestOutput
@@ -95,7 +95,7 @@ class BenchConfig:
         model_name = resolve_model(self.model)[0].name
         spec = device_spec(torch.device(self.device))
         for layout in self.layouts:
-            resolved = resolve_layout(layout, model_name, spec)
+            resolved = choose_layout(layout, model_name, spec)
             if isinstance(resolved, Layout):
                 return resolved.batch_tokens
         return DEFAULT_MAX_BATCH_TOKENS
