@@ -21,7 +21,8 @@ Two parts, one JSON:
    offline (the same seeded gaps, scaled).
 
 Latencies are counted in engine iterations (steps): TTFT is the steps from a request's arrival
-to its first token, E2EL to its last. A policy changes only which request runs when, so steps
+to its first token, E2EL to its last, and the longest ITL the most steps between two of its
+consecutive tokens (1 unless it stalled: a preempted request stalls while it is recomputed). A policy changes only which request runs when, so steps
 are the measure of it that does not depend on the machine: they are deterministic, where
 wall-clock on a shared CPU swung 6x between repeats of one run. Under load every iteration is
 filled to the same token budget, so on a GPU an iteration takes about the same time whoever is
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:>24}: TTFT mean {run['mean_ttft_steps']:6.1f} steps "
                   f"({r['mean_ttft_steps']:.3f}x), E2EL mean {run['mean_e2el_steps']:6.1f} "
                   f"({r['mean_e2el_steps']:.3f}x) p99 {run['p99_e2el_steps']:6.1f} "
-                  f"({r['p99_e2el_steps']:.3f}x), {run['steps']} steps, "
+                  f"({r['p99_e2el_steps']:.3f}x), longest ITL p99 "
+                  f"{run['p99_longest_itl_steps']:5.1f}, {run['steps']} steps, "
                   f"{run['preemptions']} preemptions")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -162,7 +164,8 @@ def compare_policies(args) -> dict:
 
 
 STEP_METRICS = ("mean_ttft_steps", "median_ttft_steps", "p99_ttft_steps", "mean_e2el_steps",
-                "median_e2el_steps", "p99_e2el_steps", "steps")
+                "median_e2el_steps", "p99_e2el_steps", "mean_longest_itl_steps",
+                "p99_longest_itl_steps", "steps")
 
 
 def run_in_steps(engine: Engine, workload: Workload, arrival_steps: np.ndarray) -> dict:
@@ -170,6 +173,7 @@ def run_in_steps(engine: Engine, workload: Workload, arrival_steps: np.ndarray) 
     next); run every request to its trace length; latencies in steps."""
     trace, n = workload.trace, len(workload.trace)
     first, last, arrived = np.zeros(n), np.zeros(n), np.zeros(n)
+    longest_gap = np.zeros(n)      # most steps between two consecutive tokens: a stall
     added, step, preemptions, start = 0, 0, 0, time.perf_counter()
     while added < n or engine.has_unfinished_requests():
         if not engine.has_unfinished_requests():
@@ -184,11 +188,13 @@ def run_in_steps(engine: Engine, workload: Workload, arrival_steps: np.ndarray) 
             i = int(out.request_id)
             if len(out.token_ids) == 1 and not first[i]:
                 first[i] = step
+            elif len(out.token_ids) > 1:
+                longest_gap[i] = max(longest_gap[i], step - last[i])
+            last[i] = step
             if out.finished:
                 if len(out.token_ids) != trace.output_lens[i]:
                     raise RuntimeError(f"request {i} produced {len(out.token_ids)} tokens, "
                                        f"expected {trace.output_lens[i]}")
-                last[i] = step
                 preemptions += out.metrics.num_preemptions
     ttft, e2el = first - arrived, last - arrived
     return {"steps": step, "preemptions": preemptions,
@@ -196,7 +202,9 @@ def run_in_steps(engine: Engine, workload: Workload, arrival_steps: np.ndarray) 
             "mean_ttft_steps": float(ttft.mean()), "median_ttft_steps": float(np.median(ttft)),
             "p99_ttft_steps": float(np.percentile(ttft, 99)),
             "mean_e2el_steps": float(e2el.mean()), "median_e2el_steps": float(np.median(e2el)),
-            "p99_e2el_steps": float(np.percentile(e2el, 99))}
+            "p99_e2el_steps": float(np.percentile(e2el, 99)),
+            "mean_longest_itl_steps": float(longest_gap.mean()),
+            "p99_longest_itl_steps": float(np.percentile(longest_gap, 99))}
 
 
 def parse_args(argv):

@@ -43,7 +43,8 @@ class LLM:
             (see nanorun.lengths), or an object with predict(prompt_token_ids, sampling_params).
         kv_reservation: "none" admits a request when its first chunk's KV pages are free;
             "predicted" also keeps back the pages running requests are predicted to need, so
-            that fewer are preempted and recomputed later.
+            that none is preempted (its stream stalled while it is recomputed), at a cost in
+            throughput: fewer requests run at once (bench/scheduling.py measures both).
     """
 
     def __init__(

@@ -265,6 +265,7 @@ def test_latency_in_steps_is_deterministic_and_hrrn_cuts_the_queue():
             {k: v for k, v in runs[policy].items() if k != "wall_seconds"}
     for run in runs.values():
         assert 1 <= run["mean_ttft_steps"] <= run["mean_e2el_steps"] <= run["steps"]
+        assert run["mean_longest_itl_steps"] >= 1 and run["preemptions"] == 0
     assert runs["hrrn"]["mean_e2el_steps"] < runs["fcfs"]["mean_e2el_steps"]
     assert runs["hrrn"]["mean_ttft_steps"] < runs["fcfs"]["mean_ttft_steps"]
 
