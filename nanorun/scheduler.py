@@ -26,11 +26,14 @@ a re-ranking would put before it.
 What "fits" means, kv_reservation:
   - "none": the pages of the request's first chunk are free. Running requests may later run out
     of pages, and then one is preempted and recomputed: work done twice.
-  - "predicted" (Magnus's use of predicted lengths for memory): also, the pages free now, less
-    the pages running requests are predicted to still need, hold the new request's predicted
-    peak (prompt + predicted output - 1: the last token's KV is never computed). With exact
-    predictions nothing is ever preempted; a
-    request that outgrows its prediction is still served, with preemption as the safety net.
+  - "predicted" (Magnus's use of predicted lengths for memory): also, with the request in,
+    the pages that the running requests are predicted to hold stay within the cache at every
+    future iteration. Each is forecast to grow by a token an iteration up to its predicted
+    peak (prompt + predicted output - 1: the last token's KV is never computed) and to free
+    everything when it ends (_KVForecast). Requests end at different times, so this admits far
+    more than reserving every request's peak at once would, and with exact predictions nothing
+    is preempted. A request that outgrows its prediction is still served, with preemption as
+    the safety net.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from __future__ import annotations
 import collections
 import math
 import numbers
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from .kv_cache import KVCache
@@ -202,24 +207,16 @@ class Scheduler:
         return max(peak, request.num_tokens)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        # "predicted": pages that admissions may take, once running requests have theirs.
-        spare = math.inf
-        if self.kv_reservation == "predicted":
-            spare = self.kv.num_free_pages - sum(
-                max(0, self.kv.pages_for(self.predicted_peak_tokens(r)) - len(r.pages))
-                for r in self.running)
+        forecast = _KVForecast(self) if self.kv_reservation == "predicted" else None
         while self.waiting and budget > 0:
             request = self.waiting[0]
             n = min(request.num_remaining, budget)
             if not self.kv.can_grow(request, request.num_computed_tokens + n):
                 self._blocked = request
                 break
-            if spare is not math.inf:
-                peak_pages = self.kv.pages_for(self.predicted_peak_tokens(request))
-                if peak_pages > spare and self.running:
-                    self._blocked = request
-                    break
-                spare -= peak_pages
+            if forecast is not None and self.running and not forecast.admits(request):
+                self._blocked = request
+                break
             if request is self._blocked:
                 self._blocked = None
             self.waiting.popleft()
@@ -237,3 +234,41 @@ class Scheduler:
         request.metrics.num_preemptions += 1
         self.waiting.appendleft(request)
         out.preempted.append(request)
+
+
+class _KVForecast:
+    """The KV pages the running requests are predicted to hold, iteration by iteration, for
+    kv_reservation="predicted".
+
+    Request i holds min(now_i + k, peak_i) tokens k iterations from now, for left_i
+    iterations, then nothing: it grows by one token an iteration (its whole prompt is counted
+    at once, which over-counts a prompt still in chunks) until its predicted peak, and ends
+    there. The total can only reach a maximum just before some request ends, so admits()
+    checks those iterations alone.
+    """
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        rows = [self._row(r) for r in sched.running]
+        self.now, self.peak, self.left = (np.array(col, dtype=np.int64)
+                                          for col in (zip(*rows) if rows else ((), (), ())))
+
+    def _row(self, request: Request) -> tuple[int, int, int]:
+        now = request.num_tokens
+        peak = self.sched.predicted_peak_tokens(request)
+        to_prefill = request.num_tokens - request.num_computed_tokens - 1
+        prefill_iterations = -(-to_prefill // self.sched.max_batch_tokens)
+        return now, peak, prefill_iterations + peak - now + 1
+
+    def admits(self, request: Request) -> bool:
+        """Whether the request fits beside the running ones at every future iteration; if it
+        does, it is counted in from now on."""
+        now, peak, left = (np.append(col, v) for col, v in
+                           zip((self.now, self.peak, self.left), self._row(request)))
+        ends = np.unique(np.append(left - 1, 0))
+        held = np.minimum(now[:, None] + ends[None, :], peak[:, None])
+        pages = -(-held // self.sched.kv.page_size) * (ends[None, :] < left[:, None])
+        if pages.sum(axis=0).max() > self.sched.kv.num_pages:
+            return False
+        self.now, self.peak, self.left = now, peak, left
+        return True
