@@ -42,9 +42,9 @@ class LLM:
             with: None (each request's max_tokens), a trace to fit a prompt-length model on
             (see nanorun.lengths), or an object with predict(prompt_token_ids, sampling_params).
         kv_reservation: "none" admits a request when its first chunk's KV pages are free;
-            "predicted" also keeps back the pages running requests are predicted to need, so
-            that none is preempted (its stream stalled while it is recomputed), at a cost in
-            throughput: fewer requests run at once (bench/scheduling.py measures both).
+            "predicted" also keeps back the pages running requests are forecast to need, so
+            that none is preempted (its stream stalled while it is recomputed). Worth it when
+            predictions are good; over-predictions (max_tokens as a loose bound) admit too few.
     """
 
     def __init__(
