@@ -106,6 +106,24 @@ def make_case(runs, *, heads, kv_heads, head_dim, dtype, page_size=16, sliding_w
         sliding_window=sliding_window)
 
 
+def invalid_metadata_case(device: str = "cpu") -> tuple[AttentionCase, AttentionCase,
+                                                        AttentionCase]:
+    """(case, bad, valid): bad is case with two broken tokens, the first naming no row of
+    block_tables and the last reading a page past the cache; valid is case without those two,
+    the tokens whose outputs must still match case.reference()[1:-1]."""
+    case = make_case([(40, 1), (10, 20), (7, 1)], heads=8, kv_heads=2, head_dim=64,
+                     dtype=torch.float16)
+    if device != "cpu":
+        case = case.to(device)
+    seq_ids = case.seq_ids.clone()
+    seq_ids[0] = 99                        # no such row of block_tables
+    block_tables = case.block_tables.clone()
+    block_tables[2, 0] = 1 << 20           # a page past the cache, read by the last token
+    bad = replace(case, seq_ids=seq_ids, block_tables=block_tables)
+    valid = replace(case, seq_ids=case.seq_ids[1:-1], positions=case.positions[1:-1])
+    return case, bad, valid
+
+
 def assert_attention_close(out: torch.Tensor, ref: torch.Tensor, case: AttentionCase,
                            what: str = "") -> None:
     """out vs the reference, with a message that says where it is worst (token, head, dim)."""
@@ -249,19 +267,11 @@ def test_without_workspace_there_is_no_split():
 @pytest.mark.gpu
 @requires_kernels
 def test_invalid_metadata_gives_nan_rows_not_a_crash():
-    case = make_case([(40, 1), (10, 20), (7, 1)], heads=8, kv_heads=2, head_dim=64,
-                     dtype=torch.float16).to("cuda")
+    case, bad, valid = invalid_metadata_case("cuda")
     ref = case.reference()
-    seq_ids = case.seq_ids.clone()
-    seq_ids[0] = 99                        # no such row of block_tables
-    block_tables = case.block_tables.clone()
-    block_tables[2, 0] = 1 << 20           # a page past the cache, read by the last token
-    bad = replace(case, seq_ids=seq_ids, block_tables=block_tables)
     out = _run(bad)
     assert torch.isnan(out[0]).all() and torch.isnan(out[-1]).all()
-    assert_attention_close(out[1:-1], ref[1:-1], replace(case, seq_ids=case.seq_ids[1:-1],
-                                                         positions=case.positions[1:-1]),
-                           "valid tokens next to invalid ones")
+    assert_attention_close(out[1:-1], ref[1:-1], valid, "valid tokens next to invalid ones")
 
 
 @pytest.mark.gpu

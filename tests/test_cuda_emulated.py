@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_cuda_attention import BATCHES, AttentionCase, assert_attention_close, make_case
+from test_cuda_attention import (BATCHES, AttentionCase, assert_attention_close,
+                                 invalid_metadata_case, make_case)
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [REPO / "cuda/emulator/attention_emulator.cpp", REPO / "cuda/src/attention_plan.cpp"]
@@ -121,16 +121,9 @@ def test_emulated_split_kv_is_used_and_merges(emulator, tmp_path):
 
 
 def test_emulated_invalid_metadata_gives_nan_rows(emulator, tmp_path):
-    case = make_case([(40, 1), (10, 20), (7, 1)], heads=8, kv_heads=2, head_dim=64,
-                     dtype=torch.float16)
+    case, bad, valid = invalid_metadata_case()
     ref = case.reference()
-    seq_ids = case.seq_ids.clone()
-    seq_ids[0] = 99                        # no such row of block_tables
-    block_tables = case.block_tables.clone()
-    block_tables[2, 0] = 1 << 20           # a page past the cache, read by the last token
-    bad = replace(case, seq_ids=seq_ids, block_tables=block_tables)
     for max_ctas in (3, 64):               # without and with split-KV
         out, plan = run_emulated(emulator, bad, tmp_path, max_ctas=max_ctas)
         assert torch.isnan(out[0]).all() and torch.isnan(out[-1]).all(), plan
-        valid = replace(case, seq_ids=case.seq_ids[1:-1], positions=case.positions[1:-1])
         assert_attention_close(out[1:-1], ref[1:-1], valid, f"valid tokens, plan {plan}")
