@@ -39,6 +39,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 from nanorun import Engine, SamplingParams
 from nanorun.benchmark import environment
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     doc = {"command": environment.command_line(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "environment": environment.describe(_torch_device(args.device)),
+           "environment": environment.describe(torch.device(args.device)),
            "prediction": {name: prediction_quality(name, args.seed) for name in TRACES}}
     for name, q in doc["prediction"].items():
         print(f"{name:>10}: MAE {q['mae_bucketed']:.1f} tokens vs {q['mae_global_median']:.1f} "
@@ -222,11 +223,6 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here")
     return p.parse_args(argv)
-
-
-def _torch_device(name: str):
-    import torch
-    return torch.device(name)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from .outputs import RequestOutput
 from .request import Request
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import ScheduledChunk, Scheduler
+from .scheduler import ScheduledChunk, Scheduler, uses_predictions
 from .search import DeviceSpec, get_device
 from .search.hardware import known_device
 
@@ -80,7 +80,8 @@ class Engine:
                                  pointwise=select_pointwise(self.device))
         self.kv_cache = self._new_kv_cache()
         predictor = cfg.length_predictor
-        if isinstance(predictor, (str, os.PathLike)):   # fitted from a file: on rank 0 only
+        if isinstance(predictor, (str, os.PathLike)) and uses_predictions(
+                cfg.scheduling_policy, cfg.kv_reservation):   # fitted from a file: on rank 0
             predictor = self.tensor_parallel.on_driver(lambda: get_length_predictor(
                 cfg.length_predictor))
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens, cfg.scheduling_policy,

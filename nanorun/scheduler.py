@@ -41,9 +41,9 @@ from __future__ import annotations
 import collections
 import math
 import numbers
+from dataclasses import dataclass, field
 
 import numpy as np
-from dataclasses import dataclass, field
 
 from .kv_cache import KVCache
 from .lengths import LengthPredictor, get_length_predictor
@@ -51,6 +51,11 @@ from .request import Request, RequestStatus
 
 POLICIES = ("fcfs", "hrrn")
 KV_RESERVATIONS = ("none", "predicted")
+
+
+def uses_predictions(policy: str, kv_reservation: str) -> bool:
+    """Whether a scheduler with these settings asks a LengthPredictor anything."""
+    return policy == "hrrn" or kv_reservation == "predicted"
 
 
 @dataclass(frozen=True)
@@ -97,15 +102,14 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.policy = policy
         self.kv_reservation = kv_reservation
-        uses_predictions = policy == "hrrn" or kv_reservation == "predicted"
-        self.predictor = get_length_predictor(predictor) if uses_predictions else None
+        self.predictor = (get_length_predictor(predictor)
+                          if uses_predictions(policy, kv_reservation) else None)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []          # in admission order
         self.iteration = 0                        # schedule() calls so far
-        # With a predictor: (iteration it was added, predicted output tokens) per request, and
-        # its predicted service when added (what it stays until it is first admitted).
-        self._predicted: dict[Request, tuple[int, float]] = {}
-        self._service: dict[Request, float] = {}
+        # With a predictor, per request: (the iteration it was added, its predicted output
+        # tokens, its predicted service then, which holds until it is first admitted).
+        self._predicted: dict[Request, tuple[int, float, float]] = {}
         self._blocked: Request | None = None     # where admission last stopped: kept first
 
     def add(self, request: Request) -> None:
@@ -117,8 +121,9 @@ class Scheduler:
                 raise ValueError(f"length predictor {self.predictor!r} predicted {predicted!r} "
                                  f"output tokens for request {request.request_id!r}; a "
                                  f"predictor must return a finite number >= 1")
-            self._predicted[request] = (self.iteration, float(predicted))
-            self._service[request] = self.predicted_service(request)
+            predicted = float(predicted)
+            self._predicted[request] = (self.iteration, predicted,
+                                        self._service(request, predicted))
         self.waiting.append(request)
 
     def remove(self, request: Request) -> None:
@@ -128,7 +133,6 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self._predicted.pop(request, None)
-        self._service.pop(request, None)
         if request is self._blocked:
             self._blocked = None
         self.kv.release(request)
@@ -154,9 +158,12 @@ class Scheduler:
 
     def predicted_service(self, request: Request) -> float:
         """hrrn's S: iterations the request still needs, as predicted (at least 1)."""
+        return self._service(request, self.predicted_output(request))
+
+    def _service(self, request: Request, predicted_output: float) -> float:
         prompt_iterations = -(-request.num_remaining // self.max_batch_tokens)
         return prompt_iterations + max(
-            0.0, self.predicted_output(request) - len(request.output_token_ids) - 1)
+            0.0, predicted_output - len(request.output_token_ids) - 1)
 
     def response_ratio(self, request: Request) -> float:
         """hrrn's (W + S) / S, with W the iterations since the request was added."""
@@ -175,8 +182,13 @@ class Scheduler:
              pinned if r is self._blocked else fresh).append(r)
         # response_ratio() inlined over the cached services: this runs every iteration over
         # the whole queue (10,000 waiting requests rank in milliseconds).
-        now, added, service = self.iteration, self._predicted, self._service
-        fresh.sort(key=lambda r: (-(now - added[r][0] + service[r]) / service[r], service[r]))
+        now, predicted = self.iteration, self._predicted
+
+        def rank(r: Request) -> tuple[float, float]:
+            added, _, service = predicted[r]
+            return -(now - added + service) / service, service
+
+        fresh.sort(key=rank)
         self.waiting = collections.deque(resumed + pinned + fresh)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -207,16 +219,18 @@ class Scheduler:
         return max(peak, request.num_tokens)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        forecast = _KVForecast(self) if self.kv_reservation == "predicted" else None
+        forecast = None     # built when first needed: most iterations admit no one
         while self.waiting and budget > 0:
             request = self.waiting[0]
             n = min(request.num_remaining, budget)
             if not self.kv.can_grow(request, request.num_computed_tokens + n):
                 self._blocked = request
                 break
-            if forecast is not None and self.running and not forecast.admits(request):
-                self._blocked = request
-                break
+            if self.kv_reservation == "predicted" and self.running:
+                forecast = forecast or _KVForecast(self)
+                if not forecast.admits(request):
+                    self._blocked = request
+                    break
             if request is self._blocked:
                 self._blocked = None
             self.waiting.popleft()

@@ -36,6 +36,7 @@ from ..layout import Layout
 from ..lengths import get_length_predictor, predictor_name
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from ..scheduler import uses_predictions
 from . import arrivals as arrival_process
 from . import ceilings, environment
 from .metrics import RequestResult, compute_metrics
@@ -176,7 +177,7 @@ class Measurement:
 
 def run_benchmark(config: BenchConfig) -> Measurement:
     """Measure the device, then every layout at every request rate."""
-    if config.scheduling_policy == "hrrn" or config.kv_reservation == "predicted":
+    if uses_predictions(config.scheduling_policy, config.kv_reservation):
         # Fit (or fail) once, before anything is built.
         config = replace(config, length_predictor=get_length_predictor(config.length_predictor))
     trace = load_trace(config.trace, num_requests=config.num_requests, seed=config.seed,
