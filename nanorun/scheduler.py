@@ -181,7 +181,7 @@ class Scheduler:
             (resumed if r.metrics.num_preemptions else
              pinned if r is self._blocked else fresh).append(r)
         # response_ratio() inlined over the cached services: this runs every iteration over
-        # the whole queue (10,000 waiting requests rank in milliseconds).
+        # the whole queue.
         now, predicted = self.iteration, self._predicted
 
         def rank(r: Request) -> tuple[float, float]:
