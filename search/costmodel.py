@@ -7,7 +7,11 @@ The model is a roofline with three corrections, each a named term of `CostParams
     t_memory  = bytes / (hbm_bandwidth * bandwidth_efficiency * bandwidth_share(s / S))
 
 - efficiency(n) = gemm_efficiency * n / (n + gemm_half_tokens): GEMMs of few tokens (small M)
-  and attention over prompt chunks reach less of the peak (tile and wave quantisation).
+  and attention over prompt chunks reach less of the peak (tile and wave quantisation). A GEMM
+  is priced on its per-rank shape (M tokens x N outputs x K inputs, N or K cut by tp): its
+  128 x 128 output tiles, split along K where K allows (K / gemm_split_k ways), fill a
+  partition of s SMs only as far as tiles x splits reach s (the last, partial wave), and each
+  tile pays gemm_k_overhead elements of K for its prologue and epilogue, K / (K + overhead).
 - bandwidth_share(f) = (1 - exp(-k f)) / (1 - exp(-k)): a memory-bound kernel on a fraction f of
   the SMs still pulls most of the bandwidth (NanoFlow's observation that lets attention run on a
   minority of SMs); k = bandwidth_saturation.
@@ -15,6 +19,12 @@ The model is a roofline with three corrections, each a named term of `CostParams
   has a bandwidth demand (the share of full bandwidth it pulls alone); while the demands of the
   running launches sum above 1, each slows by its memory-bound share of the excess, and any
   launch running beside another pays `interference` on top. The simulator applies this term.
+
+Collectives (tp > 1) are priced from measured NCCL tables (search/hardware.py: time against
+message size and tp, log-log, with the small-message latency floor), under the CTA bound
+nanorun gives NCCL (nanorun.distributed.NCCL_MAX_CTAS), plus the add of the reduced rows into
+the residual stream as its own launch. While it runs, NCCL pulls HBM bandwidth (its ring reads
+and writes about 3 x the bytes it sends), which slows memory-bound launches beside it.
 
 Work per op comes from the model's shapes (per tensor-parallel rank). Attention costs depend on
 the batch's contexts: decode tokens stream their sequence's whole KV; prompt chunks read each
@@ -33,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .hardware import DeviceSpec
+from .hardware import DeviceSpec, collective_seconds
 
 logger = logging.getLogger("nanorun")
 
@@ -55,7 +65,14 @@ class CostParams:
     bandwidth_efficiency: float = 0.85   # share of the HBM spec a streaming kernel reaches
     bandwidth_saturation: float = 5.0    # k of bandwidth_share; larger: fewer SMs saturate HBM
     launch_overhead_s: float = 2.5e-6    # per kernel launch inside a CUDA graph
-    network_latency_s: float = 8e-6      # per collective
+    network_latency_s: float = 8e-6      # per collective, where a device has no NCCL tables
+    gemm_k_overhead: float = 64.0        # K elements' worth of time a GEMM tile spends outside
+                                         # its K loop (prologue, epilogue): one 64-wide k-step
+    gemm_split_k: int = 1024             # smallest K slice a split-K GEMM gives one CTA
+    per_rank_shapes: bool = True         # GEMM tiles and K overhead (False: the M-only
+                                         # efficiency of the first model, for comparisons)
+    nccl_ctas: int | None = None         # CTAs a collective may use (None: what nanorun's
+                                         # process group sets, NANORUN_NCCL_MAX_CTAS or 8)
     interference: float = 0.05           # slowdown of any launch running beside another
     attention_query_tile: int = 64       # prompt-chunk query rows that share one read of the KV
 
@@ -69,6 +86,8 @@ class OpWork:
     bytes_per_token: float    # activations read + written
     weight_bytes: float = 0.0
     network_bytes_per_token: float = 0.0
+    k: int = 0                # GEMM: inputs per token (per rank)
+    n: int = 0                # GEMM: outputs per token (per rank)
 
 
 @dataclass(frozen=True)
@@ -105,7 +124,7 @@ def op_work(config: "ModelConfig", tp: int = 1, dtype_bytes: int = 2) -> dict[st
     qkv_out = q + 2 * kv
 
     def gemm(k: int, n: int, extra_rows: int = 0) -> OpWork:
-        return OpWork("gemm", 2.0 * k * n, (k + n + extra_rows) * b, k * n * b)
+        return OpWork("gemm", 2.0 * k * n, (k + n + extra_rows) * b, k * n * b, k=k, n=n)
 
     work = {
         "attn_norm": OpWork("memory", 4.0 * d, 2 * d * b),
@@ -123,7 +142,9 @@ def op_work(config: "ModelConfig", tp: int = 1, dtype_bytes: int = 2) -> dict[st
     }
     if tp > 1:
         for name in ("attn_allreduce", "mlp_allreduce"):
-            # Ring all-reduce: each rank sends and receives 2 (tp - 1) / tp of the rows.
+            # The all-reduce of d partial sums per token (bytes_per_token: the add of the
+            # reduced rows into the residual, reading both and writing one); each rank sends and
+            # receives 2 (tp - 1) / tp of the rows.
             work[name] = OpWork("network", 0.0, 3 * d * b,
                                 network_bytes_per_token=2.0 * (tp - 1) / tp * d * b)
     return work
@@ -151,6 +172,12 @@ class CostModel:
         self.peak_flops = device.bf16_tflops * 1e12
         self.bandwidth = device.hbm_gbps * 1e9 * self.params.bandwidth_efficiency
         self.kv_bytes_per_context_token = 2 * (config.kv_size // tp) * dtype_bytes
+        ctas = self.params.nccl_ctas
+        if ctas is None:
+            from nanorun.distributed import nccl_max_ctas
+
+            ctas = nccl_max_ctas()
+        self.nccl_ctas = ctas
         self.profile = None
         if profile is not None:
             self._calibrate(profile)
@@ -239,14 +266,33 @@ class CostModel:
         flops = w.flops_per_token * tokens
         nbytes = w.bytes_per_token * tokens + w.weight_bytes
         efficiency = p.gemm_efficiency * tokens / (tokens + p.gemm_half_tokens)
+        busy = f                     # the share of the device's SMs the launch keeps busy
+        if w.kind == "gemm" and w.k and p.per_rank_shapes:
+            fill = self._gemm_fill(w, tokens, sms)
+            busy = f * fill
+            efficiency *= fill * w.k / (w.k + p.gemm_k_overhead)
+            # The fill is already in `efficiency`: compute divides by the partition's SMs.
         if w.kind == "attention":
             flops, nbytes, efficiency = self._attention(stats, nbytes)
         compute = flops / (self.peak_flops * max(efficiency, 1e-6) * f) if flops else 0.0
-        memory = nbytes / (self.bandwidth * self._bandwidth_share(f))
+        memory = nbytes / (self.bandwidth * self._bandwidth_share(busy))
         if w.kind == "network":
-            wire = w.network_bytes_per_token * tokens / (self.device.interconnect_gbps * 1e9)
-            seconds = p.network_latency_s + max(wire, memory)
-            memory_time = memory
+            message = tokens * self.config.hidden_size * self.dtype_bytes
+            # NCCL's CTAs are bounded by nanorun's NCCL_MAX_CTAS and by the SMs of the
+            # partition the layout gives the collective.
+            ctas = self.nccl_ctas if sms is None else max(1, min(self.nccl_ctas, sms))
+            nccl = collective_seconds(self.device, "all_reduce", message, self.tp, ctas=ctas)
+            if nccl is None:   # no measured tables (the CPU spec): latency + ring formula
+                wire = w.network_bytes_per_token * tokens / (self.device.interconnect_gbps * 1e9)
+                seconds = p.network_latency_s + max(wire, memory)
+                memory_time = memory
+            else:
+                # NCCL's kernel, then the add of the reduced rows into the residual stream:
+                # two launches per collective, a per-layer cost that does not shrink with tp.
+                seconds = nccl + memory + 2 * p.launch_overhead_s
+                memory_time = memory
+                # The ring reads its chunk and the received one and writes the result.
+                nbytes += 3.0 * w.network_bytes_per_token * tokens
         else:
             seconds = max(compute, memory) + p.launch_overhead_s
             memory_time = memory if memory >= compute else 0.0
@@ -255,6 +301,19 @@ class CostModel:
                                            self.device.sm_count)
         demand = min(1.0, nbytes / (self.bandwidth * seconds)) if seconds else 0.0
         return LaunchCost(seconds, min(1.0, memory_time / seconds) if seconds else 0.0, demand)
+
+    def _gemm_fill(self, w: OpWork, tokens: int, sms: int | None) -> float:
+        """Share of the partition's SMs a GEMM of per-rank shape (tokens x w.n x w.k) keeps busy:
+        its 128 x 128 output tiles, split along K (at most K / gemm_split_k ways, only as far
+        as it takes to cover the SMs, as cuBLAS's split-K heuristics do for small M), each on
+        one SM; below one full wave the rest idle. Beyond a wave, later waves are assumed to
+        balance (tile-shape choice and stream-K hide the remainder)."""
+        s = sms if sms is not None else self.device.sm_count
+        if not s:
+            return 1.0
+        tiles = math.ceil(tokens / 128) * math.ceil(w.n / 128)
+        splits = max(1, min(w.k // self.params.gemm_split_k, math.ceil(s / tiles)))
+        return min(1.0, tiles * splits / s)
 
     def _attention(self, s: TokenStats, q_bytes: float) -> tuple[float, float, float]:
         c, p = self.config, self.params

@@ -122,8 +122,11 @@ class Tuner:
         if dev.sm_count is not None:
             g = dev.sm_granularity
             usable = dev.sm_count // g * g
-            net_sms = (None, g, 2 * g) if self.cost.tp > 1 else ()
-            reserve = 2 * g if self.cost.tp > 1 else 0
+            # A network partition holds NCCL's CTAs: at least the CTA bound nanorun gives NCCL
+            # (8; one granule on Hopper, four on an A100), or twice that.
+            c = -(-self.cost.nccl_ctas // g) * g
+            net_sms = (None, c, 2 * c) if self.cost.tp > 1 else ()
+            reserve = 2 * c if self.cost.tp > 1 else 0
             gemm_sms = tuple(range(2 * g, usable - reserve - g + 1, g))
         return SearchSpace(tuple(batch_tokens), gemm_sms=gemm_sms, net_sms=net_sms)
 
