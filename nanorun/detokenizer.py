@@ -46,7 +46,7 @@ class StreamDecoder:
         self.skip_special_tokens = skip_special_tokens
         self._skipped = tokenizer.all_special_ids if skip_special_tokens else frozenset()
         self._bytes = tokenizer.byte_token_ids
-        self.ids: list[int] = self._context(list(prompt_token_ids))
+        self.ids = self._context(list(prompt_token_ids))
         self.num_context = len(self.ids)
         self._prefix = 0
         self._read = len(self.ids)
@@ -82,7 +82,7 @@ class StreamDecoder:
         """The furthest offset past `read` whose decoded text no later token can change."""
         lo = max(self._read, len(self.ids) - _CUTS_TRIED)
         for cut in range(len(self.ids), lo, -1):
-            last = self._last_text_token(cut)
+            last = _last_text_token(self.ids, cut, self._skipped)
             if last is not None and last in self._bytes:
                 continue
             if not self._decode(self._prefix, cut).endswith(_REPLACEMENT):
@@ -92,27 +92,28 @@ class StreamDecoder:
     def _context(self, prompt: list[int]) -> list[int]:
         """The prompt's last few tokens up to a stable cut, with at least one token of text."""
         tail = prompt[-_CONTEXT_TOKENS:]
-        self.ids = tail
         for cut in range(len(tail), 0, -1):
-            last = self._last_text_token(cut)
+            last = _last_text_token(tail, cut, self._skipped)
             if last is None:
                 break                            # nothing but skipped specials left
-            if last in self._bytes or self._decode(0, cut).endswith(_REPLACEMENT):
-                continue
-            return tail[:cut]
+            text = self.tokenizer.decode(tail[:cut], self.skip_special_tokens)
+            if last not in self._bytes and not text.endswith(_REPLACEMENT):
+                return tail[:cut]
         return []
-
-    def _last_text_token(self, cut: int) -> int | None:
-        for i in range(cut - 1, -1, -1):
-            if self.ids[i] not in self._skipped:
-                return self.ids[i]
-        return None
 
     def _has_text_token(self, lo: int, hi: int) -> bool:
         return any(i not in self._skipped for i in self.ids[lo:hi])
 
     def _decode(self, lo: int, hi: int) -> str:
         return self.tokenizer.decode(self.ids[lo:hi], self.skip_special_tokens)
+
+
+def _last_text_token(ids: list[int], cut: int, skipped: frozenset[int]) -> int | None:
+    """The last id before `cut` that decoding does not skip."""
+    for i in range(cut - 1, -1, -1):
+        if ids[i] not in skipped:
+            return ids[i]
+    return None
 
 
 class StopChecker:

@@ -73,11 +73,13 @@ class Tokenizer:
         self.special_tokens = {k: t for k in _SPECIAL_TOKEN_KEYS
                                if (t := _token_text(self.config.get(k))) is not None}
         self._generation_eos = tuple(generation_eos)
-        self._apply_add_bos_eos()
 
     # ---- ids and text -------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; add_special_tokens adds what the post-processor adds (BOS)."""
+        """Token ids of `text`; add_special_tokens adds what tokenizer.json's post-processor
+        adds (BOS, usually). tokenizer_config.json's add_bos_token / add_eos_token are not
+        read: save_pretrained writes them into that post-processor, and transformers' generic
+        tokenizer class ignores them too."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -166,29 +168,6 @@ class Tokenizer:
                 "a chat_template.jinja); pass chat_template=<Jinja template>, or send a plain "
                 "prompt instead of messages")
         return _compile(source)
-
-    def _apply_add_bos_eos(self) -> None:
-        # transformers 5 rebuilds the post-processor when tokenizer_config.json sets either
-        # flag explicitly, so that encode() adds exactly those; we do the same for the same ids.
-        if "add_bos_token" not in self.config and "add_eos_token" not in self.config:
-            return
-        from tokenizers import processors
-
-        bos, eos = self._flagged("add_bos_token", "bos_token"), self._flagged("add_eos_token", "eos_token")
-        ends = [(t, self.token_to_id(t)) for t in bos + eos]
-
-        def seq(i: int) -> list[str]:
-            return [f"{t}:{i}" for t in bos] + [f"${'AB'[i]}:{i}"] + [f"{t}:{i}" for t in eos]
-
-        self.backend.post_processor = processors.TemplateProcessing(
-            single=" ".join(seq(0)), pair=" ".join(seq(0) + seq(1)),
-            special_tokens=list(dict.fromkeys(ends)))
-
-    def _flagged(self, flag: str, key: str) -> list[str]:
-        token = self.special_tokens.get(key)
-        if self.config.get(flag) and self.token_to_id(token) is not None:
-            return [token]
-        return []
 
 
 def _check_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:

@@ -79,11 +79,14 @@ def sentencepiece_bpe(vocab_size: int = 500) -> Tokenizer:
     """Llama 2 style: "▁" for spaces, BPE with byte fallback, and the decoder chain
     Replace(▁ -> " "), ByteFallback, Fuse, Strip(one leading space), as Llama 2 ships it.
 
-    The alphabet is capped so rare characters (the emoji, the rarest CJK/Cyrillic letters)
-    have no token and fall back to <0xNN> bytes: a multi-byte character split over tokens.
+    The alphabet is ASCII plus the 30 commonest other characters of the corpus, so rare ones
+    (the emoji, some CJK and Cyrillic letters) have no token and fall back to <0xNN> bytes: a
+    multi-byte character split over tokens.
     """
+    ascii_ = [chr(c) for c in range(32, 127)]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  limit_alphabet=70, show_progress=False)
+                                  initial_alphabet=ascii_, limit_alphabet=len(ascii_) + 30,
+                                  show_progress=False)
     probe = Tokenizer(models.BPE(unk_token=UNK))
     probe.normalizer = _sp_normalizer()
     probe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
