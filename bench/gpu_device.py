@@ -17,9 +17,14 @@ give the first pass's greedy tokens exactly, and the prompt logits must match th
 engine's within float16 rounding (the eager engine runs unpadded shapes, so its roundings
 differ; its greedy tokens are reported beside).
 
+Ceilings: the GEMM rate (bf16 8192^3 products, median of event-timed repeats) and the copy
+bandwidth (1 GiB device-to-device, bytes read + written) that every %-of-optimal and GB/s figure
+of the session is set against (nanorun.benchmark.ceilings, as `nanorun bench` measures them).
+
 Prints each fact as it is read and writes them all as JSON with the command, date, commit and
 versions. Exit status: 0 when every check passed, 1 when one failed (the JSON says which and
-why), 2 without a CUDA device.
+why), 2 without a CUDA device. --rehearse (bench/gpu_session.sh --rehearse) writes the same
+fields on the CPU: ceilings measured there, the GPU-only facts null with the reason.
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="dense batch of that layout (default: 1024)")
     parser.add_argument("--check-model", default="tiny-llama",
                         help="preset the graph-vs-eager check runs (default: tiny-llama)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="on the CPU: the same fields, GPU-only facts null")
     args = parser.parse_args(argv)
+    if args.rehearse:
+        return write(args.out, rehearsal_report(args.model, args.batch_tokens))
     if not torch.cuda.is_available():
         print(f"bench/gpu_device.py needs a CUDA device, and torch {torch.__version__} "
               f"(CUDA {torch.version.cuda}) sees none; run it on the GPU machine "
@@ -59,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
               "commit": commit(), "device": device_facts()}
     say("device", report["device"])
     checks = {}
-    for name, fn in (("green_contexts", green_context_facts),
+    for name, fn in (("ceilings", lambda: ceiling_facts(torch.device("cuda"))),
+                     ("green_contexts", green_context_facts),
                      ("overlap_partitions", lambda: overlap_partitions(args.model,
                                                                        args.batch_tokens)),
                      ("graph_replay", lambda: graph_replay_vs_eager(args.check_model))):
@@ -69,14 +79,68 @@ def main(argv: list[str] | None = None) -> int:
             checks[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         say(name, checks[name])
     report.update(checks)
-    report["ok"] = all(c.get("ok", False) for c in checks.values())
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    return write(args.out, report)
+
+
+CHECKS = ("ceilings", "green_contexts", "overlap_partitions", "graph_replay")
+
+
+def write(out: Path | None, report: dict) -> int:
+    """Sets report["ok"] (every check that ran passed; a rehearsal's skipped ones are null),
+    writes it, and returns the exit status."""
+    checks = {k: report[k] for k in CHECKS}
+    report["ok"] = all(c.get("ok") is not False for c in checks.values()) and any(
+        c.get("ok") for c in checks.values())
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out}")
     print("all checks passed" if report["ok"] else
-          "FAILED: " + ", ".join(k for k, c in checks.items() if not c.get("ok")))
+          "FAILED: " + ", ".join(k for k, c in checks.items() if c.get("ok") is False))
     return 0 if report["ok"] else 1
+
+
+def rehearsal_report(model: str, batch_tokens: int) -> dict:
+    """The CPU rehearsal's report: the GPU report's fields, GPU-only facts null."""
+    from nanorun.benchmark.environment import command_line, device_name
+    from nanorun.engine import device_spec
+    from nanorun.layout import overlap
+    from nanorun.models import layer_ops
+
+    cpu = torch.device("cpu")
+    why = "rehearsal on the CPU: no CUDA device"
+    layout = overlap(tuple(op.name for op in layer_ops(1)), batch_tokens, device_spec(cpu))
+    report = {"command": command_line(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": commit(),
+              "device": {"name": device_name(cpu), "multiprocessors": None,
+                         "compute_capability": None, "memory_gib": None, "driver": None,
+                         "torch": torch.__version__, "cuda": torch.version.cuda,
+                         "cuda_bindings": package_version("cuda-bindings")},
+              "ceilings": ceiling_facts(cpu),
+              "green_contexts": {"driver_sm_resource": None, "spec": device_spec(cpu).name,
+                                 "spec_sm_granularity": None, "spec_sm_count": None,
+                                 "ok": None, "skipped": why},
+              "overlap_partitions": {"model": model, "batch_tokens": batch_tokens,
+                                     "requested": {p.name: p.sm_count for p in layout.partitions},
+                                     "granted": None, "green_contexts": None, "how": why,
+                                     "summary": None, "device_sms": None, "ok": None},
+              "graph_replay": {"ok": None, "skipped": why}}
+    for name in CHECKS:
+        say(name, report[name])
+    return report
+
+
+# -- the ceilings ----------------------------------------------------------------------------------
+def ceiling_facts(device: torch.device) -> dict:
+    """GEMM rate and copy bandwidth, measured as `nanorun bench` measures them."""
+    from nanorun.benchmark.ceilings import measure
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    c = measure(device, dtype)
+    return {"gemm_tflops": c.gemm_tflops, "gemm_dtype": c.gemm_dtype, "gemm_size": c.gemm_size,
+            "copy_gbps": c.copy_gbps, "measured_on": device.type,
+            "ok": c.gemm_tflops > 0 and c.copy_gbps > 0}
 
 
 def say(what: str, facts: dict) -> None:

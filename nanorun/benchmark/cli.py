@@ -78,6 +78,10 @@ def add_parser(sub) -> None:
                    help="comma-separated percentiles reported as p<N>_*_ms (default: 99)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the trace window, prompts, arrivals and random weights")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="passes over every layout, interleaved (sequential, A, B, sequential, "
+                        "A, B, ...); the summary gives each layout's min / median / max and "
+                        "its ratio to sequential pass by pass (default: 1)")
     p.add_argument("--result-json", metavar="PATH", help="write the report as JSON here")
     p.add_argument("--plot", metavar="PATH", help="draw throughput and latency here (.png, .svg)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,7 +104,8 @@ def run(args) -> int:
         goodput=tuple(parse_goodput(args.goodput).items()),
         percentiles=_percentiles(args.metric_percentiles), seed=args.seed,
         show_progress=not args.no_progress, scheduling_policy=args.scheduling_policy,
-        length_predictor=args.length_predictor, kv_reservation=args.kv_reservation)
+        length_predictor=args.length_predictor, kv_reservation=args.kv_reservation,
+        repeats=args.repeats)
     report = build_report(run_benchmark(config))
     print(format_summary(report))
     if args.result_json:

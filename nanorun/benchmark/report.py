@@ -9,11 +9,18 @@ output_lens, ttfts, latencies, errors; per-token ITLs are left out for size) and
 `nanorun` object: the layout, the offered rate, percent_of_optimal (total_token_throughput
 as a percentage of the bound) and throughput_ratio_to_sequential at the same rate.
 JSON has no infinity, so an offline rate is written "inf", as vLLM does.
+
+With repeats (N interleaved passes), a run's vLLM fields are those of its median pass (by
+total_token_throughput; the lower of the two middle ones when N is even), and its `nanorun`
+object adds `repeats`: every pass's total_token_throughput and ratio to sequential (pass r
+against sequential's pass r, run next to it) with their min / median / max.
+throughput_ratio_to_sequential is then the median of the paired ratios.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
 from .ceilings import optimal_tokens_per_s
 from .runner import BASELINE, Measurement, Run, layout_label
@@ -26,10 +33,19 @@ def build_report(m: Measurement) -> dict:
     bound = optimal_tokens_per_s(m.measured.gemm_tflops,
                                  m.engine_facts["num_active_params_per_token"])
     header = _header(m, bound)
-    baseline = {json_rate(r.request_rate): r.metrics["total_token_throughput"]
+    groups: dict[tuple, list[Run]] = {}
+    for run in m.runs:
+        groups.setdefault((run.layout, json_rate(run.request_rate)), []).append(run)
+    baseline = {(json_rate(r.request_rate), r.repeat): r.metrics["total_token_throughput"]
                 for r in m.runs if r.layout == BASELINE}
     return {"nanorun": header,
-            "runs": [_run_dict(r, m, header, bound, baseline) for r in m.runs]}
+            "runs": [_run_dict(runs, m, header, bound, baseline) for runs in groups.values()]}
+
+
+def spread(values: list[float]) -> dict:
+    """min / median / max of some passes' figures, and the figures in pass order."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values),
+            "values": list(values)}
 
 
 def json_rate(rate):
@@ -55,6 +71,7 @@ def _header(m: Measurement, bound: float) -> dict:
         "mean_prompt_len": float(trace.prompt_lens.mean()),
         "mean_output_len": float(trace.output_lens.mean()),
         "seed": config.seed,
+        "repeats": config.repeats,
         "goodput_slo_ms": dict(config.goodput) or None,
         "gemm_tflops": m.measured.gemm_tflops,
         "gemm_dtype": m.measured.gemm_dtype,
@@ -65,10 +82,17 @@ def _header(m: Measurement, bound: float) -> dict:
     }
 
 
-def _run_dict(run: Run, m: Measurement, header: dict, bound: float, baseline: dict) -> dict:
-    rate, results = json_rate(run.request_rate), run.drive.results
-    throughput = run.metrics["total_token_throughput"]
-    base = baseline.get(rate)
+def _run_dict(runs: list[Run], m: Measurement, header: dict, bound: float,
+              baseline: dict) -> dict:
+    rate = json_rate(runs[0].request_rate)
+    throughputs = [r.metrics["total_token_throughput"] for r in runs]
+    ratios = [t / baseline[(rate, r.repeat)] if baseline.get((rate, r.repeat)) else None
+              for t, r in zip(throughputs, runs)]
+    run = runs[throughputs.index(statistics.median_low(throughputs))]
+    results, throughput = run.drive.results, run.metrics["total_token_throughput"]
+    known = [x for x in ratios if x is not None]
+    repeats = {"n": len(runs), "total_token_throughput": spread(throughputs),
+               "ratio_to_sequential": spread(known) if known else None}
     return {
         "date": header["date"],
         "backend": "nanorun",
@@ -90,6 +114,7 @@ def _run_dict(run: Run, m: Measurement, header: dict, bound: float, baseline: di
             "engine_steps": run.drive.engine_steps,
             "preemptions": run.drive.preemptions,
             "percent_of_optimal": 100.0 * throughput / bound,
-            "throughput_ratio_to_sequential": throughput / base if base else None,
+            "throughput_ratio_to_sequential": statistics.median(known) if known else None,
+            "repeats": repeats,
         },
     }

@@ -6,6 +6,12 @@ the next is built. "sequential" always runs, first, added when not asked for: th
 layout's throughput to it is nano-batching's gain, and that is only meaningful measured side by
 side. Each engine is warmed up (kernel compilation, first allocations) before it is timed.
 
+Repeats (`repeats=N`) interleave: sequential, A, B, sequential, A, B, ... (not A A B B), so a
+drift of the machine (clocks, a neighbour's load) lands on every layout alike, and repeat r of
+a layout is paired with repeat r of sequential for its ratio. The device's ceilings are
+measured once per run, before any engine, not per layout or repeat. Several traces can share
+the engines (run_traces): each (repeat, layout) engine is built once and serves every trace.
+
 The loop drives Engine.step() itself: a request is added once its arrival time has passed, and
 its arrival time is the scheduled one, so time spent waiting for a busy step counts in its
 TTFT. Outputs run to the trace's length (ignore EOS, greedy). A request that cannot be added,
@@ -71,8 +77,11 @@ class BenchConfig:
     scheduling_policy: str = "fcfs"
     length_predictor: Any = None            # for "hrrn" and "predicted": nanorun.lengths
     kv_reservation: str = "none"
+    repeats: int = 1                        # interleaved passes over every layout
 
     def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
         if not self.layouts:
             raise ValueError("give at least one layout")
         if not self.request_rates:
@@ -161,6 +170,7 @@ class Run:
     offered_rate: float              # the schedule's mean rate, req/s
     drive: Drive
     metrics: dict = field(default_factory=dict)
+    repeat: int = 0                  # which interleaved pass (0 .. repeats - 1)
 
 
 @dataclass(frozen=True)
@@ -175,39 +185,64 @@ class Measurement:
     runs: list[Run]
 
 
-def run_benchmark(config: BenchConfig) -> Measurement:
-    """Measure the device, then every layout at every request rate."""
+def run_benchmark(config: BenchConfig, *, measured: ceilings.Ceilings | None = None
+                  ) -> Measurement:
+    """Measure the device (unless `measured` is given), then every layout at every request
+    rate, `config.repeats` times interleaved."""
+    return run_traces(config, (config.trace,), measured=measured)[0]
+
+
+def run_traces(config: BenchConfig, traces: tuple[str, ...], *,
+               num_requests: tuple[int | None, ...] | None = None,
+               measured: ceilings.Ceilings | None = None) -> list[Measurement]:
+    """run_benchmark over several traces, one Measurement each, with one measurement of the
+    ceilings and one engine per (repeat, layout) serving every trace in turn. num_requests:
+    one per trace (default: config.num_requests for each)."""
     if uses_predictions(config.scheduling_policy, config.kv_reservation):
         # Fit (or fail) once, before anything is built.
         config = replace(config, length_predictor=get_length_predictor(config.length_predictor))
-    trace = load_trace(config.trace, num_requests=config.num_requests, seed=config.seed,
-                       length_filter=config.length_filter)
-    for rate in config.request_rates:
-        # A bad rate or burstiness fails here, before anything is built.
-        arrival_process.schedule(trace, rate, burstiness=config.burstiness)
+    counts = num_requests or (config.num_requests,) * len(traces)
+    if len(counts) != len(traces):
+        raise ValueError(f"{len(traces)} traces but {len(counts)} request counts")
+    loaded = [load_trace(name, num_requests=n, seed=config.seed,
+                         length_filter=config.length_filter) for name, n in zip(traces, counts)]
+    for trace in loaded:
+        for rate in config.request_rates:
+            # A bad rate or burstiness fails here, before anything is built.
+            arrival_process.schedule(trace, rate, burstiness=config.burstiness)
     engine_config = EngineConfig(model=config.model, device=config.device, dtype=config.dtype)
     device = engine_config.torch_device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={config.device!r} but torch sees no CUDA device; use "
                            f"--device cpu")
     env = environment.describe(device)
-    measured = ceilings.measure(device, engine_config.torch_dtype)
+    if measured is None:
+        measured = ceilings.measure(device, engine_config.torch_dtype)
     batch_tokens = config.dense_batch_tokens()
-    workload, facts, runs = None, {}, []
-    for layout in config.layouts_to_run:
-        engine = config.engine(layout, batch_tokens)
-        if workload is None:
-            workload, facts = Workload.fit(trace, engine, config.seed), engine_facts(engine)
-        warm_up(engine)
-        runs += [_run_one(engine, workload, layout, rate, config)
-                 for rate in config.request_rates]
-        del engine
-        _free_memory(device)
+    workloads: list[Workload | None] = [None] * len(loaded)
+    facts: dict = {}
+    runs: list[list[Run]] = [[] for _ in loaded]
+    for repeat in range(config.repeats):
+        for layout in config.layouts_to_run:
+            engine = config.engine(layout, batch_tokens)
+            if not facts:
+                facts = engine_facts(engine)
+            for k, trace in enumerate(loaded):
+                if workloads[k] is None:
+                    workloads[k] = Workload.fit(trace, engine, config.seed)
+            warm_up(engine)
+            for k, workload in enumerate(workloads):
+                runs[k] += [_run_one(engine, workload, layout, rate, config, repeat)
+                            for rate in config.request_rates]
+            del engine
+            _free_memory(device)
     goodput = dict(config.goodput) or None
-    for run in runs:
+    for run in (r for per_trace in runs for r in per_trace):
         run.metrics = compute_metrics(run.drive.results, run.drive.duration,
                                       percentiles=config.percentiles, goodput=goodput)
-    return Measurement(config, env, measured, facts, workload, runs)
+    return [Measurement(replace(config, trace=name, num_requests=n), env, measured, facts,
+                        workload, per_trace)
+            for name, n, workload, per_trace in zip(traces, counts, workloads, runs)]
 
 
 def warm_up(engine: Engine) -> None:
@@ -305,16 +340,17 @@ def _add(engine: Engine, workload: Workload, i: int, arrival_time: float) -> str
 
 
 def _run_one(engine: Engine, workload: Workload, layout: str, rate,
-             config: BenchConfig) -> Run:
+             config: BenchConfig, repeat: int = 0) -> Run:
     arrivals = arrival_process.schedule(workload.trace, rate, burstiness=config.burstiness,
                                         seed=config.seed)
-    progress = _progress(len(arrivals), f"{layout_label(layout)} @ {rate}", config.show_progress)
+    desc = f"{layout_label(layout)} @ {rate}" + (f" #{repeat + 1}" if config.repeats > 1 else "")
+    progress = _progress(len(arrivals), desc, config.show_progress)
     try:
         done = drive(engine, workload, arrivals, progress=progress)
     finally:
         progress.close()
     return Run(layout, engine.executor.layout_name, rate, arrival_process.offered_rate(arrivals),
-               done)
+               done, repeat=repeat)
 
 
 def layout_label(layout: str) -> str:

@@ -19,10 +19,24 @@ _COLUMNS = (
 )
 
 
+# With repeats: every pass's spread beside the median pass's figures.
+_SPREAD_COLUMNS = (
+    ("tok/s min", 10, lambda r: f"{_repeats(r)['total_token_throughput']['min']:,.0f}"),
+    ("tok/s max", 10, lambda r: f"{_repeats(r)['total_token_throughput']['max']:,.0f}"),
+    ("vs seq range", 13, lambda r: _ratio_range(_repeats(r)["ratio_to_sequential"])),
+)
+
+CPU_LABEL = ("CPU FIGURES: measured on this machine's CPU, with the CPU's own ceilings; they "
+             "say how the engine runs here, nothing about a GPU")
+
+
 def format_summary(report: dict) -> str:
-    """The header facts and a table of every run (latencies are means)."""
+    """The header facts and a table of every run (latencies are means; with repeats, the
+    median pass's figures and every pass's range)."""
     h = report["nanorun"]
-    lines = [
+    repeats = h.get("repeats", 1)
+    lines = [CPU_LABEL] if h["device_type"] == "cpu" else []
+    lines += [
         f"nanorun bench: {h['model']} ({h['dtype']}, {h['weights']} weights) on {h['device']}, "
         f"dense batch {h['max_batch_tokens']} tokens",
         f"trace {h['trace']}: {h['num_requests']} requests, mean {h['mean_prompt_len']:.0f} "
@@ -32,11 +46,17 @@ def format_summary(report: dict) -> str:
         f"({h['gemm_dtype']}), copy {h['copy_gbps']:.3g} GB/s; optimal bound "
         f"{h['optimal_tokens_per_s']:,.0f} tokens/s",
     ]
+    if repeats > 1:
+        lines.append(f"{repeats} passes over the layouts, interleaved; each row is its median "
+                     f"pass (tot tok/s, vs seq: medians), beside the range over the passes")
     if h["num_skipped"]:
         lines.append(f"warning: skipped {h['num_skipped']} requests ({h['skip_reason']})")
     columns = list(_COLUMNS)
     if h["goodput_slo_ms"]:
         columns.insert(4, ("good/s", 7, lambda r: f"{r['request_goodput']:.2f}"))
+    if repeats > 1:
+        at = next(i for i, c in enumerate(columns) if c[0] == "vs seq") + 1
+        columns[at:at] = _SPREAD_COLUMNS
     lines.append("  ".join(f"{name:>{w}}" for name, w, _ in columns))
     for run in report["runs"]:
         lines.append("  ".join(f"{get(run):>{w}}" for _, w, get in columns))
@@ -52,3 +72,11 @@ def _ms(value: float | None) -> str:
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def _repeats(run: dict) -> dict:
+    return run["nanorun"]["repeats"]
+
+
+def _ratio_range(ratios: dict | None) -> str:
+    return "-" if ratios is None else f"{ratios['min']:.2f}-{ratios['max']:.2f}x"
