@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import jinja2
@@ -29,7 +28,6 @@ _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 # Files that mean "there is a tokenizer here, but not one nanorun reads".
 _OTHER_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
                           "tekken.json", "tokenizer.tiktoken")
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 Message = Mapping[str, Any]
 
@@ -131,7 +129,8 @@ class Tokenizer:
     def byte_token_ids(self) -> frozenset[int]:
         """Ids of <0xNN> tokens when the decoder has ByteFallback (SentencePiece-style): the
         detokenizer holds them until their run of bytes ends, as their text can still change."""
-        if "ByteFallback" not in json.dumps(json.loads(self.backend.to_str()).get("decoder")):
+        decoder = self.backend.decoder
+        if decoder is None or b'"ByteFallback"' not in decoder.__getstate__():
             return frozenset()
         ids = (self.backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
         return frozenset(i for i in ids if i is not None)
@@ -233,22 +232,18 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
                       sort_keys=sort_keys)
 
 
-_compiled: dict[str, jinja2.Template] = {}
-
-
+@lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
     """A chat template compiled once in a sandbox (templates from the Hub are untrusted code)."""
-    if source not in _compiled:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[_GenerationTag, loopcontrols])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            _compiled[source] = env.from_string(source)
-        except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"the chat template is not valid Jinja: {e}") from e
-    return _compiled[source]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template is not valid Jinja: {e}") from e
 
 
 def _read_chat_template(model_dir: str, config: Mapping[str, Any]) -> str | dict[str, str] | None:

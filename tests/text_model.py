@@ -11,6 +11,8 @@ Two tokenizer kinds cover the two families the detokenizer must get right:
                      a multi-byte character can be split over tokens (Ġ marks spaces).
     "sentencepiece"  Llama 2 style: BPE over "▁"-marked words with byte fallback: characters
                      outside the learned alphabet (🙂, rare CJK) become <0xNN> byte tokens.
+    "metaspace"      the same model as tokenizer.json writes it today: Metaspace pre-tokenizer
+                     and decoder instead of Llama 2's normalizer and decoder chain.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ CORPUS = [
     "numbers 0123456789 and symbols !@#$%^&*()_+-=[]{};:'\",.<>/?\\|`~",
 ]
 
+_SP_ALPHABET = frozenset(map(chr, range(32, 127))) | frozenset(
+    "\n\téöüïçñèêàâäßûé你好世界我很吗，。？！ПриветмйрусскЖж")
+
 _HF_TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama",
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -79,18 +84,19 @@ def sentencepiece_bpe(vocab_size: int = 500) -> Tokenizer:
     """Llama 2 style: "▁" for spaces, BPE with byte fallback, and the decoder chain
     Replace(▁ -> " "), ByteFallback, Fuse, Strip(one leading space), as Llama 2 ships it.
 
-    The alphabet is ASCII plus the 30 commonest other characters of the corpus, so rare ones
-    (the emoji, some CJK and Cyrillic letters) have no token and fall back to <0xNN> bytes: a
+    The alphabet is ASCII plus some Latin, CJK and Cyrillic letters (_SP_ALPHABET); the rest
+    (emoji, Greek, kana, typographic quotes) has no token and falls back to <0xNN> bytes: a
     multi-byte character split over tokens.
     """
-    ascii_ = [chr(c) for c in range(32, 127)]
+    # Training only sees the alphabet's characters, so nothing else gets a token (and a
+    # capped alphabet would break frequency ties differently from run to run).
+    corpus = ["".join(c for c in line if c in _SP_ALPHABET) for line in _corpus()]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=ascii_, limit_alphabet=len(ascii_) + 30,
                                   show_progress=False)
     probe = Tokenizer(models.BPE(unk_token=UNK))
     probe.normalizer = _sp_normalizer()
     probe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    probe.train_from_iterator(_corpus(), trainer)
+    probe.train_from_iterator(corpus, trainer)
     # Rebuild with the 256 byte tokens right after the special tokens (Llama 2's layout).
     trained = json.loads(probe.to_str())["model"]
     learned = [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1])
@@ -109,6 +115,17 @@ def sentencepiece_bpe(vocab_size: int = 500) -> Tokenizer:
     return tok
 
 
+def metaspace_bpe() -> Tokenizer:
+    """The same model as `sentencepiece_bpe`, in the newer tokenizer.json style (Mistral v0.3,
+    recent conversions): Metaspace pre-tokenizer and decoder, prepend_scheme "first"."""
+    tok = sentencepiece_bpe()
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Metaspace(prepend_scheme="first"),
+                                     decoders.ByteFallback(), decoders.Fuse()])
+    return tok
+
+
 def _sp_normalizer():
     return normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
 
@@ -119,7 +136,8 @@ def _add_bos(tok: Tokenizer) -> None:
         single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos)])
 
 
-TOKENIZER_KINDS = {"bpe": byte_level_bpe, "sentencepiece": sentencepiece_bpe}
+TOKENIZER_KINDS = {"bpe": byte_level_bpe, "sentencepiece": sentencepiece_bpe,
+                   "metaspace": metaspace_bpe}
 
 
 def write_tokenizer(path: Path, kind: str = "bpe") -> Tokenizer:
