@@ -76,7 +76,15 @@ def _add_profile(sub) -> None:
                    help="SM counts, comma-separated (default: quarters of the device)")
     p.add_argument("--context", type=int, default=_measure_defaults()[1],
                    help="decode attention context (default %(default)s)")
-    p.add_argument("--out", default=None, help="profile JSON (default profiles/GPU.json)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree: run under `torchrun --nproc-per-node N` (one "
+                        "GPU per rank); times each rank's shard of the ops and sweeps the "
+                        "collectives, which then replace the published tables")
+    p.add_argument("--collective-bytes", default=None,
+                   help="message sizes of the collective sweep at --tp > 1, comma-separated "
+                        "(default 4 KiB to 64 MiB, every factor of 4)")
+    p.add_argument("--out", default=None,
+                   help="profile JSON (default profiles/GPU.json; profiles/GPU.tpN.json)")
     p.set_defaults(func=_profile)
 
 
@@ -97,28 +105,45 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def _profile(args) -> int:
-    from .measure import Rig, profile
+    from .measure import DEFAULT_COLLECTIVE_BYTES, Rig, profile
 
     tokens = _ints(args.tokens, "--tokens")
     sms = _ints(args.sms, "--sms") if args.sms else None
+    sweep = _ints(args.collective_bytes, "--collective-bytes") if args.collective_bytes \
+        else DEFAULT_COLLECTIVE_BYTES
+    if args.tp < 1:
+        raise ValueError(f"--tp must be a positive integer, got {args.tp}")
     # Positions reach the context (decode attention) and max(tokens) (a prompt's first chunk).
     rig = Rig(args.model, args.device, num_layers=1, max_tokens=max(tokens),
               max_context=max(args.context + 1, max(tokens)),
-              kv_tokens=max(tokens) * (args.context + 16))
-    gpu = args.gpu or rig.spec.name
-    print(f"profiling {rig.config.name} on {gpu} ({rig.device}, {rig.dtype}): "
-          f"{len(tokens)} token counts, attention at context {args.context}")
-    start = time.perf_counter()
-    prof = profile(rig, gpu, tokens=tokens, sms=sms, context=args.context)
-    out = Path(args.out or f"profiles/{gpu}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prof.provenance["command"] = "nanorun profile " + " ".join(
-        [args.model, "--device", args.device, "--tokens", args.tokens, "--context",
-         str(args.context)] + (["--sms", args.sms] if args.sms else []))
-    prof.save(out)
-    print(f"partitions: {rig.partitions_how}")
-    print(f"profiled in {time.perf_counter() - start:.1f} s; wrote {out}")
-    return 0
+              kv_tokens=max(tokens) * (args.context + 16), tp=args.tp)
+    try:
+        driver = rig.tensor_parallel.is_driver       # every rank measures; rank 0 reports
+        say = print if driver else (lambda *_: None)
+        gpu = args.gpu or rig.spec.name
+        say(f"profiling {rig.config.name} on {gpu} ({rig.device}, {rig.dtype}, tp={args.tp}): "
+            f"{len(tokens)} token counts, attention at context {args.context}")
+        start = time.perf_counter()
+        prof = profile(rig, gpu, tokens=tokens, sms=sms, context=args.context,
+                       collective_bytes=sweep, log=say)
+        if not driver:
+            return 0
+        out = Path(args.out or f"profiles/{gpu}{f'.tp{args.tp}' if args.tp > 1 else ''}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prof.provenance["command"] = "nanorun profile " + " ".join(
+            [args.model, "--device", args.device, "--tokens", args.tokens, "--context",
+             str(args.context)] + (["--sms", args.sms] if args.sms else [])
+            + ([f"--tp {args.tp}"] if args.tp > 1 else [])
+            + (["--collective-bytes", args.collective_bytes] if args.collective_bytes else []))
+        if args.tp > 1:
+            prof.provenance["command"] = f"torchrun --nproc-per-node {args.tp} -m nanorun.cli " \
+                + prof.provenance["command"].removeprefix("nanorun ")
+        prof.save(out)
+        print(f"partitions: {rig.partitions_how}")
+        print(f"profiled in {time.perf_counter() - start:.1f} s; wrote {out}")
+        return 0
+    finally:
+        rig.tensor_parallel.shutdown()
 
 
 def _add_plan(sub) -> None:

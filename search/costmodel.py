@@ -192,6 +192,9 @@ class CostModel:
                            self.config.name, self.tp)
         if profile.interference is not None:
             self.params = replace(self.params, interference=profile.interference)
+        tables = profile.collective_tables()
+        if tables:   # measured collectives replace the spec's published tables
+            self.device = replace(self.device, collectives=tables)
 
         def predict(op: str, tokens: int, sms: int, context: int | None) -> float:
             stats = None

@@ -67,6 +67,23 @@ class CollectiveTable:
         return math.exp(math.log(times[i]) * (1 - w) + math.log(times[i + 1]) * w)
 
 
+def isotonic(values, weights=None) -> list[float]:
+    """Weighted pool-adjacent-violators: the non-decreasing sequence closest to `values` in
+    weighted least squares. Measured collective times are made monotone in message size with
+    it (a larger message is never faster; what says otherwise is noise)."""
+    weights = list(weights) if weights is not None else [1] * len(values)
+    blocks: list[list[float]] = []   # [mean, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([float(v), float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            b = blocks.pop()
+            a = blocks[-1]
+            a[0] = (a[0] * a[1] + b[0] * b[1]) / (a[1] + b[1])
+            a[1] += b[1]
+            a[2] += b[2]
+    return [mean for mean, _, count in blocks for _ in range(int(count))]
+
+
 def bus_factor(collective: str, tp: int) -> float:
     """Bytes each rank moves over the wire per message byte (nccl-tests' busbw factor):
     2 (tp - 1) / tp for all-reduce (a reduce-scatter then an all-gather), (tp - 1) / tp for
@@ -96,9 +113,17 @@ _A100_AR = {   # microseconds at _SIZES
 }
 _H100_AR = {
     2: (25.8, 25.8, 25.8, 38.0, 41.0, 41.0, 42.0, 43.0, 47.0, 69.0, 141.0, 215.0),
-    4: (39.7, 39.7, 41.0, 41.0, 41.3, 41.3, 41.3, 45.0, 62.0, 87.0, 178.0, 274.0),
-    8: (27.0, 27.0, 27.0, 31.3, 31.3, 32.0, 44.0, 56.0, 84.0, 111.0, 207.0, 303.5),
+    # Vidur's eager tp 4 and 8 points up to 4 MiB (39.7-45.0 and 27.0-56.0 us) carry rank skew
+    # that CUDA-graph replay does not have: at tp 4 they exceed tp 8's. There, 0.5-4 MiB are
+    # vLLM's CUDA-graph-captured pynccl (NCCL) times on 8 x H100, bf16, hidden 8192
+    # (vllm-project/vllm#24111, benchmarks/kernels/benchmark_device_communicators.py: tp 4
+    # 17/19/22/26/31/37 us and tp 8 28/30/32/34/46/54 us at 0.5/1/1.5/2/3/4 MiB), held flat
+    # below 0.5 MiB (a smaller message is not slower), and Vidur's from 8 MiB on.
+    4: (17.0, 17.0, 17.0, 17.0, 17.0, 19.0, 26.0, 37.0, 62.0, 87.0, 178.0, 274.0),
+    8: (28.0, 28.0, 28.0, 28.0, 28.0, 30.0, 34.0, 54.0, 84.0, 111.0, 207.0, 303.5),
 }
+_VLLM = "tp 4 and 8 below 8 MiB: vLLM CUDA-graph pynccl times (vllm-project/vllm#24111); " \
+        "the rest: "
 # Channels NCCL runs a lone large collective with, i.e. what the tables above were measured
 # with: 24 on an HGX A100 (the NCCL_DEBUG log in NVIDIA/nccl-tests#100, "Channel 23/24"); 16
 # on Hopper NVSwitch (NCCL's own comment quoted in NVIDIA/nccl#1041, "NVLS should not need more
@@ -106,9 +131,11 @@ _H100_AR = {
 _A100_CHANNELS, _H100_CHANNELS = 24, 16
 
 
-def _tables(data, channels, source) -> tuple[CollectiveTable, ...]:
+def _tables(data, channels, source, sources=None) -> tuple[CollectiveTable, ...]:
+    sources = sources or {}
     return tuple(CollectiveTable("all_reduce", tp, _SIZES, tuple(t * _US for t in us),
-                                 channels, source) for tp, us in sorted(data.items()))
+                                 channels, sources.get(tp, source))
+                 for tp, us in sorted(data.items()))
 
 
 def _pcie_all_reduce() -> tuple[CollectiveTable, ...]:
@@ -129,7 +156,8 @@ def _pcie_all_reduce() -> tuple[CollectiveTable, ...]:
 
 
 _A100_TABLES = _tables(_A100_AR, _A100_CHANNELS, _VIDUR.format("a100_dgx"))
-_H100_TABLES = _tables(_H100_AR, _H100_CHANNELS, _VIDUR.format("h100_dgx"))
+_H100_TABLES = _tables(_H100_AR, _H100_CHANNELS, _VIDUR.format("h100_dgx"),
+                       {tp: _VLLM + _VIDUR.format("h100_dgx") for tp in (4, 8)})
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ DEFAULT_CONTEXT = 1024
 # The pairs NanoFlow overlaps: a compute-bound GEMM beside memory-bound decode attention.
 DEFAULT_PAIRS = (("gate_up", "attention"), ("o_proj", "attention"))
 PAGE_SIZE = 16
+# Message sizes of the collective sweep at tp > 1: 4 KiB (a decode batch's all-reduce is tens
+# of KiB) to 64 MiB (a 4096-token prefill chunk of an 8192-wide model), every factor of 4.
+DEFAULT_COLLECTIVE_BYTES = tuple(4**k for k in range(6, 14))
 # GPU clock cycles (~10 ms) the main stream sleeps before each timed round of op launches.
 HOLD_CYCLES = 20_000_000
 
@@ -73,19 +76,27 @@ class Rig:
     def __init__(self, model: str | ModelConfig, device: str | torch.device = "cuda", *,
                  dtype: torch.dtype | None = None, num_layers: int | None = None,
                  max_tokens: int = 4096, max_context: int = 8192,
-                 kv_tokens: int | None = None, seed: int = 0) -> None:
+                 kv_tokens: int | None = None, seed: int = 0, tp: int = 1) -> None:
         from nanorun.engine import device_spec
         from nanorun.kernels import select_kernels, select_pointwise
         from nanorun.kv_cache import KVCache
         from nanorun.models import build_model, random_weights
+
+        from nanorun.distributed import setup_tensor_parallel
 
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise RuntimeError("measuring on device 'cuda' needs a CUDA device, but torch "
                                    f"{torch.__version__} sees none; use --device cpu")
-            if self.device.index is None:
-                self.device = torch.device("cuda", torch.cuda.current_device())
+        # tp > 1: one process per rank, started by torchrun (gloo on the CPU, NCCL on GPUs
+        # under nanorun's CTA bound), each timing its own shard; the collectives are real.
+        self.tensor_parallel = setup_tensor_parallel(tp, self.device)
+        self.tp = tp
+        if tp > 1:
+            self.device = self.tensor_parallel.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         config = model if isinstance(model, ModelConfig) else resolve_model(model)[0]
         self.full_config = config
         if num_layers is not None:
@@ -98,11 +109,14 @@ class Rig:
         self.max_tokens, self.max_context = max_tokens, max_context
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self.kernels = select_kernels(self.device)
-        weights = random_weights(config, dtype=self.dtype, device=self.device, seed=seed)
+        tpc = self.tensor_parallel
+        weights = random_weights(config, dtype=self.dtype, device=self.device, seed=seed,
+                                 tp_rank=tpc.rank, tp_size=tpc.size)
         self.model = build_model(config, weights, max_model_len=max_context,
                                  attention_fn=self.kernels[0], kv_append_fn=self.kernels[1],
-                                 pointwise=select_pointwise(self.device))
-        per_token = config.kv_bytes_per_token(self.model.w["embed"].element_size())
+                                 pointwise=select_pointwise(self.device), tp_group=tpc.group)
+        local = self.model.local      # this rank's shard: its KV heads only
+        per_token = local.kv_bytes_per_token(self.model.w["embed"].element_size())
         if kv_tokens is None:
             kv_tokens = max_tokens * max_context
             if self.device.type == "cuda":
@@ -111,8 +125,8 @@ class Rig:
             else:
                 kv_tokens = min(kv_tokens, (1 << 30) // per_token)
         self.kv = KVCache(num_layers=config.num_layers, num_pages=max(1, kv_tokens // PAGE_SIZE),
-                          page_size=PAGE_SIZE, num_kv_heads=config.num_kv_heads,
-                          head_dim=config.head_dim, dtype=self.dtype, device=self.device)
+                          page_size=PAGE_SIZE, num_kv_heads=local.num_kv_heads,
+                          head_dim=local.head_dim, dtype=self.dtype, device=self.device)
         for t in (self.kv.k, self.kv.v):
             t.normal_(0.0, 1.0)
         self.ws = self.model.new_workspace(max_tokens)
@@ -362,13 +376,71 @@ def sm_grid(device_sms: int, granularity: int, points: int = 4) -> tuple[int, ..
     return tuple(sorted(grid | {device_sms}))
 
 
+def time_collectives(rig: Rig, nbytes: Iterable[int] = DEFAULT_COLLECTIVE_BYTES,
+                     timing: Timing = Timing(), collectives=("all_reduce", "all_gather"),
+                     log: Callable[[str], None] = print) -> list[dict]:
+    """Seconds of each collective over the rig's tensor-parallel group against message size
+    (nccl-tests' sizes: the all-reduce buffer, all-gather's gathered output), timed like the
+    ops, the slowest rank's time taken (a collective ends when its last rank arrives) and made
+    non-decreasing in size (hardware.isotonic). Every rank must call it. A collective the
+    process group's backend lacks is left out (on every rank alike)."""
+    import torch.distributed as dist
+
+    from .hardware import isotonic
+
+    tpc = rig.tensor_parallel
+    if tpc.size < 2:
+        raise ValueError("collectives are timed at tp > 1 (build the Rig with tp=N under "
+                         "torchrun)")
+    from nanorun.distributed import nccl_max_ctas
+
+    element = torch.empty((), dtype=rig.dtype).element_size()
+    sizes = tuple(sorted({max(element * tpc.size, n // (element * tpc.size) * element
+                                  * tpc.size) for n in nbytes}))
+    out = []
+    for name in collectives:
+        times = []
+        for n in sizes:
+            full = torch.randn(n // element, generator=rig.gen).to(rig.device, rig.dtype)
+            part = full[: full.numel() // tpc.size].clone()
+            if name == "all_reduce":
+                fn = lambda: dist.all_reduce(full, group=tpc.group)  # noqa: E731
+            elif name == "all_gather":
+                fn = lambda: dist.all_gather_into_tensor(full, part, group=tpc.group)  # noqa
+            else:
+                fn = lambda: dist.reduce_scatter_tensor(part, full, group=tpc.group)  # noqa
+            try:
+                t = _cpu_time(fn, timing) if not rig.is_cuda else \
+                    rig._cuda_times([(None, fn, timing.reps)], timing)[0]
+            except (RuntimeError, NotImplementedError) as e:
+                log(f"  {name}: not timed ({type(e).__name__}: {str(e)[:80]})")
+                times = []
+                break
+            times.append(t)
+        if not times:
+            continue
+        slowest = torch.tensor(times, dtype=torch.float64, device=rig.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=tpc.group)
+        seconds = [_sig(t) for t in isotonic(slowest.tolist())]
+        out.append({"collective": name, "tp": tpc.size,
+                    "ctas": nccl_max_ctas() if rig.is_cuda else None,
+                    "nbytes": list(sizes), "seconds": seconds})
+        log(f"  {name:17s} " + "  ".join(f"{n}B:{t * 1e6:.1f}us"
+                                         for n, t in zip(sizes, seconds)))
+    return out
+
+
 def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
             sms: Iterable[int] | None = None, context: int = DEFAULT_CONTEXT,
             pairs: Iterable[tuple[str, str]] = DEFAULT_PAIRS, timing: Timing = Timing(),
+            collective_bytes: Iterable[int] = DEFAULT_COLLECTIVE_BYTES,
             log: Callable[[str], None] = print) -> Profile:
     """Measure `rig`'s model on its device: every layer op (and the LM head) over `tokens` x
     `sms`, `pairs` overlapping, the large-GEMM rate and copy bandwidth. `gpu` names the device
-    spec the profile calibrates (h100, h200, ..., cpu)."""
+    spec the profile calibrates (h100, h200, ..., cpu). On a tp > 1 rig (every rank calls this,
+    under torchrun) each op is this rank's shard, the all-reduce ops are timed on the whole
+    device (NCCL is bounded by its CTA limit, not by a partition) and the collectives are swept
+    over `collective_bytes`."""
     tokens = tuple(sorted({int(t) for t in tokens if 0 < t <= rig.max_tokens}))
     if not tokens:
         raise ValueError(f"no token count fits the rig (max_tokens={rig.max_tokens})")
@@ -377,12 +449,15 @@ def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
     else:
         sms = (1,)    # the CPU has no SM partitions: one column
     ops = {}
+    network = {o.name for o in rig.model.layer_ops if o.kind == "network"}
     for op in [o.name for o in rig.model.layer_ops] + ["logits", ATTENTION_PREFILL]:
         prefill = op == ATTENTION_PREFILL       # a prompt's first chunk of n tokens
         timed = "attention" if prefill else op
+        columns = sms[-1:] if op in network else sms
         grid = [tuple(_sig(rig.time_op(timed, n, _limit(s, rig), context, timing, prefill))
-                      for s in sms) for n in tokens]
-        ops[op] = OpProfile(tokens, sms, tuple(grid), context if op == "attention" else None)
+                      for s in columns) for n in tokens]
+        ops[op] = OpProfile(tokens, columns, tuple(grid),
+                            context if op == "attention" else None)
         log(f"  {op:17s} " + "  ".join(f"{n}:{grid[i][-1] * 1e6:.1f}us"
                                        for i, n in enumerate(tokens)))
     measured_pairs, interference = [], None
@@ -400,11 +475,14 @@ def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
         slowdowns = [t / s - 1.0 for p in measured_pairs
                      for t, s in zip(p["together_s"], p["alone_s"])]
         interference = max(0.0, statistics.mean(slowdowns)) if slowdowns else None
+    tp = getattr(rig, "tp", 1)
+    collectives = time_collectives(rig, collective_bytes, timing, log=log) if tp > 1 else []
     ceilings = measure_ceilings(rig.device, rig.dtype)   # as `nanorun bench` measures them
     gemm, copy = ceilings.gemm_tflops, ceilings.copy_gbps
     log(f"  device: {gemm:.1f} TFLOP/s large GEMM, {copy:.0f} GB/s copy"
         + (f", interference {interference:.3f}" if interference is not None else ""))
-    return Profile(device=gpu, model=rig.config.name, tp=1, ops=ops, gemm_tflops=round(gemm, 2),
+    return Profile(device=gpu, model=rig.config.name, tp=tp, ops=ops,
+                   gemm_tflops=round(gemm, 2), collectives=collectives,
                    copy_gbps=round(copy, 1),
                    interference=None if interference is None else round(interference, 4),
                    dtype=str(rig.dtype).removeprefix("torch."), pairs=measured_pairs,

@@ -15,7 +15,14 @@ Format (version 1):
              "attention": {"tokens": [...], "sms": [...], "context": 1024, "seconds": [...]},
              "attention_prefill": {...}},      # a prompt's first chunk of each token count
      "pairs": [{"ops": ["gate_up", "attention"], "alone_s": [a, b], "together_s": [a2, b2]}],
+     "collectives": [{"collective": "all_reduce", "tp": 8, "ctas": 8,     # profiles at tp > 1
+                      "nbytes": [4096, ...], "seconds": [...]}],
      "provenance": {...}}
+
+A profile taken at tp > 1 (`nanorun profile --tp N` under torchrun) times each rank's own shard
+of every op, the all-reduce ops included (their per-op factors calibrate them like any op), and
+sweeps the collectives over message sizes under the CTA bound the engine runs with: those
+tables replace the device spec's published ones (search/hardware.py) in the cost model.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class Profile:
     dtype: str = "bfloat16"
     pairs: list[dict[str, Any]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    collectives: list[dict[str, Any]] = field(default_factory=list)
     # measured / predicted per op and grid point, set by calibrate()
     _factors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -80,6 +88,17 @@ class Profile:
                                                              else p.sms[-1]))
         return float(_bilinear(grid, x, y))
 
+    def collective_tables(self) -> tuple:
+        """The measured collective sweeps as hardware.CollectiveTable (empty at tp 1)."""
+        from .hardware import CollectiveTable
+
+        return tuple(CollectiveTable(c["collective"], int(c["tp"]),
+                                     tuple(int(n) for n in c["nbytes"]),
+                                     tuple(float(s) for s in c["seconds"]),
+                                     int(c.get("ctas") or 1),
+                                     f"measured: nanorun profile ({self.device})")
+                     for c in self.collectives)
+
     # -- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         ops = {}
@@ -92,7 +111,8 @@ class Profile:
         return {"version": PROFILE_VERSION, "device": self.device, "model": self.model,
                 "tp": self.tp, "dtype": self.dtype, "gemm_tflops": self.gemm_tflops,
                 "copy_gbps": self.copy_gbps, "interference": self.interference, "ops": ops,
-                "pairs": self.pairs, "provenance": self.provenance}
+                "pairs": self.pairs, "collectives": self.collectives,
+                "provenance": self.provenance}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Profile":
@@ -112,10 +132,16 @@ class Profile:
                     raise ProfileError(f"op {name!r}: tokens and sms must be ascending and "
                                        f"every time positive")
                 ops[name] = OpProfile(tokens, sms, seconds, o.get("context"))
-            return cls(device=str(d["device"]), model=str(d["model"]), tp=int(d.get("tp", 1)),
+            prof = cls(device=str(d["device"]), model=str(d["model"]), tp=int(d.get("tp", 1)),
                        ops=ops, gemm_tflops=d.get("gemm_tflops"), copy_gbps=d.get("copy_gbps"),
                        interference=d.get("interference"), dtype=d.get("dtype", "bfloat16"),
-                       pairs=list(d.get("pairs", [])), provenance=dict(d.get("provenance", {})))
+                       pairs=list(d.get("pairs", [])), provenance=dict(d.get("provenance", {})),
+                       collectives=list(d.get("collectives", [])))
+            try:
+                prof.collective_tables()
+            except ValueError as e:
+                raise ProfileError(f"collectives: {e}") from None
+            return prof
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ProfileError):
                 raise

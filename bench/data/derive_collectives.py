@@ -25,25 +25,10 @@ import statistics
 import sys
 from pathlib import Path
 
+from nanorun.search.hardware import isotonic   # the same fit the profiler applies
+
 SIZES = tuple(2048 * 2**k for k in range(16))          # 2 KiB .. 64 MiB
 MIN_POINTS = 3   # a bin of fewer measurements is dropped: below 32 KiB each bin holds one
-
-
-def isotonic(values: list[float], weights: list[int]) -> list[float]:
-    """Weighted pool-adjacent-violators: the non-decreasing fit closest in weighted L2."""
-    blocks = []   # [mean, weight, count]
-    for v, w in zip(values, weights):
-        blocks.append([v, w, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            b = blocks.pop()
-            a = blocks[-1]
-            a[0] = (a[0] * a[1] + b[0] * b[1]) / (a[1] + b[1])
-            a[1] += b[1]
-            a[2] += b[2]
-    out = []
-    for mean, _, count in blocks:
-        out += [mean] * count
-    return out
 
 
 def table(path: Path, ranks: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
