@@ -180,7 +180,7 @@ class IncrementalDetokenizer:
     >>> detok = IncrementalDetokenizer(tok, prompt_ids, stop=["\\n\\n"])
     >>> delta = detok.step(new_token_ids)        # each engine step; "" while text is held
     >>> if detok.finished_by_stop: ...           # finish the request: finish_reason "stop"
-    >>> delta = detok.finish()                   # once, when the request ends otherwise
+    >>> delta = detok.step(last_ids, stop_token=ended_on_eos) + detok.finish()   # it ended
 
     Stop strings are checked only once min_tokens output tokens exist (vLLM's min_tokens).
     `text` is everything emitted so far; after finish() or a stop it is the output text.
@@ -204,12 +204,19 @@ class IncrementalDetokenizer:
     def finished_by_stop(self) -> bool:
         return self._stops.stopped_on is not None
 
-    def step(self, new_token_ids: Sequence[int]) -> str:
-        """Take this step's new output token ids; return the text they add."""
+    def step(self, new_token_ids: Sequence[int], *, stop_token: bool = False) -> str:
+        """Take this step's new output token ids; return the text they add.
+
+        stop_token=True: the last id is the EOS or stop token that ended the request. As in
+        vLLM, its text is left out unless include_stop_str_in_output (it only shows at all
+        with skip_special_tokens=False, or for a stop_token_ids entry that is not special).
+        """
         if self.finished_by_stop:
             return ""
         new_token_ids = list(new_token_ids)
         self.num_tokens += len(new_token_ids)
+        if stop_token and new_token_ids and not self._stops.include_stop_str_in_output:
+            new_token_ids.pop()
         piece = self._decoder.step(new_token_ids)
         return self._out(self._stops.feed(piece, check=self.num_tokens >= self.min_tokens))
 

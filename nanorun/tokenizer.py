@@ -117,8 +117,8 @@ class Tokenizer:
     def eos_token_ids(self) -> tuple[int, ...]:
         """Every id that ends generation: eos_token plus generation_config.json's eos_token_id
         (chat models list their end-of-turn token there, as vLLM reads it)."""
-        ids = ([] if self.eos_token_id is None else [self.eos_token_id]) + list(self._generation_eos)
-        return tuple(dict.fromkeys(ids))
+        first = () if self.eos_token_id is None else (self.eos_token_id,)
+        return tuple(dict.fromkeys(first + self._generation_eos))
 
     @cached_property
     def all_special_ids(self) -> frozenset[int]:

@@ -246,7 +246,8 @@ def _chunking(rng: random.Random, n: int) -> list[int]:
     return sizes
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_deltas_property(tok, data):
     ids = data.draw(st.lists(st.sampled_from(_hard_ids(tok)), min_size=1, max_size=16))
@@ -295,6 +296,19 @@ def test_skip_special_tokens(tok):
     assert IM_END not in stream(tok, out)[0].text
     assert stream(tok, out, skip_special_tokens=False)[0].text == tok.decode(out, False)
     assert IM_END in stream(tok, out, skip_special_tokens=False)[0].text
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("include", [True, False])
+def test_the_token_that_ended_the_request_is_left_out(tok, skip, include):
+    """vLLM's rule: the EOS / stop token's text is not output, unless include_stop_str_in_output."""
+    ids = tok.encode("ab 🙂", add_special_tokens=False) + [tok.token_to_id(IM_END)]
+    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=skip,
+                                   include_stop_str_in_output=include)
+    text = "".join(detok.step([i]) for i in ids[:-1])
+    text += detok.step(ids[-1:], stop_token=True) + detok.finish()
+    assert text == detok.text == tok.decode(ids if include else ids[:-1], skip)
+    assert (IM_END in text) == (include and not skip)
 
 
 def test_split_character_is_held_then_emitted_whole(tok):
@@ -425,11 +439,13 @@ def test_model_dir_runs_in_nanorun_and_transformers_alike(tmp_path):
     prompt = tok.apply_chat_template(CHATS[1], tokenize=True)
     llm = LLM(str(path), kv_cache_tokens=1024, max_batch_tokens=64)
     out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(path),
+                                                                 output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                          pad_token_id=0)
     assert out.token_ids == ref[0, len(prompt):].tolist()
     detok, _ = stream(tok, out.token_ids, prompt=prompt)
     assert tok.decode(prompt) + detok.text == tok.decode(prompt + out.token_ids)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -176,12 +177,15 @@ def hf_llama_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     def norm() -> torch.Tensor:
         return 1 + torch.randn(d, generator=g) * 0.1
 
-    sd = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": norm(), "lm_head.weight": w(v, d)}
+    sd = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": norm(),
+          "lm_head.weight": w(v, d)}
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
         sd |= {p + "input_layernorm.weight": norm(), p + "post_attention_layernorm.weight": norm(),
-               p + "self_attn.q_proj.weight": w(h * hd, d), p + "self_attn.k_proj.weight": w(kv * hd, d),
-               p + "self_attn.v_proj.weight": w(kv * hd, d), p + "self_attn.o_proj.weight": w(d, h * hd),
+               p + "self_attn.q_proj.weight": w(h * hd, d),
+               p + "self_attn.k_proj.weight": w(kv * hd, d),
+               p + "self_attn.v_proj.weight": w(kv * hd, d),
+               p + "self_attn.o_proj.weight": w(d, h * hd),
                p + "mlp.gate_proj.weight": w(i, d), p + "mlp.up_proj.weight": w(i, d),
                p + "mlp.down_proj.weight": w(d, i)}
     return sd
