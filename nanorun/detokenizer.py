@@ -5,8 +5,8 @@ add (a delta). Concatenated, the deltas are exactly the request's output text:
 
     text = decode(ctx + output_ids)[len(decode(ctx)):]
 
-where ctx is the prompt's last few tokens (none for an empty prompt, when text is exactly
-decode(output_ids)). Decoding in the prompt's context is what vLLM and TGI do: a
+where ctx is the prompt's last few tokens, up to its last stable cut (see below; none for
+an empty prompt, when text is exactly decode(output_ids)). Decoding in the prompt's context is what vLLM and TGI do: a
 SentencePiece tokenizer strips the leading space of the first token it decodes, so "my name
 is" continues as " John", not "John".
 
@@ -182,7 +182,8 @@ class IncrementalDetokenizer:
     >>> if detok.finished_by_stop: ...           # finish the request: finish_reason "stop"
     >>> delta = detok.step(last_ids, stop_token=ended_on_eos) + detok.finish()   # it ended
 
-    Stop strings are checked only once min_tokens output tokens exist (vLLM's min_tokens).
+    Stop strings are looked for only once min_tokens output tokens exist (vLLM's min_tokens):
+    one that completes in text that came out earlier does not count.
     `text` is everything emitted so far; after finish() or a stop it is the output text.
     """
 

@@ -138,25 +138,31 @@ class Tokenizer:
     # ---- chat ---------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                             *, tokenize: bool = False, chat_template: str | None = None,
+                            tools: Sequence[Mapping[str, Any]] | None = None,
+                            documents: Sequence[Mapping[str, Any]] | None = None,
                             **template_kwargs: Any) -> str | list[int]:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's chat
         template: the prompt text, or its ids with tokenize=True (encoded without adding special
-        tokens: templates write their own BOS). Extra keyword arguments reach the template.
+        tokens: templates write their own BOS). `tools` (JSON schemas) and `documents` reach
+        the template as in transformers, and so do extra keyword arguments.
 
         Raises ValueError when there is no template or the messages are malformed.
         """
-        template = self._template(chat_template)
+        template = self._template(chat_template, use_tools=tools is not None)
         variables = {**self.special_tokens, **template_kwargs}
         try:
-            text = template.render(messages=_check_messages(messages),
+            text = template.render(messages=_check_messages(messages), tools=tools,
+                                   documents=documents,
                                    add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:        # includes the template's raise_exception(...)
             raise ValueError(f"the chat template rejected these messages: {e}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
-    def _template(self, override: str | None) -> jinja2.Template:
+    def _template(self, override: str | None, use_tools: bool) -> jinja2.Template:
         source = override if override is not None else self.chat_template
         if isinstance(source, Mapping):
+            if use_tools and "tool_use" in source:        # transformers' choice, too
+                source = {"default": source["tool_use"]}
             if "default" not in source:
                 raise ValueError(f"this model has several chat templates {sorted(source)} and no "
                                  f"'default'; pass chat_template=<template text>")

@@ -193,6 +193,18 @@ def test_chat_template_file_wins_and_matches_transformers(model_dir, tmp_path):
         ours.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
+TOOLS_TEMPLATE = ("{% if tools is not none %}TOOLS {{ tools | tojson }}\n{% endif %}"
+                  "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+
+
+def test_tools_reach_the_template_as_in_transformers(tok, hf):
+    tools = [{"type": "function", "function": {"name": "wëather", "parameters": {}}}]
+    for t in (None, tools):
+        assert tok.apply_chat_template(CHATS[1], chat_template=TOOLS_TEMPLATE, tools=t) == (
+            hf.apply_chat_template(CHATS[1], chat_template=TOOLS_TEMPLATE, tools=t,
+                                   tokenize=False, add_generation_prompt=True))
+
+
 def test_content_parts_are_joined_text(tok):
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"},
                                           {"type": "text", "text": "b"}]}]
