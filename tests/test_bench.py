@@ -481,3 +481,87 @@ def test_command_lines_in_results_hold_no_path_of_this_machine(tmp_path, monkeyp
     inside, outside = str(tmp_path / "bench" / "x.py"), "/somewhere/else/out.json"
     assert command_line([inside, "--out", outside, "--n", "3", "a b", f"--plot={outside}"]) == \
         "python bench/x.py --out out.json --n 3 'a b' --plot=out.json"
+
+
+# ---- repeats: interleaved, ceilings once, spread -------------------------------------------
+
+@pytest.fixture(scope="module")
+def repeated(tmp_path_factory):
+    """Two traces, two layouts, three interleaved passes on the CPU, recording what was built
+    and how often the ceilings were measured."""
+    from nanorun.benchmark import ceilings, runner
+    from nanorun.benchmark.report import build_report
+
+    built, measured = [], []
+    real_engine, real_measure = runner.BenchConfig.engine, ceilings.measure
+
+    def engine(self, layout, batch):
+        built.append(layout)
+        return real_engine(self, layout, batch)
+
+    def measure(*args):
+        measured.append(args)
+        return real_measure(*args)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(runner.BenchConfig, "engine", engine)
+    mp.setattr(ceilings, "measure", measure)
+    try:
+        config = runner.BenchConfig(layouts=("overlap",), max_batch_tokens=64,
+                                    kv_cache_tokens=4096, repeats=3, show_progress=False,
+                                    length_filter=LengthFilter(40, 6, 48))
+        ms = runner.run_traces(config, ("const:24x4", "sharegpt"), num_requests=(3, 3))
+    finally:
+        mp.undo()
+    return built, measured, ms, [build_report(m) for m in ms]
+
+
+def test_repeats_interleave_layouts_and_measure_the_ceilings_once(repeated):
+    built, measured, ms, _ = repeated
+    # A B A B A B, one engine per (pass, layout) serving both traces; never A A A B B B.
+    assert built == ["sequential", "overlap"] * 3
+    assert len(measured) == 1
+    for m in ms:
+        assert [(r.layout, r.repeat) for r in m.runs] == [
+            (layout, k) for k in range(3) for layout in ("sequential", "overlap")]
+    assert [m.config.trace for m in ms] == ["const:24x4", "sharegpt"]
+    assert ms[0].measured is ms[1].measured
+
+
+def test_repeats_report_spread_and_paired_ratios(repeated):
+    _, _, ms, reports = repeated
+    for m, report in zip(ms, reports):
+        assert report["nanorun"]["repeats"] == 3
+        assert [r["nanorun"]["layout"] for r in report["runs"]] == ["sequential", "overlap"]
+        seq = [r.metrics["total_token_throughput"] for r in m.runs if r.layout == "sequential"]
+        ovl = [r.metrics["total_token_throughput"] for r in m.runs if r.layout == "overlap"]
+        for row, passes in zip(report["runs"], (seq, ovl)):
+            rep = row["nanorun"]["repeats"]
+            assert rep["n"] == 3 and rep["total_token_throughput"]["values"] == passes
+            t = rep["total_token_throughput"]
+            assert (t["min"], t["median"], t["max"]) == (min(passes), sorted(passes)[1],
+                                                          max(passes))
+            # The vLLM fields are the median pass's.
+            assert row["total_token_throughput"] == sorted(passes)[1]
+        ratios = report["runs"][1]["nanorun"]["repeats"]["ratio_to_sequential"]
+        assert ratios["values"] == pytest.approx([o / s for o, s in zip(ovl, seq)])
+        assert report["runs"][1]["nanorun"]["throughput_ratio_to_sequential"] == \
+            pytest.approx(sorted(ratios["values"])[1])
+        assert report["runs"][0]["nanorun"]["repeats"]["ratio_to_sequential"]["values"] == [
+            1.0] * 3
+
+
+def test_the_summary_labels_cpu_figures_and_shows_the_spread(repeated):
+    from nanorun.benchmark.summary import CPU_LABEL, format_summary
+
+    _, _, _, reports = repeated
+    text = format_summary(reports[0])
+    assert text.splitlines()[0] == CPU_LABEL
+    assert "tok/s min" in text and "vs seq range" in text and "3 passes" in text
+    gpu = json.loads(json.dumps(reports[0]))
+    gpu["nanorun"]["device_type"] = "cuda"
+    assert "CPU FIGURES" not in format_summary(gpu)
+    with pytest.raises(ValueError, match="repeats"):
+        from nanorun.benchmark.runner import BenchConfig
+        BenchConfig(repeats=0)
+    assert main(["bench", "--repeats", "0", "--no-progress"]) == 2
