@@ -15,7 +15,9 @@ rank to arrive), so each table point is the median of the measured times within 
 of a power-of-two size (2 KiB to 64 MiB; bins of fewer than three measurements are dropped,
 which leaves 32 KiB to 64 MiB, the smaller sizes each having one), and the points are then made non-decreasing in size by
 weighted pool-adjacent-violators (a larger message is never faster; the weights are the number
-of measurements pooled). Prints the Python literal pasted into search/hardware.py.
+of measurements pooled). Prints the Python literal pasted into search/hardware.py; there, the
+H100 tables at tp 4 and 8 take vLLM's CUDA-graph-captured NCCL times below 8 MiB instead
+(vllm-project/vllm#24111; the comment at _H100_AR says why).
 """
 
 from __future__ import annotations
