@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one per workload")
     p.add_argument("--max-batch-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--filter", default=None, help="as nanorun bench's (default: nanoflow on a "
+                                                   f"GPU, {CPU_FILTER} on the CPU)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if len(args.num_requests) != len(args.workloads):
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.max_batch_tokens or _layout_batch(args.layouts) or 1024
     # The CLI's default filters: NanoFlow's on a GPU, a short one on the CPU (const:PxO keeps
     # its own lengths); one filter for every workload, as each `nanorun bench` would apply.
-    filt = parse_length_filter(CPU_FILTER if args.device == "cpu" else "nanoflow")
+    filt = parse_length_filter(args.filter or (CPU_FILTER if args.device == "cpu" else
+                                               "nanoflow"))
     config = BenchConfig(model=args.model, device=args.device, weights="random",
                          max_batch_tokens=batch, layouts=tuple(args.layouts),
                          length_filter=filt, repeats=args.repeats, show_progress=False)

@@ -9,14 +9,16 @@
 #
 # Stages, most valuable first, each under its own cap (seconds; they add up to 540 = 9 min,
 # the build included, so the call ends inside the tool's 10 minutes):
-#   smoke      190  build for sm_90a (150) + smoke test (40): tiny model, every layout, CUDA
-#                   kernels, green contexts, events, graphs, against the CPU's tokens
+#   smoke      190  build for sm_90a (120; if it fails, the C++ core alone, 30), tune the tiny
+#                   model (10), smoke test (30): tiny model, every layout, CUDA kernels,
+#                   green contexts, events, graphs, against the CPU's tokens
 #   tests       75  the GPU-marked tests, each capped at 30 s
 #   device      35  GEMM rate, copy bandwidth, SMs, green-context granularity read back
 #   serve      150  Llama-3-8B (random bf16) offline, const:1024x512 and sharegpt, under
 #                   sequential, overlap and the CPU-tuned layout, in one process
 #   attention   30  decode attention 256 x 2048 on all SMs and on the attention partition
-#   tune        60  nanorun profile + a re-tune with it + tune --measure 3
+#   tune        60  nanorun profile + a re-tune with it + tune --measure 3, in what is left
+#                   (at least 60: the time earlier stages did not use)
 #
 # What comes back: $OUT holds at most 8 files, each written as soon as its stage ends, so a
 # call cut short still returns what finished: env.json, session.log (all that was printed) and
