@@ -69,6 +69,13 @@ def test_the_caps_add_up_to_the_nine_minute_call_with_the_build_in_the_first():
     build, fallback, *_ = session.steps_smoke(settings)
     assert build.name == "build" and "CMAKE_CUDA_ARCHITECTURES=90a" in build.env["CMAKE_ARGS"]
     assert fallback.instead_of == "build" and fallback.env["NANORUN_CUDA"] == "OFF"
+    # What the GPU call runs: the 8B model, the workloads, the top 3 measured.
+    serve = " ".join(session.steps_serve(settings)[-1].argv)
+    assert "gpu_serve.py llama-3-8b --device cuda --layouts sequential overlap " in serve
+    assert "--workloads const:1024x512 sharegpt --num-requests 64 200" in serve
+    tune = " ".join(session.steps_tune(settings)[-1].argv)
+    assert "--measure 3 --device cuda" in tune and "--profile" in tune
+    assert session.STAGES[-1].takes_rest and not any(st.takes_rest for st in session.STAGES[:-1])
     # The stage caps and the budget the script's header and the docs state are these.
     header = SCRIPT.read_text()
     doc = (REPO / "docs" / "gpu_session.md").read_text()
