@@ -54,32 +54,48 @@ def _compile(src: Path, obj: Path) -> None:
 
 
 def build_emulator(build: Path, mutation: tuple[str, str, str] | None = None) -> Path:
-    """The emulator over the kernels' sources; `mutation` (kernel, old, new) replaces one text
-    in one kernel first (the objects of the others are reused)."""
+    """The emulator over the kernels' sources. `mutation` (file in cuda/src/kernels, old, new)
+    replaces one text first: in a kernel's .cu, that kernel is recompiled; in a header
+    (common.cuh), every kernel is, against the mutated copy beside them (a quoted include
+    looks in the including file's folder first)."""
     sys.path.insert(0, str(REPO / "cuda" / "emulator"))
     from hostify import hostify
     sys.path.pop(0)
+    kernels_dir = REPO / "cuda/src/kernels"
+    mutant_dir = build / "mutant"
+    recompile: set[str] = set()
+    if mutation is not None:
+        shutil.rmtree(mutant_dir, ignore_errors=True)
+        mutant_dir.mkdir()
+        file, old, new = mutation
+        text = (kernels_dir / file).read_text()
+        assert old in text, f"the mutation's text is not in {file}"
+        text = text.replace(old, new, 1)
+        if file.endswith(".cu"):
+            recompile = {file.removesuffix(".cu")}
+            (mutant_dir / file).write_text(text)
+        else:
+            recompile = set(KERNELS)
+            (mutant_dir / file).write_text(text)
     objects = []
-    for name in [*KERNELS, "driver"]:
-        obj = build / f"{name}.o"
-        mutated = mutation is not None and mutation[0] == name
-        if mutated:
-            obj = build / f"{name}.mutant.o"
-        if mutated or not obj.exists():
-            if name == "driver":
-                src = REPO / "cuda/emulator/kernels_emulator.cpp"
-            else:
-                text = (REPO / "cuda/src/kernels" / f"{name}.cu").read_text()
-                if mutated:
-                    assert mutation[1] in text, f"the mutation's text is not in {name}.cu"
-                    text = text.replace(mutation[1], mutation[2], 1)
-                src = build / f"{name}{'.mutant' if mutated else ''}.cpp"
-                src.write_text(hostify(text))
+    for name in KERNELS:
+        if name in recompile:
+            source = mutant_dir / f"{name}.cu"
+            text = source.read_text() if source.exists() else (kernels_dir / f"{name}.cu").read_text()
+            src, obj = mutant_dir / f"{name}.cpp", mutant_dir / f"{name}.o"
+        else:
+            text = (kernels_dir / f"{name}.cu").read_text()
+            src, obj = build / f"{name}.cpp", build / f"{name}.o"
+        if not obj.exists():
+            src.write_text(hostify(text))
             _compile(src, obj)
         objects.append(obj)
-    exe = build / ("kernels_emulator" + (".mutant" if mutation else ""))
-    link = subprocess.run(["nvcc", *map(str, objects), "-o", str(exe)], capture_output=True,
-                          text=True)
+    driver = build / "driver.o"
+    if not driver.exists():
+        _compile(REPO / "cuda/emulator/kernels_emulator.cpp", driver)
+    exe = (mutant_dir if mutation else build) / "kernels_emulator"
+    link = subprocess.run(["nvcc", *map(str, objects), str(driver), "-o", str(exe)],
+                          capture_output=True, text=True)
     assert link.returncode == 0, link.stderr
     return exe
 
@@ -299,25 +315,27 @@ def test_kv_append(emulator, tmp_path, tokens, kv_heads, head_dim, page_size, dt
 # -- the tests catch planted bugs ------------------------------------------------------------------
 # (kernel file, text, replacement, a test above and its case): each must make that case fail.
 MUTANTS = [
-    ("fused_norm", "block_sum(sum_sq) / hidden", "block_sum(sum_sq) / (hidden - 1)",
+    ("common.cuh", "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();",
+     "  if (lane == 0) warp_sums[warp] = v;", test_rms_norm, (7, 111, torch.bfloat16, True)),
+    ("fused_norm.cu", "block_sum(sum_sq) / hidden", "block_sum(sum_sq) / (hidden - 1)",
      test_rms_norm, (1, 111, torch.float32, False)),
-    ("fused_norm", "const T* in_row = kFused ? res_row : x_row;", "const T* in_row = x_row;",
+    ("fused_norm.cu", "const T* in_row = kFused ? res_row : x_row;", "const T* in_row = x_row;",
      test_fused_add_rms_norm, (7, 111, torch.bfloat16, True)),
-    ("activation", "if (col >= inter) return;", "if (col > inter) return;",
+    ("activation.cu", "if (col >= inter) return;", "if (col > inter) return;",
      test_silu_and_mul, (7, 300, torch.bfloat16, True)),
-    ("activation", "int64_t{blockIdx.y} * blockDim.x", "int64_t{blockIdx.y} * 257",
+    ("activation.cu", "int64_t{blockIdx.y} * blockDim.x", "int64_t{blockIdx.y} * 257",
      test_silu_and_mul, (2, 1000, torch.float16, True)),
-    ("kv_append", "slot >= num_slots", "slot > num_slots",
+    ("kv_append.cu", "slot >= num_slots", "slot > num_slots",
      test_kv_append, (33, 3, 128, 16, torch.float16, 4)),
-    ("kv_append", "t += gridDim.x", "t += gridDim.x + 1",
+    ("kv_append.cu", "t += gridDim.x", "t += gridDim.x + 1",
      test_kv_append, (7, 1, 128, 3, torch.float32, 2)),
-    ("kv_append", "offset * k_s.offset", "offset * k_s.head",
+    ("kv_append.cu", "offset * k_s.offset", "offset * k_s.head",
      test_kv_append, (19, 2, 64, 5, torch.bfloat16, 0)),
-    ("rotary", "pos < a.table_rows", "pos <= a.table_rows",
+    ("rotary.cu", "pos < a.table_rows", "pos <= a.table_rows",
      test_rotary_embedding, (19, 4, 2, 64, torch.bfloat16, True)),
-    ("rotary", "x2 * c + x1 * s", "x2 * c - x1 * s",
+    ("rotary.cu", "x2 * c + x1 * s", "x2 * c - x1 * s",
      test_rotary_embedding, (7, 3, 1, 128, torch.float16, False)),
-    ("rotary", "T* row = qk + t * a.token_stride;", "T* row = qk + t * a.heads * a.half * 2;",
+    ("rotary.cu", "T* row = qk + t * a.token_stride;", "T* row = qk + t * a.heads * a.half * 2;",
      test_rotary_embedding, (5, 8, 2, 64, torch.float16, True)),
 ]
 
