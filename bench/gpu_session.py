@@ -327,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown stage {unknown[0]!r}; stages: {' '.join(STAGE_NAMES)}", file=sys.stderr)
         return 2
+    if not args.rehearse and not _run_text(["nvidia-smi", "-L"]):
+        # The GPU call rebuilds the extension in place: never on a machine without a GPU,
+        # where others may be importing it.
+        print("no GPU visible (nvidia-smi lists none): this is the GPU call; on a CPU run "
+              "bash bench/gpu_session.sh --rehearse", file=sys.stderr)
+        return 2
     chosen = [st for st in STAGES if not args.stages or st.name in args.stages]
     out = Path(os.environ.get("OUT") or REPO / "out")
     work = Path(os.environ.get("NANORUN_GPU_WORK", "/tmp/nanorun-gpu"))

@@ -80,13 +80,16 @@ main() {
   done
   export OUT=${OUT:-$REPO/out}
   mkdir -p "$OUT"
-  if (( ! rehearse )); then
-    install_wheels
-    # CMake finds the CUDA compiler on PATH; the image keeps it in /usr/local/cuda/bin.
-    command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
-  fi
-  # Everything printed goes to $OUT/session.log too, line by line, so a killed call keeps it.
-  "$PY" bench/gpu_session.py ${args[@]+"${args[@]}"} 2>&1 | tee -a "$OUT/session.log"
+  # Everything printed goes to $OUT/session.log too (this run's only), line by line, so a
+  # killed call keeps it.
+  {
+    if (( ! rehearse )); then
+      install_wheels
+      # CMake finds the CUDA compiler on PATH; the image keeps it in /usr/local/cuda/bin.
+      command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+    fi
+    "$PY" bench/gpu_session.py ${args[@]+"${args[@]}"}
+  } 2>&1 | tee "$OUT/session.log"
   return "${PIPESTATUS[0]}"
 }
 

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,15 @@ def test_an_unknown_stage_is_refused_with_the_list_of_stages(tmp_path):
     run = _session("bench", "--rehearse", tmp_path=tmp_path)
     assert run.returncode == 2
     assert "unknown stage 'bench'" in run.stdout + run.stderr and "attention" in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="checks the refusal "
+                    "without a GPU")
+def test_the_gpu_call_refuses_a_machine_without_a_gpu(tmp_path):
+    """It would rebuild the extension in place, under everyone importing it."""
+    run = _session("device", tmp_path=tmp_path)
+    assert run.returncode == 2 and "--rehearse" in run.stdout
+    assert not (tmp_path / "out" / "device.json").exists()
 
 
 def test_the_caps_add_up_to_the_nine_minute_call_with_the_build_in_the_first():
