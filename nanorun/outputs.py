@@ -38,12 +38,17 @@ class RequestOutput:
     """The state of one request after a step: all output tokens so far, and whether it ended.
 
     finish_reason is None while running, then "length" (max_tokens reached), "stop" (an EOS or
-    stop token, which is included in token_ids) or "abort".
+    stop token, which is included in token_ids), "abort", or "error": this request alone could
+    not go on (`error` says why); the engine keeps serving the others.
+
+    prompt_token_ids is a tuple and token_ids a copy: changing either changes nothing in the
+    engine.
     """
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: tuple[int, ...]
     token_ids: list[int]
     finished: bool
     finish_reason: str | None
     metrics: RequestMetrics
+    error: str | None = None

@@ -29,19 +29,22 @@ class Request:
     def __init__(
         self,
         request_id: str,
-        prompt_token_ids: list[int],
+        prompt_token_ids: tuple[int, ...],
         sampling_params: SamplingParams,
         arrival_time: float,
         eos_token_ids: tuple[int, ...],
     ) -> None:
         self.request_id = request_id
-        self.prompt_token_ids = prompt_token_ids
+        # A tuple: outputs hand it out as it is, and a caller appending to it cannot change
+        # what the engine computes.
+        self.prompt_token_ids = tuple(prompt_token_ids)
         self.sampling_params = sampling_params
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.pages: list[int] = []
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
+        self.error: str | None = None       # why, when finish_reason is "error"
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         sp = sampling_params
         self._stop_ids = frozenset(sp.stop_token_ids) | (
@@ -71,8 +74,10 @@ class Request:
         """Tokens [start, end) of prompt + outputs."""
         n_prompt = len(self.prompt_token_ids)
         if end <= n_prompt:
-            return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+            return list(self.prompt_token_ids[start:end])
+        if start >= n_prompt:              # decode: no copy of the whole sequence per step
+            return self.output_token_ids[start - n_prompt:end - n_prompt]
+        return list(self.prompt_token_ids[start:]) + self.output_token_ids[:end - n_prompt]
 
     def append_token(self, token_id: int, now: float) -> None:
         self.output_token_ids.append(token_id)
@@ -84,9 +89,10 @@ class Request:
         elif len(self.output_token_ids) >= self.sampling_params.max_tokens:
             self.finish("length", now)
 
-    def finish(self, reason: str, now: float) -> None:
+    def finish(self, reason: str, now: float, error: str | None = None) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
+        self.error = error
         self.metrics.finished_time = now
 
     def to_output(self) -> RequestOutput:
@@ -97,4 +103,5 @@ class Request:
             finished=self.finished,
             finish_reason=self.finish_reason,
             metrics=self.metrics,
+            error=self.error,
         )
