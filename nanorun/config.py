@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,11 @@ import torch
 
 # The dense batch size when neither the user nor the layout sets one.
 DEFAULT_MAX_BATCH_TOKENS = 512
+# The most tokens one KV page holds.
+MAX_PAGE_SIZE = 1024
+# Set to 1 to run with max_model_len beyond the model's context (vLLM's
+# VLLM_ALLOW_LONG_MAX_MODEL_LEN): positions past what it was trained on give poor outputs.
+ALLOW_LONG_MAX_MODEL_LEN_ENV = "NANORUN_ALLOW_LONG_MAX_MODEL_LEN"
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -54,6 +60,12 @@ class EngineConfig:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("page_size", self.page_size)
+        if self.page_size > MAX_PAGE_SIZE:
+            raise ValueError(f"page_size={self.page_size} tokens per KV page is more than the "
+                             f"{MAX_PAGE_SIZE} nanorun supports; 16 (the default) to 128 suit "
+                             f"most models")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {self.seed!r} ({type(self.seed).__name__})")
         if self.kv_cache_tokens is not None:
             _positive("kv_cache_tokens", self.kv_cache_tokens)
             if self.kv_cache_tokens < self.page_size:
@@ -65,10 +77,13 @@ class EngineConfig:
             raise ValueError(f"weights must be 'auto' (load from the model directory, random for "
                              f"a preset) or 'random', got {self.weights!r}")
         try:
-            torch.device(self.device)
-        except RuntimeError as e:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
             raise ValueError(f"device {self.device!r} is not a torch device: use 'cpu' or "
                              f"'cuda' (or 'cuda:N')") from e
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {self.device!r} is not supported: nanorun runs on 'cpu' "
+                             f"or 'cuda' (or 'cuda:N')")
         self.torch_dtype  # validates
 
     @property

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import time
 from collections.abc import Iterable
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from .batch import build_batch, spread_order
@@ -17,9 +19,12 @@ from .executor import Executor
 from .kernels import select_kernels, select_pointwise
 from .kv_cache import KVCache
 from .layout import Layout, is_layout_file, tuned_layout
+from . import memory
+from .config import ALLOW_LONG_MAX_MODEL_LEN_ENV
 from .lengths import get_length_predictor
+from .memory import MAX_KV_PAGES
 from .models import (ModelConfig, build_model, check_tensor_parallel, load_weights,
-                     random_weights, resolve_model)
+                     random_weights, resolve_model, shard_config)
 from .outputs import RequestOutput
 from .request import Request
 from .sampler import Sampler
@@ -61,8 +66,8 @@ class Engine:
         check_tensor_parallel(self.model_config, cfg.tensor_parallel_size)
         self.dtype = cfg.torch_dtype
         if cfg.torch_device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device={cfg.device!r} but torch sees no CUDA device; "
-                               f"use device='cpu'")
+            raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device; "
+                             f"use device='cpu'")
         self.tensor_parallel: TensorParallel = setup_tensor_parallel(
             cfg.tensor_parallel_size, cfg.torch_device, process_group)
         self.device = self.tensor_parallel.device
@@ -71,14 +76,15 @@ class Engine:
         layout, batch_tokens = self.tensor_parallel.on_driver(
             lambda: _layout_and_batch_tokens(cfg, self.model_config.name, spec))
         self.config = cfg = replace(cfg, max_batch_tokens=batch_tokens)
-        self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = _max_model_len(cfg, self.model_config)
+        kv_tokens = self._check_memory()
         weights = self._load_weights(model_dir)
         attention_fn, kv_append_fn = select_kernels(self.device)
         self.model = build_model(self.model_config, weights, max_model_len=self.max_model_len,
                                  attention_fn=attention_fn, kv_append_fn=kv_append_fn,
                                  tp_group=self.tensor_parallel.group,
                                  pointwise=select_pointwise(self.device))
-        self.kv_cache = self._new_kv_cache()
+        self.kv_cache = self._new_kv_cache(kv_tokens)
         predictor = cfg.length_predictor
         if isinstance(predictor, (str, os.PathLike)) and uses_predictions(
                 cfg.scheduling_policy, cfg.kv_reservation):   # fitted from a file: on rank 0
@@ -118,10 +124,16 @@ class Engine:
 
     def new_request(self, request_id, prompt_token_ids, sampling_params=None, arrival_time=None):
         """Validate and build a Request without queueing it."""
+        request_id = _request_id(request_id)
         sp = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(sp, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
         prompt = self._check_prompt(prompt_token_ids)
+        vocab = self.model_config.vocab_size
+        bad_stop = [t for t in sp.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids {bad_stop} are outside the vocabulary [0, {vocab}) "
+                             f"of {self.model_config.name}")
         total = len(prompt) + sp.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -134,14 +146,18 @@ class Engine:
                 f"({self.kv_cache.capacity_tokens} tokens); raise kv_cache_tokens or shorten "
                 f"the request")
         now = time.perf_counter() if arrival_time is None else arrival_time
-        return Request(str(request_id), prompt, sp, now, self.model_config.eos_token_ids)
+        return Request(request_id, prompt, sp, now, self.model_config.eos_token_ids)
 
-    def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """Stop requests; each appears once more in the next step() with finish_reason 'abort'.
+    def abort_request(self, request_id: str | int | Iterable[str | int]) -> None:
+        """Stop requests: one id (a str, or an int as add_request takes it) or a list, tuple or
+        set of them. Each appears once more in the next step() with finish_reason 'abort'.
         Unknown or already finished ids are ignored."""
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        if isinstance(request_id, (list, tuple, set, frozenset)):
+            ids = [_request_id(r) for r in request_id]
+        else:
+            ids = [_request_id(request_id)]
         for rid in ids:
-            request = self.requests.pop(str(rid), None)
+            request = self.requests.pop(rid, None)
             if request is None:
                 continue
             self.scheduler.remove(request)
@@ -176,12 +192,17 @@ class Engine:
         batch = build_batch(chunks, self.kv_cache.page_size, self.device)
         logits = self.executor.run(batch)
         sampling = [c.request for c in chunks if c.samples]
-        tokens = self.sampler(logits, sampling)
+        tokens, errors = self.sampler(logits, sampling)
         now = time.perf_counter()
         for chunk in sched.chunks:
             chunk.request.num_computed_tokens += chunk.length
-        for request, token in zip(sampling, tokens):
-            request.append_token(token, now)
+        for row, (request, token) in enumerate(zip(sampling, tokens)):
+            if row in errors:
+                logger.warning("request %r ended with an error: %s", request.request_id,
+                               errors[row])
+                request.finish("error", now, errors[row])
+            else:
+                request.append_token(token, now)
             if request.finished:
                 self.scheduler.remove(request)
                 del self.requests[request.request_id]
@@ -208,13 +229,7 @@ class Engine:
 
     # -- construction helpers -----------------------------------------------------------------
     def _check_prompt(self, prompt_token_ids) -> list[int]:
-        if isinstance(prompt_token_ids, (str, bytes)):
-            raise TypeError("prompt_token_ids must be a list of token ids, not text; nanorun "
-                            "takes tokenized prompts")
-        try:
-            prompt = [int(t) for t in prompt_token_ids]
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"prompt_token_ids must be a list of ints: {e}") from None
+        prompt = _token_id_list(prompt_token_ids)
         if not prompt:
             raise ValueError("prompt_token_ids is empty; give at least one token")
         vocab = self.model_config.vocab_size
@@ -236,13 +251,39 @@ class Engine:
         return load_weights(self.model_config, model_dir, dtype=self.dtype, device=self.device,
                             tp_rank=tp.rank, tp_size=tp.size)
 
-    def _new_kv_cache(self) -> KVCache:
+    def _check_memory(self) -> int | None:
+        """Refuse, before anything is allocated, an engine that cannot fit: say what it needs and
+        what to lower. Returns the KV cache size in tokens where it is known before the weights
+        are loaded (given, or the CPU default); None: sized from the GPU memory left after."""
+        cfg = self.config
+        mc = shard_config(self.model_config, cfg.tensor_parallel_size)
+        tokens = cfg.kv_cache_tokens
+        if tokens is None and self.device.type != "cuda":
+            tokens = _default_kv_tokens(mc, self.dtype, self.device, cfg.max_batch_tokens)
+        pages = -(-(tokens or 0) // cfg.page_size)
+        if pages > MAX_KV_PAGES:
+            raise ValueError(f"kv_cache_tokens={tokens} is {pages:,} pages of {cfg.page_size} "
+                             f"tokens, more than the {MAX_KV_PAGES:,} a KV cache can index; "
+                             f"lower kv_cache_tokens (or raise page_size)")
+        need = memory.estimate(mc, self.dtype, max_batch_tokens=cfg.max_batch_tokens,
+                               kv_tokens=tokens or cfg.max_batch_tokens,
+                               max_model_len=self.max_model_len)
+        memory.check_fits(need, self.device, self.dtype, what=(
+            f"{self.model_config.name} in {str(self.dtype).removeprefix('torch.')} with a "
+            f"{cfg.max_batch_tokens}-token dense batch (max_batch_tokens, or the layout's "
+            f"batch_tokens) and {tokens or cfg.max_batch_tokens} KV cache tokens"))
+        return tokens
+
+    def _new_kv_cache(self, tokens: int | None) -> KVCache:
         """Sized per rank: each holds only its own KV heads."""
         cfg, mc = self.config, self.model.local
-        if cfg.kv_cache_tokens is not None:
-            tokens = cfg.kv_cache_tokens
-        else:
+        if tokens is None:
             tokens = _default_kv_tokens(mc, self.dtype, self.device, cfg.max_batch_tokens)
+            if tokens < cfg.page_size:
+                raise ValueError(f"no GPU memory is left for the KV cache once the weights are "
+                                 f"loaded on {self.device}; lower max_batch_tokens or use a "
+                                 f"smaller model or more tensor-parallel ranks")
+        if cfg.kv_cache_tokens is None:
             # Free memory differs between GPUs, but the ranks' schedulers must admit and
             # preempt alike: every rank takes the smallest rank's pool.
             tokens = self.tensor_parallel.agree_min(tokens)
@@ -297,6 +338,56 @@ def device_spec(device: torch.device) -> DeviceSpec:
         return spec
     return DeviceSpec(name.lower(), props.multi_processor_count, 8, 0.0, 0.0, 0.0,
                       props.total_memory / 2**30)
+
+
+def _request_id(request_id) -> str:
+    """Request ids are strs; an int is taken as its decimal string (so add_request(5) and
+    abort_request(5) name the same request). Anything else would be turned into some string
+    that abort_request could not name again, so it is refused."""
+    if isinstance(request_id, str):
+        return request_id
+    if isinstance(request_id, numbers.Integral) and not isinstance(request_id, bool):
+        return str(int(request_id))
+    raise TypeError(f"a request id must be a str or an int, got {request_id!r} "
+                    f"({type(request_id).__name__})")
+
+
+def _token_id_list(prompt) -> list[int]:
+    """A prompt as a list of ints. Takes a list or tuple of ints, a 1-D integer numpy array or
+    torch tensor; refuses what int() would silently reinterpret (floats, bools, digit strings,
+    dicts, sets), naming what was wrong."""
+    if isinstance(prompt, (str, bytes)):
+        raise TypeError("prompt_token_ids must be a list of token ids, not text; pass the ids "
+                        "of the tokenized prompt")
+    if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        kind = prompt.dtype.kind if isinstance(prompt, np.ndarray) else (
+            "i" if not prompt.dtype.is_floating_point and not prompt.dtype.is_complex
+            and prompt.dtype != torch.bool else "f")
+        if prompt.ndim != 1 or kind not in "iu":
+            raise TypeError(f"prompt_token_ids as an array must be 1-D of integers, got "
+                            f"{prompt.ndim}-D {prompt.dtype}")
+        return [int(t) for t in prompt.tolist()]
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError(f"prompt_token_ids must be a list of ints, got "
+                        f"{type(prompt).__name__}")
+    for i, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"prompt_token_ids must be ints: index {i} is {t!r} "
+                            f"({type(t).__name__})")
+    return [int(t) for t in prompt]
+
+
+def _max_model_len(cfg: EngineConfig, mc: ModelConfig) -> int:
+    """The user's max_model_len, refused beyond the model's context unless the override is set."""
+    context = mc.max_position_embeddings
+    if cfg.max_model_len is None:
+        return context
+    if cfg.max_model_len > context and os.environ.get(ALLOW_LONG_MAX_MODEL_LEN_ENV) != "1":
+        raise ValueError(
+            f"max_model_len={cfg.max_model_len} is beyond {mc.name}'s context of {context} "
+            f"tokens (max_position_embeddings); lower it, or set "
+            f"{ALLOW_LONG_MAX_MODEL_LEN_ENV}=1 to run past what the model was trained on")
+    return cfg.max_model_len
 
 
 def _default_kv_tokens(mc: ModelConfig, dtype: torch.dtype, device: torch.device,
