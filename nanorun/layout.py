@@ -61,7 +61,7 @@ class Layout:
         if self.version != LAYOUT_VERSION:
             raise LayoutError(f"layout version {self.version} is not supported (this nanorun "
                               f"reads version {LAYOUT_VERSION})")
-        if not isinstance(self.batch_tokens, int) or self.batch_tokens <= 0:
+        if not _is_int(self.batch_tokens) or self.batch_tokens <= 0:
             raise LayoutError(f"batch_tokens must be a positive int, got {self.batch_tokens!r}")
         names = [p.name for p in self.partitions]
         if not names or len(set(names)) != len(names):
@@ -156,23 +156,10 @@ class Layout:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Layout":
-        try:
-            return cls(
-                name=str(d.get("name", "custom")),
-                batch_tokens=d["batch_tokens"],
-                partitions=tuple(Partition(p["name"], p.get("sm_count"))
-                                 for p in d["partitions"]),
-                ops=tuple((op, OpLayout(tuple(int(s) for s in v["splits"]), v["partition"]))
-                          for op, v in d["ops"].items()),
-                order=tuple((str(e[0]), int(e[1])) + ((1,) if len(e) > 2 and int(e[2]) else ())
-                            for e in d.get("order", ())),
-                version=d.get("version", LAYOUT_VERSION),
-                provenance=dict(d.get("provenance", {})),
-            )
-        except (KeyError, TypeError, AttributeError) as e:
-            raise LayoutError(f"malformed layout JSON ({type(e).__name__}: {e}); see "
-                              f"docs/layout.md for the format") from None
+    def from_dict(cls, d: Any, source: str = "layout JSON") -> "Layout":
+        """The Layout a to_dict() (or a layout file) describes. Anything malformed raises a
+        LayoutError naming `source`, the field and what it should be."""
+        return cls(**_parse_layout(d, source))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -180,9 +167,103 @@ class Layout:
     @classmethod
     def load(cls, path: str | Path) -> "Layout":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            d = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LayoutError(f"cannot read layout {path}: {e}") from None
+        try:
+            return cls.from_dict(d, source=f"layout {path}")
+        except LayoutError as e:
+            if str(path) in str(e):
+                raise
+            raise LayoutError(f"layout {path}: {e}") from None
+
+
+# -- reading layout JSON -------------------------------------------------------------------------
+# "predicted": what `nanorun tune` predicted for the layout (read by people, not by the engine).
+_LAYOUT_KEYS = ("version", "name", "batch_tokens", "partitions", "ops", "order", "provenance",
+                "predicted")
+
+
+def _parse_layout(d: Any, source: str) -> dict[str, Any]:
+    """Layout's fields from its JSON form, every value's type checked (json.loads gives floats
+    for 1e3 and Infinity, bools for true, which int() would quietly take)."""
+    def fail(what: str) -> LayoutError:
+        return LayoutError(f"{source}: {what}; see docs/layout.md for the format")
+
+    if not isinstance(d, dict):
+        raise fail(f"malformed: must be a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(_LAYOUT_KEYS))
+    if unknown:
+        raise fail(f"unknown field(s) {unknown}; a layout has {list(_LAYOUT_KEYS)}")
+    for key in ("batch_tokens", "partitions", "ops"):
+        if key not in d:
+            raise fail(f"malformed: field {key!r} is missing")
+    version = d.get("version", LAYOUT_VERSION)
+    if not _is_int(version):
+        raise fail(f"'version' must be an int, got {version!r}")
+    name = d.get("name", "custom")
+    if not isinstance(name, str):
+        raise fail(f"'name' must be a string, got {name!r}")
+    if not _is_int(d["batch_tokens"]) or d["batch_tokens"] <= 0:
+        raise fail(f"'batch_tokens' must be a positive int, got {d['batch_tokens']!r}")
+    provenance = d.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise fail(f"'provenance' must be an object, got {provenance!r}")
+    return dict(version=version, name=name, batch_tokens=d["batch_tokens"],
+                partitions=_parse_partitions(d["partitions"], fail),
+                ops=_parse_ops(d["ops"], fail), order=_parse_order(d.get("order", []), fail),
+                provenance=dict(provenance))
+
+
+def _parse_partitions(parts: Any, fail) -> tuple[Partition, ...]:
+    if not isinstance(parts, list) or not parts:
+        raise fail(f"'partitions' must be a non-empty list, got {parts!r}")
+    out = []
+    for i, p in enumerate(parts):
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str) \
+                or set(p) - {"name", "sm_count"}:
+            raise fail(f"partitions[{i}] must be {{\"name\": str, \"sm_count\": int or null}}, "
+                       f"got {p!r}")
+        sms = p.get("sm_count")
+        if sms is not None and not _is_int(sms):
+            raise fail(f"partitions[{i}].sm_count must be an int or null, got {sms!r}")
+        out.append(Partition(p["name"], sms))
+    return tuple(out)
+
+
+def _parse_ops(ops: Any, fail) -> tuple[tuple[str, OpLayout], ...]:
+    if not isinstance(ops, dict) or not ops:
+        raise fail(f"'ops' must be a non-empty object of op name -> layout, got {ops!r}")
+    out = []
+    for op, v in ops.items():
+        if not isinstance(v, dict) or set(v) != {"splits", "partition"}:
+            raise fail(f"ops.{op} must be {{\"splits\": [ints], \"partition\": str}}, got {v!r}")
+        splits, partition = v["splits"], v["partition"]
+        if not isinstance(splits, list) or not splits or not all(_is_int(t) for t in splits):
+            raise fail(f"ops.{op}.splits must be a non-empty list of ints, got {splits!r}")
+        if not isinstance(partition, str):
+            raise fail(f"ops.{op}.partition must be a partition name, got {partition!r}")
+        out.append((op, OpLayout(tuple(splits), partition)))
+    return tuple(out)
+
+
+def _parse_order(order: Any, fail) -> tuple[tuple, ...]:
+    if not isinstance(order, list):
+        raise fail(f"'order' must be a list of [op, nano-batch] or [op, nano-batch, shift], "
+                   f"got {order!r}")
+    out = []
+    for n, e in enumerate(order):
+        if not (isinstance(e, list) and len(e) in (2, 3) and isinstance(e[0], str)
+                and all(_is_int(x) for x in e[1:]) and e[1] >= 0
+                and (len(e) == 2 or e[2] in (0, 1))):
+            raise fail(f"order[{n}] must be [op, nano-batch] or [op, nano-batch, shift] with "
+                       f"nano-batch an int >= 0 and shift 0 or 1, got {e!r}")
+        out.append((e[0], e[1]) + ((1,) if len(e) == 3 and e[2] else ()))
+    return tuple(out)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _bounds(splits: tuple[int, ...]) -> list[tuple[int, int]]:
