@@ -21,8 +21,20 @@ def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
         return get_preset(model), None
     if os.path.isfile(os.path.join(model, "config.json")):
         return ModelConfig.from_pretrained(model), model
+    if _looks_like_hub_id(model):
+        raise UnknownModelError(
+            f"{model!r} looks like a Hugging Face Hub id, but nanorun does not download models "
+            f"and there is no directory of that name here. Download it first, e.g. `hf download "
+            f"{model} --local-dir DIR` (or `huggingface-cli download ...`), and pass DIR")
     raise UnknownModelError(f"{model!r} is not a preset name nor a directory containing config.json."
                             f"{suggest_preset(model)} Presets: {', '.join(list_presets())}")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    """ORG/NAME with no other path parts, not a path that exists."""
+    parts = str(model).split("/")
+    return (len(parts) == 2 and all(parts) and not os.path.exists(model)
+            and not str(model).startswith((".", "~")))
 
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
@@ -208,7 +208,12 @@ class ModelConfig:
             raise ModelConfigError(f"{cfg_file} is not valid JSON: {e}") from e
         if not isinstance(d, dict):
             raise ModelConfigError(f"{cfg_file} must hold a JSON object, got {type(d).__name__}")
-        return cls.from_hf_dict(d, name=os.path.basename(os.path.abspath(path)))
+        config = cls.from_hf_dict(d, name=os.path.basename(os.path.abspath(path)))
+        extra = _generation_eos_ids(path)
+        if extra:
+            merged = tuple(dict.fromkeys(config.eos_token_ids + extra))
+            config = replace(config, eos_token_ids=merged)
+        return config
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json dict transformers (4.x and 5.x) loads as the same architecture. Uses the
@@ -322,6 +327,27 @@ def _sliding_window(d: dict[str, Any], arch: str) -> int | None:
         return window
     raise UnsupportedModelError("sliding window on only some layers (max_window_layers / layer_types) "
                                 "is not supported; use it on all layers or none")
+
+
+def _generation_eos_ids(path: str) -> tuple[int, ...]:
+    """EOS ids from generation_config.json, which Llama-3 instruct models use to add <|eot_id|>
+    to config.json's <|end_of_text|>; HF generate and vLLM stop on both."""
+    gen_file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(gen_file):
+        return ()
+    try:
+        with open(gen_file, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{gen_file} is not valid JSON: {e}") from e
+    eos = d.get("eos_token_id") if isinstance(d, dict) else None
+    if eos is None:
+        return ()
+    ids = _eos_ids(eos)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ModelConfigError(f"{gen_file}: eos_token_id must be a token id or a list of them, "
+                               f"got {eos!r}")
+    return ids
 
 
 def _eos_ids(eos: int | list[int] | None) -> tuple[int, ...]:
