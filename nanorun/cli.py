@@ -12,7 +12,10 @@ from .search import cli as _search_cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="nanorun", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"nanorun {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
@@ -23,27 +26,38 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"nanorun {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate for random prompts and report tokens/s",
-                       description="Run a batch of random prompts through the engine and print "
-                                   "throughput. Defaults: a tiny preset with random weights on CPU.")
-    p.add_argument("--model", default="tiny-llama", help="preset name or model directory")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--layout", default="sequential")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p = sub.add_parser(
+        "generate", help="run the engine on prompts and report tokens/s",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run prompts through the engine and print throughput and the first output. "
+                    "Without a prompt, a batch of random prompts. Defaults: the tiny preset "
+                    "with random weights, on the CPU.")
+    p.add_argument("model", nargs="?", default="tiny-llama",
+                   help="preset name (nanorun.models.list_presets()) or a Hugging Face model "
+                        "directory")
+    p.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prompt-token-ids", default=None, metavar="IDS",
+                   help="one prompt as comma-separated token ids, instead of random prompts")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--layout", default="sequential",
+                   help="sequential, overlap, auto (a tuned layout) or a layout JSON file")
+    p.add_argument("--num-prompts", type=int, default=32, help="random prompts to run")
+    p.add_argument("--prompt-len", type=int, default=128, help="tokens per random prompt")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt")
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="dense batch size (default: the layout's own, e.g. a tuned one that "
                         "--layout auto finds, else 512)")
-    p.add_argument("--weights", default="auto", choices=["auto", "random"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="auto", choices=["auto", "random"],
+                   help="auto: the directory's safetensors (random for a preset)")
+    p.add_argument("--seed", type=int, default=0, help="seeds random weights and prompts")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="split the model over this many processes; launch with "
                         "`torchrun --nproc-per-node N -m nanorun.cli generate --tp N`")
@@ -53,7 +67,7 @@ def _add_generate(sub) -> None:
 def _generate(args) -> int:
     from . import LLM
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, layout=args.layout,
+    llm = LLM(args.model_flag or args.model, device=args.device, dtype=args.dtype, layout=args.layout,
               max_batch_tokens=args.max_batch_tokens, weights=args.weights, seed=args.seed,
               tensor_parallel_size=args.tp)
     try:
@@ -69,8 +83,12 @@ def _report(llm, args) -> int:
     from . import SamplingParams
 
     vocab = llm.engine.model_config.vocab_size
-    g = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
+    if args.prompt_token_ids is not None:
+        prompts = [_parse_ids(args.prompt_token_ids)]
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_len),
+                                generator=g).tolist()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up (JIT)
     start = time.perf_counter()
@@ -90,6 +108,14 @@ def _report(llm, args) -> int:
     print(f"first request's output: {outputs[0].token_ids[:12]}"
           f"{' ...' if len(outputs[0].token_ids) > 12 else ''}")
     return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-token-ids must be comma-separated integers, got "
+                         f"{text!r}") from None
 
 
 if __name__ == "__main__":
