@@ -42,7 +42,7 @@ def test_tiny_kv_pool_preempts_and_still_completes(prompts, reference_tokens):
 def test_outputs_in_input_order_with_metrics(prompts):
     llm = LLM(MODEL, max_batch_tokens=32)
     outputs = llm.generate(prompts, GREEDY)
-    assert [o.prompt_token_ids for o in outputs] == prompts
+    assert [list(o.prompt_token_ids) for o in outputs] == prompts
     for o in outputs:
         m = o.metrics
         assert o.finished and len(o.token_ids) == GREEDY.max_tokens

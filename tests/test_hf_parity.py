@@ -47,6 +47,9 @@ def test_greedy_batch_matches_hf_generate(hf_checkpoint):
     path, hf = hf_checkpoint
     # Prompt lengths straddle page boundaries and, for tiny-mistral, its sliding window (64).
     prompts = _prompts(hf.config.vocab_size, [1, 5, 16, 17, 40, 90])
+    # Token 0 is also pad_token_id below: without an attention_mask HF would take it for
+    # padding, and the comparison would fail for a reason that is not ours.
+    prompts[2][3] = prompts[4][0] = 0
     n_new = 24
     llm = LLM(str(path), max_batch_tokens=64, kv_cache_tokens=4096, page_size=16)
     params = SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True)
@@ -54,8 +57,9 @@ def test_greedy_batch_matches_hf_generate(hf_checkpoint):
     hf.generation_config.eos_token_id = None
     for prompt, out in zip(prompts, outputs):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, do_sample=False,
-                              pad_token_id=0)
+            ids = torch.tensor([prompt])
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                              do_sample=False, pad_token_id=0)
         assert out.token_ids == ref[0, len(prompt):].tolist()
         assert out.finish_reason == "length"
 
