@@ -11,10 +11,18 @@ from .benchmark.cli import add_parser as _add_bench
 from .search import cli as _search_cli
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line that says where the help is, not the whole usage block (the
+    subcommands' parsers are of this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="nanorun", description=__doc__)
+    parser = _Parser(prog="nanorun", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nanorun {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)

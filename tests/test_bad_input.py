@@ -306,3 +306,11 @@ def test_cli_errors_are_one_line():
     run = _cli("generate", "meta-llama/Llama-3.2-1B")
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
     assert "does not download" in run.stderr
+
+
+def test_bench_names_a_missing_trace_file_and_bad_rates_in_one_line(tmp_path):
+    missing = _cli("bench", MODEL, "--trace", str(tmp_path / "nosuch.csv"), "--num-requests", "2")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    rate = _cli("bench", MODEL, "--request-rate", "-1")
+    assert rate.returncode == 2 and len(rate.stderr.strip().splitlines()) == 1
+    assert "use a positive number of requests/s" in rate.stderr

@@ -169,6 +169,9 @@ def load_trace(
             prompt, output, arrivals = _read_columns(f, os.path.basename(spec))
         name = os.path.splitext(os.path.basename(spec))[0]
         source = f"user CSV {os.path.basename(spec)}"
+    elif spec.lower().endswith(".csv") or os.sep in spec:
+        raise ValueError(f"trace file {spec} does not exist; give the path of a CSV with "
+                         f"columns {','.join(COLUMNS)}, or a trace name ({', '.join(TRACES)})")
     else:
         raise ValueError(f"unknown trace {spec!r}: use a name ({', '.join(TRACES)}), the path "
                          f"of a CSV with columns {','.join(COLUMNS)}, or 'const:PxO' "
