@@ -228,7 +228,7 @@ def _tune(args) -> int:
 
     p = doc["predicted"]
     print(f"searched {result.trials} trials in {elapsed:.1f} s")
-    print(_describe(layout))
+    print(_describe(layout, dev))
     print(f"predicted: {p['tokens_per_s']:,.0f} tokens/s (prompt + output), "
           f"{p['percent_of_optimal']:.1f} % of optimal ({p['optimal_tokens_per_s']:,.0f}), "
           f"{p['speedup_vs_sequential']:.3f}x sequential ({p['sequential_tokens_per_s']:,.0f}); "
@@ -243,9 +243,11 @@ def _tune(args) -> int:
 
         png = Path(args.plot or out.with_suffix(".png"))
         schedule = predictor.schedule(layout, tuner.mixes(layout.batch_tokens)[0])
-        gantt(schedule, layout, _kinds(predictor), png,
-              title=f"{c.name} on {dev.name}, tuned for {workload.name}: "
-                    f"{p['tokens_per_s']:,.0f} tok/s predicted")
+        gantt(schedule, layout, _kinds(predictor), png, device=dev,
+              title=f"{c.name} on {dev.name}{f' (tp {args.tp})' if args.tp > 1 else ''}, "
+                    f"dense batch {layout.batch_tokens}, tuned for {workload.name}: "
+                    f"{p['tokens_per_s']:,.0f} tok/s predicted, "
+                    f"{p['speedup_vs_sequential']:.3f}x sequential")
         print(f"wrote {png}")
     return 0
 
@@ -298,7 +300,8 @@ def _plan(args) -> int:
     schedule = predictor.schedule(layout, mix)
     plan = schedule.plan
     waits = sum(len(launch.waits) for launch in plan.launches)
-    print(_describe(layout))
+    print(_spec_line(predictor.device, args))
+    print(_describe(layout, predictor.device))
     print(f"plan: {len(plan.launches)} launches on {plan.num_streams} stream(s), {waits} "
           f"cross-stream waits, {len(plan.recorded)} events recorded")
     print(f"predicted iteration ({d} decode tokens at context {args.decode_context}, "
@@ -317,8 +320,12 @@ def _plan(args) -> int:
     if args.plot:
         from .plot import gantt
 
+        c = predictor.cost.config
         path = gantt(schedule, layout, _kinds(predictor), args.plot, layer=args.layer,
-                     title=f"{layout.name}, {title}")
+                     device=predictor.device,
+                     title=f"{c.name} on {predictor.device.name}, layout {layout.name}, dense "
+                           f"batch {b} ({d} decode + {b - d} prompt tokens): {title} "
+                           f"{schedule.makespan * 1e3:.2f} ms per iteration")
         print(f"wrote {path}")
     return 0
 
@@ -335,9 +342,27 @@ def _kinds(predictor) -> dict[str, str]:
     return kinds
 
 
-def _describe(layout) -> str:
+def _spec_line(dev, args) -> str:
+    """Which device spec the figures come from, so a reader knows what was assumed."""
+    if dev.sm_count is None:
+        what = "the CPU, not partitioned by SMs"
+    else:
+        what = (f"{dev.sm_count} SMs in steps of {dev.sm_granularity}, {dev.bf16_tflops:g} "
+                f"TFLOP/s bf16, {dev.hbm_gbps / 1e3:g} TB/s, {dev.memory_gib:g} GiB")
+    calibration = f"calibrated by {args.profile}" if args.profile else \
+        "uncalibrated (built-in spec; `--profile` takes a measured one)"
+    return f"device spec {dev.name}: {what}; tp={args.tp}; cost model {calibration}"
+
+
+def _describe(layout, device=None) -> str:
     parts = ", ".join(f"{p.name}={p.sm_count if p.sm_count else 'all'} SMs"
                       for p in layout.partitions)
+    used = sum(p.sm_count or 0 for p in layout.partitions)
+    if device is not None and device.sm_count and 0 < used < device.sm_count:
+        parts += (f" ({used} of {device.sm_count}: partitions come in steps of "
+                  f"{device.sm_granularity} SMs, and the rest is too few for one)"
+                  if device.sm_count - used < device.sm_granularity else
+                  f" ({used} of {device.sm_count}; {device.sm_count - used} left idle)")
     splits = {}
     for op, ol in layout.ops:
         splits.setdefault((ol.splits, ol.partition), []).append(op)

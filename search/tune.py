@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -344,6 +345,24 @@ def suggest(trial, space: SearchSpace) -> Candidate:
         pipeline=trial.suggest_categorical("pipeline", list(space.pipeline)))
 
 
+def _progress_lines(total: int, multi_objective: bool):
+    """An Optuna callback printing `trial k/total, best X tokens/s` about ten times."""
+    every = max(1, total // 10)
+    count = 0
+
+    def callback(study, trial) -> None:
+        nonlocal count
+        count += 1
+        if count % every and count != total:
+            return
+        complete = [t for t in study.trials if t.values is not None]
+        best = max((t.values[0] for t in complete), default=float("nan"))
+        print(f"tune: trial {count}/{total}, best {best:,.0f} tokens/s", file=sys.stderr,
+              flush=True)
+
+    return callback
+
+
 def tune(tuner: Tuner, *, trials: int = 200, seed: int = 0, space: SearchSpace | None = None,
          multi_objective: bool = False, storage: str | None = None,
          study_name: str | None = None, progress: bool = False, keep: int = 8) -> TuneResult:
@@ -386,7 +405,12 @@ def tune(tuner: Tuner, *, trials: int = 200, seed: int = 0, space: SearchSpace |
         for params in seed_points(space):
             study.enqueue_trial(params)
     done = len([t for t in study.trials if t.state.is_finished()])
-    study.optimize(objective, n_trials=max(0, trials - done), show_progress_bar=progress)
+    todo = max(0, trials - done)
+    # A progress bar on a terminal; to a file or a pipe a bar is one enormous \r line, so
+    # a plain line every tenth of the trials instead.
+    bar = progress and sys.stderr.isatty()
+    callbacks = [_progress_lines(todo, multi_objective)] if progress and not bar else []
+    study.optimize(objective, n_trials=todo, show_progress_bar=bar, callbacks=callbacks)
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:

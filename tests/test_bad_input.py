@@ -314,3 +314,15 @@ def test_bench_names_a_missing_trace_file_and_bad_rates_in_one_line(tmp_path):
     rate = _cli("bench", MODEL, "--request-rate", "-1")
     assert rate.returncode == 2 and len(rate.stderr.strip().splitlines()) == 1
     assert "use a positive number of requests/s" in rate.stderr
+
+
+def test_tune_to_a_pipe_writes_plain_progress_lines_and_plan_names_its_spec(tmp_path):
+    tune = _cli("tune", MODEL, "--gpu", "h100", "--trials", "20", "--no-plot",
+                "--out", str(tmp_path / "t.json"))
+    assert tune.returncode == 0, tune.stderr
+    assert "\r" not in tune.stderr
+    lines = [line for line in tune.stderr.splitlines() if line.startswith("tune: trial")]
+    assert 2 <= len(lines) <= 11 and lines[-1].startswith("tune: trial 20/20")
+    plan = _cli("plan", MODEL, "--gpu", "h100", "--layout", "overlap")
+    assert plan.returncode == 0, plan.stderr
+    assert "device spec h100: 132 SMs in steps of 8" in plan.stdout
