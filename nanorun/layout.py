@@ -296,9 +296,9 @@ def overlap(model_ops: tuple[str, ...], batch_tokens: int, device) -> Layout:
     run while the other's attention streams the KV cache. SMs: three quarters to the GEMMs.
 
     A tensor-parallel model's all-reduces go on a third partition, "net": its stream stands for
-    NCCL's own, and its SMs (one granule, taken from the GEMMs' share) for NCCL's bounded CTA
-    count. Op by op, the all-reduce of nano-batch 0 then runs while nano-batch 1's o_proj or
-    down still computes."""
+    NCCL's own, and its SMs (NCCL's bounded CTA count rounded up to whole granules, taken from
+    the GEMMs' share) for what the collectives occupy. Op by op, the all-reduce of nano-batch
+    0 then runs while nano-batch 1's o_proj or down still computes."""
     if batch_tokens < 2:
         return sequential(model_ops, batch_tokens)
     half = batch_tokens // 2
@@ -312,8 +312,12 @@ def overlap(model_ops: tuple[str, ...], batch_tokens: int, device) -> Layout:
         usable = device.sm_count // g * g
         gemm_sms = max(g, round(usable * 0.75 / g) * g)
         attn_sms = usable - gemm_sms
-        net_sms = g
+        net_sms = None
         if networked:
+            from .distributed import nccl_max_ctas
+
+            # Room for NCCL's bounded CTAs, in whole granules (one on Hopper, four on an A100).
+            net_sms = -(-nccl_max_ctas() // g) * g
             gemm_sms -= net_sms
     parts = (Partition("gemm", gemm_sms), Partition("attn", attn_sms))
     if networked:
