@@ -1,7 +1,8 @@
 """`nanorun bench --plot`: throughput and latency per layout, and latency against request rate.
 
-Row one has a group of bars per layout (one bar per request rate): total tokens/s with the
-optimal bound as a dashed line, mean TTFT, mean TPOT. When several rates were run, row two
+Row one has a group of bars per layout (one bar per request rate), each with its value: total
+tokens/s (with its ratio to sequential at the same rate; the optimal bound is a note in the
+panel's title, since as a line it would flatten the bars below it), mean TTFT, mean TPOT. When several rates were run, row two
 plots the same three against the request rate (a trace replay at the mean rate its timestamps
 offered), one line per layout; offline runs have no rate to place and are left out there.
 Drawn on a bare Agg figure, so no GUI backend or pyplot global state is involved.
@@ -26,9 +27,8 @@ def plot_report(report: dict, path: str) -> None:
     axes = fig.subplots(2 if several_rates else 1, len(_PANELS), squeeze=False)
     for ax, (key, label) in zip(axes[0], _PANELS):
         _bars_per_layout(ax, runs, header, key, label)
-    axes[0][0].axhline(header["optimal_tokens_per_s"], color="black", linestyle="--",
-                       linewidth=1, label="optimal bound")
-    axes[0][0].legend(fontsize="small")
+    axes[0][0].set_title(f"optimal bound {header['optimal_tokens_per_s']:,.0f} tokens/s "
+                         f"(GEMM rate / 2 x active params)", fontsize="small")
     if several_rates:
         for ax, (key, label) in zip(axes[1], _PANELS):
             _lines_against_rate(ax, runs, header["layouts"], key, label)
@@ -41,17 +41,29 @@ def _bars_per_layout(ax, runs: list[dict], header: dict, key: str, label: str) -
     layouts, rates = header["layouts"], header["request_rates"]
     width = 0.8 / len(rates)
     for j, rate in enumerate(rates):
-        xs, heights = [], []
+        xs, heights, labels = [], [], []
+        base = _find(runs, "sequential", rate)
         for i, layout in enumerate(layouts):
             run = _find(runs, layout, rate)
             if run is not None and run[key] is not None:
                 xs.append(i - 0.4 + width * (j + 0.5))
                 heights.append(run[key])
-        ax.bar(xs, heights, width, label=f"rate {rate}")
+                labels.append(_value_label(run[key], key, base))
+        bars = ax.bar(xs, heights, width, label=f"rate {rate}")
+        ax.bar_label(bars, labels=labels, fontsize="x-small", padding=2)
+    ax.margins(y=0.18)                 # room for the labels above the tallest bar
     ax.set_xticks(range(len(layouts)), layouts)
     ax.set_ylabel(label)
     if len(rates) > 1 and key != "total_token_throughput":
         ax.legend(fontsize="small")
+
+
+def _value_label(value: float, key: str, base: dict | None) -> str:
+    """A bar's value; a throughput bar also says its ratio to sequential at the same rate."""
+    text = f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+    if key == "total_token_throughput" and base is not None and base[key]:
+        text += f"\n{value / base[key]:.3f}x"
+    return text
 
 
 def _lines_against_rate(ax, runs: list[dict], layouts: list[str], key: str, label: str) -> None:
