@@ -171,7 +171,8 @@ def load_trace(
         source = f"user CSV {os.path.basename(spec)}"
     elif spec.lower().endswith(".csv") or os.sep in spec:
         raise ValueError(f"trace file {spec} does not exist; give the path of a CSV with "
-                         f"columns {','.join(COLUMNS)}, or a trace name ({', '.join(TRACES)})")
+                         f"columns {','.join(COLUMNS)}, a trace name ({', '.join(TRACES)}) "
+                         f"or 'const:PxO'")
     else:
         raise ValueError(f"unknown trace {spec!r}: use a name ({', '.join(TRACES)}), the path "
                          f"of a CSV with columns {','.join(COLUMNS)}, or 'const:PxO' "
