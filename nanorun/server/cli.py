@@ -1,0 +1,88 @@
+"""`nanorun serve MODEL`: the OpenAI-compatible server.
+
+FastAPI, uvicorn, sse-starlette and prometheus_client are imported inside the command only,
+so `nanorun --help` and `import nanorun` work where the [serve] extra is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DEFAULT_MAX_QUEUED_REQUESTS = 1024
+
+logger = logging.getLogger("nanorun.server")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve MODEL on /v1/completions, /v1/chat/completions, /v1/models, /health "
+                    "and /metrics (see docs/serving.md). Install with pip install -e '.[serve]'.")
+    p.add_argument("model", help="a Hugging Face model directory (its tokenizer.json and chat "
+                                 "template are used) or a preset name (token-id prompts only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: MODEL's "
+                        "directory name)")
+    p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                   help="requests allowed to wait for their first step; past it the server "
+                        "answers 503 at once")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--layout", default="sequential",
+                   help="sequential, overlap, auto (a tuned layout) or a layout JSON file")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="dense batch size, tokens per iteration (default: the layout's, else 512)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache capacity in tokens (default: sized from free memory)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's context)")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "hrrn"],
+                   help="which waiting requests start first")
+    p.add_argument("--weights", default="auto", choices=["auto", "random"],
+                   help="auto: the directory's safetensors (random for a preset)")
+    p.add_argument("--seed", type=int, default=0, help="seeds random weights and sampling")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                   help="tensor-parallel ranks; nanorun serve runs 1 only (see docs/serving.md)")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    p.set_defaults(func=run)
+
+
+def served_name(model: str) -> str:
+    """A model directory's name (never its path: clients see it), or the preset's name."""
+    return model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or model
+
+
+def run(args) -> int:
+    if args.tp != 1:
+        raise ValueError("nanorun serve runs on one device only (--tp 1): tensor-parallel "
+                         "serving, with rank 0 serving HTTP and every rank stepping alike, is "
+                         "not built yet; see docs/serving.md")
+    if args.max_queued_requests < 0:
+        raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    try:
+        import uvicorn
+
+        from .api import build_app
+    except ImportError as e:
+        raise RuntimeError(f"nanorun serve needs the [serve] extra ({e.name} is missing): "
+                           f"pip install -e '.[serve]'") from None
+    from ..text_engine import TextEngine
+
+    text_engine = TextEngine.from_model(
+        args.model, device=args.device, dtype=args.dtype, layout=args.layout,
+        max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
+        page_size=args.page_size, max_model_len=args.max_model_len, seed=args.seed,
+        weights=args.weights, scheduling_policy=args.scheduling_policy)
+    name = args.served_model_name or served_name(args.model)
+    app = build_app(text_engine, model_name=name, max_queued_requests=args.max_queued_requests)
+    print(f"nanorun serve: {args.model} as {name!r} on http://{args.host}:{args.port}",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

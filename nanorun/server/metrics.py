@@ -1,0 +1,105 @@
+"""/metrics: Prometheus metrics, under vLLM's names where vLLM has one.
+
+Names that vLLM's dashboards and autoscalers read keep vLLM's `vllm:` prefix and meaning, so a
+Grafana board or a KEDA rule built for vLLM works unchanged on nanorun; what vLLM has no metric
+for is `nanorun:`. Every metric carries the `model_name` label, as vLLM's do. One registry per
+server (not prometheus_client's global one), so several apps in a process do not collide.
+
+Gauges are set from the engine thread's stats when /metrics is scraped; histograms and
+counters are fed by the engine thread after each step (prometheus_client is thread-safe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .async_engine import EngineStats
+
+# vLLM's buckets (seconds), so that histograms compare bucket for bucket.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServerMetrics:
+    """The server's Prometheus registry and how outputs feed it."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, labels = self.registry, ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc",
+                              "KV cache usage: 1 means every page is in use.")
+        self.kv_pages = gauge("nanorun:kv_cache_pages", "KV cache pages in all.")
+        self.kv_free = gauge("nanorun:kv_cache_free_pages", "KV cache pages free.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of ended requests.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Output tokens generated.")
+        self.preemptions = counter("vllm:num_preemptions", "Preemptions of ended requests.")
+        self.rejected = counter("nanorun:requests_rejected",
+                                "Requests answered 503: past --max-queued-requests.")
+        self.ttft = histogram("vllm:time_to_first_token_seconds",
+                              "Time to first token (arrival to first output token).", TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds",
+                             "Time between consecutive output tokens of a request.", ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds",
+                             "Arrival to the end of a request.", E2E_BUCKETS)
+        self._success = Counter("vllm:request_success", "Requests ended, by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        self._tokens_seen: dict[str, int] = {}     # engine thread only
+
+    def observe(self, outputs: Sequence[Any]) -> None:
+        """Count one step's outputs (engine thread)."""
+        for out in outputs:
+            produced = sum(len(c.token_ids) for c in out.outputs)
+            new = produced - self._tokens_seen.get(out.request_id, 0)
+            if new:
+                self.generation_tokens.inc(new)
+            if not out.finished:
+                self._tokens_seen[out.request_id] = produced
+                continue
+            self._tokens_seen.pop(out.request_id, None)
+            self._finished(out)
+
+    def _finished(self, out: Any) -> None:
+        m = out.metrics
+        self.prompt_tokens.inc(len(out.prompt_token_ids or ()))
+        self.preemptions.inc(m.num_preemptions)
+        reason = next((c.finish_reason for c in out.outputs if c.finish_reason), "abort")
+        self._success.labels(self.model_name, reason).inc()
+        if m.first_token_time is not None:
+            self.ttft.observe(m.first_token_time - m.arrival_time)
+        times = m.token_times
+        for a, b in zip(times, times[1:]):
+            self.itl.observe(b - a)
+        if m.finished_time is not None:
+            self.e2e.observe(m.finished_time - m.arrival_time)
+
+    def render(self, stats: EngineStats) -> bytes:
+        """The exposition text, with the gauges set from the latest engine stats."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_pages.set(stats.num_pages)
+        self.kv_free.set(stats.num_free_pages)
+        used = stats.num_pages - stats.num_free_pages
+        self.kv_usage.set(used / stats.num_pages if stats.num_pages else 0.0)
+        return generate_latest(self.registry)
