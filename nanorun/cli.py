@@ -9,6 +9,7 @@ import time
 
 from .benchmark.cli import add_parser as _add_bench
 from .search import cli as _search_cli
+from .server.cli import add_parser as _add_serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _search_cli.add_parsers(sub)
     _add_bench(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
