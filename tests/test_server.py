@@ -1,0 +1,357 @@
+"""`nanorun serve` end to end: a real server process on loopback, driven by the openai client.
+
+One server per module (starting one imports torch and loads the model: seconds), on a free
+port, over a tiny model directory with a real tokenizer and chat template (tests/text_model.py).
+What it returns is checked against the same requests run in this process through the Python
+API: greedy text must be equal, streamed deltas must add up to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import urllib.error
+import urllib.request
+from http.client import HTTPConnection
+from urllib.parse import urlsplit
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("sse_starlette")
+openai = pytest.importorskip("openai")
+aiohttp = pytest.importorskip("aiohttp")
+
+from nanorun import LLM, SamplingParams  # noqa: E402
+
+from text_model import write_text_model  # noqa: E402
+
+MODEL = "tiny-text"
+KV_TOKENS = 4096
+PAGE_SIZE = 16
+PROMPTS = ["hello world, the quick", "Привет, мир! 你好", "def main():\n    return"]
+CHAT = [{"role": "system", "content": "You serve language models."},
+        {"role": "user", "content": "héllo wörld! what is 🙂?"}]
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _post(url: str, body) -> tuple[int, dict]:
+    """POST a JSON body (a str is sent as it is: malformed JSON)."""
+    data = body if isinstance(body, str) else json.dumps(body)
+    req = urllib.request.Request(url, data=data.encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "nanorun.cli", "serve", str(model_dir), "--port", str(port),
+           "--served-model-name", MODEL, "--kv-cache-tokens", str(KV_TOKENS),
+           "--page-size", str(PAGE_SIZE), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nanorun serve exited: {proc.stderr.read()}")
+        try:
+            if _get(f"{url}/health")[0] == 200:
+                return proc, url
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("nanorun serve did not come up in 90 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_text_model(tmp_path_factory.mktemp("text-model"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    proc, url = _start_server(model_dir, "--max-queued-requests", "256")
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(str(model_dir), kv_cache_tokens=KV_TOKENS, page_size=PAGE_SIZE)
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """/metrics as {name{labels}: value}."""
+    text = _get(f"{url}/metrics")[1]
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    labels = {"model_name": MODEL, **labels}
+    key = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    return _metrics(url).get(key, 0.0)
+
+
+# -- what the server returns equals the Python API's -------------------------------------------
+def test_greedy_completion_text_equals_llm_generate(client, llm):
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    expected = llm.generate(PROMPTS, params)
+    for prompt, ref in zip(PROMPTS, expected):
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                        temperature=0)
+        choice = got.choices[0]
+        assert choice.text == ref.outputs[0].text
+        assert choice.finish_reason == ref.outputs[0].finish_reason
+        assert got.usage.prompt_tokens == len(ref.prompt_token_ids)
+        assert got.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_greedy_chat_text_equals_llm_chat(client, llm):
+    ref = llm.chat(CHAT, SamplingParams(max_tokens=10, temperature=0.0))[0]
+    got = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10,
+                                         temperature=0)
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == ref.outputs[0].text
+    assert got.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert got.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_token_id_prompt_and_vllm_extra_fields(client, llm):
+    """A prompt of token ids, ignore_eos/top_k/min_tokens in the body: as SamplingParams."""
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, top_k=5)
+    ref = llm.generate([{"prompt_token_ids": [1, 40, 41, 42]}], params)[0]
+    got = client.completions.create(model=MODEL, prompt=[1, 40, 41, 42], max_tokens=20,
+                                    temperature=0, extra_body={"ignore_eos": True, "top_k": 5,
+                                                               "min_tokens": 20})
+    assert got.choices[0].text == ref.outputs[0].text
+    assert got.usage.completion_tokens == 20
+
+
+def test_streamed_deltas_concatenate_to_the_text(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
+                                      temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
+        whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        whole.usage.completion_tokens
+
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
+                                          temperature=0)
+    stream = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
+                                                 temperature=0, stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert text == chat.choices[0].message.content
+
+
+def test_n_stop_and_logprobs(client, llm):
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, n=2,
+                                    temperature=1.0, seed=7, logprobs=2)
+    assert sorted(c.index for c in got.choices) == [0, 1]
+    ref = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=6, n=2, temperature=1.0, seed=7,
+                                                    logprobs=2))[0]
+    for choice, out in zip(sorted(got.choices, key=lambda c: c.index), ref.outputs):
+        assert choice.text == out.text
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(out.token_ids) == len(lp.token_logprobs)
+        want = [out.logprobs[i][t].logprob for i, t in enumerate(out.token_ids)]
+        assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
+        assert all(len(top) <= 2 for top in lp.top_logprobs)
+    # A stop string taken from the greedy text ends the output just before it.
+    greedy = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    text = greedy.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip(), f"pick a visible stop string from {text!r}"
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12,
+                                    temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].text == text[:text.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_streaming_clients_all_finish(server):
+    async def one(aclient, i: int) -> tuple[int, str, int]:
+        stream = await aclient.completions.create(
+            model=MODEL, prompt=PROMPTS[i % 3], max_tokens=8 + i, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+        return i, text, usage
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused",
+                                      max_retries=0, timeout=120) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(32)))
+
+    results = asyncio.run(run_all())
+    assert [usage for _, _, usage in results] == [8 + i for i in range(32)]
+    for i, text, _ in results:
+        assert text, f"request {i} streamed no text"
+
+
+def test_disconnect_mid_stream_aborts_and_frees_every_page(server):
+    aborted_before = _metric(server, "vllm:request_success_total", finished_reason="abort")
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    where = urlsplit(server)
+    conn = HTTPConnection(where.hostname, where.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"content-type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    data = []
+    while len(data) < 3:               # read a few chunks, then hang up
+        line = response.fp.readline().decode()
+        if line.startswith("data:"):
+            data.append(json.loads(line[5:]))
+    conn.close()
+    assert all(d["choices"][0]["finish_reason"] is None for d in data)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = _metrics(server)
+        key = '{model_name="' + MODEL + '"}'
+        aborted = _metric(server, "vllm:request_success_total", finished_reason="abort")
+        if (aborted > aborted_before and m["vllm:num_requests_running" + key] == 0
+                and m["nanorun:kv_cache_free_pages" + key] == m["nanorun:kv_cache_pages" + key]):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the request was not aborted or its pages not freed: {m}")
+    assert m["nanorun:kv_cache_pages" + key] == KV_TOKENS // PAGE_SIZE
+
+
+BAD_REQUESTS = [
+    ("completions", {"model": "no-such-model", "prompt": "hi"}, "model"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "n": "two"}, "n"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [10 ** 9]}, None),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, "prompt"),
+    ("completions", {"model": MODEL, "prompt": ""}, "prompt"),
+    ("completions", {"model": MODEL, "prompt": []}, "prompt"),
+    ("completions", {"model": MODEL}, "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
+    ("chat/completions", {"model": MODEL, "messages": []}, "messages"),
+    ("chat/completions", {"model": MODEL, "messages": [{"content": "no role"}]}, "messages"),
+    ("chat/completions", {"model": MODEL, "messages": CHAT, "max_completion_tokens": -3},
+     "max_tokens"),
+    ("completions", "{not json", None),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,param", BAD_REQUESTS)
+def test_bad_request_is_a_400_and_the_next_is_served(server, endpoint, body, param):
+    status, reply = _post(f"{server}/v1/{endpoint}", body)
+    assert status == 400, reply
+    error = reply["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["code"] == 400
+    if param is not None:
+        assert error["param"] == param, error
+    status, ok = _post(f"{server}/v1/completions", {"model": MODEL, "prompt": "hello",
+                                                    "max_tokens": 2})
+    assert status == 200 and ok["usage"]["completion_tokens"] >= 1
+
+
+def test_models_health_and_metric_names(server):
+    models = json.loads(_get(f"{server}/v1/models")[1])
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert _get(f"{server}/health")[0] == 200
+    names = {re.sub(r"\{.*", "", k) for k in _metrics(server)}
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:num_preemptions_total",
+                 "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket", "nanorun:kv_cache_free_pages"):
+        assert name in names, name
+    assert _metric(server, "vllm:generation_tokens_total") > 0
+
+
+@pytest.mark.slow
+def test_503_past_the_queue_bound_and_no_hang(model_dir):
+    """With --max-queued-requests 1, a burst gets some 503s at once; the rest are served."""
+    proc, url = _start_server(model_dir, "--max-queued-requests", "1")
+    try:
+        async def post(http) -> int:
+            async with http.post(f"{url}/v1/completions", json={
+                    "model": MODEL, "prompt": PROMPTS[0], "max_tokens": 40,
+                    "ignore_eos": True}) as r:
+                await r.read()
+                return r.status
+
+        async def burst():
+            timeout = aiohttp.ClientTimeout(total=60)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                return await asyncio.gather(*(post(http) for _ in range(12)))
+
+        codes = asyncio.run(burst())
+        assert set(codes) == {200, 503}, codes
+        assert _metric(url, "nanorun:requests_rejected_total") == codes.count(503)
+        status, _ = _post(f"{url}/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                    "max_tokens": 2})
+        assert status == 200
+    finally:
+        _stop(proc)
+
+
+def test_import_nanorun_does_not_import_the_server_libraries():
+    code = ("import sys, nanorun, nanorun.cli; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'sse_starlette', "
+            "'prometheus_client', 'aiohttp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ}, check=True)
+    assert out.stdout.strip() == "[]"
