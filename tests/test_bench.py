@@ -565,3 +565,116 @@ def test_the_summary_labels_cpu_figures_and_shows_the_spread(repeated):
         from nanorun.benchmark.runner import BenchConfig
         BenchConfig(repeats=0)
     assert main(["bench", "--repeats", "0", "--no-progress"]) == 2
+
+
+# ---- --base-url: the HTTP client against a scripted server ----------------------------------
+
+class _ScriptedServer:
+    """An OpenAI-style streaming server on loopback (aiohttp.web, in a thread): each completion
+    streams max_tokens one-token chunks GAP_S apart, then usage and [DONE]; a prompt whose
+    first id is even gets one token too few, and max_tokens 13 an HTTP 400."""
+
+    GAP_S = 0.01
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.bodies: list[dict] = []
+        started = threading.Event()
+        threading.Thread(target=self._serve, args=(started,), daemon=True).start()
+        assert started.wait(10)
+
+    def _serve(self, started) -> None:
+        import asyncio
+
+        from aiohttp import web
+
+        async def models(_):
+            return web.json_response({"object": "list", "data": [
+                {"id": "scripted", "object": "model", "max_model_len": 4096}]})
+
+        async def completions(request):
+            body = await request.json()
+            self.bodies.append(body)
+            if body["max_tokens"] == 13:
+                return web.json_response({"error": {"message": "no"}}, status=400)
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            n = body["max_tokens"] - (body["prompt"][0] % 2 == 0)
+            for i in range(n):
+                await asyncio.sleep(self.GAP_S)
+                chunk = {"choices": [{"index": 0, "text": "x", "finish_reason": None}],
+                         "usage": None}
+                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}
+            await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                             f": a comment\n\ndata: [DONE]\n\n".encode())
+            return resp
+
+        async def start():
+            app = web.Application()
+            app.router.add_get("/v1/models", models)
+            app.router.add_post("/v1/completions", completions)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(start())
+        started.set()
+        self.loop.run_forever()
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    pytest.importorskip("aiohttp")
+    return _ScriptedServer()
+
+
+def test_base_url_drives_a_server_and_times_its_stream(scripted, tmp_path, capsys):
+    from nanorun.benchmark.http import HttpBenchConfig, run_http_benchmark
+
+    config = HttpBenchConfig(base_url=f"http://127.0.0.1:{scripted.port}", model="tiny-llama",
+                             trace="const:5x6", num_requests=12, request_rates=(math.inf, 50.0))
+    scripted.bodies.clear()
+    report = run_http_benchmark(config)
+    assert report["nanorun"]["served_model"] == "scripted"
+    sent = [b for b in scripted.bodies if len(b["prompt"]) == 5]
+    assert len(sent) == 24 and all(b["stream"] and b["ignore_eos"] and b["max_tokens"] == 6
+                                   and b["temperature"] == 0 and b["model"] == "scripted"
+                                   and b["stream_options"] == {"include_usage": True}
+                                   for b in sent)
+    # The same seeded prompts as the in-process runner draws for this trace.
+    trace = load_trace("const:5x6", num_requests=12)
+    want = Workload.fit_limits(trace, 4096, Engine("tiny-llama", kv_cache_tokens=64).
+                               model_config.vocab_size, 0, "").prompts
+    assert [b["prompt"] for b in sent[:12]] == [p.tolist() for p in want]
+    for run in report["runs"]:
+        short = [w[0] % 2 == 0 for w in want]
+        assert 0 < sum(short) < 12
+        assert run["failed"] == sum(short) and run["completed"] == 12 - sum(short)
+        for err, is_short in zip(run["errors"], short):
+            assert ("produced 5 tokens" in err) == is_short and (not err) == (not is_short)
+        # Five gaps of ~GAP_S between six chunks per request.
+        assert run["mean_itl_ms"] >= 0.9 * scripted.GAP_S * 1e3
+        assert run["mean_ttft_ms"] >= 0.9 * scripted.GAP_S * 1e3
+        assert run["mean_e2el_ms"] >= 6 * 0.9 * scripted.GAP_S * 1e3
+        assert run["total_output_tokens"] == 6 * run["completed"]
+    assert report["runs"][0]["request_rate"] == "inf" and report["runs"][1]["request_rate"] == 50
+
+
+def test_base_url_cli_writes_vllm_json_and_records_http_errors(scripted, tmp_path, capsys):
+    out = tmp_path / "http.json"
+    assert main(["bench", "--base-url", f"http://127.0.0.1:{scripted.port}", "--trace",
+                 "const:3x13", "--num-requests", "3", "--result-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    run = report["runs"][0]
+    assert run["completed"] == 0 and run["failed"] == 3
+    assert all(e.startswith("HTTP 400") for e in run["errors"])
+    for key in ("duration", "request_throughput", "mean_ttft_ms", "p99_itl_ms", "input_lens"):
+        assert key in run
+    assert "--base-url" in capsys.readouterr().out

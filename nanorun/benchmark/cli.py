@@ -85,10 +85,24 @@ def add_parser(sub) -> None:
     p.add_argument("--result-json", metavar="PATH", help="write the report as JSON here")
     p.add_argument("--plot", metavar="PATH", help="draw throughput and latency here (.png, .svg)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    http = p.add_argument_group(
+        "a running server", "With --base-url, the requests go over HTTP (streaming "
+        "/v1/completions, as `vllm bench serve` sends them) to a server already running, "
+        "nanorun's or any OpenAI-compatible one; MODEL only gives the vocabulary the prompts "
+        "are drawn from, and the engine options (--layout, --device, ...) are the server's "
+        "business. The JSON has vLLM's fields per request rate.")
+    http.add_argument("--base-url", default=None, metavar="URL",
+                      help="e.g. http://127.0.0.1:8000")
+    http.add_argument("--served-model-name", default=None,
+                      help="the model name to send (default: the first of /v1/models)")
+    http.add_argument("--max-concurrency", type=int, default=None,
+                      help="at most this many requests in flight (default: no limit)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.base_url is not None:
+        return _run_http(args)
     from .metrics import parse_goodput
     from .plot import plot_report
     from .report import build_report
@@ -108,17 +122,41 @@ def run(args) -> int:
         repeats=args.repeats)
     report = build_report(run_benchmark(config))
     print(format_summary(report))
+    _write(report, args)
+    if args.plot:
+        _make_parent(args.plot)
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_http(args) -> int:
+    """--base-url: drive a running server over HTTP."""
+    from .http import HttpBenchConfig, format_http_summary, run_http_benchmark
+    from .metrics import parse_goodput
+
+    if args.plot:
+        raise ValueError("--plot draws per-layout figures and does not apply to --base-url")
+    config = HttpBenchConfig(
+        base_url=args.base_url, model=args.model, served_model_name=args.served_model_name,
+        trace=args.trace, num_requests=args.num_requests or None,
+        length_filter=_length_filter(args), request_rates=tuple(args.request_rate),
+        burstiness=args.burstiness, max_concurrency=args.max_concurrency,
+        goodput=tuple(parse_goodput(args.goodput).items()),
+        percentiles=_percentiles(args.metric_percentiles), seed=args.seed)
+    report = run_http_benchmark(config)
+    print(format_http_summary(report))
+    _write(report, args)
+    return 0
+
+
+def _write(report: dict, args) -> None:
     if args.result_json:
         _make_parent(args.result_json)
         with open(args.result_json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, allow_nan=False)
             f.write("\n")
         print(f"wrote {args.result_json}")
-    if args.plot:
-        _make_parent(args.plot)
-        plot_report(report, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
 
 
 def _length_filter(args):

@@ -131,13 +131,23 @@ class Workload:
     @classmethod
     def fit(cls, trace: Trace, engine: Engine, seed: int) -> Workload:
         """Drop (with a warning) the requests the engine can never hold; draw seeded prompts."""
-        total = trace.prompt_lens + trace.output_lens
         kv = engine.kv_cache
-        fits = (total <= engine.max_model_len) & (-(-total // kv.page_size) <= kv.num_pages)
-        skipped, reason = int((~fits).sum()), ""
+        max_total = min(engine.max_model_len, kv.num_pages * kv.page_size)
+        return cls.fit_limits(trace, max_total, engine.model_config.vocab_size, seed,
+                              f"prompt + output longer than the model's context "
+                              f"({engine.max_model_len} tokens) or the KV cache "
+                              f"({kv.capacity_tokens} tokens)")
+
+    @classmethod
+    def fit_limits(cls, trace: Trace, max_total: int, vocab_size: int, seed: int,
+                   reason: str) -> Workload:
+        """Drop (with a warning naming `reason`) the requests of more than max_total prompt +
+        output tokens; draw seeded prompts of ids in [0, vocab_size). The HTTP client fits to
+        what a server says it holds, the in-process runner to its engine."""
+        total = trace.prompt_lens + trace.output_lens
+        fits = total <= max_total
+        skipped = int((~fits).sum())
         if skipped:
-            reason = (f"prompt + output longer than the model's context ({engine.max_model_len} "
-                      f"tokens) or the KV cache ({kv.capacity_tokens} tokens)")
             if skipped == len(trace):
                 raise ValueError(f"every request of trace {trace.name!r} has {reason}; add "
                                  f"a --filter or use shorter requests")
@@ -145,9 +155,8 @@ class Workload:
                            skipped, len(trace), reason)
             trace = _subset(trace, fits)
         rng = np.random.default_rng(seed)
-        vocab = engine.model_config.vocab_size
-        prompts = tuple(rng.integers(0, vocab, size=int(n)) for n in trace.prompt_lens)
-        return cls(trace, prompts, skipped, reason)
+        prompts = tuple(rng.integers(0, vocab_size, size=int(n)) for n in trace.prompt_lens)
+        return cls(trace, prompts, skipped, reason if skipped else "")
 
 
 @dataclass(frozen=True)
