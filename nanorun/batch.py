@@ -3,6 +3,7 @@ captured CUDA graph reads them from."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,11 +66,13 @@ def spread_order(is_decode: list[bool], lengths: list[int]) -> list[int]:
 
 
 def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.device,
-                *, logits_for_all: bool = False) -> Batch:
+                *, logits_for_all: bool = False,
+                all_logits: Sequence[bool] | None = None) -> Batch:
     """Lay out the scheduled chunks as one batch. Host work only, then one copy per tensor.
 
     logits_for_all asks for the logits of every token (scoring a prompt) instead of only the
-    sampling ones.
+    sampling ones; all_logits (one flag per chunk) asks for every token's logits of the chunks
+    flagged (prompt logprobs) and the sampling token's of the others, chunk by chunk.
     """
     lengths = np.array([c.length for c in chunks], dtype=np.int64)
     seq_starts = np.concatenate(([0], np.cumsum(lengths)))
@@ -89,6 +92,11 @@ def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.devi
     slot_mapping = pages * page_size + positions % page_size
     if logits_for_all:
         sample_indices = np.arange(num_tokens, dtype=np.int64)
+    elif all_logits is not None:
+        sample_indices = np.concatenate([np.zeros(0, dtype=np.int64)] + [
+            np.arange(seq_starts[s], seq_starts[s + 1]) if every
+            else np.array([seq_starts[s + 1] - 1] if c.samples else [], dtype=np.int64)
+            for s, (c, every) in enumerate(zip(chunks, all_logits))]).astype(np.int64)
     else:
         sample_indices = np.array(
             [seq_starts[s + 1] - 1 for s, c in enumerate(chunks) if c.samples], dtype=np.int64)

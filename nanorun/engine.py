@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import numbers
 import os
@@ -27,7 +28,7 @@ from .models import (ModelConfig, build_model, check_tensor_parallel, load_weigh
                      random_weights, resolve_model, shard_config)
 from .outputs import RequestOutput
 from .request import Request
-from .sampler import Sampler
+from .sampler import Sampler, logprob_dicts, seed_key, unseeded_key
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, uses_predictions
 from .search import DeviceSpec, get_device
@@ -40,6 +41,9 @@ logger = logging.getLogger("nanorun")
 _CPU_KV_BYTES = 512 << 20
 _CPU_KV_MAX_TOKENS = 1 << 18
 _GPU_KV_FRACTION = 0.85
+
+# The most logprobs / prompt_logprobs a request may ask for (vLLM's default max_logprobs).
+MAX_LOGPROBS = 20
 
 
 class Engine:
@@ -94,7 +98,10 @@ class Engine:
                                    predictor, cfg.kv_reservation)
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
                                  spec, kernels=(attention_fn, kv_append_fn))
-        self.sampler = Sampler(cfg.seed)
+        self.sampler = Sampler()
+        self._unseeded = itertools.count()     # numbers unseeded requests' random streams
+        # What ends a request unless ignore_eos; a TextEngine adds its tokenizer's EOS ids.
+        self.eos_token_ids: tuple[int, ...] = tuple(self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
         logger.info("nanorun engine: %s on %s (%s), tensor parallel rank %d of %d, %d KV pages "
@@ -116,18 +123,35 @@ class Engine:
 
     def enqueue(self, request: Request) -> None:
         """Queue a Request made by new_request()."""
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use by an "
-                             f"unfinished request; give each request a unique id")
-        self.scheduler.add(request)
-        self.requests[request.request_id] = request
+        self.enqueue_all([request])
 
-    def new_request(self, request_id, prompt_token_ids, sampling_params=None, arrival_time=None):
-        """Validate and build a Request without queueing it."""
+    def enqueue_all(self, requests: list[Request]) -> None:
+        """Queue Requests made by new_request(): all of them, or (raising) none."""
+        ids = [r.request_id for r in requests]
+        taken = [i for i in ids if i in self.requests] or [i for i in ids if ids.count(i) > 1]
+        if taken:
+            raise ValueError(f"request id {taken[0]!r} is already in use by an unfinished "
+                             f"request; give each request a unique id")
+        queued: list[Request] = []
+        try:
+            for request in requests:
+                self.scheduler.add(request)     # may refuse one: its length predictor failed
+                queued.append(request)
+        except BaseException:
+            for request in queued:
+                self.scheduler.remove(request)
+            raise
+        self.requests.update((r.request_id, r) for r in requests)
+
+    def new_request(self, request_id, prompt_token_ids, sampling_params=None, arrival_time=None,
+                    *, eos_token_ids: tuple[int, ...] | None = None) -> Request:
+        """Validate and build a Request without queueing it. eos_token_ids: what ends it
+        (unless ignore_eos) instead of the engine's eos_token_ids."""
         request_id = _request_id(request_id)
         sp = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(sp, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
+        _check_token_level(sp)
         prompt = self._check_prompt(prompt_token_ids)
         vocab = self.model_config.vocab_size
         bad_stop = [t for t in sp.stop_token_ids if t >= vocab]
@@ -146,12 +170,17 @@ class Engine:
                 f"({self.kv_cache.capacity_tokens} tokens); raise kv_cache_tokens or shorten "
                 f"the request")
         now = time.perf_counter() if arrival_time is None else arrival_time
-        return Request(request_id, prompt, sp, now, self.model_config.eos_token_ids)
+        key = (seed_key(sp.seed) if sp.seed is not None
+               else unseeded_key(self.config.seed, next(self._unseeded)))
+        eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
+        return Request(request_id, prompt, sp, now, eos, sampling_key=key)
 
-    def abort_request(self, request_id: str | int | Iterable[str | int]) -> None:
+    def abort_request(self, request_id: str | int | Iterable[str | int], *,
+                      report: bool = True) -> None:
         """Stop requests: one id (a str, or an int as add_request takes it) or a list, tuple or
-        set of them. Each appears once more in the next step() with finish_reason 'abort'.
-        Unknown or already finished ids are ignored."""
+        set of them. Each appears once more in the next step() with finish_reason 'abort'
+        (report=False: not at all; a TextEngine ending a sequence on a stop string). Their
+        KV pages are free at once. Unknown or already finished ids are ignored."""
         if isinstance(request_id, (list, tuple, set, frozenset)):
             ids = [_request_id(r) for r in request_id]
         else:
@@ -162,7 +191,8 @@ class Engine:
                 continue
             self.scheduler.remove(request)
             request.finish("abort", time.perf_counter())
-            self._aborted.append(request)
+            if report:
+                self._aborted.append(request)
 
     def shutdown(self) -> None:
         """Release the tensor-parallel process group if this engine initialised it."""
@@ -189,24 +219,58 @@ class Engine:
         chunks = sched.chunks
         chunks = [chunks[i] for i in spread_order([c.request.is_decoding for c in chunks],
                                                   [c.length for c in chunks])]
-        batch = build_batch(chunks, self.kv_cache.page_size, self.device)
+        every = [c.request.wants_prompt_logprobs for c in chunks]
+        batch = build_batch(chunks, self.kv_cache.page_size, self.device,
+                            all_logits=every if any(every) else None)
         logits = self.executor.run(batch)
+        if any(every):
+            logits = self._take_prompt_logprobs(chunks, every, logits)
         sampling = [c.request for c in chunks if c.samples]
-        tokens, errors = self.sampler(logits, sampling)
+        sampled = self.sampler(logits, sampling)
         now = time.perf_counter()
         for chunk in sched.chunks:
             chunk.request.num_computed_tokens += chunk.length
-        for row, (request, token) in enumerate(zip(sampling, tokens)):
+        errors = sampled.errors
+        for row, (request, token) in enumerate(zip(sampling, sampled.tokens)):
             if row in errors:
                 logger.warning("request %r ended with an error: %s", request.request_id,
                                errors[row])
                 request.finish("error", now, errors[row])
             else:
-                request.append_token(token, now)
+                request.append_token(token, now, sampled.logprobs[row])
             if request.finished:
                 self.scheduler.remove(request)
                 del self.requests[request.request_id]
         return outputs + [r.to_output() for r in sampling]
+
+    def _take_prompt_logprobs(self, chunks: list[ScheduledChunk], every: list[bool],
+                              logits: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch built with all_logits=every: record the prompt logprobs of the
+        flagged chunks' positions not yet recorded (a recomputed prompt is not recorded
+        twice); returns the sampling rows alone, in chunk order."""
+        keep, rows, targets, owners = [], [], [], []
+        row = 0
+        for chunk, flagged in zip(chunks, every):
+            n = chunk.length if flagged else int(chunk.samples)
+            if flagged:
+                request = chunk.request
+                done, end = len(request.prompt_logprobs), len(request.prompt_token_ids)
+                # Position p's logits predict prompt token p + 1.
+                for p in range(max(chunk.start, done - 1), min(chunk.start + n, end - 1)):
+                    rows.append(row + p - chunk.start)
+                    targets.append(request.prompt_token_ids[p + 1])
+                    owners.append(request)
+            if chunk.samples:
+                keep.append(row + n - 1)
+            row += n
+        if rows:
+            device = logits.device
+            dicts = logprob_dicts(logits.index_select(0, torch.tensor(rows, device=device)),
+                                  torch.tensor(targets, device=device),
+                                  [r.sampling_params.prompt_logprobs for r in owners])
+            for request, d in zip(owners, dicts):
+                request.prompt_logprobs.append(d)
+        return logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=logits.device))
 
     @torch.inference_mode()
     def prompt_logits(self, prompt_token_ids: list[int]) -> torch.Tensor:
@@ -338,6 +402,21 @@ def device_spec(device: torch.device) -> DeviceSpec:
         return spec
     return DeviceSpec(name.lower(), props.multi_processor_count, 8, 0.0, 0.0, 0.0,
                       props.total_memory / 2**30)
+
+
+def _check_token_level(sp: SamplingParams) -> None:
+    """What the token-level Engine does not do itself: text and several sequences per request
+    are nanorun.TextEngine's (and LLM's); logprobs are bounded as in vLLM."""
+    if sp.n != 1:
+        raise ValueError(f"n={sp.n}: the Engine runs one sequence per request; use "
+                         f"nanorun.TextEngine or LLM for n > 1, or add n requests")
+    if sp.stop:
+        raise ValueError("stop strings are text: the Engine is token-in, token-out; use "
+                         "nanorun.TextEngine or LLM, or stop_token_ids")
+    for name in ("logprobs", "prompt_logprobs"):
+        if (getattr(sp, name) or 0) > MAX_LOGPROBS:
+            raise ValueError(f"{name}={getattr(sp, name)} is more than the "
+                             f"{MAX_LOGPROBS} top tokens nanorun returns")
 
 
 def _request_id(request_id) -> str:

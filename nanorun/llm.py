@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
 
 from .engine import Engine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .text_engine import Prompt, TextEngine, TextRequest
+from .tokenizer import Message, Tokenizer, load_tokenizer
 
 
 class LLM:
     """Generate for many prompts at once.
 
+    >>> llm = LLM("path/to/hf-model-dir")
+    >>> outs = llm.generate(["Hello, my name is", "The capital of France is"],
+    ...                     SamplingParams(max_tokens=16, temperature=0))
+    >>> outs[0].outputs[0].text
+
     Args:
         model: a preset name (see `nanorun.models.list_presets()`) or a directory holding a
-            Hugging Face config.json and its safetensors.
+            Hugging Face config.json and its safetensors, and its tokenizer.json (without one,
+            prompts must be token ids).
         device: "cpu" or "cuda".
         dtype: None picks float32 on CPU and bfloat16 on GPU.
         layout: how each iteration is split into nano-batches: "sequential" (runs it whole),
@@ -73,6 +86,8 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, process_group=process_group,
             scheduling_policy=scheduling_policy, length_predictor=length_predictor,
             kv_reservation=kv_reservation)
+        model_dir = model if os.path.isdir(model) else None
+        self.text_engine = TextEngine(self.engine, load_tokenizer(model_dir))
         self._ids = itertools.count()
 
     @property
@@ -85,47 +100,76 @@ class LLM:
         """Release the tensor-parallel process group if this LLM initialised it."""
         self.engine.shutdown()
 
+    def get_tokenizer(self) -> Tokenizer | None:
+        """The model directory's tokenizer (None for a preset)."""
+        return self.text_engine.tokenizer
+
     def generate(
         self,
-        prompt_token_ids: Sequence[Sequence[int]],
+        prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
-        All prompts are checked before any is queued: a bad one raises ValueError naming its
-        index, and nothing runs.
+        prompts: one prompt or a list of them, each a string, {"prompt": str},
+        {"prompt_token_ids": [...]} or a list of token ids. All prompts are checked before
+        any is queued: a bad one raises ValueError (or TypeError) naming its index, and
+        nothing runs.
         """
-        prompts = list(prompt_token_ids)
+        prompts = _prompt_list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
-        requests = []
-        for i, (prompt, sp) in enumerate(zip(prompts, params)):
-            try:
-                requests.append(self.engine.new_request(str(next(self._ids)), prompt, sp))
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"prompt {i}: {e}") from None
-        return self._run(requests, use_tqdm)
+        return self._run([self._request(i, p, sp)
+                          for i, (p, sp) in enumerate(zip(prompts, params))], use_tqdm)
 
-    def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.engine
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation ([{"role": ..., "content": ...}, ...]) or a
+        list of them, through the model's chat template. The rendered text is the outputs'
+        prompt; its ids are encoded without adding special tokens (the template writes BOS)."""
+        chats = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        prompts = []
+        for i, chat in enumerate(chats):
+            try:
+                prompts.append(self.text_engine.chat_prompt(chat, add_generation_prompt))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"conversation {i}: {e}") from None
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        return self._run([self._request(i, p, sp)
+                          for i, (p, sp) in enumerate(zip(prompts, params))], use_tqdm)
+
+    def _request(self, i: int, prompt: Prompt, sp: SamplingParams | None) -> TextRequest:
+        try:
+            return self.text_engine.new_request(str(next(self._ids)), prompt, sp)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"prompt {i}: {e}") from None
+
+    def _run(self, requests: list[TextRequest], use_tqdm: bool) -> list[RequestOutput]:
+        te = self.text_engine
         finished: dict[str, RequestOutput] = {}
         bar = _progress(len(requests)) if use_tqdm else None
         try:
             for i, r in enumerate(requests):
                 try:
-                    engine.enqueue(r)      # may still refuse one: its length predictor failed
+                    te.enqueue(r)          # may still refuse one: its length predictor failed
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"prompt {i}: {e}") from None
             ours = {r.request_id for r in requests}    # a step may also end an earlier call's
             while len(finished) < len(requests):       # requests (aborted when it raised)
-                for out in engine.step():
+                for out in te.step():
                     if out.finished and out.request_id in ours:
                         finished[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
         except BaseException:
-            engine.abort_request([r.request_id for r in requests])
+            te.abort_request([r.request_id for r in requests])
             raise
         finally:
             if bar is not None:
@@ -149,3 +193,17 @@ def _progress(total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="generate", unit="req")
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt or a list of them, as a list: a string, a dict or a flat list (or 1-D array)
+    of ints is one prompt."""
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    if isinstance(prompts, (np.ndarray, torch.Tensor)) and prompts.ndim == 1:
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                       for t in prompts):
+        return [prompts]
+    return prompts

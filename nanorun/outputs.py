@@ -33,22 +33,91 @@ class RequestMetrics:
         return self.finished_time - self.arrival_time
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability: `rank` 1 is the most likely token (1 + the number of
+    tokens with a strictly larger logprob); decoded_token is its text alone (None without a
+    tokenizer)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
 @dataclass
+class CompletionOutput:
+    """One output sequence of a request (vLLM's CompletionOutput).
+
+    text is the cumulative output text (empty from the token-level Engine, which has no
+    tokenizer); token_ids every output token so far. logprobs, when asked for, holds one
+    {token_id: Logprob} per output token: the sampled token and the top `logprobs` tokens.
+    cumulative_logprob is the sum of the sampled tokens' logprobs (None unless logprobs was
+    asked for). finish_reason is None while running, then "stop" (EOS, a stop token, which is
+    in token_ids, or a stop string), "length" (max_tokens), "abort", or "error" (`error` says
+    why: this sequence alone could not go on). stop_reason is the stop string or stop token id
+    that ended it (None for EOS and every other reason).
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(init=False)
 class RequestOutput:
-    """The state of one request after a step: all output tokens so far, and whether it ended.
+    """The state of one request after a step (vLLM's RequestOutput): its n output sequences
+    in `outputs` (outputs[i].index == i), finished once all of them are.
 
-    finish_reason is None while running, then "length" (max_tokens reached), "stop" (an EOS or
-    stop token, which is included in token_ids), "abort", or "error": this request alone could
-    not go on (`error` says why); the engine keeps serving the others.
+    prompt is the prompt text (None when it was given as token ids); prompt_token_ids a tuple,
+    so changing it changes nothing in the engine. prompt_logprobs, when asked for, has one
+    entry per prompt token: None for the first, then {token_id: Logprob} with that token and
+    the top `prompt_logprobs` tokens.
 
-    prompt_token_ids is a tuple and token_ids a copy: changing either changes nothing in the
-    engine.
+    token_ids, finish_reason and error are outputs[0]'s, for the usual n = 1 (each a copy).
     """
 
     request_id: str
+    prompt: str | None
     prompt_token_ids: tuple[int, ...]
-    token_ids: list[int]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    outputs: list[CompletionOutput]
     finished: bool
-    finish_reason: str | None
     metrics: RequestMetrics
-    error: str | None = None
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids, prompt_logprobs,
+                 outputs, finished, metrics=None, *legacy) -> None:
+        if prompt is not None and not isinstance(prompt, str):
+            # The pre-text positional form (request_id, prompt_token_ids, token_ids, finished,
+            # finish_reason, metrics[, error]) that existing callers and tests build.
+            prompt, prompt_token_ids, prompt_logprobs, outputs, finished, metrics = (
+                None, prompt, None, [CompletionOutput(
+                    0, "", list(prompt_token_ids), None, None, outputs, None,
+                    legacy[0] if legacy else None)], prompt_logprobs, finished)
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = tuple(prompt_token_ids)
+        self.prompt_logprobs = prompt_logprobs
+        self.outputs = list(outputs)
+        self.finished = finished
+        self.metrics = metrics
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def error(self) -> str | None:
+        return self.outputs[0].error

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import enum
 
-import torch
-
-from .outputs import RequestMetrics, RequestOutput
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
 
 
@@ -33,6 +31,7 @@ class Request:
         sampling_params: SamplingParams,
         arrival_time: float,
         eos_token_ids: tuple[int, ...],
+        sampling_key: int = 0,
     ) -> None:
         self.request_id = request_id
         # A tuple: outputs hand it out as it is, and a caller appending to it cannot change
@@ -45,13 +44,19 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.error: str | None = None       # why, when finish_reason is "error"
+        self.stop_reason: int | None = None  # the stop_token_ids entry it ended on
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         sp = sampling_params
-        self._stop_ids = frozenset(sp.stop_token_ids) | (
-            frozenset() if sp.ignore_eos else frozenset(eos_token_ids))
-        self.generator: torch.Generator | None = None
-        if sp.seed is not None:
-            self.generator = torch.Generator().manual_seed(sp.seed)
+        self._eos_ids = frozenset() if sp.ignore_eos else frozenset(eos_token_ids)
+        self.stop_ids = frozenset(sp.stop_token_ids) | self._eos_ids
+        # What the sampler's random numbers are keyed by, with the output position (see
+        # nanorun.sampler): the seed, or for unseeded requests one the engine hands out.
+        self.sampling_key = sampling_key
+        self.logprobs: list[dict[int, Logprob]] | None = (
+            None if sp.logprobs is None else [])
+        self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            None if sp.prompt_logprobs is None else [None])
 
     @property
     def num_tokens(self) -> int:
@@ -79,12 +84,30 @@ class Request:
             return self.output_token_ids[start - n_prompt:end - n_prompt]
         return list(self.prompt_token_ids[start:]) + self.output_token_ids[:end - n_prompt]
 
-    def append_token(self, token_id: int, now: float) -> None:
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt logprobs are still to be computed."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids))
+
+    @property
+    def stops_allowed(self) -> bool:
+        """min_tokens reached: EOS and stop ids may end the request from the next token on."""
+        return len(self.output_token_ids) >= self.sampling_params.min_tokens
+
+    def append_token(self, token_id: int, now: float,
+                     logprobs: dict[int, Logprob] | None = None) -> None:
+        stops_allowed = self.stops_allowed
         self.output_token_ids.append(token_id)
         self.metrics.token_times.append(now)
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
-        if token_id in self._stop_ids:
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token_id].logprob
+        if stops_allowed and token_id in self.stop_ids:
+            if token_id not in self._eos_ids:
+                self.stop_reason = token_id
             self.finish("stop", now)
         elif len(self.output_token_ids) >= self.sampling_params.max_tokens:
             self.finish("length", now)
@@ -96,12 +119,16 @@ class Request:
         self.metrics.finished_time = now
 
     def to_output(self) -> RequestOutput:
+        """This request as the token-level Engine reports it: no text; copies of its lists."""
+        completion = CompletionOutput(
+            index=0, text="", token_ids=list(self.output_token_ids),
+            cumulative_logprob=None if self.logprobs is None else self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason, error=self.error)
+        # Complete by the first output: outputs come with sampled tokens, after the whole
+        # prompt (partial only for a request aborted while its prompt was being computed).
+        prompt_logprobs = self.prompt_logprobs
         return RequestOutput(
-            request_id=self.request_id,
-            prompt_token_ids=self.prompt_token_ids,
-            token_ids=list(self.output_token_ids),
-            finished=self.finished,
-            finish_reason=self.finish_reason,
-            metrics=self.metrics,
-            error=self.error,
-        )
+            request_id=self.request_id, prompt=None, prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
+            outputs=[completion], finished=self.finished, metrics=self.metrics)

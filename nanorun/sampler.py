@@ -1,64 +1,229 @@
-"""Turn the logits of one iteration into one token per sampling sequence."""
+"""Turn the logits of one iteration into one token per sampling sequence.
+
+Everything is a batched tensor op over the [N, V] block on the logits' device; the host reads
+back the N tokens (and the logprobs asked for) once. The steps, in vLLM v1's order:
+  1. raw logprobs: log_softmax of the model's logits, for the rows that ask for logprobs;
+  2. min_tokens: EOS and stop ids get -inf while a row is below its min_tokens;
+  3. penalties: repetition (over prompt and output tokens), frequency and presence (output);
+  4. greedy rows take the argmax here (after penalties, as in vLLM);
+  5. the others: temperature, min_p, top_k, top_p, then one draw from what is left.
+
+The draw is inverse-CDF sampling with ONE uniform number per row, u = hash(key, position):
+`key` is the request's seed (or, unseeded, a number the engine gives each request from its
+own seed) and `position` the index of the output token being drawn. Why this and not a
+per-request torch.Generator: a row's random number is a pure function of (key, position), so
+  - a seeded request gets the same tokens whatever it is batched with (no shared stream),
+  - after preemption and recompute it draws the same numbers again (no state to roll back),
+    and a scheduler that runs a step ahead (issue 14) cannot shift anyone's stream,
+  - a row that fails draws nothing from anyone,
+and it costs one [N] vector instead of an [N, V] noise tensor (the exponential/Gumbel trick)
+or one launch per seeded row (vLLM's per-request generators). The cumulative sum is float32:
+its rounding moves a token's share of [0, 1) by about 1e-7 * sqrt(V), far below sampling noise.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
+from .outputs import Logprob
 from .request import Request
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_UNSEEDED = 0x5851F42D4C957F2D      # keeps engine-made keys apart from users' seeds
 
 
 class SamplingError(RuntimeError):
     """One row could not be sampled (its probabilities were not a distribution)."""
 
 
+@dataclass
+class SamplerOutput:
+    """tokens[i] for row i; errors: row -> why it failed (its token is meaningless);
+    logprobs[i]: {token_id: Logprob} for rows that asked (sampled token first), else None."""
+
+    tokens: list[int]
+    errors: dict[int, str]
+    logprobs: list[dict[int, Logprob] | None]
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit ints that scatters every input bit."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def seed_key(seed: int) -> int:
+    """The sampling key of a request with this seed."""
+    return _mix(seed & _MASK64)
+
+
+def unseeded_key(engine_seed: int, counter: int) -> int:
+    """The sampling key of the counter-th unseeded request of an engine with this seed: runs
+    with the same seed and requests draw alike; requests draw independently of each other."""
+    return _mix(_mix(engine_seed & _MASK64) ^ _UNSEEDED ^ _mix(counter & _MASK64))
+
+
+def uniform(key: int, position: int) -> float:
+    """The uniform number in [0, 1) that output token `position` of a request is drawn with."""
+    return (_mix((key + (position + 1) * _GOLDEN) & _MASK64) >> 11) * 2.0 ** -53
+
+
 class Sampler:
-    """Greedy rows are an argmax over the whole batch; the others are sampled one by one.
+    """Samples one token per row; see the module docstring.
 
-    A request with a seed draws from its own generator; the rest share the engine's, seeded
-    once from the engine's `seed`, so a run is reproducible end to end.
-
-    A row that cannot be sampled is reported, not raised: one request's bad logits must not
-    stop the step for everyone else in the batch.
+    A row that cannot be sampled (NaN or +inf logits, nothing left after the filters) is
+    reported, not raised: one request's bad logits must not stop the step for the others.
     """
 
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, logits: torch.Tensor,
-                 requests: list[Request]) -> tuple[list[int], dict[int, str]]:
-        """logits [N, V] float32, one row per request in `requests`. Returns one token per row
-        and, for the rows that failed, row -> what went wrong (their token is meaningless)."""
-        tokens = logits.argmax(dim=-1).tolist()
-        errors: dict[int, str] = {}
-        for row, request in enumerate(requests):
-            if request.sampling_params.greedy:
-                continue
-            try:
-                tokens[row] = self._sample(logits[row], request)
-            except (RuntimeError, ValueError) as e:
-                errors[row] = f"sampling failed: {e}"
-        return tokens, errors
-
-    def _sample(self, logits: torch.Tensor, request: Request) -> int:
-        sp = request.sampling_params
-        logits = logits.float().cpu() / sp.temperature
-        if sp.top_k > 0 and sp.top_k < logits.numel():
-            kth = torch.topk(logits, sp.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if sp.top_p < 1.0:
-            probs = _top_p_filter(probs, sp.top_p)
-        # Checked before the draw, so a bad row never advances its generator.
-        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
-            raise SamplingError("the probabilities are not finite (NaN or inf logits)")
-        generator = request.generator or self.generator
-        return int(torch.multinomial(probs, 1, generator=generator))
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits [N, V], one row per request in `requests` (float32 or the model's dtype)."""
+        if not requests:
+            return SamplerOutput([], {}, [])
+        logits = logits.float()
+        device = logits.device
+        z = _mask_stops(logits.clone(), requests)
+        z = apply_penalties(z, requests)
+        ok = _valid_rows(z)
+        tokens = z.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if sampled:
+            rows = torch.tensor(sampled, device=device)
+            token, row_ok = _sample_rows(z.index_select(0, rows),
+                                         [requests[i] for i in sampled])
+            tokens = tokens.index_copy(0, rows, token)
+            ok = ok.index_copy(0, rows, ok.index_select(0, rows) & row_ok)
+        host = torch.stack([tokens, ok.long()]).tolist()        # the one sync
+        errors = {i: "sampling failed: the probabilities are not finite (NaN or inf logits)"
+                  for i, good in enumerate(host[1]) if not good}
+        return SamplerOutput(host[0], errors, _sampled_logprobs(logits, requests, tokens, errors))
 
 
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
-    sorted_probs, order = probs.sort(descending=True)
-    mass_before = sorted_probs.cumsum(0) - sorted_probs
-    sorted_probs[mass_before >= top_p] = 0.0
-    kept = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return kept / kept.sum()
+def _valid_rows(z: torch.Tensor) -> torch.Tensor:
+    """[N] bool: no NaN or +inf, and some token not masked."""
+    bad = torch.isnan(z) | torch.isposinf(z)
+    return ~bad.any(dim=-1) & (z > float("-inf")).any(dim=-1)
+
+
+def _mask_stops(z: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """EOS and stop ids cannot be drawn before min_tokens (vLLM's min_tokens processor)."""
+    rows, ids = [], []
+    for i, r in enumerate(requests):
+        if not r.stops_allowed:
+            stop = [t for t in r.stop_ids if t < z.shape[1]]
+            rows += [i] * len(stop)
+            ids += stop
+    if rows:
+        z[torch.tensor(rows, device=z.device), torch.tensor(ids, device=z.device)] = float("-inf")
+    return z
+
+
+def apply_penalties(z: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """vLLM's penalties, in place on the rows that have any: a token seen in the prompt or the
+    output has its logit divided by repetition_penalty where positive (multiplied where
+    negative); then frequency_penalty * its count in the output and presence_penalty (once,
+    if it is in the output) are subtracted."""
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
+    if not rows:
+        return z
+    device, V = z.device, z.shape[1]
+    reqs = [requests[i] for i in rows]
+    counts = _token_counts([r.output_token_ids for r in reqs], V, device)       # [M, V]
+    in_prompt = _token_counts([r.prompt_token_ids for r in reqs], V, device) > 0
+    params = torch.tensor([[r.sampling_params.repetition_penalty,
+                            r.sampling_params.frequency_penalty,
+                            r.sampling_params.presence_penalty] for r in reqs], device=device)
+    rep, freq, pres = (params[:, k:k + 1] for k in range(3))
+    index = torch.tensor(rows, device=device)
+    sub = z.index_select(0, index)
+    seen = in_prompt | (counts > 0)
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - freq * counts - pres * (counts > 0).float()
+    return z.index_copy_(0, index, sub)
+
+
+def _token_counts(seqs: list, V: int, device: torch.device) -> torch.Tensor:
+    """[len(seqs), V] float32: how often each token occurs in each sequence."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    counts = torch.zeros(len(seqs), V, device=device)
+    if lengths.sum() == 0:
+        return counts
+    ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
+    rows = np.repeat(np.arange(len(seqs)), lengths)
+    ones = torch.ones(len(ids), device=device)
+    return counts.index_put_((torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)),
+                             ones, accumulate=True)
+
+
+def _sample_rows(z: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, min_p, top_k, top_p, then the draw, for sampled (non-greedy) rows.
+    Returns ([M] token ids, [M] bool: the row was a distribution)."""
+    device, V = z.device, z.shape[1]
+    sps = [r.sampling_params for r in requests]
+    params = torch.tensor([[sp.temperature, sp.min_p, sp.top_k if 0 < sp.top_k < V else V,
+                            sp.top_p if sp.top_p < 1.0 else 2.0] for sp in sps],
+                          dtype=torch.float64, device=device)
+    temperature, min_p, top_k, top_p = (params[:, k:k + 1] for k in range(4))
+    z = z / temperature.float()
+    if any(sp.min_p > 0.0 for sp in sps):
+        probs = torch.softmax(z, dim=-1)
+        z = z.masked_fill(probs < min_p.float() * probs.max(dim=-1, keepdim=True).values,
+                          float("-inf"))
+    order = None
+    if any(0 < sp.top_k < V or sp.top_p < 1.0 for sp in sps):
+        z, order = z.sort(dim=-1, descending=True)
+        rank = torch.arange(V, device=device)[None, :]
+        z = z.masked_fill(rank >= top_k.long(), float("-inf"))
+        probs = torch.softmax(z, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        z = z.masked_fill(mass_before >= top_p.float(), float("-inf"))
+    probs = torch.softmax(z, dim=-1)
+    ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    u = torch.tensor([uniform(r.sampling_key, len(r.output_token_ids)) for r in requests],
+                     dtype=torch.float64, device=device)
+    cdf = probs.nan_to_num(0.0).cumsum(dim=-1)
+    # Scaled by the row's total (not 1.0): rounding can leave the sum a hair below u.
+    x = (u * cdf[:, -1].double()).float()[:, None]
+    pick = torch.searchsorted(cdf, x, right=True).clamp_(max=V - 1)
+    token = pick[:, 0] if order is None else order.gather(1, pick)[:, 0]
+    return token, ok
+
+
+def _sampled_logprobs(logits: torch.Tensor, requests: list[Request], tokens: torch.Tensor,
+                      errors: dict[int, str]) -> list[dict[int, Logprob] | None]:
+    rows = [i for i, r in enumerate(requests)
+            if r.sampling_params.logprobs is not None and i not in errors]
+    out: list[dict[int, Logprob] | None] = [None] * len(requests)
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        dicts = logprob_dicts(logits.index_select(0, index), tokens.index_select(0, index),
+                              [requests[i].sampling_params.logprobs for i in rows])
+        for i, d in zip(rows, dicts):
+            out[i] = d
+    return out
+
+
+def logprob_dicts(logits: torch.Tensor, token_ids: torch.Tensor,
+                  top: list[int]) -> list[dict[int, Logprob]]:
+    """For each row of logits [R, V] (raw model logits): {token_ids[r]: its Logprob, then the
+    top[r] most likely tokens}, from log_softmax(logits) (vLLM's default "raw" logprobs: before
+    temperature, penalties and filters). rank is 1 + the number of strictly more likely
+    tokens, as vLLM counts it."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, token_ids.long()[:, None])                           # [R, 1]
+    rank = (lp > chosen).sum(dim=-1) + 1
+    k = max(top) if top else 0
+    top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], token_ids[:, None][:, :0])
+    host = (token_ids.tolist(), chosen[:, 0].tolist(), rank.tolist(), top_ids.tolist(),
+            top_lp.tolist())
+    dicts = []
+    for r, (tok, value, rk, ids, lps) in enumerate(zip(*host)):
+        d = {tok: Logprob(value, rk)}
+        for j in range(top[r]):
+            d.setdefault(ids[j], Logprob(lps[j], j + 1))
+        dicts.append(d)
+    return dicts

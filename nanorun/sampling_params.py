@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Temperatures below this sample as greedy (argmax), as vLLM does below its _SAMPLING_EPS:
@@ -18,10 +19,28 @@ _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
 class SamplingParams:
     """How to pick each output token, and when to stop.
 
-    temperature 0 is greedy, and so is any temperature below GREEDY_TEMPERATURE (1e-5); top_k 0
-    (or -1) and top_p 1.0 disable those filters. A request with a `seed` samples from its own
-    generator, so its tokens do not depend on what it is batched with, nor on whether it was
-    preempted and recomputed.
+    Fields, names, defaults and ranges are vLLM's:
+      n                      output sequences per prompt (>= 1); sequence i samples with
+                             seed + i when a seed is given.
+      temperature            0 (or below GREEDY_TEMPERATURE, 1e-5) is greedy.
+      top_k, top_p, min_p    filters: top_k 0 (or -1), top_p 1.0 and min_p 0.0 disable them;
+                             min_p drops tokens below min_p * the most likely one's probability.
+      presence_penalty, frequency_penalty   in [-2, 2], subtracted from the logits of tokens
+                             already in the output (once, and once per occurrence).
+      repetition_penalty     > 0; the logits of tokens in the prompt or the output are divided
+                             by it where positive, multiplied where negative (1.0: off).
+      seed                   the request's own random stream: its tokens do not depend on what
+                             it is batched with, nor on whether it was preempted and recomputed.
+      stop, stop_token_ids   stop strings (text; a tuple) and token ids that end the output
+                             with finish_reason "stop"; include_stop_str_in_output keeps the
+                             stop string in the text.
+      ignore_eos             keep going past EOS.
+      max_tokens, min_tokens output length bounds; before min_tokens, EOS and stop_token_ids
+                             cannot be sampled and stop strings do not count.
+      logprobs               None, or the number of most likely tokens to return with each
+                             sampled one's logprob (0: the sampled token alone).
+      prompt_logprobs        the same for every prompt token.
+      skip_special_tokens    leave special tokens out of the output text.
 
     Every field is checked here, so a request that would fail inside a step is refused when it
     is made: ints must be ints (not bools, not floats with a fractional part), floats finite.
@@ -34,6 +53,17 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         self._set("max_tokens", _as_int("max_tokens", self.max_tokens))
@@ -52,9 +82,38 @@ class SamplingParams:
             self._set("seed", _as_int("seed", self.seed))
             if not _SEED_MIN <= self.seed <= _SEED_MAX:
                 raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._set("stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
+        self._check_vllm_fields()
+
+    def _check_vllm_fields(self) -> None:
+        self._set("n", _as_int("n", self.n))
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            self._set(name, _as_float(name, getattr(self, name)))
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        self._set("repetition_penalty", _as_float("repetition_penalty", self.repetition_penalty))
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 disables it), got "
+                             f"{self.repetition_penalty}")
+        self._set("min_p", _as_float("min_p", self.min_p))
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        self._set("stop", _stop_strings(self.stop))
+        self._set("min_tokens", _as_int("min_tokens", self.min_tokens))
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got "
+                             f"{self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                self._set(name, _as_int(name, getattr(self, name)))
+                if getattr(self, name) < 0:
+                    raise ValueError(f"{name} must be None or >= 0 (the number of top "
+                                     f"tokens to return), got {getattr(self, name)}")
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
@@ -62,6 +121,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
 
 def _as_int(name: str, value: object) -> int:
@@ -90,3 +154,20 @@ def _token_ids(name: str, ids: object) -> tuple[int, ...]:
     if bad:
         raise ValueError(f"{name} must be non-negative token ids, got {bad[0]}")
     return out
+
+
+def _stop_strings(stop: object) -> tuple[str, ...]:
+    """None, a string or a list of non-empty strings, as a tuple."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, Sequence) or isinstance(stop, bytes):
+        raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+    for s in stop:
+        if not isinstance(s, str):
+            raise TypeError(f"stop must be a string or a list of strings, got an entry {s!r} "
+                            f"({type(s).__name__})")
+        if not s:
+            raise ValueError("stop strings must not be empty")
+    return tuple(stop)

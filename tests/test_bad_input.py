@@ -90,14 +90,16 @@ def test_a_row_that_fails_sampling_ends_that_request_and_no_other(monkeypatch):
     seeded = SamplingParams(max_tokens=6, temperature=0.9, seed=11, ignore_eos=True)
     alone = _solo(seeded)
     engine = Engine(MODEL, weights="random", max_batch_tokens=64, kv_cache_tokens=1024)
-    real = Sampler._sample
+    real = Sampler.__call__
 
-    def failing(self, logits, request):
-        if request.request_id == "bad":
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(self, logits, request)
+    def poisoned(self, logits, requests):        # the bad request's row turns to NaN
+        logits = logits.clone()
+        for row, request in enumerate(requests):
+            if request.request_id == "bad":
+                logits[row] = float("nan")
+        return real(self, logits, requests)
 
-    monkeypatch.setattr(Sampler, "_sample", failing)
+    monkeypatch.setattr(Sampler, "__call__", poisoned)
     engine.add_request("bad", PROMPT, SamplingParams(max_tokens=6, temperature=1.0))
     engine.add_request("seeded", PROMPT, seeded)
     engine.add_request("greedy", [7, 8, 9], GREEDY)
@@ -110,17 +112,16 @@ def test_a_row_that_fails_sampling_ends_that_request_and_no_other(monkeypatch):
 
 
 def test_nan_logits_fail_only_their_row():
-    sampler = Sampler(seed=0)
+    sampler = Sampler()
     engine = Engine(MODEL, weights="random", kv_cache_tokens=256)
     reqs = [engine.new_request(str(i), PROMPT, SamplingParams(temperature=1.0, seed=i))
             for i in range(3)]
     logits = torch.randn(3, VOCAB)
+    good = sampler(logits[[0, 2]], [reqs[0], reqs[2]]).tokens
     logits[1, 7] = float("nan")
-    state = reqs[1].generator.get_state()
-    tokens, errors = sampler(logits, reqs)
-    assert list(errors) == [1] and "not finite" in errors[1]
-    assert torch.equal(reqs[1].generator.get_state(), state), "a failed row drew a number"
-    assert all(0 <= t < VOCAB for t in (tokens[0], tokens[2]))
+    out = sampler(logits, reqs)
+    assert list(out.errors) == [1] and "not finite" in out.errors[1]
+    assert [out.tokens[0], out.tokens[2]] == good, "a failed row changed its neighbours' draws"
 
 
 # -- request ids and abort ------------------------------------------------------------------------
