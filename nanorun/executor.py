@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from functools import partial
+from typing import Callable
 
 import torch
 
@@ -82,19 +82,31 @@ class Executor:
     @torch.inference_mode()
     def run_plan(self, plan: Plan, batch: Batch, order_seed: int | None = None) -> torch.Tensor:
         """Runs `plan` eagerly (never as a graph). order_seed applies to the CPU path."""
+        launch = self._launcher(batch)
         if self.streams is not None:
-            issue(plan, self.streams, partial(self._launch, batch=batch))
+            issue(plan, self.streams, launch)
             return self._logits_on_main(batch)
-        order = range(len(plan.launches)) if order_seed is None else \
-            random_order(plan, random.Random(order_seed))
+        launches = plan.launches if order_seed is None else \
+            [plan.launches[i] for i in random_order(plan, random.Random(order_seed))]
         logits = None
-        for i in order:
-            launch = plan.launches[i]
-            if launch.op == LOGITS:
+        for each in launches:
+            if each.op == LOGITS:
                 logits = self._logits(batch)
             else:
-                self._launch(launch, batch)
+                launch(each)
         return logits
+
+    def _launcher(self, batch: Batch) -> Callable[[Launch], None]:
+        """One op launch on `batch`, with what every launch of the iteration shares bound once
+        (the eager path runs hundreds of these an iteration, on the host's critical path)."""
+        run_op, embed, ws, kv = self.model.run_op, self.model.embed, self.ws, self.kv
+
+        def launch(each: Launch) -> None:
+            if each.layer >= 0:
+                run_op(each.op, each.layer, ws, batch, kv, each.t0, each.t1)
+            else:       # the embedding: the logits never come here (see run_plan, issue)
+                embed(ws, batch, each.t0, each.t1)
+        return launch
 
     def _launch(self, launch: Launch, batch: Batch) -> None:
         if launch.op == EMBED:

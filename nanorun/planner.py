@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .layout import Layout, LayoutError
 
@@ -36,6 +36,9 @@ class Launch:
 class Plan:
     launches: tuple[Launch, ...]
     num_streams: int
+    # What runners derive from the plan once and reuse on every run of it (backends.streams
+    # keeps its issue program here). A plan never changes, so neither does what is derived.
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def recorded(self) -> frozenset[int]:
@@ -59,20 +62,42 @@ class Planner:
         # depend on where those sequences start.
         self._seq_ops = [op.name for op in layer_ops if "kv_cache" in op.reads]
         self._cache: OrderedDict[tuple, Plan] = OrderedDict()
+        self._per_size: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.hits = self.misses = 0
 
     def plan(self, batch) -> Plan:
         T, starts = batch.num_tokens, batch.seq_starts
-        key = (T, tuple(_seq_start(starts, e) for op in self._seq_ops
-                        for e in self._edges(op, T)[:-1]))
+        key = (T, self._start_key(T, starts))
         plan = self._cache.get(key)
         if plan is None:
+            self.misses += 1
             plan = self._build(T, starts)
             self._cache[key] = plan
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
         else:
+            self.hits += 1
             self._cache.move_to_end(key)
         return plan
+
+    def _start_key(self, T: int, starts) -> tuple[int, ...]:
+        """Where the sequences of the KV-reading launches start, as far as the plan can tell.
+
+        Such a launch reads rows [start, t1) of the KV cache, and every other range the planner
+        compares it with runs between nano-batch edges. Between two consecutive edges e <= start
+        < e', `start < b` holds for an edge b exactly when `e < b`, and `a <= start` exactly when
+        `a <= e`, so the plan is the same for any start in [e, e'): the key keeps e. (Keying by
+        the start itself missed the cache whenever a prompt chunk straddled an edge, which in
+        served mixed batches is most iterations.)"""
+        per_size = self._per_size.get(T)
+        if per_size is None:
+            t0s = tuple(e for op in self._seq_ops for e in self._edges(op, T)[:-1])
+            edges = tuple(sorted({e for op in self.specs for e in self._edges(op, T)} | {0, T}))
+            per_size = self._per_size[T] = (t0s, edges)
+            if len(self._per_size) > _CACHE_SIZE:
+                self._per_size.clear()
+        t0s, edges = per_size
+        return tuple(edges[bisect.bisect_right(edges, _seq_start(starts, t)) - 1] for t in t0s)
 
     # -- building -------------------------------------------------------------------------------
     def _edges(self, op: str, T: int) -> list[int]:

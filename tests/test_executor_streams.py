@@ -189,6 +189,47 @@ def test_dropping_any_wait_or_record_is_caught(dense_rig):
     assert not uncaught, f"dropping these went unnoticed: {uncaught}"
 
 
+# -- the issue program: one enqueue per run of a stream between events -------------------------
+class Counting(SimulatedStreams):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def enqueue(self, stream, fn):
+        self.calls.append(("enqueue", stream))
+        super().enqueue(stream, fn)
+
+    def record(self, stream):
+        self.calls.append(("record", stream))
+        return super().record(stream)
+
+    def wait(self, stream, event):
+        self.calls.append(("wait", stream))
+        super().wait(stream, event)
+
+
+def test_issue_enqueues_each_run_of_a_stream_once(rig):
+    """A stream's launches between two of its events go in one enqueue: "sequential" is the
+    fork, one enqueue, the join and the logits; under "overlap" no two enqueues in a row share
+    a stream (a run ends only where a wait or a record has to come between)."""
+    batch, = rig.batches([[(4, 1), (0, 30), (9, 1)]], seed=2)
+    for layout in ("sequential", "overlap"):
+        streams = Counting()
+        ex = rig.executor(layout, streams=streams)
+        assert close(rig.run(ex, batch, seed=1), rig.run(rig.sequential, batch))
+        plan = ex.planner.plan(batch)
+        if layout == "sequential":
+            assert streams.calls == [("record", -1), ("wait", 0), ("enqueue", 0),
+                                     ("record", 0), ("wait", -1), ("enqueue", -1)]
+            continue
+        enqueues = [c for c in streams.calls if c[0] == "enqueue" and c[1] >= 0]
+        assert len(enqueues) < len(plan.launches) - 1
+        for a, b in zip(streams.calls, streams.calls[1:]):
+            assert not (a[0] == b[0] == "enqueue" and a[1] == b[1]), streams.calls
+        program = plan.derived["issue"]
+        assert sum(len(run[2]) for run in program.runs) == len(plan.launches) - 1
+
+
 # -- the padding rule and the fixed buffers --------------------------------------------------------
 def test_graph_sizes_and_padding_rule():
     assert graph_sizes(1024) == (8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024)

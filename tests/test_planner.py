@@ -382,3 +382,33 @@ def test_spread_order_gives_every_nano_batch_its_share_of_decode_tokens():
                 expected = decode * j / k
                 biggest = max(lengths)
                 assert abs(sum(tokens[:cut]) - expected) <= 1 + decode * biggest / total
+
+
+class _Starts:
+    """What the planner reads of a batch: its token count and where its sequences start."""
+
+    def __init__(self, starts: tuple[int, ...]) -> None:
+        self.seq_starts, self.num_tokens = starts, starts[-1]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts(), cuts=st.lists(st.lists(st.integers(1, BATCH - 1), max_size=8),
+                                       min_size=2, max_size=6))
+def test_a_cached_plan_is_the_plan_the_batch_would_get(layout, cuts):
+    """The cache keys sequence starts by the nano-batch edge at or below them: whatever batch
+    filled the entry, the plan served must be the one built for this batch's own starts."""
+    planner = Planner(LAYER_OPS, 2, layout)
+    for c in cuts:
+        starts = (0, *sorted(set(c)), BATCH)
+        assert planner.plan(_Starts(starts)) == planner._build(BATCH, starts), starts
+
+
+def test_a_prompt_straddling_an_edge_hits_the_cache_wherever_it_starts():
+    """Overlap splits the batch in two; a prompt chunk across the split starting anywhere in
+    the first half orders the second half's attention alike, so it needs one plan."""
+    planner = Planner(LAYER_OPS, 2, overlap(OPS, BATCH, CPU))
+    for start in range(1, BATCH // 2):
+        planner.plan(_Starts((0, start, BATCH // 2 + 3, BATCH)))
+    assert (planner.misses, planner.hits) == (1, BATCH // 2 - 2)
+    planner.plan(_Starts((0, BATCH // 2, BATCH)))      # a sequence starting on the edge: another
+    assert planner.misses == 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -63,29 +64,72 @@ def issue(plan: Plan, streams: Streams, run: Callable[[Launch], None]) -> None:
     join: MAIN waits for the last launch of every stream nobody else waits for (the others
           are covered through their waiters), so the logits, computed next on MAIN, and
           everything after them see the whole iteration.
+
+    Consecutive launches on one stream with no wait or record between them go in one
+    enqueue: the same calls in the same order, but one stream switch (and SM budget) per run
+    instead of per launch. What this needs of the plan is worked out once per plan
+    (`IssueProgram`) and kept with it, so that a cached plan is issued by a plain loop.
     """
-    body = [(i, launch) for i, launch in enumerate(plan.launches) if launch.op != LOGITS]
-    waited = {w for _, launch in body for w in launch.waits}
-    first: dict[int, Launch] = {}
-    last: dict[int, int] = {}
-    for i, launch in body:
-        first.setdefault(launch.stream, launch)
-        last[launch.stream] = i
-    forked = [s for s, launch in first.items() if not launch.waits]
-    if forked:
+    program = plan.derived.get("issue")
+    if program is None:
+        program = plan.derived["issue"] = IssueProgram.of(plan)
+    if program.fork:
         fork = streams.record(MAIN)
-        for s in forked:
+        for s in program.fork:
             streams.wait(s, fork)
-    events: dict[int, Any] = {}
-    for i, launch in body:
-        for w in launch.waits:
-            streams.wait(launch.stream, events[w])
-        streams.enqueue(launch.stream, partial(run, launch))
-        if i in waited:
-            events[i] = streams.record(launch.stream)
-    for s, i in last.items():
-        if i not in waited:
-            streams.wait(MAIN, streams.record(s))
+    events: list[Any] = [None] * program.num_events
+    for stream, waits, launches, slot in program.runs:
+        for w in waits:
+            streams.wait(stream, events[w])
+        streams.enqueue(stream, partial(_run_all, run, launches))
+        if slot >= 0:
+            events[slot] = streams.record(stream)
+    for s in program.join:
+        streams.wait(MAIN, streams.record(s))
+
+
+def _run_all(run: Callable[[Launch], None], launches: tuple[Launch, ...]) -> None:
+    for launch in launches:
+        run(launch)
+
+
+@dataclass(frozen=True)
+class IssueProgram:
+    """issue()'s calls for one plan, precomputed (see issue()).
+
+    fork: the streams that wait for MAIN first. runs: (stream, event slots to wait for, the
+    launches, the slot to record into after them or -1), in issue order. join: the streams
+    MAIN waits for at the end. num_events: slots the runs record into.
+    """
+
+    fork: tuple[int, ...]
+    runs: tuple[tuple[int, tuple[int, ...], tuple[Launch, ...], int], ...]
+    join: tuple[int, ...]
+    num_events: int
+
+    @classmethod
+    def of(cls, plan: Plan) -> "IssueProgram":
+        body = [(i, launch) for i, launch in enumerate(plan.launches) if launch.op != LOGITS]
+        waited = {w for _, launch in body for w in launch.waits}
+        slot = {w: k for k, w in enumerate(sorted(waited))}
+        first: dict[int, Launch] = {}
+        last: dict[int, int] = {}
+        for i, launch in body:
+            first.setdefault(launch.stream, launch)
+            last[launch.stream] = i
+        runs: list[list] = []
+        for i, launch in body:
+            prev = runs[-1] if runs else None
+            if prev is None or prev[0] != launch.stream or prev[3] >= 0 or launch.waits:
+                prev = [launch.stream, tuple(slot[w] for w in launch.waits), [], -1]
+                runs.append(prev)
+            prev[2].append(launch)
+            if i in waited:
+                prev[3] = slot[i]
+        return cls(fork=tuple(s for s, launch in first.items() if not launch.waits),
+                   runs=tuple((s, w, tuple(ls), k) for s, w, ls, k in runs),
+                   join=tuple(s for s, i in last.items() if i not in waited),
+                   num_events=len(slot))
 
 
 class SimulatedStreams(Streams):
