@@ -90,10 +90,11 @@ async def _run(config: HttpBenchConfig) -> dict:
                                        config.seed, f"longer than the server's max_model_len "
                                                     f"({max_len} tokens)")
         name = served["id"]
-        await _one_request(session, config.url, name, [1, 2, 3], 2, time.perf_counter())  # warm
+        await warm_up_http(session, config.url, name)
         runs = []
         for rate, arrivals in zip(config.request_rates, schedules):
-            results, duration = await _drive(session, config, name, workload, arrivals)
+            results, duration = await drive_http(session, config.url, name, workload,
+                                                 arrivals, config.max_concurrency)
             metrics = compute_metrics(results, duration, percentiles=config.percentiles,
                                       goodput=dict(config.goodput) or None)
             runs.append(_run_dict(config, name, rate, arrivals, results, metrics))
@@ -117,11 +118,12 @@ async def _served_model(session, config: HttpBenchConfig) -> dict:
     return {"id": config.served_model_name}
 
 
-async def _drive(session, config: HttpBenchConfig, model_name: str, workload: Workload,
-                 arrivals: np.ndarray) -> tuple[list[RequestResult], float]:
-    """Send request i at arrivals[i] seconds; (results in trace order, first arrival to last
-    completion)."""
-    limit = asyncio.Semaphore(config.max_concurrency or len(arrivals) or 1)
+async def drive_http(session, url: str, model_name: str, workload: Workload,
+                     arrivals: np.ndarray, max_concurrency: int | None = None
+                     ) -> tuple[list[RequestResult], float]:
+    """Send request i at arrivals[i] seconds over an aiohttp session; (results in trace order,
+    seconds from the start to the last completion), as runner.drive does in process."""
+    limit = asyncio.Semaphore(max_concurrency or len(arrivals) or 1)
     start = time.perf_counter()
     trace = workload.trace
 
@@ -129,12 +131,19 @@ async def _drive(session, config: HttpBenchConfig, model_name: str, workload: Wo
         arrival = start + float(arrivals[i])
         await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
         async with limit:
-            return await _one_request(session, config.url, model_name,
+            return await _one_request(session, url, model_name,
                                       workload.prompts[i].tolist(), int(trace.output_lens[i]),
                                       arrival)
 
     results = await asyncio.gather(*(one(i) for i in range(len(arrivals))))
     return list(results), time.perf_counter() - start
+
+
+async def warm_up_http(session, url: str, model_name: str) -> None:
+    """One short request, so the server's first-request costs are not timed."""
+    result = await _one_request(session, url, model_name, [1, 2, 3], 2, time.perf_counter())
+    if result.error:
+        raise RuntimeError(f"the warm-up request to {url} failed: {result.error}")
 
 
 async def _one_request(session, url: str, model_name: str, prompt: list[int], max_tokens: int,

@@ -57,9 +57,17 @@ class RequestStream:
         return self
 
     async def __anext__(self):
+        """The newest output. Outputs are cumulative (all text and tokens so far), so when a
+        consumer falls behind the steps, the ones it missed merge into the latest (as vLLM's
+        output collector does): a slow client gets fewer, larger chunks, never a backlog."""
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
+        while not isinstance(item, BaseException) and not item.finished:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
         if isinstance(item, BaseException):
             self.finished = True
             raise item
