@@ -34,6 +34,7 @@ from .request import Request
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _UNSEEDED = 0x5851F42D4C957F2D      # keeps engine-made keys apart from users' seeds
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class SamplingError(RuntimeError):
@@ -143,7 +144,9 @@ def apply_penalties(z: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     seen = in_prompt | (counts > 0)
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     sub = sub - freq * counts - pres * (counts > 0).float()
-    return z.index_copy_(0, index, sub)
+    # A tiny repetition_penalty (it only has to be > 0) must not make a logit +inf: that
+    # would read as a broken row.
+    return z.index_copy_(0, index, sub.clamp(max=_FLOAT32_MAX))
 
 
 def _token_counts(seqs: list, V: int, device: torch.device) -> torch.Tensor:
@@ -168,7 +171,7 @@ def _sample_rows(z: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor
                             sp.top_p if sp.top_p < 1.0 else 2.0] for sp in sps],
                           dtype=torch.float64, device=device)
     temperature, min_p, top_k, top_p = (params[:, k:k + 1] for k in range(4))
-    z = z / temperature.float()
+    z = (z / temperature.float()).clamp(max=_FLOAT32_MAX)    # huge / small: not +inf
     if any(sp.min_p > 0.0 for sp in sps):
         probs = torch.softmax(z, dim=-1)
         z = z.masked_fill(probs < min_p.float() * probs.max(dim=-1, keepdim=True).values,

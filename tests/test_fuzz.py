@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanorun import Engine, SamplingParams
+from nanorun import Engine, SamplingParams, TextEngine
 from nanorun.layout import Layout, overlap
 from nanorun.models import LAYER_OPS
 from nanorun.search import get_device
@@ -43,6 +43,13 @@ VALID_PARAMS = {
     "top_k": st.integers(-1, 50), "top_p": st.floats(0.05, 1.0), "seed": st.integers(0, 2**32),
     "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=2),
     "ignore_eos": st.booleans(),
+    "n": st.integers(1, 3), "presence_penalty": st.floats(-2.0, 2.0),
+    "frequency_penalty": st.floats(-2.0, 2.0), "repetition_penalty": st.floats(0.5, 2.0),
+    "min_p": st.floats(0.0, 1.0), "min_tokens": st.integers(0, 1),
+    "logprobs": st.none() | st.integers(0, 5), "prompt_logprobs": st.none() | st.integers(0, 5),
+    # Stop strings need a tokenizer (the preset has none: refused); the rest is text-only.
+    "stop": st.just(()), "include_stop_str_in_output": st.booleans(),
+    "skip_special_tokens": st.booleans(),
 }
 
 
@@ -74,21 +81,27 @@ valid_prompts = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40)
 @settings(FUZZ, max_examples=30)
 @given(valid=st.fixed_dictionaries(VALID_PARAMS), prompt=valid_prompts, data=st.data())
 def test_sampling_params_and_add_request(engine, bystander_tokens, field, valid, prompt, data):
-    """A request that is accepted runs to its end; one that is refused leaves no trace."""
+    """A request that is accepted (through a TextEngine, which takes n > 1) runs to its end;
+    one that is refused leaves no trace."""
     fields = dict(valid)
+    fields["min_tokens"] = min(fields["min_tokens"], fields["max_tokens"])
     if field == "prompt":
         prompt = data.draw(anything)
     else:
         fields[field] = data.draw(anything)
+    text = TextEngine(engine, None)
     try:
         params = SamplingParams(**fields)
-        engine.add_request("fuzzed", prompt, params)
+        text.add_request("fuzzed", prompt, params)
     except REFUSED:
         pass
     else:
-        while engine.has_unfinished_requests():
-            engine.step()
-    engine.abort_request("fuzzed")
+        while text.has_unfinished_requests():
+            for out in text.step():
+                assert out.finish_reason != "error", out.error
+    text.abort_request("fuzzed")
+    while text.has_unfinished_requests():
+        text.step()
     assert _serve(engine, "bystander") == bystander_tokens
     assert engine.kv_cache.num_free_pages == engine.kv_cache.num_pages
 
