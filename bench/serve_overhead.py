@@ -117,7 +117,7 @@ def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
 async def server_pass(url: str, workload, arrivals):
     import aiohttp
 
-    from nanorun.benchmark.http import drive_http, warm_up_http
+    from nanorun.benchmark.http_client import drive_http, warm_up_http
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
         await warm_up_http(session, url, "bench")

@@ -636,7 +636,7 @@ def scripted():
 
 
 def test_base_url_drives_a_server_and_times_its_stream(scripted, tmp_path, capsys):
-    from nanorun.benchmark.http import HttpBenchConfig, run_http_benchmark
+    from nanorun.benchmark.http_client import HttpBenchConfig, run_http_benchmark
 
     config = HttpBenchConfig(base_url=f"http://127.0.0.1:{scripted.port}", model="tiny-llama",
                              trace="const:5x6", num_requests=12, request_rates=(math.inf, 50.0))

@@ -217,6 +217,33 @@ def test_n_stop_and_logprobs(client, llm):
     assert got.choices[0].finish_reason == "stop"
 
 
+def test_a_list_of_prompts_is_one_choice_each_streamed_or_not(client, llm):
+    params = SamplingParams(max_tokens=8, temperature=0.0, n=2)
+    expected = [c.text for out in llm.generate(PROMPTS[:2], params) for c in out.outputs]
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=8, n=2,
+                                    temperature=0)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    assert [c.text for c in got.choices] == expected
+    streamed = {}
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=8, n=2,
+                                           temperature=0, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(4)] == expected
+
+
+def test_prompt_logprobs_as_vllm_returns_them(client, llm):
+    ref = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2, temperature=0.0,
+                                                    prompt_logprobs=1))[0]
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2,
+                                    temperature=0, extra_body={"prompt_logprobs": 1})
+    plp = got.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == len(ref.prompt_token_ids) and plp[0] is None
+    for token, entry, want in zip(ref.prompt_token_ids[1:], plp[1:], ref.prompt_logprobs[1:]):
+        assert entry[str(token)]["logprob"] == pytest.approx(want[token].logprob, abs=1e-4)
+        assert entry[str(token)]["rank"] == want[token].rank
+
+
 def test_32_concurrent_streaming_clients_all_finish(server):
     async def one(aclient, i: int) -> tuple[int, str, int]:
         stream = await aclient.completions.create(
@@ -284,6 +311,9 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": []}, "prompt"),
     ("completions", {"model": MODEL}, "prompt"),
     ("completions", {"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"1": 5}}, "logit_bias"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stream": True, "prompt_logprobs": 1},
+     "prompt_logprobs"),
     ("chat/completions", {"model": MODEL, "messages": []}, "messages"),
     ("chat/completions", {"model": MODEL, "messages": [{"content": "no role"}]}, "messages"),
     ("chat/completions", {"model": MODEL, "messages": CHAT, "max_completion_tokens": -3},

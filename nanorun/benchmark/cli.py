@@ -132,7 +132,7 @@ def run(args) -> int:
 
 def _run_http(args) -> int:
     """--base-url: drive a running server over HTTP."""
-    from .http import HttpBenchConfig, format_http_summary, run_http_benchmark
+    from .http_client import HttpBenchConfig, format_http_summary, run_http_benchmark
     from .metrics import parse_goodput
 
     if args.plot:

@@ -27,7 +27,8 @@ from .async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestS
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (BadRequest, ChatCompletionRequest, CompletionRequest, chat_logprobs,
                        check_unsupported, completion_logprobs, error_body, include_usage,
-                       new_id, now, requested_max_tokens, sampling_params, usage)
+                       new_id, now, prompt_logprobs_json, requested_max_tokens,
+                       sampling_params, usage)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's (and vLLM's) default for /v1/completions
 _DISCONNECT_POLL_S = 0.25
@@ -315,15 +316,17 @@ class _ChunkWriter:
         for i, out in enumerate(finals):
             for c in out.outputs:
                 if c.finish_reason == "error":
-                    return _error(500, f"generation failed: {getattr(out, 'error', None)}",
-                                  "InternalServerError")
+                    return _error(500, f"generation failed: {c.error}", "InternalServerError")
                 produced += len(c.token_ids)
-                choices.append(self._choice(i * self.n + c.index, c))
+                choices.append(self._choice(i * self.n + c.index, c, out))
         choices.sort(key=lambda ch: ch["index"])
-        return JSONResponse({**self._head(False), "choices": choices,
-                             "usage": usage(self.prompt_tokens, produced)})
+        body = {**self._head(False), "choices": choices,
+                "usage": usage(self.prompt_tokens, produced)}
+        if self.chat and self.body.prompt_logprobs is not None:    # vLLM: on the response
+            body["prompt_logprobs"] = prompt_logprobs_json(finals[0].prompt_logprobs)
+        return JSONResponse(body)
 
-    def _choice(self, index: int, c) -> dict:
+    def _choice(self, index: int, c, out) -> dict:
         choice: dict = {"index": index}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": c.text}
@@ -331,6 +334,8 @@ class _ChunkWriter:
             choice["text"] = c.text
         choice |= {"logprobs": self._logprobs(c, 0, 0), "finish_reason": c.finish_reason,
                    "stop_reason": c.stop_reason}
+        if not self.chat and self.body.prompt_logprobs is not None:  # vLLM: on the choice
+            choice["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
         return choice
 
     # -- a stream -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ..sampling_params import SamplingParams
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
                    "stop_token_ids", "ignore_eos", "min_tokens", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "skip_special_tokens",
-                   "include_stop_str_in_output")
+                   "include_stop_str_in_output", "prompt_logprobs")
 
 
 class BadRequest(ValueError):
@@ -57,6 +57,7 @@ class _Body(BaseModel):
     repetition_penalty: Any = None
     skip_special_tokens: Any = None
     include_stop_str_in_output: Any = None
+    prompt_logprobs: Any = None
     user: str | None = None
 
 
@@ -87,7 +88,7 @@ def include_usage(body: _Body) -> bool:
 def check_unsupported(body: _Body) -> None:
     """Refuse, naming it, a field nanorun would otherwise have to ignore."""
     unsupported = {"logit_bias", "functions", "function_call", "guided_json", "guided_regex",
-                   "guided_choice", "guided_grammar", "prompt_logprobs", "use_beam_search",
+                   "guided_choice", "guided_grammar", "use_beam_search",
                    "length_penalty"}
     extra = set(body.model_extra or {}) & unsupported
     if extra:
@@ -95,6 +96,9 @@ def check_unsupported(body: _Body) -> None:
         raise BadRequest(f"{name} is not supported by nanorun", name)
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
+    if body.prompt_logprobs is not None and body.stream:
+        raise BadRequest("prompt_logprobs is only returned without stream: true",
+                         "prompt_logprobs")
     if isinstance(body, CompletionRequest):
         if body.echo:
             raise BadRequest("echo is not supported by nanorun", "echo")
@@ -203,6 +207,16 @@ def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict] | None, dec
         content.append({"token": text, "logprob": _lp(per_token, tid),
                         "bytes": list(text.encode()), "top_logprobs": top})
     return {"content": content}
+
+
+def prompt_logprobs_json(prompt_logprobs: Sequence[dict | None] | None) -> list | None:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} (JSON keys are strings)."""
+    if prompt_logprobs is None:
+        return None
+    return [None if d is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                              "decoded_token": lp.decoded_token}
+                                    for t, lp in d.items()} for d in prompt_logprobs]
 
 
 def _top(per_token: dict, k: int) -> list:
