@@ -299,6 +299,22 @@ def test_disconnect_mid_stream_aborts_and_frees_every_page(server):
     assert m["nanorun:kv_cache_pages" + key] == KV_TOKENS // PAGE_SIZE
 
 
+def test_disconnect_before_a_non_streaming_answer_aborts_too(server):
+    aborted_before = _metric(server, "vllm:request_success_total", finished_reason="abort")
+    body = json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 400,
+                       "temperature": 0, "ignore_eos": True})
+    where = urlsplit(server)
+    conn = HTTPConnection(where.hostname, where.port, timeout=30)
+    conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+    time.sleep(0.3)                    # it is running now; hang up before the answer
+    conn.close()
+    deadline = time.monotonic() + 20
+    while _metric(server, "vllm:request_success_total", finished_reason="abort") \
+            <= aborted_before:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.1)
+
+
 BAD_REQUESTS = [
     ("completions", {"model": "no-such-model", "prompt": "hi"}, "model"),
     ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
