@@ -49,6 +49,10 @@ MAX_LOGPROBS = 20
 class Engine:
     """Continuous batching over a paged KV cache, in the shape of vLLM's LLMEngine.
 
+    Token in, token out: prompts are token ids and outputs carry token ids (and logprobs when
+    asked for), with empty text. Text, chat templates, stop strings and n > 1 are
+    nanorun.TextEngine's, which drives an Engine (LLM and `nanorun serve` run on one).
+
     >>> engine = Engine("tiny-llama")
     >>> engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
     >>> while engine.has_unfinished_requests():
@@ -206,7 +210,9 @@ class Engine:
 
     # -- one iteration ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one iteration. Returns an output for every request that got a token or ended."""
+        """Run one iteration. Returns an output for every request that got a token or ended:
+        RequestOutput with outputs[0] holding all its output token ids so far (a copy), their
+        logprobs if asked for, and prompt_logprobs once its prompt has been computed."""
         outputs = [r.to_output() for r in self._aborted]
         self._aborted.clear()
         sched = self.scheduler.schedule()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import numbers
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -13,8 +12,8 @@ import torch
 from .engine import Engine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
-from .text_engine import Prompt, TextEngine, TextRequest
-from .tokenizer import Message, Tokenizer, load_tokenizer
+from .text_engine import Prompt, TextEngine, TextRequest, tokenizer_of
+from .tokenizer import Message, Tokenizer
 
 
 class LLM:
@@ -86,8 +85,8 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, process_group=process_group,
             scheduling_policy=scheduling_policy, length_predictor=length_predictor,
             kv_reservation=kv_reservation)
-        model_dir = model if os.path.isdir(model) else None
-        self.text_engine = TextEngine(self.engine, load_tokenizer(model_dir))
+        tokenizer, reason = tokenizer_of(model)
+        self.text_engine = TextEngine(self.engine, tokenizer, no_tokenizer_reason=reason)
         self._ids = itertools.count()
 
     @property

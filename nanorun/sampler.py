@@ -139,6 +139,9 @@ def apply_penalties(z: torch.Tensor, requests: list[Request]) -> torch.Tensor:
                             r.sampling_params.frequency_penalty,
                             r.sampling_params.presence_penalty] for r in reqs], device=device)
     rep, freq, pres = (params[:, k:k + 1] for k in range(3))
+    # repetition_penalty is any float > 0; in float32 it must stay in (0, inf), else a masked
+    # -inf logit times 0 (or a 0 logit times inf) becomes NaN.
+    rep = rep.clamp(min=torch.finfo(torch.float32).tiny, max=_FLOAT32_MAX)
     index = torch.tensor(rows, device=device)
     sub = z.index_select(0, index)
     seen = in_prompt | (counts > 0)

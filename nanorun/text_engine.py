@@ -15,6 +15,7 @@ reproducible on its own. Only sequence 0 computes the prompt logprobs.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,8 @@ from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .request import Request
 from .sampling_params import SamplingParams
 from .tokenizer import Message, Tokenizer, load_tokenizer
+
+logger = logging.getLogger("nanorun")
 
 _SEED_MAX = (1 << 64) - 1
 
@@ -83,9 +86,12 @@ class TextEngine:
     tokenizer None (a preset): prompts must be token ids, outputs have empty text.
     """
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | None, *,
+                 no_tokenizer_reason: str | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        # Why there is none, when the directory had tokenizer files nanorun cannot read.
+        self._no_tokenizer_reason = no_tokenizer_reason
         vocab = engine.model_config.vocab_size
         extra = () if tokenizer is None else tokenizer.eos_token_ids
         # What ends generation: the model config's EOS ids and the tokenizer's (as vLLM).
@@ -99,8 +105,8 @@ class TextEngine:
     def from_model(cls, model: str, **engine_kwargs) -> TextEngine:
         """An Engine for `model` (a preset or a HF model directory) and its tokenizer."""
         engine = Engine(model, **engine_kwargs)
-        model_dir = model if os.path.isdir(model) else None
-        return cls(engine, load_tokenizer(model_dir))
+        tokenizer, reason = tokenizer_of(model)
+        return cls(engine, tokenizer, no_tokenizer_reason=reason)
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
@@ -266,9 +272,9 @@ class TextEngine:
 
     def _need_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:
+            why = self._no_tokenizer_reason or "a preset, or a directory without tokenizer.json"
             raise ValueError(f"{what} needs a tokenizer, and {self.engine.model_config.name} has "
-                             f"none (a preset, or a directory without tokenizer.json); pass "
-                             f"token ids: prompt_token_ids=[...]")
+                             f"none ({why}); pass token ids: prompt_token_ids=[...]")
         return self.tokenizer
 
     def _detokenizer(self, prompt_ids: Sequence[int],
@@ -293,6 +299,18 @@ class TextEngine:
             text = self._token_text[token_id] = self.tokenizer.decode(
                 [token_id], skip_special_tokens=False)
         return text
+
+
+def tokenizer_of(model: str) -> tuple[Tokenizer | None, str | None]:
+    """The tokenizer of a model directory (None for a preset) and, where the directory has
+    tokenizer files nanorun cannot read, why not: token-id prompts still work there."""
+    if not os.path.isdir(model):
+        return None, None
+    try:
+        return load_tokenizer(model), None
+    except ValueError as e:
+        logger.warning("%s; text prompts will be refused", e)
+        return None, str(e)
 
 
 def _child_params(sp: SamplingParams, i: int) -> SamplingParams:

@@ -267,3 +267,14 @@ def test_the_engine_refuses_what_is_text_engine_work():
         with pytest.raises(ValueError, match=match):
             engine.add_request("r", [1, 2], sp)
     assert not engine.has_unfinished_requests()
+
+
+def test_unreadable_tokenizer_files_leave_token_ids_working(tmp_path):
+    path = write_text_model(tmp_path)
+    (path / "tokenizer.json").unlink()
+    (path / "tokenizer.model").write_bytes(b"sentencepiece")
+    llm = LLM(str(path), kv_cache_tokens=256)
+    assert llm.get_tokenizer() is None
+    assert len(llm.generate([[1, 15, 99]], GREEDY)[0].token_ids) == GREEDY.max_tokens
+    with pytest.raises(ValueError, match="tokenizer.model but no tokenizer.json"):
+        llm.generate("hello", GREEDY)

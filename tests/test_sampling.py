@@ -248,3 +248,15 @@ def test_new_fields_normalised():
     sp = SamplingParams(stop="a", n=2, logprobs=0, min_tokens=16)
     assert sp.stop == ("a",) and SamplingParams(stop=["a", "b"]).stop == ("a", "b")
     assert SamplingParams(stop=None).stop == () and sp.logprobs == 0
+
+
+@pytest.mark.parametrize("penalty", [1e-50, 1e-300, 1e300])
+@pytest.mark.parametrize("temperature", [0.0, 1e-4, 1.0])
+def test_extreme_penalties_are_not_broken_rows(penalty, temperature):
+    """A masked (-inf) or zero logit times an underflowed or overflowed penalty is not NaN."""
+    sp = SamplingParams(repetition_penalty=penalty, temperature=temperature, min_tokens=1,
+                        stop_token_ids=[0])
+    row = logits_row(5)
+    row[2] = 0.0
+    out = Sampler()(row[None], [request(sp, prompt=(0, 1, 2))])
+    assert not out.errors and out.tokens[0] != 0
