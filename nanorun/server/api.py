@@ -97,6 +97,12 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def dead(_: Request, e: EngineDeadError) -> JSONResponse:
         return _error(503, str(e), "ServiceUnavailableError")
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+        # Anything else (a length predictor that raised while adding, say) is the server's
+        # fault, not the client's: a 500 in the same JSON, and the server goes on.
+        return _error(500, f"{type(e).__name__}: {e}", "InternalServerError")
+
     @app.exception_handler(StarletteHTTPException)
     async def http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return _error(e.status_code, str(e.detail), "NotFoundError" if e.status_code == 404
