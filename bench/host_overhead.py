@@ -1,6 +1,6 @@
 """The host time of one engine step, phase by phase, with the device's work taken away.
 
-    python bench/host_overhead.py [--requests 64 256 512 1024] [--steps 24] [--warmup 6]
+    python bench/host_overhead.py [--requests 64 256 512 1024] [--steps 48] [--warmup 8]
                                   [--out bench/results/cpu/host_overhead.json]
 
 A Llama-3-8B-shaped model (32 layers, the real op list, so the real launch and event counts)
@@ -11,30 +11,34 @@ left, and timed, is the host path of `Engine.step()`:
     batch      build_batch()
     plan       Planner.plan() (cached per batch shape; misses are counted)
     issue      Executor.run_plan(): issue() onto `HostStreams`, which runs each enqueued
-               closure at once and counts records and waits; the CUDA API calls themselves
-               (stream switches, event record/wait, the kernel launches) are not on a CPU
+               closure at once and counts enqueues, records and waits. Not in it: the CUDA
+               API calls (a stream switch and SM budget per enqueue, event record/wait) and
+               each op's own torch dispatch inside run_op, which on a GPU are host time too;
+               what is timed is nanorun's own issue path around them
     sample     the Sampler over the stand-in logits: its tensor ops on a small vocabulary
                cost their dispatch, not V's arithmetic (which is the device's on a GPU)
     bookkeeping num_computed_tokens, append_token, retiring finished requests, the outputs
 `_step` mirrors Engine.step (nanorun/engine.py) phase for phase and no more; should Engine
 grow a hook for timing its phases, that hook should replace this mirror.
 
-Workload: R requests already decoding (prompts of 128..2048 tokens) and a queue of prompts
-(64..1024 tokens): every step is R decode tokens (as many as the dense batch holds) plus
-prompt chunks filling the rest, as Dynamic SplitFuse forms it; requests end after 8..256
-tokens and queued prompts take their place. Medians (and minima) over the served steps after
-a warm-up; the machine may be shared, so the spread is reported too.
+Workload: R requests already decoding (prompts of 128..2048 tokens, outlasting the run) and a
+queue of prompts (64..1024 tokens) that end with their first token: every step is R decode
+tokens (as many as the dense batch holds) plus prompt chunks filling the rest, as Dynamic
+SplitFuse forms it, and the prompts it completes retire; the running count stays at R.
+Medians (and minima) over the served steps after a warm-up; the machine may be shared, so the
+spread is reported too. Before/after a change: run it on both trees and pass the first result
+as --before to the second, which keeps it in a "before" section.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,6 +71,10 @@ class NullModel:
         return self._logits[: batch.sample_indices.shape[0]]
 
 
+def kv_pages(tokens: int, page: int) -> int:
+    return -(-tokens // page)
+
+
 class HostStreams:
     """Streams that run work at once and count what issue() asks of a GPU's streams."""
 
@@ -88,14 +96,6 @@ class HostStreams:
         pass
 
 
-@dataclass
-class Setup:
-    layout: str
-    batch_tokens: int
-    running: int
-    sampled: bool
-
-
 def _layouts(tuned_path: Path):
     """(name, layout, dense batch): the built-ins at 1024, the tuned one at its own size."""
     from nanorun.layout import Layout
@@ -107,7 +107,12 @@ def _layouts(tuned_path: Path):
     return out
 
 
-def _parts(layout, batch_tokens: int, running: int, sampled: bool, vocab: int, seed: int):
+def _parts(layout, batch_tokens: int, running: int, sampled: bool, vocab: int, seed: int,
+           steps: int):
+    """The engine's pieces around `running` decoding requests that outlast `steps` steps, and
+    prompts that finish as they are prefilled (max_tokens=1), so that the running count stays
+    at `running` (plus the prompts in flight) while every step still mixes decode tokens,
+    prompt chunks and retirements."""
     from nanorun.executor import Executor
     from nanorun.kv_cache import KVCache
     from nanorun.models import get_preset
@@ -118,18 +123,18 @@ def _parts(layout, batch_tokens: int, running: int, sampled: bool, vocab: int, s
     from nanorun.search import get_device
 
     cfg, rng, page = get_preset("llama-3-8b"), random.Random(seed), 16
-    sp = lambda: SamplingParams(max_tokens=rng.randint(8, 256),  # noqa: E731
-                                **(dict(temperature=0.8, top_k=50, top_p=0.95) if sampled
-                                   else dict(temperature=0.0)))
-    decoding = [Request(f"d{i}", [rng.randrange(cfg.vocab_size)] * rng.randint(128, 2048), sp(),
+    how = dict(temperature=0.8, top_k=50, top_p=0.95) if sampled else dict(temperature=0.0)
+    prompt = lambda lo, hi: [rng.randrange(cfg.vocab_size)] * rng.randint(lo, hi)  # noqa: E731
+    decoding = [Request(f"d{i}", prompt(128, 2048), SamplingParams(max_tokens=steps + 16, **how),
                         0.0, ()) for i in range(running)]
-    queued = [Request(f"q{i}", [rng.randrange(cfg.vocab_size)] * rng.randint(64, 1024), sp(),
-                      0.0, ()) for i in range(4 * running)]
-    tokens = sum(len(r.prompt_token_ids) + r.sampling_params.max_tokens
-                 for r in decoding + queued)
-    kv = KVCache(num_layers=cfg.num_layers, num_pages=tokens // page + len(decoding + queued),
-                 page_size=page, num_kv_heads=1, head_dim=1, dtype=torch.float32,
-                 device=torch.device("cpu"))
+    queued = [Request(f"q{i}", prompt(64, 1024), SamplingParams(max_tokens=1, **how), 0.0, ())
+              for i in range(steps * max(0, batch_tokens - running) // 64 + 8)]
+    # Decoders' whole lives, plus what prompts in flight can hold at once (at most a batch of
+    # tokens, and a partial page each).
+    pages = sum(kv_pages(len(r.prompt_token_ids) + r.sampling_params.max_tokens, page)
+                for r in decoding) + 2 * batch_tokens // page + batch_tokens // 64 + 16
+    kv = KVCache(num_layers=cfg.num_layers, num_pages=pages, page_size=page, num_kv_heads=1,
+                 head_dim=1, dtype=torch.float32, device=torch.device("cpu"))
     sched = Scheduler(kv, batch_tokens)
     for r in decoding:          # prefilled already: its first token sampled, its KV cached
         r.append_token(0, 0.0)
@@ -194,7 +199,7 @@ def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *
             warmup: int, vocab: int, seed: int = 0) -> dict:
     """One row: per-phase medians over `steps` served steps after `warmup` unmeasured ones."""
     sched, kv, executor, streams, sampler = _parts(layout, batch_tokens, running, sampled,
-                                                   vocab, seed)
+                                                   vocab, seed, warmup + steps)
     done: list = []
     seen: dict[int, object] = {}        # plans by id, kept alive so that ids stay unique
     rows, misses, miss_ms, hit_ms = [], 0, [], []
@@ -218,6 +223,11 @@ def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *
         "sampling": "sampled" if sampled else "greedy", "async_scheduling": False,
         "host_ms": med(host), "host_ms_min": round(min(host), 3),
         "host_ms_p90": round(sorted(host)[int(0.9 * (len(host) - 1))], 3),
+        # On a loaded machine the OS takes the CPU for a time slice (~4 ms) in many steps, in
+        # whichever phase is running: each phase's median mostly misses it, so their sum
+        # estimates the unloaded step where the median of whole steps may not.
+        "phase_medians_sum_ms": round(sum(statistics.median(p[ph] for p, *_ in rows)
+                                          for ph in PHASES), 3),
         # step() is synchronous: the device waits through the whole host path.
         "exposed_host_ms": med(host),
         "breakdown_ms": {ph: med([p[ph] for p, *_ in rows]) for ph in PHASES},
@@ -228,8 +238,11 @@ def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *
         "waits_per_step": med([c[2] for _, _, c, *_ in rows]),
         "issue_us_per_launch": round(1e3 * statistics.median(
             p["issue"] / n for p, n, *_ in rows), 2),
+        "issue_us_per_launch_min": round(1e3 * min(p["issue"] / n for p, n, *_ in rows), 2),
         "tokens_per_step": med([r[3] for r in rows]),
         "running_mean": round(statistics.mean(r[4] for r in rows), 1),
+        "preemptions": sum(r.metrics.num_preemptions
+                           for r in [*sched.running, *sched.waiting]),
         "plan_cache": {"steps": steps, "misses": misses, "miss_rate": round(misses / steps, 3),
                        "miss_plan_ms": med(miss_ms) if miss_ms else None,
                        "hit_plan_ms": med(hit_ms) if hit_ms else None},
@@ -241,14 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, nargs="+", default=[64, 256, 512, 1024])
     ap.add_argument("--layouts", nargs="+", default=["sequential", "overlap", "tuned"])
     ap.add_argument("--sampling", nargs="+", default=["greedy", "sampled"])
-    ap.add_argument("--steps", type=int, default=24, help="measured steps per row")
-    ap.add_argument("--warmup", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=48, help="measured steps per row")
+    ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=256, help="the stand-in logits' width")
     ap.add_argument("--tuned", default="bench/results/cpu/tune_speed.json",
                     help="the JSON bench/tune_speed.py wrote; its layout is 'tuned'")
     ap.add_argument("--before", help="a previous result of this bench to keep as 'before'")
+    ap.add_argument("--before-code", default=None,
+                    help="what code the --before result measured (say which commit)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch's CPU threads: the stand-in's tensor ops stand for device work, "
+                         "and on a shared machine a second thread only adds contention")
     ap.add_argument("--out", default="bench/results/cpu/host_overhead.json")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
 
     from nanorun.benchmark.environment import command_line, describe
 
@@ -273,15 +293,25 @@ def main(argv: list[str] | None = None) -> int:
         "model": "llama-3-8b (32 layers, 10 ops a layer; ops of zero cost)",
         "device_spec": "h100 (layouts validated against it)",
         "stand_in_vocab": args.vocab, "steps": args.steps, "warmup": args.warmup,
+        "torch_threads": args.threads,
+        "load_average_before": [round(x, 2) for x in load_before],
         "notes": "host_ms: the whole host path of one Engine.step; exposed_host_ms: what the "
-                 "device waits for (all of it: step() is synchronous). issue excludes the "
-                 "CUDA API calls. Built-in layouts at a 1024-token dense batch, 'tuned' at its "
-                 "own (bench/results/cpu/tune_speed.json).",
+                 "device waits for (all of it: step() is synchronous). issue is nanorun's own "
+                 "issue path: it excludes the CUDA API calls (enqueues_per_step stream "
+                 "switches, events_per_step records, waits_per_step waits) and the ops' torch "
+                 "dispatch. Built-in layouts at a 1024-token dense batch, 'tuned' at its own "
+                 "(the layout in bench/results/cpu/tune_speed.json). One torch thread: the "
+                 "stand-in's small tensor ops stand for device work. The machine is shared "
+                 "(see load_average_*): host_ms is the median of whole steps, which includes "
+                 "the OS's time slices for other processes; host_ms_min and "
+                 "phase_medians_sum_ms estimate the step on a quiet core.",
         "rows": rows,
     }
+    doc["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     if args.before:
         prev = json.loads(Path(args.before).read_text())
         doc["before"] = {k: prev[k] for k in ("command", "environment", "rows")}
+        doc["before"]["code"] = args.before_code
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -48,7 +48,8 @@ class Plan:
 
 class Planner:
     """Plans iterations of `num_layers` layers of `layer_ops` under `layout`; cached per batch
-    shape (token count, and where the attention nano-batches' sequences start)."""
+    shape (token count, and the nano-batch edge at or below where each KV-reading nano-batch's
+    first sequence starts: see _start_key). `hits` and `misses` count the cache's answers."""
 
     def __init__(self, layer_ops, num_layers: int, layout: Layout) -> None:
         self.specs = {op.name: op for op in layer_ops}
@@ -234,8 +235,12 @@ class _Clocks:
             if s not in latest or self.pos_of[d] > self.pos_of[latest[s]]:
                 latest[s] = d
         cands = list(latest.values())
-        waits = tuple(sorted(c for c in cands if not any(
-            o != c and self.clock_of[o][self.stream_of[c]] >= self.pos_of[c] for o in cands)))
+        if len(cands) < 2:      # most launches: nothing to prune, and this runs per launch
+            waits = tuple(cands)
+        else:   # a wait another candidate already implies is dropped
+            waits = tuple(sorted(c for c in cands if not any(
+                o != c and self.clock_of[o][self.stream_of[c]] >= self.pos_of[c]
+                for o in cands)))
         for w in waits:
             known[:] = [max(a, b) for a, b in zip(known, self.clock_of[w])]
         self.stream_of.append(stream)
