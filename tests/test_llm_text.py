@@ -278,3 +278,31 @@ def test_unreadable_tokenizer_files_leave_token_ids_working(tmp_path):
     assert len(llm.generate([[1, 15, 99]], GREEDY)[0].token_ids) == GREEDY.max_tokens
     with pytest.raises(ValueError, match="tokenizer.model but no tokenizer.json"):
         llm.generate("hello", GREEDY)
+
+
+def test_n_streams_each_sequence_and_stops_each_on_its_own(llm):
+    """n = 2 through TextEngine.step: each sequence's deltas add up to its final text, and a
+    stop string cuts each where it first completes (sequence 0 has it for sure)."""
+    free = llm.generate(PROMPTS[0], SamplingParams(n=2, max_tokens=16, temperature=1.0, seed=7,
+                                                   ignore_eos=True))[0]
+    texts = [c.text for c in free.outputs]
+    stop = next((texts[0][i:i + 2] for i in range(len(texts[0]) // 2, len(texts[0]) - 1)
+                 if "\ufffd" not in texts[0][i:i + 2]), None)
+    if stop is None:
+        pytest.skip("no stop string in sequence 0's text")
+    te = llm.text_engine
+    te.add_request("ns", PROMPTS[0], SamplingParams(n=2, max_tokens=16, temperature=1.0, seed=7,
+                                                    ignore_eos=True, stop=stop))
+    seen, last = ["", ""], None
+    while te.has_unfinished_requests():
+        for out in te.step():
+            for c in out.outputs:
+                assert c.text.startswith(seen[c.index])
+                seen[c.index] = c.text
+            last = out
+    assert last.finished and [c.index for c in last.outputs] == [0, 1]
+    for c, full in zip(last.outputs, texts):
+        at = full.find(stop)
+        assert c.text == (full if at < 0 else full[:at]) == seen[c.index]
+        assert (c.finish_reason, c.stop_reason) == (("length", None) if at < 0 else ("stop", stop))
+    assert llm.engine.kv_cache.num_free_pages == llm.engine.kv_cache.num_pages
