@@ -96,6 +96,23 @@ class HostStreams:
         pass
 
 
+class GraphProbe(HostStreams):
+    """Streams whose captures are only counted: fed every served batch through the CUDA
+    backend's IterationGraphs (untimed), they say how often graphs would be captured (a
+    padded size first seen, or page tables outgrowing the fixed buffers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captures = 0
+
+    def capture(self, fn):
+        self.captures += 1
+        return self.captures
+
+    def replay(self, graph) -> None:
+        pass
+
+
 def _layouts(tuned_path: Path):
     """(name, layout, dense batch): the built-ins at 1024, the tuned one at its own size."""
     from nanorun.layout import Layout
@@ -157,7 +174,7 @@ def _parts(layout, batch_tokens: int, running: int, sampled: bool, vocab: int, s
 
 def _step(sched, kv, executor, sampler, requests_done: list) -> tuple[dict, object, int]:
     """One Engine.step, phase by phase (see the module docstring). Returns the phase times in
-    ms, the plan, and the tokens of the batch."""
+    ms, the plan and the batch."""
     from nanorun.batch import build_batch, spread_order
 
     t = [time.perf_counter()]
@@ -192,7 +209,7 @@ def _step(sched, kv, executor, sampler, requests_done: list) -> tuple[dict, obje
     outputs = [r.to_output() for r in sampling]
     t.append(time.perf_counter())
     assert len(outputs) == len(sampling)
-    return ({p: (b - a) * 1e3 for p, a, b in zip(PHASES, t, t[1:])}, plan, batch.num_tokens)
+    return {p: (b - a) * 1e3 for p, a, b in zip(PHASES, t, t[1:])}, plan, batch
 
 
 def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *, steps: int,
@@ -200,22 +217,39 @@ def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *
     """One row: per-phase medians over `steps` served steps after `warmup` unmeasured ones."""
     sched, kv, executor, streams, sampler = _parts(layout, batch_tokens, running, sampled,
                                                    vocab, seed, warmup + steps)
+    from nanorun.backends.graphs import IterationGraphs
+    from nanorun.planner import Planner
+
+    probe = GraphProbe()
+    graphs = IterationGraphs(probe, Planner(executor.model.layer_ops, executor.model.config
+                                            .num_layers, executor.layout),
+                             batch_tokens, "cpu", executor._launch)
     done: list = []
     seen: dict[int, object] = {}        # plans by id, kept alive so that ids stay unique
-    rows, misses, miss_ms, hit_ms = [], 0, [], []
+    rows, misses, miss_ms, hit_ms, batches, sizes = [], 0, [], [], [], set()
     with torch.inference_mode():
         for i in range(warmup + steps):
             before = (streams.enqueues, streams.records, streams.waits)
-            phases, plan, T = _step(sched, kv, executor, sampler, done)
+            phases, plan, batch = _step(sched, kv, executor, sampler, done)
             miss = id(plan) not in seen
             seen.setdefault(id(plan), plan)
+            batches.append(batch)
             if i < warmup:
                 continue
+            sizes.add(batch.num_tokens)
             misses += miss
             (miss_ms if miss else hit_ms).append(phases["plan"])
             counts = [a - b for a, b in zip((streams.enqueues, streams.records, streams.waits),
                                             before)]
-            rows.append((phases, len(plan.launches), counts, T, len(sched.running)))
+            rows.append((phases, len(plan.launches), counts, batch.num_tokens,
+                         len(sched.running)))
+        # Afterwards, so that the probe's work does not run between (and cool the caches of)
+        # the timed steps.
+        for i, batch in enumerate(batches):
+            if i == warmup:
+                captures = -probe.captures
+            graphs.enqueue(batch)
+        captures += probe.captures
     host = [sum(p.values()) for p, *_ in rows]
     med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
     return {
@@ -246,6 +280,11 @@ def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *
         "plan_cache": {"steps": steps, "misses": misses, "miss_rate": round(misses / steps, 3),
                        "miss_plan_ms": med(miss_ms) if miss_ms else None,
                        "hit_plan_ms": med(hit_ms) if hit_ms else None},
+        # What CUDA graphs would do with these batches (captured on the warm-up's first use):
+        # a capture is a miss that runs eagerly and then captures.
+        "graph_cache": {"steps": steps, "captures": captures,
+                        "miss_rate": round(captures / steps, 3),
+                        "batch_sizes": sorted(sizes)},
     }
 
 

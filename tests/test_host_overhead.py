@@ -36,7 +36,7 @@ def test_the_bench_writes_a_row_per_layout_size_and_sampling(bench, tmp_path):
         assert row["running_requests"] == 8 and row["async_scheduling"] is False
         assert set(row["breakdown_ms"]) == set(bench.PHASES)
         assert row["host_ms"] > 0 and row["exposed_host_ms"] == row["host_ms"]
-        assert row["plan_cache"]["steps"] == 3
+        assert row["plan_cache"]["steps"] == 3 and row["graph_cache"]["steps"] == 3
         # the real op list: embed + 32 layers x (10 ops x nano-batches), logits
         splits = 1 if row["layout"] == "sequential" else 2
         assert row["launches_per_step"] == 2 + 32 * 10 * splits
