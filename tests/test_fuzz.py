@@ -78,7 +78,7 @@ valid_prompts = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40)
 
 
 @pytest.mark.parametrize("field", [*VALID_PARAMS, "prompt"])
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=15)
 @given(valid=st.fixed_dictionaries(VALID_PARAMS), prompt=valid_prompts, data=st.data())
 def test_sampling_params_and_add_request(engine, bystander_tokens, field, valid, prompt, data):
     """A request that is accepted (through a TextEngine, which takes n > 1) runs to its end;
