@@ -143,7 +143,8 @@ class AsyncEngine:
             await asyncio.wrap_future(done)
         except BaseException:
             self._streams.pop(request_id, None)
-            if not done.done() or done.exception() is None:   # cancelled: it may still land
+            # Cancelled before the thread took it: never added. Taken: it may still land.
+            if not done.cancelled() and (not done.done() or done.exception() is None):
                 self.abort(request_id)
             raise
         return stream
@@ -201,6 +202,8 @@ class AsyncEngine:
                 return
             if kind == "abort":
                 self.text_engine.abort_request(payload)
+                continue
+            if not done.set_running_or_notify_cancel():    # its handler was cancelled
                 continue
             request_id, prompt, params, arrival = payload
             try:

@@ -1,0 +1,65 @@
+"""AsyncEngine's hand-offs between the event loop and the engine thread, over a stand-in
+TextEngine whose step the test holds open (no model, no server libraries)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+from nanorun.server.async_engine import AsyncEngine
+
+
+class _HeldTextEngine:
+    """Finishes every request in one step; step() blocks until `gate` is set."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.in_step = threading.Event()
+        self.pending: list[str] = []
+        self.added: list[str] = []
+        self.engine = SimpleNamespace(scheduler=SimpleNamespace(running=[], waiting=[]),
+                                      kv_cache=SimpleNamespace(num_pages=1, num_free_pages=1))
+
+    def add_request(self, request_id, prompt, params, arrival_time=None) -> None:
+        self.added.append(request_id)
+        self.pending.append(request_id)
+
+    def abort_request(self, request_id) -> None:
+        if request_id in self.pending:
+            self.pending.remove(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.pending)
+
+    def step(self):
+        self.in_step.set()
+        self.gate.wait()
+        done, self.pending = self.pending, []
+        return [SimpleNamespace(request_id=r, finished=True) for r in done]
+
+
+def test_a_handler_cancelled_while_its_add_waits_does_not_kill_the_engine_thread():
+    async def main():
+        te = _HeldTextEngine()
+        engine = AsyncEngine(te, max_queued_requests=8)
+        engine.start()
+        try:
+            first = await engine.add_request("a", [1], None)
+            await asyncio.get_running_loop().run_in_executor(None, te.in_step.wait, 5)
+            # The thread is inside a step: "b"'s add waits in the command queue.
+            cancelled = asyncio.ensure_future(engine.add_request("b", [1], None))
+            await asyncio.sleep(0.05)
+            cancelled.cancel()
+            await asyncio.gather(cancelled, return_exceptions=True)
+            te.gate.set()
+            assert [o.request_id async for o in first] == ["a"]
+            # The engine thread is still serving, and "b" (cancelled first) never ran.
+            third = await asyncio.wait_for(engine.add_request("c", [1], None), 5)
+            assert [o.request_id async for o in third] == ["c"]
+            assert te.added == ["a", "c"]
+        finally:
+            te.gate.set()
+            engine.shutdown()
+
+    asyncio.run(main())
