@@ -7,7 +7,9 @@ import asyncio
 import threading
 from types import SimpleNamespace
 
-from nanorun.server.async_engine import AsyncEngine
+import pytest
+
+from nanorun.server.async_engine import AsyncEngine, EngineDeadError
 
 
 class _HeldTextEngine:
@@ -58,6 +60,33 @@ def test_a_handler_cancelled_while_its_add_waits_does_not_kill_the_engine_thread
             third = await asyncio.wait_for(engine.add_request("c", [1], None), 5)
             assert [o.request_id async for o in third] == ["c"]
             assert te.added == ["a", "c"]
+        finally:
+            te.gate.set()
+            engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_an_add_queued_when_a_step_fails_is_refused_not_left_waiting():
+    class _Failing(_HeldTextEngine):
+        def step(self):
+            super().step()
+            raise RuntimeError("planted")
+
+    async def main():
+        te = _Failing()
+        engine = AsyncEngine(te, max_queued_requests=8)
+        engine.start()
+        try:
+            first = await engine.add_request("a", [1], None)
+            await asyncio.get_running_loop().run_in_executor(None, te.in_step.wait, 5)
+            queued = asyncio.ensure_future(engine.add_request("b", [1], None))
+            await asyncio.sleep(0.05)
+            te.gate.set()
+            with pytest.raises(EngineDeadError):
+                await anext(first)
+            with pytest.raises(EngineDeadError):
+                await asyncio.wait_for(queued, 5)
         finally:
             te.gate.set()
             engine.shutdown()

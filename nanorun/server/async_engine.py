@@ -167,6 +167,14 @@ class AsyncEngine:
             stream.put(out)
 
     def _fail_all(self, error: BaseException) -> None:
+        # The thread is gone: refuse the adds it left queued (add_request refuses new ones).
+        while True:
+            try:
+                kind, _, done = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add" and done.set_running_or_notify_cancel():
+                done.set_exception(error)
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.put(error)
