@@ -301,12 +301,17 @@ def test_disconnect_mid_stream_aborts_and_frees_every_page(server):
 
 def test_disconnect_before_a_non_streaming_answer_aborts_too(server):
     aborted_before = _metric(server, "vllm:request_success_total", finished_reason="abort")
-    body = json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 400,
+    # As long as the context allows (512), four sequences: well over a second of decoding,
+    # while noticing the hang-up takes a poll of 0.25 s.
+    body = json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 480, "n": 4,
                        "temperature": 0, "ignore_eos": True})
     where = urlsplit(server)
     conn = HTTPConnection(where.hostname, where.port, timeout=30)
     conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
-    time.sleep(0.3)                    # it is running now; hang up before the answer
+    running = time.monotonic() + 10
+    while _metric(server, "vllm:num_requests_running") < 1:    # hang up once it runs
+        assert time.monotonic() < running, "the request never started"
+        time.sleep(0.01)
     conn.close()
     deadline = time.monotonic() + 20
     while _metric(server, "vllm:request_success_total", finished_reason="abort") \
