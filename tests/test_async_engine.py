@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nanorun.server.async_engine import AsyncEngine, EngineDeadError
+from nanorun.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 
 
 class _HeldTextEngine:
@@ -87,6 +87,25 @@ def test_an_add_queued_when_a_step_fails_is_refused_not_left_waiting():
                 await anext(first)
             with pytest.raises(EngineDeadError):
                 await asyncio.wait_for(queued, 5)
+        finally:
+            te.gate.set()
+            engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_the_queue_bound_counts_sequences_so_n_cannot_overrun_it():
+    async def main():
+        te = _HeldTextEngine()
+        engine = AsyncEngine(te, max_queued_requests=4)
+        engine.start()
+        try:
+            await engine.add_request("a", [1], SimpleNamespace(n=3))
+            with pytest.raises(QueueFullError):          # 3 + 2 sequences > 4
+                await engine.add_request("b", [1], SimpleNamespace(n=2))
+            with pytest.raises(ValueError, match="n=5"):   # could never be queued
+                await engine.add_request("c", [1], SimpleNamespace(n=5))
+            assert te.added == ["a"]
         finally:
             te.gate.set()
             engine.shutdown()

@@ -47,8 +47,9 @@ class EngineStats:
 class RequestStream:
     """The outputs of one request, in order; iterate with `async for`. The last is finished."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, num_seqs: int = 1) -> None:
         self.request_id = request_id
+        self.num_seqs = num_seqs
         self._engine = engine
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
@@ -131,11 +132,16 @@ class AsyncEngine:
         QueueFullError past the bound, EngineDeadError once a step has failed."""
         if self.error is not None:
             raise EngineDeadError(f"the engine failed and serves no more requests: {self.error}")
-        waiting = self.num_unfinished - self.stats.num_running
-        if waiting >= self.max_queued_requests:
+        # In sequences, as the scheduler counts running: a request of n samples is n of them.
+        n = getattr(params, "n", 1)
+        if 0 < self.max_queued_requests < n:      # never servable: a 400, not 'retry later'
+            raise ValueError(f"n={n} is more sequences than the server queues "
+                             f"(--max-queued-requests {self.max_queued_requests})")
+        waiting = sum(s.num_seqs for s in self._streams.values()) - self.stats.num_running
+        if waiting + n > self.max_queued_requests:
             raise QueueFullError(f"the server is at its bound of {self.max_queued_requests} "
                                  f"waiting requests (--max-queued-requests); retry later")
-        stream = RequestStream(self, request_id)
+        stream = RequestStream(self, request_id, n)
         self._streams[request_id] = stream      # before the thread can send it anything
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._send(("add", (request_id, prompt, params, time.perf_counter()), done))
