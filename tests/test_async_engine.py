@@ -102,7 +102,7 @@ def test_the_queue_bound_counts_sequences_so_n_cannot_overrun_it():
         try:
             await engine.add_request("a", [1], SimpleNamespace(n=3))
             with pytest.raises(QueueFullError):          # 3 + 2 sequences > 4
-                await engine.add_request("b", [1], SimpleNamespace(n=2))
+                await asyncio.wait_for(engine.add_request("b", [1], SimpleNamespace(n=2)), 5)
             with pytest.raises(ValueError, match="n=5"):   # could never be queued
                 await engine.add_request("c", [1], SimpleNamespace(n=5))
             assert te.added == ["a"]
