@@ -222,14 +222,14 @@ def logprob_dicts(logits: torch.Tensor, token_ids: torch.Tensor,
     lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = lp.gather(1, token_ids.long()[:, None])                           # [R, 1]
     rank = (lp > chosen).sum(dim=-1) + 1
-    k = max(top) if top else 0
+    k = min(max(top), lp.shape[1]) if top else 0     # a vocabulary may be under 20 tokens
     top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], token_ids[:, None][:, :0])
     host = (token_ids.tolist(), chosen[:, 0].tolist(), rank.tolist(), top_ids.tolist(),
             top_lp.tolist())
     dicts = []
     for r, (tok, value, rk, ids, lps) in enumerate(zip(*host)):
         d = {tok: Logprob(value, rk)}
-        for j in range(top[r]):
+        for j in range(min(top[r], k)):
             d.setdefault(ids[j], Logprob(lps[j], j + 1))
         dicts.append(d)
     return dicts

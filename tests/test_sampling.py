@@ -260,3 +260,12 @@ def test_extreme_penalties_are_not_broken_rows(penalty, temperature):
     row[2] = 0.0
     out = Sampler()(row[None], [request(sp, prompt=(0, 1, 2))])
     assert not out.errors and out.tokens[0] != 0
+
+
+def test_logprobs_past_a_small_vocabulary_return_every_token_instead_of_raising():
+    from nanorun.sampler import logprob_dicts
+
+    logits = torch.randn(2, 8)
+    d0, d1 = logprob_dicts(logits, torch.tensor([3, 5]), [20, 2])
+    assert set(d0) == set(range(8)) and len(d1) in (2, 3)
+    assert sorted(lp.rank for t, lp in d0.items()) == list(range(1, 9))
