@@ -217,6 +217,20 @@ def test_n_stop_and_logprobs(client, llm):
     assert got.choices[0].finish_reason == "stop"
 
 
+def test_a_streamed_choice_that_ends_first_sends_one_finish_chunk(client, llm):
+    """n = 2 where one sequence stops on a string while the other goes on: each choice's
+    finish_reason comes once (a finished choice is not sent again with its siblings' chunks)."""
+    params = dict(max_tokens=12, n=2, temperature=1.0, seed=0, stop=["e"])
+    ref = llm.generate([PROMPTS[0]], SamplingParams(ignore_eos=True, **params))[0].outputs
+    assert len(ref[0].token_ids) != len(ref[1].token_ids), "pick a seed where one ends first"
+    finishes = {0: 0, 1: 0}
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[0], stream=True,
+                                           extra_body={"ignore_eos": True}, **params):
+        for c in chunk.choices:
+            finishes[c.index] += c.finish_reason is not None
+    assert finishes == {0: 1, 1: 1}
+
+
 def test_a_list_of_prompts_is_one_choice_each_streamed_or_not(client, llm):
     params = SamplingParams(max_tokens=8, temperature=0.0, n=2)
     expected = [c.text for out in llm.generate(PROMPTS[:2], params) for c in out.outputs]

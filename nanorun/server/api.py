@@ -288,6 +288,7 @@ class _ChunkWriter:
                  prompt_tokens: int) -> None:
         self.state, self.body, self.id, self.chat = state, body, request_id, chat
         self.n = body.n if isinstance(body.n, int) else 1
+        self._finished: set[int] = set()       # choices whose finish chunk was sent
         self.created = now()
         self.prompt_tokens = prompt_tokens
         self.top_k = self._top_k(body)
@@ -370,8 +371,12 @@ class _ChunkWriter:
         """The chunk for this choice's new tokens; None when there are none and it goes on."""
         chars, tokens = sent.get(index, (0, 0))
         first = index not in sent
+        if index in self._finished:         # its last chunk went out; n > 1 siblings go on
+            return None
         if len(c.token_ids) == tokens and c.finish_reason is None and not first:
             return None
+        if c.finish_reason is not None:
+            self._finished.add(index)
         if c.finish_reason == "error":
             return json.dumps(error_body("generation failed for this request",
                                          "InternalServerError", None, 500))
