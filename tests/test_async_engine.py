@@ -111,3 +111,28 @@ def test_the_queue_bound_counts_sequences_so_n_cannot_overrun_it():
             engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_failing_metrics_callback_does_not_stop_the_serving():
+    def broken(outputs) -> None:
+        raise ZeroDivisionError("planted")
+
+    async def main():
+        te = _HeldTextEngine()
+        te.gate.set()
+        engine = AsyncEngine(te, max_queued_requests=8, on_outputs=broken)
+        engine.start()
+        try:
+            for rid in ("a", "b"):
+                stream = await asyncio.wait_for(engine.add_request(rid, [1], None), 5)
+                outs = await asyncio.wait_for(_collect(stream), 5)
+                assert [o.request_id for o in outs] == [rid]
+            assert engine.error is None
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+
+
+async def _collect(stream) -> list:
+    return [o async for o in stream]

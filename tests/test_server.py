@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import urllib.error
@@ -72,12 +73,15 @@ def _start_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "nanorun.cli", "serve", str(model_dir), "--port", str(port),
            "--served-model-name", MODEL, "--kv-cache-tokens", str(KV_TOKENS),
            "--page-size", str(PAGE_SIZE), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file: an unread pipe fills up with enough logging and blocks the server.
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"nanorun serve exited: {proc.stderr.read()}")
+            log.seek(0)
+            raise RuntimeError(f"nanorun serve exited: {log.read()}")
         try:
             if _get(f"{url}/health")[0] == 200:
                 return proc, url

@@ -202,10 +202,13 @@ class AsyncEngine:
                 self.error = EngineDeadError(f"engine step failed: {type(e).__name__}: {e}")
                 self._call_loop(self._fail_all, self.error)
                 return
-            self._publish()
-            if outputs:
-                if self._on_outputs is not None:
+            try:                          # metrics: a bug there must not stop the serving
+                self._publish()
+                if outputs and self._on_outputs is not None:
                     self._on_outputs(outputs)
+            except Exception:
+                logger.exception("recording metrics failed; serving on")
+            if outputs:
                 self._call_loop(self._deliver, outputs)
 
     def _run_commands(self) -> None:
