@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
@@ -182,7 +183,10 @@ async def _serve(state: ServerState, body, raw: Request, prompts: list[list[int]
     streams = await _add_all(state, request_id, prompts, params)
     writer = _ChunkWriter(state, body, request_id, chat, sum(map(len, prompts)))
     if body.stream:
-        return EventSourceResponse(writer.events(streams), sep="\n", ping=None)
+        # The events' own cleanup never runs if the client leaves before the first event;
+        # the background task runs once the response ends, however it ends.
+        return EventSourceResponse(writer.events(streams), sep="\n", ping=None,
+                                   background=BackgroundTask(_abort_all, streams))
     try:
         finals = await _collect(streams, raw)
     finally:
@@ -191,6 +195,12 @@ async def _serve(state: ServerState, body, raw: Request, prompts: list[list[int]
     if finals is None:
         return Response(status_code=499)          # the client is gone; nobody reads this
     return writer.response(finals)
+
+
+async def _abort_all(streams: Sequence[RequestStream]) -> None:
+    """Async, so that it runs on the event loop (a plain function would go to a thread)."""
+    for s in streams:
+        s.abort()
 
 
 def _max_tokens(state: ServerState, body, prompt_len: int, chat: bool) -> Any:
