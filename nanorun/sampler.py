@@ -87,8 +87,9 @@ class Sampler:
             return SamplerOutput([], {}, [])
         logits = logits.float()
         device = logits.device
-        z = _mask_stops(logits.clone(), requests)
-        z = apply_penalties(z, requests)
+        # Both edits are in place; `logits` must stay the model's for the logprobs.
+        edits = any(not r.stops_allowed or r.sampling_params.has_penalties for r in requests)
+        z = apply_penalties(_mask_stops(logits.clone(), requests), requests) if edits else logits
         ok = _valid_rows(z)
         tokens = z.argmax(dim=-1)
         sampled = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
@@ -105,9 +106,9 @@ class Sampler:
 
 
 def _valid_rows(z: torch.Tensor) -> torch.Tensor:
-    """[N] bool: no NaN or +inf, and some token not masked."""
-    bad = torch.isnan(z) | torch.isposinf(z)
-    return ~bad.any(dim=-1) & (z > float("-inf")).any(dim=-1)
+    """[N] bool: no NaN or +inf, and some token not masked: exactly the rows whose maximum is
+    finite (a NaN propagates through amax), in one pass over [N, V]."""
+    return torch.isfinite(z.amax(dim=-1))
 
 
 def _mask_stops(z: torch.Tensor, requests: list[Request]) -> torch.Tensor:
