@@ -72,7 +72,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass(init=False)
+@dataclass
 class RequestOutput:
     """The state of one request after a step (vLLM's RequestOutput): its n output sequences
     in `outputs` (outputs[i].index == i), finished once all of them are.
@@ -91,24 +91,11 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: RequestMetrics
+    metrics: RequestMetrics | None = None
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids, prompt_logprobs,
-                 outputs, finished, metrics=None, *legacy) -> None:
-        if prompt is not None and not isinstance(prompt, str):
-            # The pre-text positional form (request_id, prompt_token_ids, token_ids, finished,
-            # finish_reason, metrics[, error]) that existing callers and tests build.
-            prompt, prompt_token_ids, prompt_logprobs, outputs, finished, metrics = (
-                None, prompt, None, [CompletionOutput(
-                    0, "", list(prompt_token_ids), None, None, outputs, None,
-                    legacy[0] if legacy else None)], prompt_logprobs, finished)
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_token_ids = tuple(prompt_token_ids)
-        self.prompt_logprobs = prompt_logprobs
-        self.outputs = list(outputs)
-        self.finished = finished
-        self.metrics = metrics
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = tuple(self.prompt_token_ids)
+        self.outputs = list(self.outputs)
 
     @property
     def token_ids(self) -> list[int]:

@@ -18,7 +18,7 @@ from nanorun.benchmark.runner import Workload, drive, request_result, warm_up
 from nanorun.benchmark.traces import (
     NANOFLOW_FILTER, TRACES, LengthFilter, Trace, load_trace, parse_length_filter)
 from nanorun.cli import main
-from nanorun.outputs import RequestMetrics, RequestOutput
+from nanorun.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 # ---- traces ---------------------------------------------------------------------------------
 
@@ -260,13 +260,18 @@ def test_metrics_of_nothing_are_none_and_percentile_keys_follow_vllm():
 def test_request_result_checks_the_output_length():
     metrics = RequestMetrics(arrival_time=1.0, first_token_time=1.1, finished_time=1.4,
                              token_times=[1.1, 1.2, 1.4])
-    out = RequestOutput("0", [5] * 7, [1, 2, 3], True, "length", metrics)
+    def output(reason: str) -> RequestOutput:
+        return RequestOutput("0", None, (5,) * 7, None,
+                             [CompletionOutput(0, "", [1, 2, 3], None, None, reason)], True,
+                             metrics)
+
+    out = output("length")
     r = request_result(out, 3)
     assert r.success and r.prompt_len == 7 and r.output_len == 3
     assert (r.ttft, r.e2el) == pytest.approx((0.1, 0.4))
     assert r.itls == pytest.approx((0.1, 0.2)) and r.tpot == pytest.approx(0.15)
     assert "expected 4" in request_result(out, 4).error
-    stopped = RequestOutput("0", [5] * 7, [1, 2, 3], True, "stop", metrics)
+    stopped = output("stop")
     assert "finish_reason 'stop'" in request_result(stopped, 3).error
 
 
