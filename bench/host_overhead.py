@@ -223,7 +223,7 @@ def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *
     probe = GraphProbe()
     graphs = IterationGraphs(probe, Planner(executor.model.layer_ops, executor.model.config
                                             .num_layers, executor.layout),
-                             batch_tokens, "cpu", executor._launch)
+                             batch_tokens, "cpu", executor._launcher)
     done: list = []
     seen: dict[int, object] = {}        # plans by id, kept alive so that ids stay unique
     rows, misses, miss_ms, hit_ms, batches, sizes = [], 0, [], [], [], set()

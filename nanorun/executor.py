@@ -24,7 +24,7 @@ from .backends.streams import MAIN, Streams, issue
 from .batch import Batch
 from .kv_cache import KVCache
 from .layout import Layout, resolve_layout
-from .planner import EMBED, LOGITS, Launch, Plan, Planner
+from .planner import LOGITS, Launch, Plan, Planner
 
 GRAPHS_ENV = "NANORUN_CUDA_GRAPHS"
 logger = logging.getLogger("nanorun")
@@ -108,13 +108,6 @@ class Executor:
                 embed(ws, batch, each.t0, each.t1)
         return launch
 
-    def _launch(self, launch: Launch, batch: Batch) -> None:
-        if launch.op == EMBED:
-            self.model.embed(self.ws, batch, launch.t0, launch.t1)
-        else:
-            self.model.run_op(launch.op, launch.layer, self.ws, batch, self.kv, launch.t0,
-                              launch.t1)
-
     def _logits(self, batch: Batch) -> torch.Tensor:
         return self.model.logits(self.ws, batch)
 
@@ -133,7 +126,7 @@ class Executor:
             logger.warning("nanorun: CUDA graphs off (%s); iterations run eagerly", why_not)
             return None
         return IterationGraphs(self.streams, self.planner, max_batch_tokens, self.model.device,
-                               self._launch)
+                               self._launcher)
 
 
 def _why_no_graphs(kernels, model) -> str | None:

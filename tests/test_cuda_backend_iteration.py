@@ -255,9 +255,13 @@ def fake(monkeypatch, expected):
     monkeypatch.setitem(sys.modules, "cuda.bindings.driver", driver)
     monkeypatch.delenv(partitions.GREEN_ENV, raising=False)
 
-    launch, logits, load = Executor._launch, Executor._logits, StaticBatch.load
-    monkeypatch.setattr(Executor, "_launch", lambda self, lx, batch: cuda.op(
-        ("launch", self, lx, batch), lambda: launch(self, lx, batch)))
+    launcher, logits, load = Executor._launcher, Executor._logits, StaticBatch.load
+
+    def recording_launcher(self, batch):
+        run = launcher(self, batch)
+        return lambda lx: cuda.op(("launch", self, lx, batch), lambda: run(lx))
+
+    monkeypatch.setattr(Executor, "_launcher", recording_launcher)
     monkeypatch.setattr(Executor, "_logits", lambda self, batch: _logits_op(
         cuda, lambda: logits(self, batch)))
     monkeypatch.setattr(StaticBatch, "load", lambda self, batch, size: cuda.op(

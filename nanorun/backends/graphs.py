@@ -49,14 +49,14 @@ def padded_size(num_tokens: int, sizes: tuple[int, ...]) -> int:
 class IterationGraphs:
     """Enqueues whole iterations (all launches but the logits) on `streams` as graphs.
 
-    `launch(launch, batch)` enqueues one op (the executor's).
+    `launcher(batch)` gives the function that enqueues one op of that batch (the executor's).
     """
 
     def __init__(self, streams: Streams, planner: Planner, max_tokens: int, device,
-                 launch: Callable[[Launch, Batch], None]) -> None:
+                 launcher: Callable[[Batch], Callable[[Launch], None]]) -> None:
         self.streams, self.planner, self.device = streams, planner, torch.device(device)
         self.sizes = graph_sizes(max_tokens)
-        self.launch = launch
+        self.launcher = launcher
         self.static: StaticBatch | None = None
         self.graphs: dict[int, Any] = {}
         self.failure: str | None = None     # why graphs were given up, if they were
@@ -80,7 +80,7 @@ class IterationGraphs:
         plan = self.planner.plan(view)
 
         def enqueue_all() -> None:
-            issue(plan, self.streams, lambda launch: self.launch(launch, view))
+            issue(plan, self.streams, self.launcher(view))
 
         enqueue_all()
         try:
