@@ -44,6 +44,8 @@ class _Sequence:
     detok: IncrementalDetokenizer | None
     token_ids: list[int] = field(default_factory=list)
     output: RequestOutput | None = None          # the core's last output
+    # The core's logprobs with their tokens' text, decoded as they arrive (not every step).
+    logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
@@ -194,8 +196,14 @@ class TextEngine:
         if seq.finished:
             return
         seq.output = out
-        if seq.index == 0 and out.prompt_logprobs is not None:
-            request.prompt_logprobs = out.prompt_logprobs
+        if seq.index == 0 and out.prompt_logprobs is not None \
+                and request.prompt_logprobs is None:        # complete in the first output
+            request.prompt_logprobs = [None if d is None else self._decoded(d)
+                                       for d in out.prompt_logprobs]
+        core_logprobs = out.outputs[0].logprobs
+        if core_logprobs is not None:
+            seq.logprobs = seq.logprobs or []
+            seq.logprobs.extend(self._decoded(d) for d in core_logprobs[len(seq.logprobs):])
         new = out.token_ids[len(seq.token_ids):]
         seq.token_ids = list(out.token_ids)
         if seq.detok is not None:
@@ -216,18 +224,16 @@ class TextEngine:
         completions = []
         for seq in request.sequences:
             core = seq.output.outputs[0] if seq.output is not None else None
-            logprobs = None if core is None or core.logprobs is None else [
-                self._decoded(d) for d in core.logprobs]
             completions.append(CompletionOutput(
                 index=seq.index, text=seq.text, token_ids=list(seq.token_ids),
                 cumulative_logprob=None if core is None else core.cumulative_logprob,
-                logprobs=logprobs, finish_reason=seq.finish_reason,
+                logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason, error=seq.error))
         prompt_logprobs = request.prompt_logprobs
-        if prompt_logprobs is not None:
-            prompt_logprobs = [None if d is None else self._decoded(d) for d in prompt_logprobs]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             prompt_logprobs, completions, request.finished,
+                             None if prompt_logprobs is None else list(prompt_logprobs),
+                             completions, request.finished,
                              _metrics(request.core))
 
     # ---- text -----------------------------------------------------------------------------------
