@@ -1,4 +1,5 @@
-"""`nanorun tune` and `nanorun plan`: the search and the cost model from the command line."""
+"""`nanorun tune` and `nanorun plan`: the search and the cost model from the command line
+(`nanorun provision`, the cluster sizing, is in search/provision_cli.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ def add_parsers(sub) -> None:
     _add_tune(sub)
     _add_plan(sub)
     _add_profile(sub)
+    from .provision_cli import add_parser as _add_provision
+
+    _add_provision(sub)
 
 
 def _common(p) -> None:
