@@ -23,9 +23,8 @@ def add_parser(sub) -> None:
                     "JSON and a plot.")
     p.add_argument("model", help="preset name (e.g. llama-2-70b) or model directory")
     p.add_argument("--gpu", default="h100",
-                   help="machine kinds, comma-separated, the first is the reference for "
-                        "slowdowns and a later one is a token pool for an earlier one's prompt "
-                        "pool: a100, h100, h200 (default %(default)s)")
+                   help="machine kinds, comma-separated; a later one is a token pool for an "
+                        "earlier one's prompt pool: a100, h100, h200 (default %(default)s)")
     p.add_argument("--trace", default="azure-conv",
                    help="azure-conv, azure-code, sharegpt, lmsys or a CSV path; several "
                         "comma-separated (default %(default)s)")
@@ -37,6 +36,10 @@ def add_parser(sub) -> None:
                    help="bounds NAME=BOUND, comma-separated; NAME ttft_p50/p90/p99, tbt_p50/"
                         "p90/p99; BOUND a slowdown against the request alone ('2x') or a time "
                         "('200ms'). Default: Splitwise's, %(default)s")
+    p.add_argument("--reference", default=None,
+                   help="GPU kind whose idle machine slowdown SLOs are relative to (default: "
+                        "the --gpu kind of least HBM bandwidth, so that every design can meet "
+                        "them in principle)")
     p.add_argument("--objective", default="cost", choices=OBJECTIVES)
     p.add_argument("--designs", default="all",
                    help="comma-separated design names (mixed-h100, splitwise-h100/h100, "
@@ -56,9 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--power", default=None, help="kW per machine, e.g. h100=10.2,a100=6.5")
     p.add_argument("--network-gbps", type=float, default=None,
                    help="machine-to-machine KV bandwidth, Gb/s (default 1600: 8 x 200 Gb/s)")
-    p.add_argument("--filter", default="nanoflow",
-                   help="trace length filter: nanoflow (fits llama-2's 4096 context), none, "
-                        "or P,O,T")
+    p.add_argument("--filter", default="context",
+                   help="trace length filter: context (requests that fit the model's context "
+                        "window, default), nanoflow, none, or P,O,T")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="provision.json", help="JSON (default %(default)s)")
     p.add_argument("--plot", default=None, help="PNG (default: beside --out)")
@@ -113,7 +116,7 @@ def machine_kinds(args) -> dict:
 
 
 def _provision(args) -> int:
-    from nanorun.benchmark.traces import load_trace, parse_length_filter
+    from nanorun.benchmark.traces import load_trace
     from nanorun.models import resolve_model
 
     from .provision import (designs_for, parse_slos, provision_trace, build_tables)
@@ -125,15 +128,16 @@ def _provision(args) -> int:
     kinds = machine_kinds(args)
     gpus = tuple(kinds)
     designs = designs_for(gpus, args.designs)
+    reference = _reference(args.reference, gpus)
     traces = [t.strip() for t in args.trace.split(",") if t.strip()]
     if not traces:
         raise ValueError("--trace is empty")
     if args.num_requests < 10:
         raise ValueError(f"--num-requests must be at least 10, got {args.num_requests}")
-    flt = parse_length_filter(args.filter)
+    config = resolve_model(args.model)[0]
+    flt = _length_filter(args.filter, config)
     for t in traces:   # a bad trace fails before any table is built
         load_trace(t, num_requests=1, length_filter=flt)
-    config = resolve_model(args.model)[0]
     docs = []
     for t in traces:
         workload = Workload.from_trace(t, length_filter=flt, seed=args.seed)
@@ -149,13 +153,14 @@ def _provision(args) -> int:
                               num_requests=args.num_requests, slos=slos, designs=designs,
                               objective=args.objective, seed=args.seed, length_filter=flt,
                               max_seqs=args.max_seqs, long_queue_tokens=args.long_queue_tokens,
-                              reference_gpu=gpus[0])
+                              reference_gpu=reference)
         doc["layouts"] = layouts
         docs.append(doc)
         _say_direction(doc)
     out = Path(args.out)
     doc = {"command": "nanorun provision " + " ".join(shlex.quote(a) for a in _argv()),
            "model": config.name, "gpus": list(gpus), "objective": args.objective,
+           "slowdown_reference": f"each request alone on an idle {reference} machine",
            "slos": ",".join(str(s) for s in slos),
            "machines": {g: {"gpus": k.gpus, "tp": k.gpus, "cost_per_hour": k.cost_per_hour,
                             "power_kw": k.power_kw, "network_gbps": k.network_gbps,
@@ -173,6 +178,26 @@ def _provision(args) -> int:
         png = plot_provision(doc, args.plot or out.with_suffix(".png"))
         print(f"wrote {png}")
     return 0
+
+
+def _reference(name: str | None, gpus: tuple[str, ...]) -> str:
+    from .hardware import get_device
+
+    if name is None:
+        return min(gpus, key=lambda g: get_device(g).hbm_gbps)
+    if name.strip().lower() not in gpus:
+        raise ValueError(f"--reference {name!r} is not one of --gpu {','.join(gpus)}")
+    return name.strip().lower()
+
+
+def _length_filter(text: str, config):
+    """"context": what fits the model's window (a prompt and its output together)."""
+    from nanorun.benchmark.traces import LengthFilter, parse_length_filter
+
+    if text.strip().lower() == "context":
+        n = config.max_position_embeddings
+        return LengthFilter(n - 1, n - 1, n)
+    return parse_length_filter(text)
 
 
 def _argv() -> list[str]:
