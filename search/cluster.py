@@ -79,6 +79,8 @@ class Machine:
     kv_capacity: int                    # KV tokens that fit next to the weights
     max_seqs: int                       # requests decoding at once
     role: str = ""
+    token_budget: int | None = None     # a mixed machine's tokens per iteration (None: its
+                                        # dense batch); smaller trades TTFT for TBT
     queue: deque = field(default_factory=deque)      # requests waiting for / in prefill
     incoming: deque = field(default_factory=deque)   # KV arrived, waiting for room to decode
     running: list = field(default_factory=list)      # requests decoding
@@ -94,7 +96,8 @@ class Machine:
 
     @property
     def batch_tokens(self) -> int:
-        return self.tables[self.role].batch_tokens
+        b = self.tables[self.role].batch_tokens
+        return min(b, self.token_budget) if self.token_budget and self.role == "mixed" else b
 
     @property
     def idle(self) -> bool:

@@ -24,7 +24,7 @@ import difflib
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -86,6 +86,7 @@ class Design:
     token_gpu: str                # the mixed pool's kind, or the token pool's
     prompt_gpu: str | None = None # None: one mixed pool
     borrow: bool = False          # Splitwise's mixed pool: machines lent across pools
+    budget: int | None = None     # a mixed pool's tokens per iteration (None: dense batch)
 
     @property
     def split(self) -> bool:
@@ -180,9 +181,10 @@ class Provisioner:
             kind = self.kinds[gpu]
             roles = {home, "mixed"} if design.borrow else {home}
             tables = {role: self.tables[(gpu, role)] for role in roles}
+            budget = design.budget if home == "mixed" else None
             for _ in range(n):
                 out.append(Machine(len(out), kind, home, tables, self.kv_capacity(kind),
-                                   self.max_seqs))
+                                   self.max_seqs, token_budget=budget))
         return out
 
     def simulate(self, design: Design, counts: tuple[int, ...]) -> Outcome:
@@ -257,6 +259,23 @@ def search(prov: Provisioner, design: Design, objective: str = "cost",
         value = objective_value(prov, design, (p, t), objective)
         if value < best_value:
             best, best_value = (p, t), value
+    return best
+
+
+def search_design(prov: Provisioner, design: Design, objective: str = "cost",
+                  budgets: tuple[int, ...] = (), limit: int = MAX_MACHINES):
+    """(design, pool sizes) of the least objective; a mixed pool also tries each token
+    budget per iteration in `budgets` (Sarathi-Serve's chunk size: a smaller one keeps decode
+    iterations short at the price of longer prefills), the larger budget on a tie."""
+    if design.split or not budgets:
+        return design, search(prov, design, objective, limit)
+    best = (design, None)
+    for b in sorted(budgets, reverse=True):
+        d = replace(design, budget=b)
+        counts = search(prov, d, objective, limit)
+        if counts is not None and (best[1] is None or objective_value(
+                prov, d, counts, objective) < objective_value(prov, *best, objective)):
+            best = (d, counts)
     return best
 
 
@@ -346,7 +365,7 @@ def summarize(prov: Provisioner, design: Design, counts: tuple[int, ...] | None,
     if design.split:
         row.update(prompt_machines=counts[0], token_machines=counts[1])
     else:
-        row.update(mixed_machines=counts[0])
+        row.update(mixed_machines=counts[0], tokens_per_iteration=design.budget)
     row.update(machines=int(sum(counts)), cost_per_hour=round(cost, 2),
                power_kw=round(power, 2), objective=objective,
                objective_value=round(objective_value(prov, design, counts, objective), 3),
@@ -375,7 +394,8 @@ def splitwise_direction(trace: str, rows: list[dict]) -> dict:
 
 def provision_trace(config, kinds, tables, trace: str, *, rate: float, num_requests: int,
                     slos, designs, objective: str, seed: int, length_filter, max_seqs: int,
-                    long_queue_tokens: int, reference_gpu: str, log=print) -> dict:
+                    long_queue_tokens: int, reference_gpu: str, mixed_budgets=(),
+                    log=print) -> dict:
     """Search every design on one trace; the trace's part of the JSON."""
     start = time.perf_counter()
     requests, name, source = requests_for(trace, num_requests=num_requests, rate=rate,
@@ -384,7 +404,7 @@ def provision_trace(config, kinds, tables, trace: str, *, rate: float, num_reque
     rows = []
     for design in designs:
         t0 = time.perf_counter()
-        counts = search(prov, design, objective)
+        design, counts = search_design(prov, design, objective, mixed_budgets)
         row = summarize(prov, design, counts, objective)
         rows.append(row)
         pools = "none meets the SLOs" if counts is None else \

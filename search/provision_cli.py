@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-trials", type=int, default=12)
     p.add_argument("--batch-tokens", type=int, default=2048,
                    help="dense batch per iteration (Splitwise's 2048, default)")
+    p.add_argument("--mixed-budgets", default="256,512,1024,2048",
+                   help="tokens per iteration a mixed pool may use, comma-separated: each is "
+                        "tried and the cheapest kept (default %(default)s)")
     p.add_argument("--max-seqs", type=int, default=512,
                    help="requests a machine decodes at once (Splitwise's 512, default)")
     p.add_argument("--long-queue-tokens", type=int, default=8192,
@@ -129,6 +132,7 @@ def _provision(args) -> int:
     gpus = tuple(kinds)
     designs = designs_for(gpus, args.designs)
     reference = _reference(args.reference, gpus)
+    budgets = _budgets(args.mixed_budgets, args.batch_tokens)
     traces = [t.strip() for t in args.trace.split(",") if t.strip()]
     if not traces:
         raise ValueError("--trace is empty")
@@ -153,7 +157,7 @@ def _provision(args) -> int:
                               num_requests=args.num_requests, slos=slos, designs=designs,
                               objective=args.objective, seed=args.seed, length_filter=flt,
                               max_seqs=args.max_seqs, long_queue_tokens=args.long_queue_tokens,
-                              reference_gpu=reference)
+                              reference_gpu=reference, mixed_budgets=budgets)
         doc["layouts"] = layouts
         docs.append(doc)
         _say_direction(doc)
@@ -166,6 +170,7 @@ def _provision(args) -> int:
                             "power_kw": k.power_kw, "network_gbps": k.network_gbps,
                             "source": k.source} for g, k in kinds.items()},
            "batch_tokens": args.batch_tokens, "max_seqs": args.max_seqs,
+           "mixed_budgets": list(budgets),
            "long_queue_tokens": args.long_queue_tokens, "filter": args.filter,
            "layout": args.layout, "tune_trials": args.tune_trials, "seed": args.seed,
            "arrivals": "Poisson at --rate over a window of the trace's lengths",
@@ -178,6 +183,16 @@ def _provision(args) -> int:
         png = plot_provision(doc, args.plot or out.with_suffix(".png"))
         print(f"wrote {png}")
     return 0
+
+
+def _budgets(text: str, batch_tokens: int) -> tuple[int, ...]:
+    from .cli import _ints
+
+    values = _ints(text, "--mixed-budgets")
+    if max(values) > batch_tokens:
+        raise ValueError(f"--mixed-budgets {text!r}: a budget cannot exceed --batch-tokens "
+                         f"({batch_tokens})")
+    return values
 
 
 def _reference(name: str | None, gpus: tuple[str, ...]) -> str:
