@@ -9,8 +9,10 @@ for its role (search/itertable.py).
 
 SLOs bound percentiles of TTFT and TBT (a request's mean time between its later tokens) over
 requests, either as Splitwise does, as a slowdown against the same request run alone on an idle
-machine of the first GPU kind ("2x"), or in absolute time ("200ms", "1.5s"). Splitwise's own
-(Table V of the paper): TTFT P50/P90/P99 within 2x/3x/6x, TBT within 1.25x/1.5x/5x.
+reference machine ("2x"; Splitwise's is a DGX-A100), or in absolute time ("200ms", "1.5s").
+Splitwise's own: TTFT P50/P90/P99 within 2x/3x/6x, TBT within 1.25x/1.5x/5x (splitwise-sim,
+github.com/Mutinifni/splitwise-sim @8f99e7d, MIT: notebooks/plots.ipynb get_slo, normalised by
+normalize_hardware = "a100-80gb" at tp 8; its per-request tbt_times is the mean gap).
 
 The search assumes more machines never hurt: for a mixed pool the least count is found by
 doubling then bisection; for a split design a staircase walks prompt machines up and token
@@ -198,6 +200,28 @@ class Provisioner:
             self._memo[key] = sim.run()
         return self._memo[key]
 
+    def lower_bounds(self, design: Design) -> tuple[int, ...]:
+        """Pool sizes below which the pools cannot keep up even running flat out: the prompt
+        tokens over what a machine prefills per second in full batches (a mixed pool: in
+        batches of its budget), the decode tokens over what a token machine decodes in
+        batches of max_seqs. Where machines are lent across pools, nothing is ruled out."""
+        if design.borrow:
+            return (1, 1) if design.split else (1,)
+        r = self.requests
+        span = max(float(r.arrivals[-1] - r.arrivals[0]), 1e-9)
+        prompt_rate = float(np.sum(r.prompt_lens)) / span
+        gpu = design.prompt_gpu or design.token_gpu
+        table = self.tables[(gpu, "prompt" if design.split else "mixed")]
+        b = min(design.budget or table.batch_tokens, table.batch_tokens)
+        prompt = max(1, int(prompt_rate * table(b, 0, 0) / b))
+        if not design.split:
+            return (prompt,)
+        token = self.tables[(design.token_gpu, "token")]
+        seqs = min(self.max_seqs, token.batch_tokens)
+        context = float(np.mean(r.prompt_lens + r.output_lens / 2))
+        decode_rate = float(np.sum(r.output_lens - 1)) / span
+        return prompt, max(1, int(decode_rate * token(0, seqs, context) / seqs))
+
     # -- judging an outcome ------------------------------------------------------------------
     def latencies(self, out: Outcome) -> dict[str, float]:
         """Every SLO's measured value (slowdown or seconds), keyed as the SLO is named."""
@@ -242,19 +266,20 @@ def search(prov: Provisioner, design: Design, objective: str = "cost",
     `limit` machines a pool)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; use {', '.join(OBJECTIVES)}")
+    lo = prov.lower_bounds(design)
     if not design.split:
-        n = _least(lambda k: prov.meets(design, (k,)), 1, limit)
+        n = _least(lambda k: prov.meets(design, (k,)), lo[0], limit)
         return (n,) if n else None
     best, best_value = None, math.inf
-    t_hi = _least(lambda k: prov.meets(design, (limit, k)), 1, limit)
+    t_hi = _least(lambda k: prov.meets(design, (limit, k)), lo[1], limit)
     if t_hi is None:
         return None
-    for p in range(1, limit + 1):
-        if objective_value(prov, design, (p, 1), objective) >= best_value:
+    for p in range(lo[0], limit + 1):
+        if objective_value(prov, design, (p, lo[1]), objective) >= best_value:
             break
         if not prov.meets(design, (p, t_hi)):
             continue
-        t = _least(lambda k: prov.meets(design, (p, k)), 1, t_hi)
+        t = _least(lambda k: prov.meets(design, (p, k)), lo[1], t_hi)
         t_hi = t
         value = objective_value(prov, design, (p, t), objective)
         if value < best_value:
@@ -313,7 +338,7 @@ def requests_for(trace: str, *, num_requests: int, rate: float, seed: int = 0,
 
 def build_tables(config, kinds: dict[str, MachineKind], workload, *, batch_tokens: int,
                  layout: str, trials: int, seed: int, max_seqs: int, max_context: int,
-                 log=print) -> tuple[dict, dict]:
+                 roles=tuple(_TABLE_ROLE), log=print) -> tuple[dict, dict]:
     """Iteration tables and layout summaries for every (GPU kind, cluster role)."""
     from .costmodel import CostModel
     from .evaluate import Predictor
@@ -322,7 +347,8 @@ def build_tables(config, kinds: dict[str, MachineKind], workload, *, batch_token
     tables, layouts = {}, {}
     for gpu, kind in kinds.items():
         predictor = Predictor(CostModel(config, get_device(gpu), tp=kind.gpus))
-        for role, table_role in _TABLE_ROLE.items():
+        for role in roles:
+            table_role = _TABLE_ROLE[role]
             start = time.perf_counter()
             lo = role_layout(predictor, workload, table_role, batch_tokens, how=layout,
                              trials=trials, seed=seed, max_seqs=max_seqs)
@@ -400,7 +426,8 @@ def provision_trace(config, kinds, tables, trace: str, *, rate: float, num_reque
     start = time.perf_counter()
     requests, name, source = requests_for(trace, num_requests=num_requests, rate=rate,
                                           seed=seed, length_filter=length_filter)
-    prov = Provisioner(config, kinds, tables, requests, slos, reference_gpu, max_seqs=max_seqs, long_queue_tokens=long_queue_tokens)
+    prov = Provisioner(config, kinds, tables, requests, slos, reference_gpu, max_seqs=max_seqs,
+                       long_queue_tokens=long_queue_tokens)
     rows = []
     for design in designs:
         t0 = time.perf_counter()

@@ -36,10 +36,9 @@ def add_parser(sub) -> None:
                    help="bounds NAME=BOUND, comma-separated; NAME ttft_p50/p90/p99, tbt_p50/"
                         "p90/p99; BOUND a slowdown against the request alone ('2x') or a time "
                         "('200ms'). Default: Splitwise's, %(default)s")
-    p.add_argument("--reference", default=None,
-                   help="GPU kind whose idle machine slowdown SLOs are relative to (default: "
-                        "the --gpu kind of least HBM bandwidth, so that every design can meet "
-                        "them in principle)")
+    p.add_argument("--reference", default="a100",
+                   help="GPU kind of the idle machine slowdown SLOs are relative to (default "
+                        "%(default)s, as Splitwise normalises); need not be in --gpu")
     p.add_argument("--objective", default="cost", choices=OBJECTIVES)
     p.add_argument("--designs", default="all",
                    help="comma-separated design names (mixed-h100, splitwise-h100/h100, "
@@ -122,7 +121,8 @@ def _provision(args) -> int:
     from nanorun.benchmark.traces import load_trace
     from nanorun.models import resolve_model
 
-    from .provision import (designs_for, parse_slos, provision_trace, build_tables)
+    from .cluster import MACHINES
+    from .provision import build_tables, designs_for, parse_slos, provision_trace
     from .provision_plot import plot_provision
     from .workload import Workload
 
@@ -149,10 +149,15 @@ def _provision(args) -> int:
         print(f"{t}: {len(workload.prompt_lens)} requests after the {args.filter} filter, mean "
               f"prompt {workload.mean_prompt:.0f}, mean output {workload.mean_output:.0f}; "
               f"simulating {args.num_requests} at {args.rate:g} req/s")
-        tables, layouts = build_tables(config, kinds, workload, batch_tokens=args.batch_tokens,
-                                       layout=args.layout, trials=args.tune_trials,
-                                       seed=args.seed, max_seqs=args.max_seqs,
-                                       max_context=max_context)
+        common = dict(batch_tokens=args.batch_tokens, layout=args.layout,
+                      trials=args.tune_trials, seed=args.seed, max_seqs=args.max_seqs,
+                      max_context=max_context)
+        tables, layouts = build_tables(config, kinds, workload, **common)
+        if reference not in kinds:   # only its idle runs are needed: one mixed table
+            ref, ref_layouts = build_tables(config, {reference: MACHINES[reference]},
+                                            workload, roles=("mixed",), **common)
+            tables.update(ref)
+            layouts.update(ref_layouts)
         doc = provision_trace(config, kinds, tables, t, rate=args.rate,
                               num_requests=args.num_requests, slos=slos, designs=designs,
                               objective=args.objective, seed=args.seed, length_filter=flt,
@@ -195,14 +200,13 @@ def _budgets(text: str, batch_tokens: int) -> tuple[int, ...]:
     return values
 
 
-def _reference(name: str | None, gpus: tuple[str, ...]) -> str:
-    from .hardware import get_device
+def _reference(name: str, gpus: tuple[str, ...]) -> str:
+    from .cluster import MACHINES
 
-    if name is None:
-        return min(gpus, key=lambda g: get_device(g).hbm_gbps)
-    if name.strip().lower() not in gpus:
-        raise ValueError(f"--reference {name!r} is not one of --gpu {','.join(gpus)}")
-    return name.strip().lower()
+    name = name.strip().lower()
+    if name not in gpus and name not in MACHINES:
+        raise ValueError(f"--reference {name!r}: use one of {', '.join(MACHINES)}")
+    return name
 
 
 def _length_filter(text: str, config):
