@@ -99,10 +99,6 @@ class Machine:
         b = self.tables[self.role].batch_tokens
         return min(b, self.token_budget) if self.token_budget and self.role == "mixed" else b
 
-    @property
-    def idle(self) -> bool:
-        return not (self.queue or self.incoming or self.running or self.busy)
-
 
 @dataclass(frozen=True)
 class Requests:

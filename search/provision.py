@@ -399,6 +399,8 @@ def summarize(prov: Provisioner, design: Design, counts: tuple[int, ...] | None,
                tokens_per_dollar=round(throughput * 3600 / cost, 1),
                tokens_per_s_per_kw=round(throughput / power, 2),
                slo_values={k: round(v, 4) for k, v in prov.latencies(out).items()},
+               token_gap_ms={f"p{q}": round(_percentile(out.token_gaps, q) * 1e3, 2)
+                             for q in PERCENTILES},
                lent_machines=out.borrowed, iterations=out.iterations)
     return row
 
