@@ -28,8 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--trace", default="azure-conv",
                    help="azure-conv, azure-code, sharegpt, lmsys or a CSV path; several "
                         "comma-separated (default %(default)s)")
-    p.add_argument("--rate", type=float, default=20.0,
-                   help="Poisson arrivals, requests/s (default %(default)s)")
+    p.add_argument("--rate", default="20",
+                   help="Poisson arrivals, requests/s; several comma-separated, each searched "
+                        "(default %(default)s)")
     p.add_argument("--num-requests", type=int, default=1000,
                    help="requests simulated, a window of the trace (default %(default)s)")
     p.add_argument("--slo", default=SPLITWISE_SLOS,
@@ -133,6 +134,7 @@ def _provision(args) -> int:
     designs = designs_for(gpus, args.designs)
     reference = _reference(args.reference, gpus)
     budgets = _budgets(args.mixed_budgets, args.batch_tokens)
+    rates = _rates(args.rate)
     traces = [t.strip() for t in args.trace.split(",") if t.strip()]
     if not traces:
         raise ValueError("--trace is empty")
@@ -148,7 +150,7 @@ def _provision(args) -> int:
         max_context = int(max(workload.prompt_lens + workload.output_lens))
         print(f"{t}: {len(workload.prompt_lens)} requests after the {args.filter} filter, mean "
               f"prompt {workload.mean_prompt:.0f}, mean output {workload.mean_output:.0f}; "
-              f"simulating {args.num_requests} at {args.rate:g} req/s")
+              f"simulating {args.num_requests} at {', '.join(f'{r:g}' for r in rates)} req/s")
         common = dict(batch_tokens=args.batch_tokens, layout=args.layout,
                       trials=args.tune_trials, seed=args.seed, max_seqs=args.max_seqs,
                       max_context=max_context)
@@ -158,14 +160,18 @@ def _provision(args) -> int:
                                             workload, roles=("mixed",), **common)
             tables.update(ref)
             layouts.update(ref_layouts)
-        doc = provision_trace(config, kinds, tables, t, rate=args.rate,
-                              num_requests=args.num_requests, slos=slos, designs=designs,
-                              objective=args.objective, seed=args.seed, length_filter=flt,
-                              max_seqs=args.max_seqs, long_queue_tokens=args.long_queue_tokens,
-                              reference_gpu=reference, mixed_budgets=budgets)
-        doc["layouts"] = layouts
-        docs.append(doc)
-        _say_direction(doc)
+        for rate in rates:
+            if len(rates) > 1:
+                print(f" at {rate:g} req/s:")
+            doc = provision_trace(config, kinds, tables, t, rate=rate,
+                                  num_requests=args.num_requests, slos=slos, designs=designs,
+                                  objective=args.objective, seed=args.seed, length_filter=flt,
+                                  max_seqs=args.max_seqs,
+                                  long_queue_tokens=args.long_queue_tokens,
+                                  reference_gpu=reference, mixed_budgets=budgets)
+            doc["layouts"] = layouts
+            docs.append(doc)
+            _say_direction(doc)
     out = Path(args.out)
     doc = {"command": "nanorun provision " + " ".join(shlex.quote(a) for a in _argv()),
            "model": config.name, "gpus": list(gpus), "objective": args.objective,
@@ -188,6 +194,16 @@ def _provision(args) -> int:
         png = plot_provision(doc, args.plot or out.with_suffix(".png"))
         print(f"wrote {png}")
     return 0
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        rates = ()
+    if not rates or not all(0 < r < float("inf") for r in rates):
+        raise ValueError(f"--rate {text!r}: give positive finite requests/s, comma-separated")
+    return rates
 
 
 def _budgets(text: str, batch_tokens: int) -> tuple[int, ...]:

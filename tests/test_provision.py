@@ -194,6 +194,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     (["--slo", "ttft_p99=6x,tbt_p95=2x"], "unknown SLO 'tbt_p95'"),
     (["--designs", "splitwise-h100/a100"], "unknown design"),
     (["--cost", "h100=cheap"], "GPU=NUMBER"),
+    (["--rate", "20,0"], "positive finite"),
 ])
 def test_cli_bad_input_says_what_to_change(tmp_path, capsys, flags, message):
     assert main(_tiny(tmp_path, *flags)) == 2
