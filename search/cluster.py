@@ -227,17 +227,19 @@ class ClusterSim:
     def _long(self, m: Machine, r: int) -> bool:
         return bool(m.queue) and m.queued_tokens + self.P[r] > self.long_queue
 
-    def _token_machine(self, r: int) -> Machine:
+    def _token_machine(self, r: int, source: Machine) -> Machine:
         """Where a prefilled request decodes: the token machine (then a mixed one) with room
         and the least KV held or promised; else, borrowing, a prompt machine lent as mixed;
-        else the least loaded token machine, where it waits for room."""
+        else the least loaded token machine, where it waits for room. Never `source`, the
+        prompt machine it leaves."""
         need = self.P[r] + self.O[r]
         for role in ("token", "mixed"):
             fits = [m for m in self.m if m.role == role and self._fits(m, need)]
             if fits:
                 return min(fits, key=lambda m: (self._held(m), m.index))
         if self.borrow:
-            prompt = [m for m in self.m if m.role == "prompt" and self._fits(m, need)]
+            prompt = [m for m in self.m if m.role == "prompt" and m is not source
+                      and self._fits(m, need)]
             if prompt:
                 lent = min(prompt, key=lambda m: (m.queued_tokens, m.index))
                 lent.role = "mixed"
@@ -356,7 +358,7 @@ class ClusterSim:
         if self.local[r]:              # reserved while lent as mixed; it went back since
             m.kv_used -= need
             self.local[r] = False
-        dest = self._token_machine(r)
+        dest = self._token_machine(r, m)
         dest.promised += need
         dest.promised_seqs += 1
         self._push(now + self._exposed_transfer(now, m, dest, r), 2, (r, dest.index))
