@@ -36,10 +36,10 @@ def plot_provision(doc: dict, path: str | Path) -> Path:
             ax_pool.annotate(label, (i, bottom[i]), ha="center", va="bottom", fontsize=7)
         ax_pool.set_xticks(list(x), names, rotation=25, ha="right", fontsize=8)
         ax_pool.set_ylabel("machines (8 GPUs each)")
-        ax_pool.set_ylim(0, max(bottom + [1]) * 1.3)
+        ax_pool.set_ylim(0, max(bottom + [1]) * 1.45)
         ax_pool.set_title(f"{t['trace']} at {t['rate_requests_per_s']:g} req/s: least-"
                           f"{doc['objective']} pools meeting the SLOs", fontsize=9)
-        ax_pool.legend(fontsize=7, loc="upper left")
+        ax_pool.legend(fontsize=7, loc="upper right")
 
         base = next((r for r in rows if r["meets_slos"]), None)
         width = 0.38
@@ -53,7 +53,7 @@ def plot_provision(doc: dict, path: str | Path) -> Path:
         ax_eff.set_title("throughput per cost and per power at this load", fontsize=9)
         ax_eff.legend(fontsize=7)
     fig.suptitle(f"nanorun provision: {doc['model']}, SLOs {doc['slos']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
