@@ -170,7 +170,7 @@ def _random_orders_agree(engine) -> bool:
 
 
 def _poisoned_run(engine, batch, order_seed):
-    for buf in dataclasses.astuple(engine.executor.ws):
+    for buf in workspace_buffers(engine.executor.ws):
         buf.fill_(float("nan"))
     kv = engine.kv_cache
     for cache in (kv.k, kv.v):
