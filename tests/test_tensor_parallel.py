@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from executor_rig import workspace_buffers
 
 from nanorun import LLM, SamplingParams
 from nanorun.config import EngineConfig
