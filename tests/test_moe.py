@@ -336,6 +336,18 @@ def test_tuned_tiny_moe_layout_runs_and_equals_sequential(tmp_path):
     assert got == want
 
 
+def test_profile_rig_times_the_moe_ops_on_real_routing():
+    """`nanorun profile`'s rig fills the workspace and routes its rows before timing, so the
+    expert GEMM it times sees real expert ids (not the random floats of the other buffers)."""
+    from search.measure import Rig, Timing
+
+    rig = Rig("tiny-mixtral", "cpu", num_layers=1, max_tokens=16, max_context=32, kv_tokens=512)
+    ids = rig.ws.topk[:, 2:]
+    assert torch.equal(ids, ids.round()) and 0 <= ids.min() and ids.max() < 8
+    for op in ("router", "topk", "experts", "combine"):
+        assert rig.time_op(op, 8, context=16, timing=Timing(warmup=1, reps=1, rounds=1)) > 0
+
+
 def test_bench_runs_a_tiny_moe_preset_on_the_cpu(tmp_path):
     from nanorun.cli import main
 
