@@ -74,8 +74,8 @@ class Rig:
     """A 2-layer tiny model on `device`, its KV cache, and a "sequential" executor."""
 
     def __init__(self, attention=paged_attention, device="cpu", dtype=torch.float32,
-                 spec=CPU) -> None:
-        cfg = dataclasses.replace(get_preset("tiny-llama"), num_layers=2)
+                 spec=CPU, preset: str = "tiny-llama") -> None:
+        cfg = dataclasses.replace(get_preset(preset), num_layers=2)
         self.device, self.spec = torch.device(device), spec
         weights = random_weights(cfg, dtype=dtype, device=device, seed=0)
         self.model = build_model(cfg, weights, max_model_len=512, attention_fn=attention,
