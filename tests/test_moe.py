@@ -285,6 +285,24 @@ def test_grouped_mm_equals_the_loop_over_experts():
     assert torch.isnan(ws.expert_out[:8]).all()      # rows outside [2, 5) untouched
 
 
+@pytest.mark.parametrize("preset", MOE_PRESETS)
+def test_memory_estimate_counts_the_moe_workspace(preset):
+    """nanorun.memory's workspace bytes are the MoE workspace's buffers (plus the fp32 logits
+    and rope tables it adds for every model)."""
+    from nanorun import memory
+
+    cfg = get_preset(preset)
+    model = build_model(cfg, random_weights(cfg, dtype=torch.float32, device="cpu"),
+                        max_model_len=64, attention_fn=paged_attention, kv_append_fn=kv_append)
+    ws = model.new_workspace(100)
+    buffers = sum(getattr(ws, f.name).nbytes for f in dataclasses.fields(ws))
+    est = memory.estimate(cfg, torch.float32, max_batch_tokens=100, kv_tokens=0, max_model_len=64)
+    extra = 100 * 4 * cfg.vocab_size + 2 * 64 * (cfg.head_dim // 2) * 4
+    assert est.workspace == buffers + extra
+    assert est.weights == cfg.num_params * 4
+    assert sum(w.numel() for w in model.w.values()) == cfg.num_params    # none tied here
+
+
 # -- cost model, search, bench ----------------------------------------------------------------
 def test_cost_model_prices_routing_imbalance_and_active_parameters():
     from search.costmodel import CostModel, expert_load
