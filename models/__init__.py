@@ -1,4 +1,4 @@
-"""Llama-family model descriptions (configs, presets) and weights for nanorun."""
+"""Llama-family and mixture-of-experts model descriptions (configs, presets) and weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from .loader import (WeightLoadError, check_tensor_parallel, load_weights, rando
 from .presets import PRESETS, get_preset, list_presets, suggest_preset
 
 from .llama import LAYER_OPS, TP_LAYER_OPS, LlamaModel, OpSpec, TPWorkspace, Workspace, layer_ops
-from .registry import MODEL_CLASSES, build_model
+from .moe import MoEModel, MoEWorkspace, moe_layer_ops
+from .registry import MODEL_CLASSES, build_model, model_layer_ops
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
@@ -39,7 +40,8 @@ def _looks_like_hub_id(model: str) -> bool:
 
 __all__ = [
     "LAYER_OPS", "TP_LAYER_OPS", "MODEL_CLASSES", "LlamaModel", "OpSpec", "TPWorkspace",
-    "Workspace", "build_model", "layer_ops",
+    "Workspace", "build_model", "layer_ops", "MoEModel", "MoEWorkspace", "moe_layer_ops",
+    "model_layer_ops",
     "PRESETS", "SUPPORTED_ARCHITECTURES", "ModelConfig", "ModelConfigError", "RopeScaling",
     "UnknownModelError", "UnsupportedModelError", "WeightLoadError", "get_preset", "list_presets",
     "load_weights", "random_weights", "resolve_model", "weight_shapes", "check_tensor_parallel",

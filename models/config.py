@@ -1,4 +1,5 @@
-"""Model configuration for Llama-family decoders (Llama 2/3/3.1, Mistral, Qwen2).
+"""Model configuration for Llama-family decoders (Llama 2/3/3.1, Mistral, Qwen2) and their
+mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 `ModelConfig` is nanorun's own, validated view of a Hugging Face `config.json`. It reads both
 the transformers 4.x layout (`rope_theta` + `rope_scaling`, `torch_dtype`) and the 5.x one
@@ -13,8 +14,14 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                "Qwen3MoeForCausalLM": "qwen3_moe"}
+SUPPORTED_ARCHITECTURES = frozenset(_MODEL_TYPES)
+# The mixture-of-experts families (models/moe.py). HF names the expert count differently.
+MOE_ARCHITECTURES = frozenset({"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
+_NUM_EXPERTS_KEY = {"MixtralForCausalLM": "num_local_experts", "Qwen2MoeForCausalLM": "num_experts",
+                    "Qwen3MoeForCausalLM": "num_experts"}
 _ROPE_TYPES = ("llama3", "linear")
 _DTYPES = ("float16", "bfloat16", "float32")
 
@@ -61,7 +68,14 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and hyper-parameters of one decoder. Sizes are element counts, not bytes."""
+    """Shapes and hyper-parameters of one decoder. Sizes are element counts, not bytes.
+
+    Mixture-of-experts models (num_experts > 0) replace the MLP by `num_experts` SwiGLU experts
+    of `intermediate_size` units each (HF's moe_intermediate_size for the Qwen families), of
+    which a router picks `num_experts_per_tok` per token; `shared_expert_intermediate_size` > 0
+    adds Qwen2-MoE's sigmoid-gated shared expert; `norm_topk_prob` renormalises the picked
+    routing weights to sum to one (always so for Mixtral); `qk_norm` is Qwen3's per-head RMSNorm
+    of q and k before rope."""
 
     name: str
     architecture: str
@@ -82,6 +96,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     dtype: str | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -116,6 +135,29 @@ class ModelConfig:
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ModelConfigError(f"{self.name}: dtype must be one of {list(_DTYPES)} or None, "
                                    f"got {self.dtype!r}")
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        moe = self.architecture in MOE_ARCHITECTURES
+        if moe != (self.num_experts > 0):
+            raise ModelConfigError(
+                f"{self.name}: {self.architecture} " + ("needs num_experts > 0" if moe else
+                "is a dense architecture; num_experts must be 0"))
+        if not moe:
+            if self.qk_norm or self.shared_expert_intermediate_size:
+                raise ModelConfigError(f"{self.name}: qk_norm and a shared expert are implemented "
+                                       "for the mixture-of-experts architectures only")
+            return
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ModelConfigError(f"{self.name}: num_experts_per_tok must be in [1, num_experts="
+                                   f"{self.num_experts}], got {self.num_experts_per_tok}")
+        if self.shared_expert_intermediate_size < 0:
+            raise ModelConfigError(f"{self.name}: shared_expert_intermediate_size must be >= 0")
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the MLP is a mixture of experts (models/moe.py)."""
+        return self.num_experts > 0
 
     # ---- derived sizes ---------------------------------------------------------------------
 
@@ -129,9 +171,16 @@ class ModelConfig:
         """Width of the key (and of the value) projection output: num_kv_heads * head_dim."""
         return self.num_kv_heads * self.head_dim
 
-    def _matmul_params_per_layer(self) -> int:
+    def _matmul_params_per_layer(self, experts: int | None = None) -> int:
+        """Matmul parameters of one layer, counting `experts` routed experts (None: all)."""
         d, i = self.hidden_size, self.intermediate_size
-        return d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 3 * d * i
+        attention = d * (self.q_size + 2 * self.kv_size) + self.q_size * d
+        if not self.is_moe:
+            return attention + 3 * d * i
+        experts = self.num_experts if experts is None else experts
+        shared = 3 * d * self.shared_expert_intermediate_size
+        shared_gate = d if self.shared_expert_intermediate_size else 0
+        return attention + self.num_experts * d + experts * 3 * d * i + shared + shared_gate
 
     @property
     def num_params(self) -> int:
@@ -139,7 +188,8 @@ class ModelConfig:
         lm_head (counted once when tied to the embeddings)."""
         d = self.hidden_size
         bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
-        per_layer = self._matmul_params_per_layer() + bias + 2 * d
+        qk_norm = 2 * self.head_dim if self.qk_norm else 0
+        per_layer = self._matmul_params_per_layer() + bias + 2 * d + qk_norm
         lm_head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * per_layer + d + lm_head
 
@@ -147,8 +197,14 @@ class ModelConfig:
     def num_active_params_per_token(self) -> int:
         """Matmul parameters each token touches: every linear layer plus lm_head. The embedding
         lookup is a gather, not a matmul, so it is excluded; so are norms and biases. A token costs
-        about 2 x this many FLOPs, which gives the "optimal" bound peak_flops / (2 x this)."""
-        return self.num_layers * self._matmul_params_per_layer() + self.vocab_size * self.hidden_size
+        about 2 x this many FLOPs, which gives the "optimal" bound peak_flops / (2 x this).
+
+        A mixture of experts counts the router, the shared expert and only the
+        num_experts_per_tok experts a token is routed to (NanoFlow's active parameters): 12.75 B
+        of Mixtral 8x7B's 46.7 B (the quoted "12.9 B active" also counts the embedding table)."""
+        routed = self.num_experts_per_tok if self.is_moe else None
+        return (self.num_layers * self._matmul_params_per_layer(routed)
+                + self.vocab_size * self.hidden_size)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of KV cache one token occupies across all layers (K and V)."""
@@ -170,12 +226,13 @@ class ModelConfig:
     def _from_hf_fields(cls, d: dict[str, Any], name: str, arch: str) -> ModelConfig:
         heads = d["num_attention_heads"]
         rope_theta, rope_scaling = _rope(d)
+        moe = _moe_fields(d, arch)
         return cls(
             name=name,
             architecture=arch,
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
+            intermediate_size=moe.pop("intermediate_size", None) or d["intermediate_size"],
             num_layers=d["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=d.get("num_key_value_heads") or heads,
@@ -184,12 +241,15 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            qkv_bias=arch == "Qwen2ForCausalLM",  # Llama attention_bias=true was rejected above
+            # Llama and Qwen3-MoE attention_bias=true was rejected above
+            qkv_bias=arch == "Qwen2ForCausalLM" or (arch == "Qwen2MoeForCausalLM"
+                                                    and bool(d.get("qkv_bias", True))),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             sliding_window=_sliding_window(d, arch),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=_eos_ids(d.get("eos_token_id")),
             dtype=d.get("dtype") or d.get("torch_dtype"),
+            **moe,
         )
 
     @classmethod
@@ -240,12 +300,29 @@ class ModelConfig:
         }
         if self.architecture == "LlamaForCausalLM":
             d.update(attention_bias=False, mlp_bias=False)
-        elif self.architecture == "MistralForCausalLM":
+        elif self.architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
             d["sliding_window"] = self.sliding_window
         else:  # Qwen2: the window is only active with use_sliding_window, from layer max_window_layers on
             d.update(use_sliding_window=self.sliding_window is not None,
                      sliding_window=self.sliding_window,
                      max_window_layers=0 if self.sliding_window is not None else self.num_layers)
+        if self.is_moe:
+            d.update(self._moe_hf_fields())
+        return d
+
+    def _moe_hf_fields(self) -> dict[str, Any]:
+        arch = self.architecture
+        d: dict[str, Any] = {_NUM_EXPERTS_KEY[arch]: self.num_experts,
+                             "num_experts_per_tok": self.num_experts_per_tok}
+        if arch == "MixtralForCausalLM":
+            return d
+        d.update(moe_intermediate_size=self.intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                 decoder_sparse_step=1, mlp_only_layers=[])
+        if arch == "Qwen2MoeForCausalLM":
+            d.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                     qkv_bias=self.qkv_bias)
+        else:
+            d["attention_bias"] = False
         return d
 
 
@@ -273,10 +350,44 @@ def _reject_unsupported(d: dict[str, Any], arch: str) -> None:
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU MLP) is")
     if d.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=true is not supported (MLP projections must be bias-free)")
+    if arch == "Qwen3MoeForCausalLM" and d.get("attention_bias"):
+        raise UnsupportedModelError("attention_bias=true is not supported for Qwen3-MoE: it implies "
+                                    "an o_proj bias, which nanorun does not implement")
     if arch == "LlamaForCausalLM" and d.get("attention_bias"):
         # HF's Llama attention_bias also adds an o_proj bias, which nanorun's fused layout lacks.
         raise UnsupportedModelError("attention_bias=true is not supported for Llama: it implies an "
                                     "o_proj bias, which nanorun does not implement")
+
+
+def _moe_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of ModelConfig from a HF config (empty for dense models).
+    Only models whose every layer is sparse are supported: Qwen's decoder_sparse_step and
+    mlp_only_layers (dense MLP layers between the sparse ones) are refused."""
+    if arch not in MOE_ARCHITECTURES:
+        return {}
+    if d.get("decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError(f"decoder_sparse_step={d['decoder_sparse_step']} (dense MLP "
+                                    "layers between sparse ones) is not supported; only 1 is")
+    if d.get("mlp_only_layers"):
+        raise UnsupportedModelError(f"mlp_only_layers={d['mlp_only_layers']} (dense MLP layers) "
+                                    "is not supported; every layer must be a mixture of experts")
+    # Published configs use _NUM_EXPERTS_KEY; transformers 5 saves Qwen3-MoE's as num_local_experts.
+    experts = d.get(_NUM_EXPERTS_KEY[arch]) or d.get("num_local_experts") or d.get("num_experts")
+    if not experts:
+        raise ModelConfigError(f"{arch} config lacks {_NUM_EXPERTS_KEY[arch]!r} (the expert count)")
+    out: dict[str, Any] = {"num_experts": experts,
+                           "num_experts_per_tok": d["num_experts_per_tok"]}
+    if arch == "MixtralForCausalLM":
+        return out      # Mixtral's intermediate_size is its experts'; top-k always renormalised
+    out.update(intermediate_size=d["moe_intermediate_size"],
+               norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+               qk_norm=arch == "Qwen3MoeForCausalLM")
+    if arch == "Qwen2MoeForCausalLM":
+        out["shared_expert_intermediate_size"] = d["shared_expert_intermediate_size"]
+        if not out["shared_expert_intermediate_size"]:
+            raise UnsupportedModelError("Qwen2-MoE without a shared expert "
+                                        "(shared_expert_intermediate_size=0) is not supported")
+    return out
 
 
 def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -311,9 +422,9 @@ def _sliding_window(d: dict[str, Any], arch: str) -> int | None:
     window = d.get("sliding_window")
     if arch == "LlamaForCausalLM" or window is None:
         return None
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return window
-    # Qwen2: layer i slides iff use_sliding_window and i >= max_window_layers (or per layer_types).
+    # Qwen2 (and its MoE relatives): layer i slides iff use_sliding_window and i >= max_window_layers (or per layer_types).
     if not d.get("use_sliding_window"):
         return None
     n = d["num_hidden_layers"]

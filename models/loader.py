@@ -23,6 +23,22 @@ replicated on every rank:
     layers.{i}.gate_up    rows of r's intermediate units (gate), then the same (up)
     layers.{i}.down       columns of r's intermediate units               (row-parallel)
 
+Mixture-of-experts models (models/moe.py; E experts of I units, S shared-expert units) replace
+gate_up and down by the router, every expert's weights stacked into one 2-D tensor (so an HF
+expert tensor is a block of rows, like q in qkv), and the optional shared expert:
+
+    layers.{i}.q_norm, k_norm        [Dh]           Qwen3: per-head RMSNorm of q and k
+    layers.{i}.router                [E, D]
+    layers.{i}.expert_gate_up        [E * 2I, D]    expert e: rows e*2I + (gate, then up)
+    layers.{i}.expert_down           [E * D, I]     expert e: rows e*D .. (e+1)*D
+    layers.{i}.shared_gate_up        [2S, D]        Qwen2-MoE: as gate_up
+    layers.{i}.shared_down           [D, S]
+    layers.{i}.shared_gate           [1, D]         sigmoid gate of the shared expert
+
+With tensor parallelism every rank holds a slice of every expert (vLLM's default MoE TP): the
+rows of its intermediate units in each expert's gate and up, the same columns of its down;
+the router and shared_gate are replicated, the shared expert is cut like the dense MLP.
+
 Each of those is a few contiguous ranges of the full tensor (`shard_ranges`), which is how
 `random_weights`, `load_weights` and `shard_weights` all cut it: a rank never holds more than
 one full tensor at a time.
@@ -58,10 +74,29 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "qkv_bias"] = (qkv,)
         shapes[p + "o_proj"] = (d, config.q_size)
         shapes[p + "mlp_norm"] = (d,)
+        if config.is_moe:
+            shapes.update(_moe_shapes(config, p))
+            continue
         shapes[p + "gate_up"] = (2 * i, d)
         shapes[p + "down"] = (d, i)
     shapes["norm"] = (d,)
     shapes["lm_head"] = (config.vocab_size, d)
+    return shapes
+
+
+def _moe_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    d, i, e, s = (config.hidden_size, config.intermediate_size, config.num_experts,
+                  config.shared_expert_intermediate_size)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if config.qk_norm:
+        shapes[p + "q_norm"] = shapes[p + "k_norm"] = (config.head_dim,)
+    shapes[p + "router"] = (e, d)
+    shapes[p + "expert_gate_up"] = (e * 2 * i, d)
+    shapes[p + "expert_down"] = (e * d, i)
+    if s:
+        shapes[p + "shared_gate_up"] = (2 * s, d)
+        shapes[p + "shared_down"] = (d, s)
+        shapes[p + "shared_gate"] = (1, d)
     return shapes
 
 
@@ -82,6 +117,10 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     if inter % tp:
         raise ModelConfigError(f"{config.name}: intermediate_size {inter} does not split over "
                                f"{tp} ranks; use a tensor parallel size that divides it")
+    shared = config.shared_expert_intermediate_size
+    if shared % tp:
+        raise ModelConfigError(f"{config.name}: shared_expert_intermediate_size {shared} does not "
+                               f"split over {tp} ranks; use a tensor parallel size that divides it")
 
 
 def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
@@ -93,7 +132,9 @@ def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
         return config
     return dataclasses.replace(config, num_heads=config.num_heads // tp,
                                num_kv_heads=max(1, config.num_kv_heads // tp),
-                               intermediate_size=config.intermediate_size // tp)
+                               intermediate_size=config.intermediate_size // tp,
+                               shared_expert_intermediate_size=(
+                                   config.shared_expert_intermediate_size // tp))
 
 
 def shard_ranges(config: ModelConfig, name: str, rank: int, tp: int
@@ -121,6 +162,24 @@ def shard_ranges(config: ModelConfig, name: str, rank: int, tp: int
         return 0, (i_rows, _shift(i_rows, inter))
     if kind == "down":
         return 1, (i_rows,)
+    return _moe_shard_ranges(config, kind, rank, local)
+
+
+def _moe_shard_ranges(config: ModelConfig, kind: str, rank: int, local: ModelConfig
+                      ) -> tuple[int, tuple[tuple[int, int], ...]] | None:
+    """The expert and shared-expert cuts (module docstring); None for replicated tensors."""
+    inter, n = config.intermediate_size, local.intermediate_size
+    if kind == "expert_gate_up":    # per expert: its gate rows, then its up rows
+        return 0, tuple(_shift((rank * n, (rank + 1) * n), e * 2 * inter + half * inter)
+                        for e in range(config.num_experts) for half in (0, 1))
+    if kind == "expert_down":
+        return 1, ((rank * n, (rank + 1) * n),)
+    shared, m = config.shared_expert_intermediate_size, local.shared_expert_intermediate_size
+    rows = (rank * m, (rank + 1) * m)
+    if kind == "shared_gate_up":
+        return 0, (rows, _shift(rows, shared))
+    if kind == "shared_down":
+        return 1, (rows,)
     return None
 
 
@@ -230,9 +289,39 @@ def _hf_plan(config: ModelConfig) -> dict[str, _Slot]:
             if config.qkv_bias:
                 plan[f"{hf}self_attn.{proj}_proj.bias"] = _Slot(p + "qkv_bias", start, (rows,))
         plan[hf + "self_attn.o_proj.weight"] = _Slot(p + "o_proj", 0, (d, q))
+        if config.is_moe:
+            plan.update(_moe_hf_plan(config, hf, p))
+            continue
         plan[hf + "mlp.gate_proj.weight"] = _Slot(p + "gate_up", 0, (i, d))
         plan[hf + "mlp.up_proj.weight"] = _Slot(p + "gate_up", i, (i, d))
         plan[hf + "mlp.down_proj.weight"] = _Slot(p + "down", 0, (d, i))
+    return plan
+
+
+def _moe_hf_plan(config: ModelConfig, hf: str, p: str) -> dict[str, _Slot]:
+    """The published per-expert checkpoint names (what transformers 5 also saves): Mixtral's
+    block_sparse_moe.experts.E.w1/w3/w2 (gate/up/down), Qwen's mlp.experts.E.gate/up/down_proj."""
+    d, i, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    plan: dict[str, _Slot] = {}
+    if config.qk_norm:
+        plan[hf + "self_attn.q_norm.weight"] = _Slot(p + "q_norm", 0, (hd,))
+        plan[hf + "self_attn.k_norm.weight"] = _Slot(p + "k_norm", 0, (hd,))
+    mixtral = config.architecture == "MixtralForCausalLM"
+    block = hf + ("block_sparse_moe." if mixtral else "mlp.")
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    plan[block + "gate.weight"] = _Slot(p + "router", 0, (config.num_experts, d))
+    for e in range(config.num_experts):
+        gate, up, down = (f"{block}experts.{e}.{n}.weight" for n in names)
+        plan[gate] = _Slot(p + "expert_gate_up", e * 2 * i, (i, d))
+        plan[up] = _Slot(p + "expert_gate_up", e * 2 * i + i, (i, d))
+        plan[down] = _Slot(p + "expert_down", e * d, (d, i))
+    s = config.shared_expert_intermediate_size
+    if s:
+        shared = block + "shared_expert."
+        plan[shared + "gate_proj.weight"] = _Slot(p + "shared_gate_up", 0, (s, d))
+        plan[shared + "up_proj.weight"] = _Slot(p + "shared_gate_up", s, (s, d))
+        plan[shared + "down_proj.weight"] = _Slot(p + "shared_down", 0, (d, s))
+        plan[block + "shared_expert_gate.weight"] = _Slot(p + "shared_gate", 0, (1, d))
     return plan
 
 

@@ -50,6 +50,20 @@ def _qwen2(**kw: Any) -> dict[str, Any]:
                 eos_token_id=151645, torch_dtype="bfloat16", **kw)
 
 
+def _mixtral(**kw: Any) -> dict[str, Any]:
+    # Mixtral (mistralai/Mixtral-8x*-v0.1): 8 experts, top-2; intermediate_size is an expert's.
+    return _cfg("MixtralForCausalLM", "mixtral", vocab=32000, max_pos=32768, eps=1e-5, theta=1000000.0,
+                kv_heads=8, sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
+                bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16", **kw)
+
+
+def _qwen_moe(arch: str, model_type: str, **kw: Any) -> dict[str, Any]:
+    # Qwen2-MoE / Qwen3-MoE: every layer sparse (decoder_sparse_step 1, no mlp_only_layers).
+    return _cfg(arch, model_type, vocab=151936, eps=1e-6, theta=1000000.0, use_sliding_window=False,
+                sliding_window=None, decoder_sparse_step=1, mlp_only_layers=[],
+                bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16", **kw)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": _llama2(hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32),
     "llama-2-13b": _llama2(hidden=5120, inter=13824, layers=40, heads=40, kv_heads=40),
@@ -62,6 +76,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                        bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16"),
     "qwen2-7b": _qwen2(hidden=3584, inter=18944, layers=28, heads=28, kv_heads=4, max_window_layers=28),
     "qwen2-72b": _qwen2(hidden=8192, inter=29568, layers=80, heads=64, kv_heads=8, max_window_layers=80),
+    # Mixture of experts: Mixtral-8x7B-v0.1, Qwen2-57B-A14B (a gated shared expert; intermediate_size
+    # is the dense MLP's, unused when every layer is sparse), Qwen3-30B-A3B (QK norm).
+    "mixtral-8x7b": _mixtral(hidden=4096, inter=14336, layers=32, heads=32),
+    "qwen2-57b-a14b": _qwen_moe("Qwen2MoeForCausalLM", "qwen2_moe", hidden=3584, inter=18944, layers=28,
+                                heads=28, kv_heads=4, max_pos=32768, max_window_layers=28,
+                                num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
+                                shared_expert_intermediate_size=20480, norm_topk_prob=False,
+                                qkv_bias=True),
+    "qwen3-30b-a3b": _qwen_moe("Qwen3MoeForCausalLM", "qwen3_moe", hidden=2048, inter=6144, layers=48,
+                               heads=32, kv_heads=4, head_dim=128, max_pos=40960, max_window_layers=48,
+                               num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                               norm_topk_prob=True, attention_bias=False),
     # Tiny models: same code paths as the real ones (GQA, rope scaling, window, biases, tying).
     "tiny-llama": _cfg("LlamaForCausalLM", "llama", vocab=2048, hidden=256, inter=688, layers=4, heads=8,
                        kv_heads=2, head_dim=32, max_pos=4096, eps=1e-5, theta=500000.0,
@@ -79,6 +105,24 @@ PRESETS: dict[str, dict[str, Any]] = {
                        use_sliding_window=False, sliding_window=None, max_window_layers=4,
                        bos_token_id=1, eos_token_id=2, dtype="float32",
                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # Tiny mixtures of experts: more experts than top-k, so routing picks; few layers, for speed.
+    "tiny-mixtral": _cfg("MixtralForCausalLM", "mixtral", vocab=2048, hidden=128, inter=96, layers=2,
+                         heads=4, kv_heads=2, head_dim=32, max_pos=2048, eps=1e-5, theta=1000000.0,
+                         sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
+                         bos_token_id=1, eos_token_id=2, torch_dtype="float32"),
+    "tiny-qwen2-moe": _cfg("Qwen2MoeForCausalLM", "qwen2_moe", vocab=2048, hidden=128, inter=256, layers=2,
+                           heads=4, kv_heads=2, max_pos=2048, eps=1e-6, theta=1000000.0,
+                           use_sliding_window=False, sliding_window=None, max_window_layers=2,
+                           num_experts=8, num_experts_per_tok=4, moe_intermediate_size=64,
+                           shared_expert_intermediate_size=96, norm_topk_prob=False, qkv_bias=True,
+                           decoder_sparse_step=1, mlp_only_layers=[], bos_token_id=1, eos_token_id=2,
+                           torch_dtype="float32"),
+    "tiny-qwen3-moe": _cfg("Qwen3MoeForCausalLM", "qwen3_moe", vocab=2048, hidden=128, inter=256, layers=2,
+                           heads=4, kv_heads=2, head_dim=32, max_pos=2048, eps=1e-6, theta=1000000.0,
+                           use_sliding_window=False, sliding_window=None, max_window_layers=2,
+                           num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+                           norm_topk_prob=True, attention_bias=False, decoder_sparse_step=1,
+                           mlp_only_layers=[], bos_token_id=1, eos_token_id=2, torch_dtype="float32"),
 }
 
 

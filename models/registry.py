@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
-from .llama import TORCH_POINTWISE, LlamaModel, PointwiseOps
+from .llama import TORCH_POINTWISE, LlamaModel, OpSpec, PointwiseOps, layer_ops
+from .moe import MoEModel, moe_layer_ops
 
 # Llama 2/3, Mistral and Qwen2 share one decoder: they differ only in config (GQA, rope
 # scaling, sliding window, qkv bias), which LlamaModel reads.
@@ -11,8 +12,19 @@ MODEL_CLASSES = {
     "LlamaForCausalLM": LlamaModel,
     "MistralForCausalLM": LlamaModel,
     "Qwen2ForCausalLM": LlamaModel,
+    # The mixture-of-experts families share one decoder too (router, top-k, grouped experts;
+    # Qwen2-MoE's shared expert and Qwen3-MoE's QK norm are config switches).
+    "MixtralForCausalLM": MoEModel,
+    "Qwen2MoeForCausalLM": MoEModel,
+    "Qwen3MoeForCausalLM": MoEModel,
 }
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
+
+
+def model_layer_ops(config: ModelConfig, tp: int = 1) -> tuple[OpSpec, ...]:
+    """The ops of one layer of `config`'s model on `tp` ranks, without building it (what the
+    planner, the cost model and the search work on)."""
+    return moe_layer_ops(config, tp) if config.is_moe else layer_ops(tp)
 
 
 def build_model(config: ModelConfig, weights, *, max_model_len: int, attention_fn, kv_append_fn,

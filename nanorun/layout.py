@@ -279,8 +279,9 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 # -- built-in layouts ----------------------------------------------------------------------------
 GEMM_OPS = ("qkv", "o_proj", "gate_up", "down")
-# The collectives of a tensor-parallel layer (models.llama.TP_LAYER_OPS, kind "network").
-NETWORK_OPS = ("attn_allreduce", "mlp_allreduce")
+# The collectives of a tensor-parallel layer (models.llama.TP_LAYER_OPS, kind "network"; a
+# mixture of experts' moe_allreduce, models/moe.py, in place of mlp_allreduce).
+NETWORK_OPS = ("attn_allreduce", "mlp_allreduce", "moe_allreduce")
 
 
 def sequential(model_ops: tuple[str, ...], batch_tokens: int) -> Layout:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -219,6 +220,9 @@ def _tune(args) -> int:
                       profile=Path(args.profile).name if args.profile else None,
                       multi_objective=args.multi_objective)
     prov["filter"] = args.filter
+    prov["command"] = _tune_command(args, out)
+    prov["search_s"] = round(elapsed, 2)
+    prov["cpu_count"] = os.cpu_count()
     doc = layout.to_dict()
     doc["name"] = f"tuned:{name}"
     doc["predicted"] = result.predicted()
@@ -254,6 +258,25 @@ def _tune(args) -> int:
                     f"{p['speedup_vs_sequential']:.3f}x sequential")
         print(f"wrote {png}")
     return 0
+
+
+def _tune_command(args, out: Path) -> str:
+    """The command line that made a tuned layout (the output only as a relative path: results
+    carry no machine paths)."""
+    words = ["nanorun", "tune", args.model, "--gpu", args.gpu]
+    words += ["--tp", str(args.tp)] if args.tp > 1 else []
+    words += [f"--{k.replace('_', '-')}" + (f" {v}" if v is not True else "")
+              for k, v in (("trace", args.trace), ("filter", args.filter),
+                           ("trials", args.trials), ("seed", args.seed),
+                           ("max_batch_tokens", args.max_batch_tokens),
+                           ("multi_objective", args.multi_objective))
+              if v not in (None, False) and v != DEFAULTS.get(k)]
+    if args.out and not Path(args.out).is_absolute():
+        words += ["--out", args.out]
+    return " ".join(words)
+
+
+DEFAULTS = {"trace": DEFAULT_TRACE, "filter": "nanoflow", "trials": 200, "seed": 0}
 
 
 def _measure(args, predictor, tuner, result, doc):

@@ -30,12 +30,21 @@ Work per op comes from the model's shapes (per tensor-parallel rank). Attention 
 the batch's contexts: decode tokens stream their sequence's whole KV; prompt chunks read each
 KV page once per query tile and are compute-bound for long chunks.
 
+Mixture-of-experts layers (models/moe.py) add the router (a small GEMM), top-k (memory), the
+grouped expert GEMM, the combine (memory) and, for Qwen2-MoE, a dense shared expert. The expert
+GEMM of a launch of n tokens is priced on the tokens each expert gets, drawn from a multinomial
+of n * top_k assignments over the experts (`expert_load`; uniform routing, not the mean n k / E
+per expert): only the experts that get a token read their weights, each expert's GEMM has the
+small-M efficiency of its own token count and its own partial M tile, and the permutation
+(gathering each token's row once per expert, scattering the outputs back) is memory traffic.
+
 A measured profile (`nanorun profile`, search/profile.py) calibrates this model: per op, a
 factor measured/predicted over token counts and SM counts, and measured interference.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -88,6 +97,9 @@ class OpWork:
     network_bytes_per_token: float = 0.0
     k: int = 0                # GEMM: inputs per token (per rank)
     n: int = 0                # GEMM: outputs per token (per rank)
+    experts: int = 0          # grouped expert GEMM: number of experts (0: an ordinary op)
+    top_k: int = 0            # grouped expert GEMM: experts per token
+    expert_n: tuple[int, ...] = ()   # grouped expert GEMM: (N, K) of its GEMMs, flattened
 
 
 @dataclass(frozen=True)
@@ -140,14 +152,64 @@ def op_work(config: "ModelConfig", tp: int = 1, dtype_bytes: int = 2) -> dict[st
         "embed": OpWork("memory", 0.0, 2 * d * b),
         "logits": gemm(d, config.vocab_size),                # per sampled token
     }
+    if config.is_moe:
+        work.update(_moe_work(config, tp, b))
     if tp > 1:
-        for name in ("attn_allreduce", "mlp_allreduce"):
+        for name in ("attn_allreduce", "mlp_allreduce", "moe_allreduce"):
             # The all-reduce of d partial sums per token (bytes_per_token: the add of the
             # reduced rows into the residual, reading both and writing one); each rank sends and
             # receives 2 (tp - 1) / tp of the rows.
             work[name] = OpWork("network", 0.0, 3 * d * b,
                                 network_bytes_per_token=2.0 * (tp - 1) / tp * d * b)
     return work
+
+
+def _moe_work(config: "ModelConfig", tp: int, b: int) -> dict[str, OpWork]:
+    """The mixture-of-experts ops of models/moe.py, per rank (every rank holds 1/tp of every
+    expert's and of the shared expert's units; router and top-k are replicated)."""
+    d, e, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
+    inter, shared = config.intermediate_size // tp, config.shared_expert_intermediate_size // tp
+    q, kv = config.q_size // tp, config.kv_size // tp
+
+    def gemm(k_: int, n: int, extra_rows: int = 0) -> OpWork:
+        return OpWork("gemm", 2.0 * k_ * n, (k_ + n + extra_rows) * b, k_ * n * b, k=k_, n=n)
+
+    # The expert GEMM's own activation traffic: per assignment, the gathered input row, the
+    # gate/up outputs written and read back, the activation, and the output row scattered.
+    per_assignment = (d + 2 * inter + 2 * inter + inter + d) * b
+    work = {
+        "moe_norm": OpWork("memory", 4.0 * d, 2 * d * b),
+        "router": gemm(d, e),
+        # softmax + top-k over the E logits; k fp32 weights and k ids written
+        "topk": OpWork("memory", 5.0 * e, e * b + 2 * k * 4),
+        "experts": OpWork("gemm", 2.0 * k * 3 * d * inter, k * per_assignment + 8 * k,
+                          e * 3 * d * inter * b, k=d, n=2 * inter, experts=e, top_k=k,
+                          expert_n=(2 * inter, d, d, inter)),
+        # k expert rows and weights read, the residual read and written
+        "combine": OpWork("memory", 2.0 * k * d, (k * d + 2 * d) * b + 4 * k),
+    }
+    if config.qk_norm:
+        work["qk_norm"] = OpWork("memory", 4.0 * (q + kv), 2 * (q + kv) * b)
+    if shared:
+        work["shared_gate_up"] = gemm(d, 2 * shared)
+        work["shared_act"] = OpWork("memory", 4.0 * shared, 3 * shared * b)
+        work["shared_down"] = gemm(shared, d)
+        combine = work["combine"]   # plus the shared output and x for the sigmoid gate
+        work["combine"] = replace(combine, flops_per_token=combine.flops_per_token + 4.0 * d,
+                                  bytes_per_token=combine.bytes_per_token + 2 * d * b)
+    return work
+
+
+@functools.lru_cache(maxsize=4096)
+def expert_load(tokens: int, experts: int, top_k: int, tile: int = 128,
+                samples: int = 32) -> tuple[float, float]:
+    """(expected touched experts, expected M tiles) of `tokens` tokens routed top_k of
+    `experts`, by a seeded Monte Carlo over the multinomial (the same numbers every run)."""
+    rng = np.random.default_rng([tokens, experts, top_k])
+    counts = rng.multinomial(tokens * top_k, np.full(experts, 1.0 / experts), size=samples)
+    touched = float((counts > 0).sum(axis=1).mean())
+    m_tiles = float(np.ceil(counts / tile).sum(axis=1).mean())
+    return touched, m_tiles
 
 
 class CostModel:
@@ -270,7 +332,9 @@ class CostModel:
         nbytes = w.bytes_per_token * tokens + w.weight_bytes
         efficiency = p.gemm_efficiency * tokens / (tokens + p.gemm_half_tokens)
         busy = f                     # the share of the device's SMs the launch keeps busy
-        if w.kind == "gemm" and w.k and p.per_rank_shapes:
+        if w.experts:
+            flops, nbytes, efficiency, busy = self._experts(w, tokens, sms, f)
+        elif w.kind == "gemm" and w.k and p.per_rank_shapes:
             fill = self._gemm_fill(w, tokens, sms)
             busy = f * fill
             efficiency *= fill * w.k / (w.k + p.gemm_k_overhead)
@@ -317,6 +381,30 @@ class CostModel:
         tiles = math.ceil(tokens / 128) * math.ceil(w.n / 128)
         splits = max(1, min(w.k // self.params.gemm_split_k, math.ceil(s / tiles)))
         return min(1.0, tiles * splits / s)
+
+    def _experts(self, w: OpWork, tokens: int, sms: int | None, f: float
+                 ) -> tuple[float, float, float, float]:
+        """(flops, bytes, efficiency, busy SM share) of a grouped expert GEMM of `tokens`
+        tokens: the weights of the experts that get a token (expert_load), the small-M
+        efficiency of each expert's own token count (sum over touched experts of
+        c_e / (c_e + gemm_half_tokens) weighted by c_e: assignments / (assignments + half x
+        touched)), and the tiles of each expert's rows filling the partition."""
+        p = self.params
+        touched, m_tiles = expert_load(tokens, w.experts, w.top_k)
+        assignments = tokens * w.top_k
+        flops = w.flops_per_token * tokens
+        nbytes = w.bytes_per_token * tokens + w.weight_bytes * touched / w.experts
+        efficiency = p.gemm_efficiency * assignments / (assignments + p.gemm_half_tokens * touched)
+        s = sms if sms is not None else self.device.sm_count
+        fill = 1.0
+        if s and p.per_rank_shapes:   # each of the two GEMMs: its tiles over the partition
+            fills = []
+            for n, k in zip(w.expert_n[::2], w.expert_n[1::2]):
+                tiles = m_tiles * math.ceil(n / 128)
+                splits = max(1, min(k // p.gemm_split_k, math.ceil(s / tiles)))
+                fills.append(min(1.0, tiles * splits / s) * k / (k + p.gemm_k_overhead))
+            fill = sum(fills) / len(fills)
+        return flops, nbytes, efficiency * fill, f * fill
 
     def _attention(self, s: TokenStats, q_bytes: float) -> tuple[float, float, float]:
         c, p = self.config, self.params

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nanorun.layout import Layout, resolve_layout
-from nanorun.models.llama import layer_ops
+from nanorun.models import model_layer_ops
 from nanorun.planner import Planner
 
 from .costmodel import CostModel
@@ -22,7 +22,8 @@ class Predictor:
     cost: CostModel
 
     def __post_init__(self) -> None:
-        self.ops = layer_ops(self.cost.tp)   # network ops appear when tp > 1
+        # The model's own ops (dense or mixture of experts); network ops appear when tp > 1.
+        self.ops = model_layer_ops(self.cost.config, self.cost.tp)
         self.op_names = tuple(op.name for op in self.ops)
 
     @property

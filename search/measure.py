@@ -23,6 +23,8 @@ partitions: one column, and no pairs).
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime
 import math
 import platform
@@ -130,8 +132,11 @@ class Rig:
         for t in (self.kv.k, self.kv.v):
             t.normal_(0.0, 1.0)
         self.ws = self.model.new_workspace(max_tokens)
-        for name in ("hidden", "x", "qkv", "attn", "gate_up", "act"):
-            getattr(self.ws, name).normal_(0.0, 1.0)
+        for f in dataclasses.fields(self.ws):       # every activation buffer, dense or MoE
+            getattr(self.ws, f.name).normal_(0.0, 1.0)
+        if hasattr(self.ws, "topk"):   # a mixture of experts: real routing for `experts` to time
+            for op in ("router", "topk"):
+                self.model.run_op(op, 0, self.ws, None, None, 0, max_tokens)
         self._streams: dict[tuple[int | None, ...], object] = {}
         self.partitions_how = "no SM partitions (CPU)" if self.device.type != "cuda" else \
             "whole device only"

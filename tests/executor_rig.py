@@ -21,6 +21,12 @@ from nanorun.sampling_params import SamplingParams
 from nanorun.scheduler import ScheduledChunk
 from nanorun.search import get_device
 
+
+def workspace_buffers(ws) -> list[torch.Tensor]:
+    """The workspace's own tensors, to poison in place (dataclasses.astuple returns deep copies,
+    so filling those left the real buffers as they were)."""
+    return [getattr(ws, f.name) for f in dataclasses.fields(ws)]
+
 BATCH = 48      # the dense batch; equal to test_planner's, whose layout strategy the tests use
 PAGE = 8
 CPU = get_device("cpu")
@@ -68,8 +74,8 @@ class Rig:
     """A 2-layer tiny model on `device`, its KV cache, and a "sequential" executor."""
 
     def __init__(self, attention=paged_attention, device="cpu", dtype=torch.float32,
-                 spec=CPU) -> None:
-        cfg = dataclasses.replace(get_preset("tiny-llama"), num_layers=2)
+                 spec=CPU, preset: str = "tiny-llama") -> None:
+        cfg = dataclasses.replace(get_preset(preset), num_layers=2)
         self.device, self.spec = torch.device(device), spec
         weights = random_weights(cfg, dtype=dtype, device=device, seed=0)
         self.model = build_model(cfg, weights, max_model_len=512, attention_fn=attention,
@@ -106,7 +112,7 @@ class Rig:
         """Logits of every token, with the workspace and this batch's KV slots poisoned first,
         so a launch that runs before what it needs reads NaN. `seed` picks the execution order
         (CPU race detector or simulated streams)."""
-        for buf in dataclasses.astuple(executor.ws):
+        for buf in workspace_buffers(executor.ws):
             buf.fill_(float("nan"))
         for cache in (self.kv.k, self.kv.v):
             cache.view(cache.shape[0], -1, *cache.shape[3:])[:, batch.slot_mapping] = math.nan

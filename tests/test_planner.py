@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from executor_rig import workspace_buffers
 from hypothesis import strategies as st
 
 from nanorun.batch import build_batch
@@ -34,8 +35,8 @@ H100 = get_device("h100")
 class Rig:
     """A 2-layer tiny model, its KV cache, and executors for any layout."""
 
-    def __init__(self) -> None:
-        cfg = dataclasses.replace(get_preset("tiny-llama"), num_layers=2)
+    def __init__(self, preset: str = "tiny-llama") -> None:
+        cfg = dataclasses.replace(get_preset(preset), num_layers=2)
         weights = random_weights(cfg, dtype=torch.float32, device="cpu", seed=0)
         self.model = build_model(cfg, weights, max_model_len=512, attention_fn=paged_attention,
                                  kv_append_fn=kv_append)
@@ -65,7 +66,7 @@ class Rig:
     def run(self, executor: Executor, batch, plan: Plan | None = None, order_seed=None):
         """Logits of every token, with the workspace and this batch's KV slots poisoned first,
         so a launch that runs before what it needs reads NaN."""
-        for buf in dataclasses.astuple(executor.ws):
+        for buf in workspace_buffers(executor.ws):
             buf.fill_(float("nan"))
         slots = batch.slot_mapping
         for cache in (self.kv.k, self.kv.v):
@@ -85,11 +86,13 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # -- the property: any valid layout, any batch, any legal order == sequential ----------------------
 @st.composite
-def layouts(draw):
+def layouts(draw, specs=LAYER_OPS):
+    """Random valid layouts of the layer `specs` (a model's layer_ops)."""
+    names = tuple(op.name for op in specs)
     n_parts = draw(st.integers(1, 3))
     parts = tuple(Partition(f"p{i}") for i in range(n_parts))
     ops = []
-    for op in OPS:
+    for op in names:
         k = draw(st.integers(1, 3))
         cuts = sorted(draw(st.lists(st.integers(1, BATCH - 1), min_size=k - 1, max_size=k - 1,
                                     unique=True)))
@@ -97,13 +100,14 @@ def layouts(draw):
         splits = tuple(b - a for a, b in zip(edges, edges[1:]))
         ops.append((op, OpLayout(splits, f"p{draw(st.integers(0, n_parts - 1))}")))
     op_major = Layout("random", BATCH, parts, tuple(ops))
-    layout = dataclasses.replace(op_major, order=_random_order(op_major, draw(st.randoms())))
+    layout = dataclasses.replace(op_major, order=_random_order(op_major, draw(st.randoms()),
+                                                               names))
     if draw(st.booleans()):
-        layout = _shifted(layout, draw(st.randoms()))
+        layout = _shifted(layout, draw(st.randoms()), specs)
     return layout
 
 
-def _shifted(layout: Layout, rng) -> Layout:
+def _shifted(layout: Layout, rng, specs=LAYER_OPS) -> Layout:
     """Pipeline a random tail of the order into the next layer's slot, then move entries around
     at random while the planner and Layout.validate still accept the order."""
     order = list(layout.issue_order())
@@ -115,15 +119,15 @@ def _shifted(layout: Layout, rng) -> Layout:
         trial_slots.insert(rng.randrange(len(trial_slots) + 1), entry)
         trial = dataclasses.replace(layout, order=tuple(trial_slots))
         try:
-            trial._validate_order(OPS)
-            Planner(LAYER_OPS, 2, trial)
+            trial._validate_order(tuple(op.name for op in specs))
+            Planner(specs, 2, trial)
         except LayoutError:
             continue
         slots = trial_slots
     return dataclasses.replace(layout, order=tuple(slots))
 
 
-def _random_order(layout: Layout, rng) -> tuple[tuple[str, int], ...]:
+def _random_order(layout: Layout, rng, names=OPS) -> tuple[tuple[str, int], ...]:
     """A random issue order of one layer's (op, nano-batch) launches that keeps every launch
     after the ones it needs (what Layout.validate accepts)."""
     pending, order = list(layout.issue_order()), []
@@ -132,7 +136,7 @@ def _random_order(layout: Layout, rng) -> tuple[tuple[str, int], ...]:
             trial = dataclasses.replace(layout, order=tuple(order + [key] + [
                 k for k in pending if k != key]))
             try:
-                trial._validate_order(OPS)
+                trial._validate_order(names)
             except LayoutError:
                 continue
             order.append(key)
@@ -191,8 +195,35 @@ def test_attention_waits_for_kv_appended_by_another_nano_batch(rig):
         assert _close(rig.run(ex, batch, order_seed=order_seed), expected)
 
 
+# The same property on a mixture of experts (router, top-k, grouped experts, the shared expert,
+# combine): its expert GEMM sorts each nano-batch's own rows, so any split of any op must agree.
+MOE_PRESET = "tiny-qwen2-moe"
+
+
+@pytest.fixture(scope="module")
+def moe_rig():
+    return Rig(MOE_PRESET)
+
+
+def _moe_specs():
+    from nanorun.models import model_layer_ops
+
+    return model_layer_ops(get_preset(MOE_PRESET), 1)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts(_moe_specs()), shape=batch_shapes(), seed=st.integers(0, 2**16))
+def test_any_layout_equals_sequential_for_a_mixture_of_experts(moe_rig, layout, shape, seed):
+    batch = moe_rig.batch(shape, seed)
+    expected = moe_rig.run(moe_rig.sequential, batch)
+    got = moe_rig.run(moe_rig.executor(layout), batch, order_seed=seed)
+    assert _close(got, expected)
+
+
 # -- mutation check: every wait of the overlap plan is caught when dropped ------------------------
-def test_dropping_any_wait_of_overlap_is_caught(rig):
+@pytest.mark.parametrize("rig_name", ["rig", "moe_rig"])
+def test_dropping_any_wait_of_overlap_is_caught(rig_name, request):
+    rig = request.getfixturevalue(rig_name)
     ex = rig.executor("overlap")
     # A prompt chunk straddles the nano-batch boundary, so attention needs the other's KV.
     batch = rig.batch([(4, 1), (6, 1), (0, 30), (11, 1), (2, 15)], seed=3)

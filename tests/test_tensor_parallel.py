@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from executor_rig import workspace_buffers
 
 from nanorun import LLM, SamplingParams
 from nanorun.config import EngineConfig
@@ -170,7 +171,7 @@ def _random_orders_agree(engine) -> bool:
 
 
 def _poisoned_run(engine, batch, order_seed):
-    for buf in dataclasses.astuple(engine.executor.ws):
+    for buf in workspace_buffers(engine.executor.ws):
         buf.fill_(float("nan"))
     kv = engine.kv_cache
     for cache in (kv.k, kv.v):
@@ -269,7 +270,7 @@ def test_layer_ops_per_tensor_parallel_size():
         "attn_norm", "qkv", "rope", "kv_append", "attention", "o_proj", "attn_allreduce",
         "mlp_norm", "gate_up", "act", "down", "mlp_allreduce"]
     network = tuple(op.name for op in TP_LAYER_OPS if op.kind == "network")
-    assert network == NETWORK_OPS
+    assert set(network) <= set(NETWORK_OPS)      # NETWORK_OPS also has MoE's moe_allreduce
     with pytest.raises(ValueError, match="positive int"):
         layer_ops(0)
 

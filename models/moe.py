@@ -1,0 +1,242 @@
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE) as plain math over named ops.
+
+The attention half of a layer is LlamaModel's (plus Qwen3's per-head q/k RMSNorm, `qk_norm`,
+before rope). The MLP is replaced by a mixture of experts, split into ops that each work on any
+token rows [t0, t1), so the planner nano-batches it like any other layer and the race detector
+applies unchanged:
+
+  moe_norm        memory   hidden -> x                   RMSNorm (the weight HF calls
+                                                         post_attention_layernorm)
+  router          gemm     x -> router_logits [T, E]     x @ router^T
+  topk            memory   router_logits -> topk         softmax in fp32, the top k, renormalised
+                                                         (Mixtral; Qwen when norm_topk_prob)
+  experts         gemm     x, topk -> expert_out         the routed experts' SwiGLU, grouped
+  shared_gate_up  gemm     x -> shared_gate_up           Qwen2-MoE's shared expert, as the
+  shared_act      memory   shared_gate_up -> shared_act  dense MLP's gate_up / act / down
+  shared_down     gemm     shared_act -> shared_out
+  combine         memory   expert_out, topk, (x, shared_out), hidden -> hidden
+                           the routing-weighted sum of each token's k expert outputs, plus the
+                           sigmoid-gated shared expert, added into the residual stream
+
+Buffers beyond the dense ones (T rows as in models.llama; k = num_experts_per_tok):
+  router_logits [T, E]       model dtype, as HF computes them
+  topk          [T, 2k]      fp32: the k routing weights, then the k expert ids (exact as floats)
+  expert_out    [T * k, D]   row t*k + j: token t's j-th expert's output, unweighted
+
+The permutation is per row: `topk` holds each token's expert ids, and `experts` sorts the
+(token, expert) pairs of its own rows by expert, runs the experts as one grouped GEMM over those
+sorted rows (torch.nn.functional.grouped_mm where the build runs it for the dtype, else a loop
+over experts) and scatters the results back to row order in `expert_out`. A nano-batch's expert
+GEMM therefore sees only its rows, and `topk`, `experts` and `combine` may each be split
+differently. Why grouped_mm and where it falls back: docs/architecture.md.
+
+Tensor parallelism (vLLM's default for MoE): every rank holds a slice of every expert's
+intermediate units (and of the shared expert's), the router is replicated, so each rank's
+`combine` is a partial sum, written to `moe_out` and summed over the ranks by the network op
+`moe_allreduce`, which adds it into `hidden`, like the dense model's mlp_allreduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .llama import LlamaModel, OpSpec, TORCH_POINTWISE, PointwiseOps, rms_norm
+
+# dtypes torch's grouped_mm runs, per device type (torch 2.13: CUDA bf16 on SM >= 80 only).
+GROUPED_MM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
+                     "cuda": (torch.bfloat16,)}
+
+
+def moe_layer_ops(config: ModelConfig, tp: int) -> tuple[OpSpec, ...]:
+    """The ops of one mixture-of-experts layer on `tp` tensor-parallel ranks (module docstring)."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor parallel size must be a positive int, got {tp!r}")
+    par = tp > 1
+    ops = [OpSpec("attn_norm", "memory", ("hidden",), ("x",)),
+           OpSpec("qkv", "gemm", ("x",), ("qkv",))]
+    if config.qk_norm:
+        ops.append(OpSpec("qk_norm", "memory", ("qkv",), ("qkv",)))
+    ops += [OpSpec("rope", "memory", ("qkv",), ("qkv",)),
+            OpSpec("kv_append", "memory", ("qkv",), ("kv_cache",)),
+            OpSpec("attention", "attention", ("qkv", "kv_cache"), ("attn",))]
+    if par:
+        ops += [OpSpec("o_proj", "gemm", ("attn",), ("o_out",)),
+                OpSpec("attn_allreduce", "network", ("o_out", "hidden"), ("o_out", "hidden"))]
+    else:
+        ops.append(OpSpec("o_proj", "gemm", ("attn", "hidden"), ("hidden",)))
+    ops += [OpSpec("moe_norm", "memory", ("hidden",), ("x",)),
+            OpSpec("router", "gemm", ("x",), ("router_logits",)),
+            OpSpec("topk", "memory", ("router_logits",), ("topk",)),
+            OpSpec("experts", "gemm", ("x", "topk"), ("expert_out",))]
+    combine_reads: tuple[str, ...] = ("expert_out", "topk")
+    if config.shared_expert_intermediate_size:
+        ops += [OpSpec("shared_gate_up", "gemm", ("x",), ("shared_gate_up",)),
+                OpSpec("shared_act", "memory", ("shared_gate_up",), ("shared_act",)),
+                OpSpec("shared_down", "gemm", ("shared_act",), ("shared_out",))]
+        combine_reads += ("shared_out", "x")
+    if par:
+        ops += [OpSpec("combine", "memory", combine_reads, ("moe_out",)),
+                OpSpec("moe_allreduce", "network", ("moe_out", "hidden"), ("moe_out", "hidden"))]
+    else:
+        ops.append(OpSpec("combine", "memory", combine_reads + ("hidden",), ("hidden",)))
+    return tuple(ops)
+
+
+@dataclass
+class MoEWorkspace:
+    """Fixed activation buffers of a mixture-of-experts model (module docstring). The shared
+    expert's buffers have no columns when the model has none; o_out and moe_out (tp > 1 only)
+    likewise."""
+
+    hidden: torch.Tensor
+    x: torch.Tensor
+    qkv: torch.Tensor
+    attn: torch.Tensor
+    router_logits: torch.Tensor
+    topk: torch.Tensor
+    expert_out: torch.Tensor
+    shared_gate_up: torch.Tensor
+    shared_act: torch.Tensor
+    shared_out: torch.Tensor
+    o_out: torch.Tensor
+    moe_out: torch.Tensor
+
+    @property
+    def max_tokens(self) -> int:
+        return self.hidden.shape[0]
+
+
+class MoEModel(LlamaModel):
+    """LlamaModel with its MLP replaced by a mixture of experts; same constructor."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], *,
+                 max_model_len: int, attention_fn, kv_append_fn,
+                 tp_group: dist.ProcessGroup | None = None,
+                 pointwise: PointwiseOps = TORCH_POINTWISE) -> None:
+        if not config.is_moe:
+            raise ValueError(f"{config.name} is a dense model; build it with LlamaModel")
+        super().__init__(config, weights, max_model_len=max_model_len, attention_fn=attention_fn,
+                         kv_append_fn=kv_append_fn, tp_group=tp_group, pointwise=pointwise)
+        self.layer_ops = moe_layer_ops(config, self.tp)
+        self._ops = {op.name: getattr(self, f"_{op.name}") for op in self.layer_ops}
+        if self.tp > 1:
+            self._ops["o_proj"] = self._o_proj_partial
+        self.top_k = config.num_experts_per_tok
+        # Qwen casts the routing weights to the model's dtype before weighting; Mixtral keeps fp32.
+        self._round_weights = config.architecture != "MixtralForCausalLM"
+        self.grouped_mm = self.dtype in GROUPED_MM_DTYPES.get(self.device.type, ())
+
+    def new_workspace(self, max_tokens: int) -> MoEWorkspace:
+        c = self.local
+        empty = lambda *s, dtype=self.dtype: torch.empty(s, dtype=dtype, device=self.device)  # noqa: E731
+        d, s = c.hidden_size, c.shared_expert_intermediate_size
+        par = d if self.tp > 1 else 0
+        return MoEWorkspace(
+            hidden=empty(max_tokens, d), x=empty(max_tokens, d),
+            qkv=empty(max_tokens, c.q_size + 2 * c.kv_size), attn=empty(max_tokens, c.q_size),
+            router_logits=empty(max_tokens, c.num_experts),
+            topk=empty(max_tokens, 2 * c.num_experts_per_tok, dtype=torch.float32),
+            expert_out=empty(max_tokens * c.num_experts_per_tok, d),
+            shared_gate_up=empty(max_tokens, 2 * s), shared_act=empty(max_tokens, s),
+            shared_out=empty(max_tokens, d if s else 0),
+            o_out=empty(max_tokens, par), moe_out=empty(max_tokens, par))
+
+    # -- attention: Qwen3's QK norm ----------------------------------------------------------
+    def _qk_norm(self, i, ws, batch, kv, t0, t1):
+        # Per head, over head_dim, before rope. Plain torch: the q and k heads are strided
+        # views into qkv, which the fused RMSNorm kernel does not take.
+        c, eps = self.local, self.config.rms_norm_eps
+        q = ws.qkv[t0:t1, : c.q_size].unflatten(-1, (c.num_heads, c.head_dim))
+        k = ws.qkv[t0:t1, c.q_size: c.q_size + c.kv_size].unflatten(-1, (c.num_kv_heads, c.head_dim))
+        q.copy_(rms_norm(q, self.w[f"layers.{i}.q_norm"], eps))
+        k.copy_(rms_norm(k, self.w[f"layers.{i}.k_norm"], eps))
+
+    # -- the mixture of experts --------------------------------------------------------------
+    def _moe_norm(self, i, ws, batch, kv, t0, t1):
+        self._mlp_norm(i, ws, batch, kv, t0, t1)
+
+    def _router(self, i, ws, batch, kv, t0, t1):
+        torch.mm(ws.x[t0:t1], self.w[f"layers.{i}.router"].t(), out=ws.router_logits[t0:t1])
+
+    def _topk(self, i, ws, batch, kv, t0, t1):
+        k = self.top_k
+        probs = torch.softmax(ws.router_logits[t0:t1].float(), dim=-1)
+        weights, ids = torch.topk(probs, k, dim=-1)                       # [n, k]
+        if self.config.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self._round_weights:
+            weights = weights.to(self.dtype)
+        ws.topk[t0:t1, :k] = weights
+        ws.topk[t0:t1, k:] = ids
+
+    def _experts(self, i, ws, batch, kv, t0, t1):
+        """Token t's j-th expert output to expert_out row t*k + j, for t in [t0, t1)."""
+        k, e = self.top_k, self.local.num_experts
+        # NaN ids (rows topk has not written, which the race detector poisons) become expert 0:
+        # a wrong but finite result, which the comparison catches, instead of an index error.
+        ids = ws.topk[t0:t1, k:].nan_to_num(0.0).long().clamp_(0, e - 1).flatten()   # [n k]
+        order = torch.argsort(ids, stable=True)             # (token, slot) pairs by expert
+        rows = ws.x[t0:t1].index_select(0, order // k)      # [n k, D], sorted by expert
+        counts = torch.bincount(ids, minlength=e)
+        gate_up = self._grouped(rows, self._expert_weights(i, "gate_up"), counts)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = self._grouped(F.silu(gate) * up, self._expert_weights(i, "down"), counts)
+        ws.expert_out[t0 * k: t1 * k].index_copy_(0, order, out)
+
+    def _expert_weights(self, i: int, which: str) -> torch.Tensor:
+        """[E, N, K] view of the stacked expert weights (models/loader.py's layout)."""
+        w = self.w[f"layers.{i}.expert_{which}"]
+        return w.view(self.local.num_experts, -1, w.shape[1])
+
+    def _grouped(self, rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor
+                 ) -> torch.Tensor:
+        """rows [M, K] sorted by expert (counts[e] rows for expert e) times each expert's
+        weights[e] [N, K] transposed: [M, N]."""
+        if self.grouped_mm:
+            offs = counts.cumsum(0).to(torch.int32)
+            return F.grouped_mm(rows, weights.transpose(1, 2), offs=offs)
+        out = rows.new_empty(rows.shape[0], weights.shape[1])
+        start = 0
+        for expert, n in enumerate(counts.tolist()):    # the loop fallback syncs with the host
+            if n:
+                torch.mm(rows[start:start + n], weights[expert].t(), out=out[start:start + n])
+                start += n
+        return out
+
+    def _shared_gate_up(self, i, ws, batch, kv, t0, t1):
+        torch.mm(ws.x[t0:t1], self.w[f"layers.{i}.shared_gate_up"].t(),
+                 out=ws.shared_gate_up[t0:t1])
+
+    def _shared_act(self, i, ws, batch, kv, t0, t1):
+        self.pointwise.silu_and_mul(ws.shared_gate_up[t0:t1], ws.shared_act[t0:t1])
+
+    def _shared_down(self, i, ws, batch, kv, t0, t1):
+        torch.mm(ws.shared_act[t0:t1], self.w[f"layers.{i}.shared_down"].t(),
+                 out=ws.shared_out[t0:t1])
+
+    def _combine(self, i, ws, batch, kv, t0, t1):
+        moe = self._mixture(i, ws, t0, t1)
+        if self.tp > 1:
+            ws.moe_out[t0:t1].copy_(moe)
+        else:
+            ws.hidden[t0:t1] += moe
+
+    def _mixture(self, i: int, ws: MoEWorkspace, t0: int, t1: int) -> torch.Tensor:
+        """[n, D]: the routing-weighted sum of each row's experts, plus the gated shared expert
+        (on tp > 1 ranks: this rank's partial sum of it)."""
+        k, n = self.top_k, t1 - t0
+        outs = ws.expert_out[t0 * k: t1 * k].view(n, k, -1)             # [n, k, D]
+        weights = ws.topk[t0:t1, :k].unsqueeze(-1)                      # [n, k, 1] fp32
+        moe = (outs.float() * weights).sum(dim=1).to(self.dtype)
+        if self.local.shared_expert_intermediate_size:
+            gate = torch.sigmoid(ws.x[t0:t1] @ self.w[f"layers.{i}.shared_gate"].t())   # [n, 1]
+            moe += gate * ws.shared_out[t0:t1]
+        return moe
+
+    def _moe_allreduce(self, i, ws, batch, kv, t0, t1):
+        self._all_reduce_into_hidden(ws.moe_out, ws, t0, t1)
