@@ -273,6 +273,16 @@ def trace_requests(trace: str, num_requests: int, vocab_size: int, max_prompt: i
     return out
 
 
+def _one_engine_tokens(model: str, requests: list[TraceRequest], kwargs) -> dict[str, list[int]]:
+    engine = Engine(model, **kwargs)
+    for r in requests:
+        engine.add_request(r.request_id, r.prompt_token_ids, r.sampling_params)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        tokens.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    return tokens
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nanorun.disagg",
@@ -287,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-tokens", type=int, default=8192)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--check", action="store_true",
+                        help="rank 0 then serves the trace on one 'both' engine and reports "
+                             "whether the pair produced exactly its tokens")
     parser.add_argument("--out", help="JSON file for the results (rank 0 writes it)")
     args = parser.parse_args(argv)
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
@@ -295,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     if dist.get_world_size() != 2:
         raise SystemExit("run with torchrun --nproc-per-node 2: rank 0 prefills, rank 1 decodes")
     device = f"cuda:{rank}" if backend == "nccl" else args.device
-    engine, receiver = pair_engine(args.model, rank, layout=args.layout, device=device,
-                                   max_batch_tokens=args.max_batch_tokens,
-                                   kv_cache_tokens=args.kv_cache_tokens)
+    kwargs = dict(layout=args.layout, device=device, max_batch_tokens=args.max_batch_tokens,
+                  kv_cache_tokens=args.kv_cache_tokens)
+    engine, receiver = pair_engine(args.model, rank, **kwargs)
     requests = trace_requests(args.trace, args.num_requests, engine.model_config.vocab_size,
                               args.max_prompt, args.max_output)
     start = time.perf_counter()
@@ -308,14 +321,20 @@ def main(argv: list[str] | None = None) -> int:
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in final.values()),
             "pages": kv.num_pages, "free_pages_at_end": kv.num_free_pages,
             "waited_for_pages": receiver.waited if receiver else 0}
+    tokens = {k: o.outputs[0].token_ids for k, o in final.items()}
     both: list = [None, None]
-    dist.all_gather_object(both, mine)
+    dist.all_gather_object(both, (mine, tokens))
+    both, tokens = [m for m, _ in both], {k: t for _, side in both for k, t in side.items()}
     if rank == PREFILL_RANK:
         report = {"command": "torchrun --nproc-per-node 2 -m nanorun.disagg "
                              + " ".join(sys.argv[1:] if argv is None else argv),
                   "model": args.model, "trace": args.trace, "requests": len(requests),
                   "layout": engine.executor.layout_name, "ranks": both,
-                  "pages_conserved": all(r["free_pages_at_end"] == r["pages"] for r in both)}
+                  "pages_conserved": all(r["free_pages_at_end"] == r["pages"] for r in both),
+                  "all_finished": sorted(tokens) == sorted(r.request_id for r in requests)}
+        if args.check:
+            report["tokens_match_one_engine"] = tokens == _one_engine_tokens(
+                args.model, requests, kwargs)
         print(json.dumps(report, indent=2))
         if args.out:
             with open(args.out, "w") as f:
