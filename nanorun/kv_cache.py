@@ -70,8 +70,8 @@ class KVCache:
         want = (n, *self.k.shape[3:])
         for name, t in (("k", k), ("v", v)):
             if tuple(t.shape) != want or t.dtype != self.k.dtype:
-                raise ValueError(f"received {name} of shape {tuple(t.shape)} {t.dtype} does not fit "
-                                 f"this cache's {want} {self.k.dtype}: the prefill and decode "
+                raise ValueError(f"received {name} of shape {tuple(t.shape)} {t.dtype} does not "
+                                 f"fit this cache's {want} {self.k.dtype}: the prefill and decode "
                                  f"engines must run the same model, dtype and tensor parallelism")
         if self.pages_for(start + n) > len(request.pages):
             raise ValueError(f"request {request.request_id!r} holds {len(request.pages)} pages, "

@@ -137,6 +137,28 @@ def test_the_decode_side_refuses_what_it_can_never_hold():
         receiver.poll()
 
 
+def test_placed_kv_lands_in_the_requests_own_pages():
+    from nanorun.kv_cache import KVCache
+    from nanorun.request import Request
+
+    kv = KVCache(num_layers=2, num_pages=8, page_size=4, num_kv_heads=2, head_dim=3,
+                 dtype=torch.float32, device=torch.device("cpu"))
+    other, request = (Request(i, (1,) * 9, SamplingParams(), 0.0, ()) for i in ("o", "r"))
+    kv.grow(other, 5)                        # the request's pages are not the first ones
+    kv.grow(request, 9)
+    k = torch.arange(9 * 6, dtype=torch.float32).view(9, 2, 3)
+    kv.place(request, 1, 0, k, -k)
+    for pos in range(9):
+        page, offset = request.pages[pos // 4], pos % 4
+        assert torch.equal(kv.k[1, page, offset], k[pos])
+        assert torch.equal(kv.v[1, page, offset], -k[pos])
+    assert not kv.k[0].any() and not kv.k[1, other.pages].any()
+    with pytest.raises(ValueError, match="same model, dtype"):
+        kv.place(request, 0, 0, k.double(), k.double())
+    with pytest.raises(ValueError, match=r"grow\(\) it first"):
+        kv.place(request, 0, 8, k[:5], k[:5])
+
+
 # -- roles: what each engine accepts ---------------------------------------------------------------
 def test_roles_are_validated_and_each_engine_takes_what_its_role_takes():
     with pytest.raises(ValueError, match="unknown role"):
