@@ -311,7 +311,6 @@ def test_two_gloo_ranks_prefill_and_decode_the_tokens_of_one_engine(tmp_path):
         assert prefill[layout]["kv_send_on"] == ("net" if layout == "overlap" else "device")
         for side in (prefill, decode):
             assert side[layout]["free_pages"] == side[layout]["pages"], (layout, side)
-        assert decode[layout]["waited"] > 0
 
 
 def _start_ranks(tmp_path: Path) -> list[tuple[subprocess.Popen, Path]]:
