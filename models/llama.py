@@ -22,6 +22,11 @@ the weights). qkv and gate_up are column-parallel and need no communication; o_p
 row-parallel, so each rank's product is a partial sum, and the network ops attn_allreduce and
 mlp_allreduce sum it over the ranks and add it into the residual stream. They are ordinary ops
 on token rows, so the planner can overlap one nano-batch's all-reduce with another's compute.
+
+A prefill engine (Splitwise's prompt machine, nanorun.disagg) runs `layer_ops(tp, kv_send=True)`:
+each layer gains the network op kv_send right after kv_append. It reads the layer's KV cache
+rows [t0, t1) and hands them to the model's `kv_sink` (the transport), so the planner issues
+layer l's transfer on the network partition while layer l + 1 computes, as it does collectives.
 """
 
 from __future__ import annotations
@@ -81,13 +86,23 @@ TP_LAYER_OPS: tuple[OpSpec, ...] = (
 )
 
 
-def layer_ops(tp: int) -> tuple[OpSpec, ...]:
+# The KV handoff of a prefill engine: it reads what kv_append wrote and writes no buffer, so
+# the planner orders it after kv_append of its rows and nothing waits for it.
+KV_SEND = OpSpec("kv_send", "network", ("kv_cache",), ())
+
+
+def layer_ops(tp: int, kv_send: bool = False) -> tuple[OpSpec, ...]:
     """The ops of one layer on `tp` tensor-parallel ranks: LAYER_OPS for one, else TP_LAYER_OPS
     (o_proj and down write partial sums that attn_allreduce and mlp_allreduce reduce over the
-    ranks, rows [t0, t1) at a time, and add into `hidden`)."""
+    ranks, rows [t0, t1) at a time, and add into `hidden`). kv_send: with KV_SEND right after
+    kv_append (a prefill engine's layer)."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor parallel size must be a positive int, got {tp!r}")
-    return LAYER_OPS if tp == 1 else TP_LAYER_OPS
+    ops = LAYER_OPS if tp == 1 else TP_LAYER_OPS
+    if not kv_send:
+        return ops
+    at = [op.name for op in ops].index("kv_append") + 1
+    return ops[:at] + (KV_SEND,) + ops[at:]
 
 
 @dataclass
@@ -116,6 +131,7 @@ class TPWorkspace(Workspace):
 
 AttentionFn = Callable[..., None]
 KVAppendFn = Callable[..., None]
+KVSinkFn = Callable[..., None]      # (layer, batch, kv_cache, t0, t1), see LlamaModel
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,9 @@ class LlamaModel:
     shard: `weights` must be its shard (models.loader.shard_weights), `local` is the shard's
     config (local head and intermediate counts, which size the workspace and the KV cache) and
     `layer_ops` is TP_LAYER_OPS. `config` is always the whole model's.
+
+    With `kv_sink` the layers gain the kv_send op (see the module docstring), whose launch on
+    rows [t0, t1) of layer i calls kv_sink(i, batch, kv, t0, t1).
     """
 
     def __init__(
@@ -173,13 +192,15 @@ class LlamaModel:
         kv_append_fn: KVAppendFn,
         tp_group: dist.ProcessGroup | None = None,
         pointwise: PointwiseOps = TORCH_POINTWISE,
+        kv_sink: KVSinkFn | None = None,
     ) -> None:
         self.config = config
         self.tp_group = tp_group
         self.tp = 1 if tp_group is None else dist.get_world_size(tp_group)
         self.local = shard_config(config, self.tp)
         _check_weights(self.local, weights, self.tp)
-        self.layer_ops = layer_ops(self.tp)
+        self.layer_ops = layer_ops(self.tp, kv_send=kv_sink is not None)
+        self._kv_sink = kv_sink
         self.w = weights
         self.dtype = weights["embed"].dtype
         self.device = weights["embed"].device
@@ -243,6 +264,9 @@ class LlamaModel:
     def _kv_append(self, i, ws, batch, kv, t0, t1):
         k, v = self._kv_views(ws, t0, t1)
         self._kv_append_kernel(k, v, kv.k[i], kv.v[i], batch.slot_mapping[t0:t1])
+
+    def _kv_send(self, i, ws, batch, kv, t0, t1):
+        self._kv_sink(i, batch, kv, t0, t1)
 
     def _attention(self, i, ws, batch, kv, t0, t1):
         c = self.local

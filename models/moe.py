@@ -45,15 +45,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .llama import LlamaModel, OpSpec, TORCH_POINTWISE, PointwiseOps, rms_norm
+from .llama import KV_SEND, LlamaModel, OpSpec, TORCH_POINTWISE, PointwiseOps, rms_norm
 
 # dtypes torch's grouped_mm runs, per device type (torch 2.13: CUDA bf16 on SM >= 80 only).
 GROUPED_MM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
                      "cuda": (torch.bfloat16,)}
 
 
-def moe_layer_ops(config: ModelConfig, tp: int) -> tuple[OpSpec, ...]:
-    """The ops of one mixture-of-experts layer on `tp` tensor-parallel ranks (module docstring)."""
+def moe_layer_ops(config: ModelConfig, tp: int, kv_send: bool = False) -> tuple[OpSpec, ...]:
+    """The ops of one mixture-of-experts layer on `tp` tensor-parallel ranks (module docstring);
+    with kv_send, a prefill engine's KV_SEND right after kv_append, as in models.llama."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor parallel size must be a positive int, got {tp!r}")
     par = tp > 1
@@ -62,8 +63,10 @@ def moe_layer_ops(config: ModelConfig, tp: int) -> tuple[OpSpec, ...]:
     if config.qk_norm:
         ops.append(OpSpec("qk_norm", "memory", ("qkv",), ("qkv",)))
     ops += [OpSpec("rope", "memory", ("qkv",), ("qkv",)),
-            OpSpec("kv_append", "memory", ("qkv",), ("kv_cache",)),
-            OpSpec("attention", "attention", ("qkv", "kv_cache"), ("attn",))]
+            OpSpec("kv_append", "memory", ("qkv",), ("kv_cache",))]
+    if kv_send:
+        ops.append(KV_SEND)
+    ops.append(OpSpec("attention", "attention", ("qkv", "kv_cache"), ("attn",)))
     if par:
         ops += [OpSpec("o_proj", "gemm", ("attn",), ("o_out",)),
                 OpSpec("attn_allreduce", "network", ("o_out", "hidden"), ("o_out", "hidden"))]
@@ -117,12 +120,13 @@ class MoEModel(LlamaModel):
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], *,
                  max_model_len: int, attention_fn, kv_append_fn,
                  tp_group: dist.ProcessGroup | None = None,
-                 pointwise: PointwiseOps = TORCH_POINTWISE) -> None:
+                 pointwise: PointwiseOps = TORCH_POINTWISE, kv_sink=None) -> None:
         if not config.is_moe:
             raise ValueError(f"{config.name} is a dense model; build it with LlamaModel")
         super().__init__(config, weights, max_model_len=max_model_len, attention_fn=attention_fn,
-                         kv_append_fn=kv_append_fn, tp_group=tp_group, pointwise=pointwise)
-        self.layer_ops = moe_layer_ops(config, self.tp)
+                         kv_append_fn=kv_append_fn, tp_group=tp_group, pointwise=pointwise,
+                         kv_sink=kv_sink)
+        self.layer_ops = moe_layer_ops(config, self.tp, kv_send=kv_sink is not None)
         self._ops = {op.name: getattr(self, f"_{op.name}") for op in self.layer_ops}
         if self.tp > 1:
             self._ops["o_proj"] = self._o_proj_partial

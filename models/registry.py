@@ -28,10 +28,11 @@ def model_layer_ops(config: ModelConfig, tp: int = 1) -> tuple[OpSpec, ...]:
 
 
 def build_model(config: ModelConfig, weights, *, max_model_len: int, attention_fn, kv_append_fn,
-                tp_group=None, pointwise: PointwiseOps = TORCH_POINTWISE):
+                tp_group=None, pointwise: PointwiseOps = TORCH_POINTWISE, kv_sink=None):
     """The model of `config` over `weights`; with `tp_group` (a torch.distributed process group),
     this rank's tensor-parallel shard of it (`weights` must then be the shard). `pointwise`: the
-    element-wise ops (RMSNorm, rope, SiLU-and-mul) the backend runs them with."""
+    element-wise ops (RMSNorm, rope, SiLU-and-mul) the backend runs them with. `kv_sink`: a
+    prefill engine's KV transport, which gives the layers the kv_send op (models.llama)."""
     try:
         cls = MODEL_CLASSES[config.architecture]
     except KeyError:
@@ -39,4 +40,5 @@ def build_model(config: ModelConfig, weights, *, max_model_len: int, attention_f
             f"no model class for architecture {config.architecture!r}; supported: "
             f"{sorted(MODEL_CLASSES)}") from None
     return cls(config, weights, max_model_len=max_model_len, attention_fn=attention_fn,
-               kv_append_fn=kv_append_fn, tp_group=tp_group, pointwise=pointwise)
+               kv_append_fn=kv_append_fn, tp_group=tp_group, pointwise=pointwise,
+               kv_sink=kv_sink)

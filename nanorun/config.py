@@ -15,6 +15,9 @@ MAX_PAGE_SIZE = 1024
 # Set to 1 to run with max_model_len beyond the model's context (vLLM's
 # VLLM_ALLOW_LONG_MAX_MODEL_LEN): positions past what it was trained on give poor outputs.
 ALLOW_LONG_MAX_MODEL_LEN_ENV = "NANORUN_ALLOW_LONG_MAX_MODEL_LEN"
+# What an engine does with a request (Splitwise, nanorun.disagg): "both" runs it whole;
+# "prefill" runs its prompt and first token, then hands it to a "decode" engine.
+ROLES = ("both", "prefill", "decode")
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -46,6 +49,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     length_predictor: Any = None
     kv_reservation: str = "none"
+    role: str = "both"
 
     def __post_init__(self) -> None:
         from .scheduler import KV_RESERVATIONS, POLICIES
@@ -56,6 +60,12 @@ class EngineConfig:
         if self.kv_reservation not in KV_RESERVATIONS:
             raise ValueError(f"unknown kv_reservation {self.kv_reservation!r}: use one of "
                              f"{KV_RESERVATIONS}")
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}: use one of {ROLES}")
+        if self.role == "prefill" and self.tensor_parallel_size != 1:
+            raise ValueError("role='prefill' hands KV over from one device: the KV handoff of "
+                             "tensor-parallel shards is not supported; use "
+                             "tensor_parallel_size=1")
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("tensor_parallel_size", self.tensor_parallel_size)

@@ -65,11 +65,20 @@ class Engine:
 
     `config` is the EngineConfig as run: max_batch_tokens filled in where the user left it to
     the layout (see EngineConfig).
+
+    role="prefill" | "decode" (Splitwise; nanorun.disagg builds and drives such pairs): a
+    prefill engine, given `kv_sender`, runs each prompt and its first token with the kv_send
+    op in every layer, then hands the request over and forgets it; a decode engine takes
+    requests only through admit_transferred(). "both" (the default) runs requests whole.
     """
 
-    def __init__(self, model: str, *, process_group=None, **kwargs) -> None:
+    def __init__(self, model: str, *, process_group=None, kv_sender=None, **kwargs) -> None:
         self.config = EngineConfig(model=model, **kwargs)
         cfg = self.config
+        if (cfg.role == "prefill") != (kv_sender is not None):
+            raise ValueError("role='prefill' needs a kv_sender to hand its requests to (use "
+                             "nanorun.disagg.prefill_engine), and only a prefill engine takes one")
+        self.kv_sender = kv_sender
         self.model_config, model_dir = resolve_model(model)
         check_tensor_parallel(self.model_config, cfg.tensor_parallel_size)
         self.dtype = cfg.torch_dtype
@@ -91,7 +100,8 @@ class Engine:
         self.model = build_model(self.model_config, weights, max_model_len=self.max_model_len,
                                  attention_fn=attention_fn, kv_append_fn=kv_append_fn,
                                  tp_group=self.tensor_parallel.group,
-                                 pointwise=select_pointwise(self.device))
+                                 pointwise=select_pointwise(self.device),
+                                 kv_sink=kv_sender and kv_sender.send_layer)
         self.kv_cache = self._new_kv_cache(kv_tokens)
         predictor = cfg.length_predictor
         if isinstance(predictor, (str, os.PathLike)) and uses_predictions(
@@ -100,8 +110,10 @@ class Engine:
                 cfg.length_predictor))
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens, cfg.scheduling_policy,
                                    predictor, cfg.kv_reservation)
+        # kv_send calls the transport from the host with each iteration's requests: no graphs.
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
-                                 spec, kernels=(attention_fn, kv_append_fn))
+                                 spec, kernels=(attention_fn, kv_append_fn),
+                                 graphs=kv_sender is None)
         self.sampler = Sampler()
         self._unseeded = itertools.count()     # numbers unseeded requests' random streams
         # What ends a request unless ignore_eos; a TextEngine adds its tokenizer's EOS ids.
@@ -131,6 +143,10 @@ class Engine:
 
     def enqueue_all(self, requests: list[Request]) -> None:
         """Queue Requests made by new_request(): all of them, or (raising) none."""
+        if self.config.role == "decode":
+            raise ValueError("a decode engine continues requests a prefill engine handed it "
+                             "(admit_transferred, see nanorun.disagg); add requests to the "
+                             "prefill engine, or use role='both'")
         ids = [r.request_id for r in requests]
         taken = [i for i in ids if i in self.requests] or [i for i in ids if ids.count(i) > 1]
         if taken:
@@ -178,6 +194,23 @@ class Engine:
                else unseeded_key(self.config.seed, next(self._unseeded)))
         eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
         return Request(request_id, prompt, sp, now, eos, sampling_key=key)
+
+    def admit_transferred(self, request: Request) -> None:
+        """Queue a request whose first num_computed_tokens tokens' KV another engine computed
+        and nanorun.disagg placed in this engine's pages (request.pages), with its sampled
+        tokens so far and its sampling key: it continues as if this engine had prefilled it. It
+        is scheduled like a preempted one; if it is preempted, it is recomputed here."""
+        if self.config.role == "prefill":
+            raise ValueError("a prefill engine hands requests over; it takes none")
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use by an "
+                             f"unfinished request; give each request a unique id")
+        if self.kv_cache.pages_for(request.num_computed_tokens) > len(request.pages):
+            raise ValueError(f"request {request.request_id!r} has computed "
+                             f"{request.num_computed_tokens} tokens but holds "
+                             f"{len(request.pages)} pages: place its KV first")
+        self.scheduler.add(request)
+        self.requests[request.request_id] = request
 
     def abort_request(self, request_id: str | int | Iterable[str | int], *,
                       report: bool = True) -> None:
@@ -228,6 +261,8 @@ class Engine:
         every = [c.request.wants_prompt_logprobs for c in chunks]
         batch = build_batch(chunks, self.kv_cache.page_size, self.device,
                             all_logits=every if any(every) else None)
+        if self.kv_sender is not None:       # the kv_send ops name the batch's rows by chunk
+            self.kv_sender.begin_iteration(chunks, batch)
         logits = self.executor.run(batch)
         if any(every):
             logits = self._take_prompt_logprobs(chunks, every, logits)
@@ -247,7 +282,18 @@ class Engine:
             if request.finished:
                 self.scheduler.remove(request)
                 del self.requests[request.request_id]
+        if self.kv_sender is not None:
+            self._hand_off([r for r in sampling if not r.finished])
         return outputs + [r.to_output() for r in sampling]
+
+    def _hand_off(self, prefilled: list[Request]) -> None:
+        """role="prefill": the requests whose prompt this step completed (and that did not end
+        on their first token) leave for the decode engine. hand_off returns once their KV and
+        state have been sent, so their pages can be freed."""
+        self.kv_sender.hand_off(prefilled)
+        for request in prefilled:
+            self.scheduler.remove(request)
+            del self.requests[request.request_id]
 
     def _take_prompt_logprobs(self, chunks: list[ScheduledChunk], every: list[bool],
                               logits: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,29 @@ class KVCache:
         if need:
             request.pages.extend(self.allocator.allocate(need))
 
+    def place(self, request: Request, layer: int, start: int, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Write K and V [n, num_kv_heads, head_dim] of positions [start, start + n) of
+        `request` into its pages of `layer`: the KV another engine computed (nanorun.disagg),
+        landing in this cache's own page ids. The request must already hold the pages."""
+        n = k.shape[0]
+        want = (n, *self.k.shape[3:])
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != want or t.dtype != self.k.dtype:
+                raise ValueError(f"received {name} of shape {tuple(t.shape)} {t.dtype} does not "
+                                 f"fit this cache's {want} {self.k.dtype}: the prefill and decode "
+                                 f"engines must run the same model, dtype and tensor parallelism")
+        if self.pages_for(start + n) > len(request.pages):
+            raise ValueError(f"request {request.request_id!r} holds {len(request.pages)} pages, "
+                             f"too few for positions [{start}, {start + n}); grow() it first")
+        device = self.k.device
+        positions = torch.arange(start, start + n, device=device)
+        pages = torch.tensor(request.pages, dtype=torch.int64, device=device)
+        slots = pages[positions // self.page_size] * self.page_size + positions % self.page_size
+        flat = lambda cache: cache[layer].view(-1, *cache.shape[3:])  # noqa: E731  [slots, H, D]
+        flat(self.k).index_copy_(0, slots, k.to(device))
+        flat(self.v).index_copy_(0, slots, v.to(device))
+
     def release(self, request: Request) -> None:
         if request.pages:
             self.allocator.free(request.pages)

@@ -282,6 +282,8 @@ GEMM_OPS = ("qkv", "o_proj", "gate_up", "down")
 # The collectives of a tensor-parallel layer (models.llama.TP_LAYER_OPS, kind "network"; a
 # mixture of experts' moe_allreduce, models/moe.py, in place of mlp_allreduce).
 NETWORK_OPS = ("attn_allreduce", "mlp_allreduce", "moe_allreduce")
+# A prefill engine's point-to-point KV handoff (models.llama.KV_SEND, kind "network").
+KV_TRANSFER_OPS = ("kv_send",)
 
 
 def sequential(model_ops: tuple[str, ...], batch_tokens: int) -> Layout:
@@ -299,13 +301,17 @@ def overlap(model_ops: tuple[str, ...], batch_tokens: int, device) -> Layout:
     A tensor-parallel model's all-reduces go on a third partition, "net": its stream stands for
     NCCL's own, and its SMs (NCCL's bounded CTA count rounded up to whole granules, taken from
     the GEMMs' share) for what the collectives occupy. Op by op, the all-reduce of nano-batch
-    0 then runs while nano-batch 1's o_proj or down still computes."""
+    0 then runs while nano-batch 1's o_proj or down still computes.
+
+    A prefill engine's kv_send (a point-to-point send, NCCL's on a GPU) goes on "net" too: layer
+    l's KV leaves while layer l + 1's GEMMs and attention compute."""
     if batch_tokens < 2:
         return sequential(model_ops, batch_tokens)
     half = batch_tokens // 2
     splits = (half, batch_tokens - half)
     attn_side = ("rope", "kv_append", "attention")
-    networked = any(op in NETWORK_OPS for op in model_ops)
+    network_ops = NETWORK_OPS + KV_TRANSFER_OPS
+    networked = any(op in network_ops for op in model_ops)
     if device.sm_count is None:
         gemm_sms = attn_sms = net_sms = None
     else:
@@ -325,7 +331,7 @@ def overlap(model_ops: tuple[str, ...], batch_tokens: int, device) -> Layout:
         parts += (Partition("net", net_sms),)
 
     def partition(op: str) -> str:
-        return "attn" if op in attn_side else "net" if op in NETWORK_OPS else "gemm"
+        return "attn" if op in attn_side else "net" if op in network_ops else "gemm"
 
     ops = tuple((op, OpLayout(splits, partition(op))) for op in model_ops)
     return Layout("overlap", batch_tokens, parts, ops)

@@ -91,6 +91,11 @@ class Request:
                 and len(self.prompt_logprobs) < len(self.prompt_token_ids))
 
     @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The EOS ids that end this request (none with ignore_eos)."""
+        return tuple(sorted(self._eos_ids))
+
+    @property
     def stops_allowed(self) -> bool:
         """min_tokens reached: EOS and stop ids may end the request from the next token on."""
         return len(self.output_token_ids) >= self.sampling_params.min_tokens

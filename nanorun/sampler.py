@@ -93,10 +93,9 @@ class Sampler:
         ok = _valid_rows(z)
         tokens = z.argmax(dim=-1)
         sampled = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
-        if sampled:
-            rows = torch.tensor(sampled, device=device)
-            token, row_ok = _sample_rows(z.index_select(0, rows),
-                                         [requests[i] for i in sampled])
+        for group in _by_cdf_order(sampled, requests, z.shape[1]):
+            rows = torch.tensor(group, device=device)
+            token, row_ok = _sample_rows(z.index_select(0, rows), [requests[i] for i in group])
             tokens = tokens.index_copy(0, rows, token)
             ok = ok.index_copy(0, rows, ok.index_select(0, rows) & row_ok)
         host = torch.stack([tokens, ok.long()]).tolist()        # the one sync
@@ -164,6 +163,18 @@ def _token_counts(seqs: list, V: int, device: torch.device) -> torch.Tensor:
     ones = torch.ones(len(ids), device=device)
     return counts.index_put_((torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)),
                              ones, accumulate=True)
+
+
+def _by_cdf_order(rows: list[int], requests: list[Request], V: int) -> list[list[int]]:
+    """The sampled rows in two groups, drawn apart: rows with top_k or top_p draw from the
+    distribution sorted by probability, the others in vocabulary order. Drawn together, a row
+    without those filters would take the sorted order whenever a batch-mate has one, and the
+    same u would pick another token: its draw would depend on what it is batched with."""
+    sps = {i: requests[i].sampling_params for i in rows}
+    by_rank = [i for i in rows if 0 < sps[i].top_k < V or sps[i].top_p < 1.0]
+    ranked = set(by_rank)
+    plain = [i for i in rows if i not in ranked]
+    return [g for g in (by_rank, plain) if g]
 
 
 def _sample_rows(z: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:

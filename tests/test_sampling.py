@@ -143,8 +143,9 @@ def test_a_broken_sampler_fails_the_distribution_test():
     assert stat > _chi_square_limit(dof)
 
 
-def test_seeded_rows_do_not_depend_on_their_neighbours():
-    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=42)
+@pytest.mark.parametrize("sp", [SamplingParams(temperature=1.0, top_p=0.9, seed=42),
+                                SamplingParams(temperature=1.0, seed=42)])  # no filter by rank
+def test_seeded_rows_do_not_depend_on_their_neighbours(sp):
     row = logits_row(7)
     alone = Sampler()(row[None], [request(sp)]).tokens[0]
     rng = random.Random(1)
