@@ -98,6 +98,24 @@ def test_in_process_pair_generates_the_tokens_of_one_engine_and_frees_every_page
     assert not prefill.requests and not decode.requests
 
 
+def test_a_mixture_of_experts_prefill_engine_hands_off_like_a_dense_one():
+    # kv_send sits in the MoE layer too (models.moe.moe_layer_ops): same tokens, pages freed.
+    trace = [r for r in _trace() if not r.request_id.startswith("unseeded")]
+    one = Engine("tiny-qwen3-moe", layout="overlap", **ENGINE)
+    for r in trace:
+        one.add_request(r.request_id, r.prompt_token_ids, r.sampling_params)
+    want = {}
+    while one.has_unfinished_requests():
+        want.update((o.request_id, o.outputs[0].token_ids) for o in one.step() if o.finished)
+    producer, consumer = InProcessConnector.pair(num_layers=one.model_config.num_layers)
+    prefill = prefill_engine("tiny-qwen3-moe", producer, layout="overlap", **ENGINE)
+    assert "kv_send" in [op.name for op in prefill.model.layer_ops]
+    decode = Engine("tiny-qwen3-moe", role="decode", layout="overlap", **ENGINE)
+    final = run_local(prefill, decode, KVReceiver(decode, consumer), trace)
+    assert {k: o.outputs[0].token_ids for k, o in final.items()} == want
+    assert _all_free(prefill) and _all_free(decode)
+
+
 def test_a_handed_off_request_keeps_its_first_token_logprobs_and_times():
     producer, consumer = InProcessConnector.pair(num_layers=2)
     prefill = prefill_engine("tiny-llama", producer, **ENGINE)
