@@ -147,13 +147,21 @@ def main() -> int:
 
     from nanorun.benchmark import environment
 
+    load_before = os.getloadavg()
     sizes = {size: measure_size(size, args) for size in args.size}
+    load_after = os.getloadavg()
     report = {"command": environment.command_line(),
               "environment": environment.describe(torch.device("cpu")),
               "http_stack": http_stack(),
               "engine_options": ENGINE_OPTIONS,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "client": "nanorun bench --base-url's aiohttp streaming client, same machine",
+              # Every step's new tokens go out as a chunk, per request: what users get.
+              "stream_interval": "1 (a chunk per request per engine step)",
+              "server_engine": "engine in its own process (nanorun/server/engine_core.py)",
+              # Other work on a shared machine slows either side's passes down.
+              "load_average_1_5_15min": {"before": list(load_before),
+                                         "after": list(load_after)},
               "sizes": sizes}
     out = ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,14 +68,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
+def _start_server(model_dir, *extra: str, env=None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "nanorun.cli", "serve", str(model_dir), "--port", str(port),
            "--served-model-name", MODEL, "--kv-cache-tokens", str(KV_TOKENS),
            "--page-size", str(PAGE_SIZE), *extra]
     # Its log goes to a file: an unread pipe fills up with enough logging and blocks the server.
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -424,3 +424,38 @@ def test_import_nanorun_does_not_import_the_server_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ}, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- tensor parallelism: rank 0 serves HTTP, every rank steps alike ------------------------------
+def test_two_gloo_ranks_serve_the_text_of_one_process(model_dir, llm):
+    port = _free_port()
+    procs = []
+    try:
+        for rank in (1, 0):        # torchrun's environment, without the launcher's start-up
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "OMP_NUM_THREADS": "1"}
+            if rank == 1:
+                procs.append(_start_follower(model_dir, env))
+            else:
+                proc, url = _start_server(model_dir, "--tensor-parallel-size", "2", env=env)
+                procs.append(proc)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        params = SamplingParams(max_tokens=12, temperature=0.0)
+        for prompt, ref in zip(PROMPTS, llm.generate(PROMPTS, params)):
+            got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                            temperature=0)
+            assert got.choices[0].text == ref.outputs[0].text
+        _stop(procs[1])              # rank 0 stops, and tells rank 1 to stop with it
+        assert procs[0].wait(30) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _start_follower(model_dir, env) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "nanorun.cli", "serve", str(model_dir), "--tensor-parallel-size",
+           "2", "--kv-cache-tokens", str(KV_TOKENS), "--page-size", str(PAGE_SIZE)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

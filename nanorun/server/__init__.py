@@ -1,6 +1,7 @@
 """`nanorun serve`: an OpenAI-compatible HTTP server over a TextEngine.
 
-    async_engine   one thread steps the TextEngine; handlers add requests and await their outputs
+    engine_core    the engine loop, in a process of its own (and tensor-parallel ranks' loops)
+    async_engine   handlers add requests to that loop and await their outputs on the event loop
     protocol       OpenAI request bodies -> prompts and SamplingParams, outputs -> response JSON
     metrics        Prometheus metrics under vLLM's names
     api            the FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health,

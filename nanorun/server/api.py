@@ -46,14 +46,14 @@ class ServerState:
     max_model_len: int        # longest prompt + output a request may have
 
 
-def build_app(text_engine, *, model_name: str, max_queued_requests: int) -> FastAPI:
-    """The app over a built TextEngine; its engine thread runs while the app is served."""
+def build_app(engine: AsyncEngine, *, model_name: str, tokenizer: Any,
+              max_model_len: int) -> FastAPI:
+    """The app over an AsyncEngine (not started: the app starts it while it is served).
+    tokenizer encodes prompts here (None: token ids only); max_model_len is the engine's
+    longest prompt + output."""
     metrics = ServerMetrics(model_name)
-    engine = AsyncEngine(text_engine, max_queued_requests=max_queued_requests,
-                         on_outputs=metrics.observe)
-    core = text_engine.engine
-    state = ServerState(engine, metrics, model_name, text_engine.get_tokenizer(),
-                        min(core.max_model_len, core.kv_cache.capacity_tokens))
+    engine.on_outputs = metrics.observe
+    state = ServerState(engine, metrics, model_name, tokenizer, max_model_len)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

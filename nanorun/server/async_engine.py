@@ -1,11 +1,13 @@
-"""An asynchronous front for a TextEngine: one thread steps it, asyncio handlers await outputs.
+"""An asynchronous front for a TextEngine: an engine loop steps it, asyncio handlers await outputs.
 
-The TextEngine is not thread-safe, so only the engine thread ever touches it. Handlers send it
-commands (add, abort) through a queue; the thread runs them between steps, so an add waits at
-most one step and its ValueError/TypeError comes back to the handler (an HTTP 400) with nothing
-queued. After each step the thread hands every output to the event loop in one
-call_soon_threadsafe, which puts it on its request's asyncio.Queue. While the thread steps, the
-model's torch kernels release the GIL, so the event loop keeps serving HTTP meanwhile.
+The engine loop (engine_core.EngineLoop) runs in a process of its own for `nanorun serve`
+(AsyncEngine.spawn: no GIL shared with the HTTP side; engine_core says why), or in a thread of
+this process over a TextEngine built here (AsyncEngine(text_engine): embedding, tests). Either
+way only the loop touches the TextEngine. Handlers send it commands (add, abort); the loop runs
+them between steps, so an add waits at most one step, and its ValueError/TypeError comes back
+to the handler (an HTTP 400) with nothing queued. After each step the loop sends one message
+with every output, which the event loop puts on each request's asyncio.Queue: one wake-up of
+the event loop per step, not one per request.
 
 A RequestStream that is closed before its request finishes (the client went away, the handler
 was cancelled) aborts the request, so its KV pages are freed at the engine's next step.
@@ -14,16 +16,20 @@ was cancelled) aborts the request, so its KV pages are freed at the engine's nex
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import multiprocessing
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from .engine_core import (EngineLoop, EngineStats, OutputDecoder, engine_process_main,
+                          engine_stats, wait_ready)
+
 logger = logging.getLogger("nanorun.server")
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineStats", "QueueFullError", "RequestStream"]
 
 
 class QueueFullError(RuntimeError):
@@ -31,17 +37,7 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """A step raised: the engine's state is unknown, so it serves no more requests."""
-
-
-@dataclass
-class EngineStats:
-    """What the engine thread publishes after each iteration (read by /metrics and admission)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    num_pages: int = 0
-    num_free_pages: int = 0
+    """A step raised (or the engine process died): the engine serves no more requests."""
 
 
 class RequestStream:
@@ -88,39 +84,89 @@ class RequestStream:
 class AsyncEngine:
     """Serve a TextEngine to asyncio handlers. start() inside the running event loop.
 
-    max_queued_requests bounds the requests that wait for their first step (added but not
-    running): past it, add_request raises QueueFullError instead of queueing, so an overloaded
-    server answers 503 at once. on_outputs(outputs, now) runs in the engine thread after each
-    step (metrics); it must be quick.
+    AsyncEngine(text_engine) steps it in a thread here; AsyncEngine.spawn(model, kwargs)
+    builds it in an engine process (what `nanorun serve` runs). max_queued_requests bounds
+    the requests that wait for their first step (added but not running): past it,
+    add_request raises QueueFullError instead of queueing, so an overloaded server answers
+    503 at once. on_outputs(outputs) runs on the event loop after each step (metrics); it
+    must be quick.
     """
 
-    def __init__(self, text_engine, *, max_queued_requests: int,
-                 on_outputs: Callable[[Sequence[Any]], None] | None = None) -> None:
+    def __init__(self, text_engine=None, *, max_queued_requests: int,
+                 on_outputs: Callable[[Sequence[Any]], None] | None = None,
+                 _process=None, _conn=None, _stats: EngineStats | None = None) -> None:
         if max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
         self.text_engine = text_engine
         self.max_queued_requests = max_queued_requests
-        self.stats = EngineStats()
+        self.on_outputs = on_outputs
         self.error: BaseException | None = None
-        self._on_outputs = on_outputs
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wakeup = threading.Event()
         self._streams: dict[str, RequestStream] = {}     # touched on the event loop only
+        self._adds: dict[str, asyncio.Future] = {}        # adds the loop has not acked yet
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="nanorun-engine", daemon=True)
-        self._publish()
+        self._process, self._conn = _process, _conn
+        self._decode = OutputDecoder() if _conn is not None else None
+        if text_engine is not None:
+            self.stats = engine_stats(text_engine)
+            self._commands: queue.SimpleQueue = queue.SimpleQueue()
+            self._wakeup = threading.Event()
+            self._thread = threading.Thread(target=self._run_thread, name="nanorun-engine",
+                                            daemon=True)
+        elif _conn is not None:
+            self.stats = _stats or EngineStats()
+        else:
+            raise ValueError("AsyncEngine needs a text_engine (or use AsyncEngine.spawn)")
+
+    @classmethod
+    def spawn(cls, model: str, engine_kwargs: dict, *, max_queued_requests: int,
+              on_outputs: Callable[[Sequence[Any]], None] | None = None,
+              timeout: float | None = None) -> tuple[AsyncEngine, dict]:
+        """An AsyncEngine over a TextEngine.from_model(model, **engine_kwargs) built in a
+        fresh engine process (spawned: no threads or CUDA state of this one are inherited),
+        and the process's info ({"max_model_len": ...}). Returns once the model is loaded;
+        raises RuntimeError with the engine's error if it cannot be built."""
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(target=engine_process_main, args=(theirs, model, engine_kwargs),
+                              name="nanorun-engine", daemon=True)
+        process.start()
+        theirs.close()
+        try:
+            info = wait_ready(ours, process, timeout)
+        except BaseException:
+            process.kill()
+            raise
+        engine = cls(max_queued_requests=max_queued_requests, on_outputs=on_outputs,
+                     _process=process, _conn=ours, _stats=info["stats"])
+        return engine, info
 
     # -- event-loop side ----------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        if self._conn is not None:
+            self._loop.add_reader(self._conn.fileno(), self._readable)
+        else:
+            self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self._stopping = True
-        self._wakeup.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        """Stop the engine loop (and its process); idempotent."""
+        if self._conn is not None:
+            if self._conn.closed:
+                return
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._conn.fileno())
+            try:
+                self._conn.send(("stop",))
+            except OSError:             # the engine process is gone already
+                pass
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+            self._conn.close()
+        else:
+            self._send(("stop",))
+            if self._thread.is_alive():
+                self._thread.join(timeout)
 
     @property
     def num_unfinished(self) -> int:
@@ -129,7 +175,7 @@ class AsyncEngine:
 
     async def add_request(self, request_id: str, prompt: Any, params: Any) -> RequestStream:
         """Queue a request; raises what TextEngine.add_request raises (ValueError, TypeError),
-        QueueFullError past the bound, EngineDeadError once a step has failed."""
+        QueueFullError past the bound, EngineDeadError once the engine has failed."""
         if self.error is not None:
             raise EngineDeadError(f"the engine failed and serves no more requests: {self.error}")
         # In sequences, as the scheduler counts running: a request of n samples is n of them.
@@ -142,26 +188,74 @@ class AsyncEngine:
             raise QueueFullError(f"the server is at its bound of {self.max_queued_requests} "
                                  f"waiting requests (--max-queued-requests); retry later")
         stream = RequestStream(self, request_id, n)
-        self._streams[request_id] = stream      # before the thread can send it anything
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(("add", (request_id, prompt, params, time.perf_counter()), done))
+        self._streams[request_id] = stream      # before the loop can send it anything
+        acked = self._adds[request_id] = asyncio.get_running_loop().create_future()
+        self._send(("add", request_id, prompt, params, time.perf_counter()))
         try:
-            await asyncio.wrap_future(done)
+            await acked
         except BaseException:
-            self._streams.pop(request_id, None)
-            # Cancelled before the thread took it: never added. Taken: it may still land.
-            if not done.cancelled() and (not done.done() or done.exception() is None):
-                self.abort(request_id)
+            self._adds.pop(request_id, None)
+            if self._streams.pop(request_id, None) is not None:
+                self._send(("abort", request_id))      # cancelled: the add may still land
             raise
         return stream
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._send(("abort", request_id, None))
+        if self.error is None:
+            self._send(("abort", request_id))
 
     def _send(self, command: tuple) -> None:
-        self._commands.put(command)
-        self._wakeup.set()
+        if self._conn is not None:
+            try:
+                self._conn.send(command)
+            except OSError as e:        # the engine process died: the reader reports it
+                logger.warning("could not reach the engine process: %s", e)
+        else:
+            self._commands.put(command)
+            self._wakeup.set()
+
+    def _readable(self) -> None:
+        """The engine process sent something (the event loop's reader of its pipe)."""
+        try:
+            while self._conn.poll(0):
+                self._on_message(self._conn.recv())
+        except (EOFError, OSError):
+            self._loop.remove_reader(self._conn.fileno())
+            code = self._process.exitcode if self._process is not None else None
+            self._on_message(("dead", f"the engine process exited (exit code {code})"))
+
+    def _on_message(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "acks":
+            self._ack(message[1])
+        elif kind == "step":
+            _, outputs, stats = message
+            self.stats = stats
+            if outputs:
+                if self._decode is not None:
+                    outputs = self._decode(outputs)
+                if self.on_outputs is not None:
+                    try:                 # metrics: a bug there must not stop the serving
+                        self.on_outputs(outputs)
+                    except Exception:
+                        logger.exception("recording metrics failed; serving on")
+                self._deliver(outputs)
+        elif kind == "dead":
+            if self.error is None:
+                self.error = EngineDeadError(message[1])
+                self._fail_all(self.error)
+
+    def _ack(self, acks: list) -> None:
+        for request_id, error in acks:
+            future = self._adds.pop(request_id, None)
+            if future is None or future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                self._streams.pop(request_id, None)
+                future.set_exception(error)
 
     def _deliver(self, outputs: Sequence[Any]) -> None:
         for out in outputs:
@@ -173,73 +267,33 @@ class AsyncEngine:
             stream.put(out)
 
     def _fail_all(self, error: BaseException) -> None:
-        # The thread is gone: refuse the adds it left queued (add_request refuses new ones).
-        while True:
-            try:
-                kind, _, done = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "add" and done.set_running_or_notify_cancel():
-                done.set_exception(error)
+        adds, self._adds = self._adds, {}
+        for future in adds.values():      # adds it never took are refused, not left waiting
+            if not future.done():
+                future.set_exception(error)
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.put(error)
 
-    # -- engine thread ------------------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.text_engine
-        while not self._stopping:
-            self._wakeup.clear()
-            self._run_commands()
-            if not engine.has_unfinished_requests():
-                self._publish()
-                self._wakeup.wait()
-                continue
-            try:
-                outputs = engine.step()
-            except Exception as e:       # state unknown now: fail everyone, refuse new work
-                logger.exception("engine step failed")
-                self.error = EngineDeadError(f"engine step failed: {type(e).__name__}: {e}")
-                self._call_loop(self._fail_all, self.error)
-                return
-            try:                          # metrics: a bug there must not stop the serving
-                self._publish()
-                if outputs and self._on_outputs is not None:
-                    self._on_outputs(outputs)
-            except Exception:
-                logger.exception("recording metrics failed; serving on")
-            if outputs:
-                self._call_loop(self._deliver, outputs)
+    # -- engine thread (AsyncEngine(text_engine)) ---------------------------------------------
+    def _run_thread(self) -> None:
+        def emit(message: tuple) -> None:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self._on_message, message)
+                except RuntimeError:     # the loop closed while we stepped: shutting down
+                    pass
 
-    def _run_commands(self) -> None:
+        EngineLoop(self.text_engine, emit).run(self._next_commands)
+
+    def _next_commands(self, block: bool) -> list:
+        if block:
+            self._wakeup.wait()
+        self._wakeup.clear()
+        commands = []
         while True:
             try:
-                kind, payload, done = self._commands.get_nowait()
+                commands.append(self._commands.get_nowait())
             except queue.Empty:
-                return
-            if kind == "abort":
-                self.text_engine.abort_request(payload)
-                continue
-            if not done.set_running_or_notify_cancel():    # its handler was cancelled
-                continue
-            request_id, prompt, params, arrival = payload
-            try:
-                self.text_engine.add_request(request_id, prompt, params, arrival_time=arrival)
-            except Exception as e:        # ValueError/TypeError: a bad request; nothing queued
-                done.set_exception(e)
-            else:
-                done.set_result(None)
-
-    def _publish(self) -> None:
-        engine = self.text_engine.engine
-        scheduler, kv = engine.scheduler, engine.kv_cache
-        self.stats = EngineStats(len(scheduler.running), len(scheduler.waiting),
-                                 kv.num_pages, kv.num_free_pages)
-
-    def _call_loop(self, fn: Callable, arg: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(fn, arg)
-            except RuntimeError:         # the loop closed while we stepped: shutting down
-                pass
+                return commands

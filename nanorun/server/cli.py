@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
@@ -49,7 +50,8 @@ def add_parser(sub) -> None:
                    help="auto: the directory's safetensors (random for a preset)")
     p.add_argument("--seed", type=int, default=0, help="seeds random weights and sampling")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
-                   help="tensor-parallel ranks; nanorun serve runs 1 only (see docs/serving.md)")
+                   help="tensor-parallel ranks: launch N of `nanorun serve` under `torchrun "
+                        "--nproc-per-node N`; rank 0 serves HTTP, every rank steps alike")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -60,12 +62,19 @@ def served_name(model: str) -> str:
 
 
 def run(args) -> int:
-    if args.tp != 1:
-        raise ValueError("nanorun serve runs on one device only (--tp 1): tensor-parallel "
-                         "serving, with rank 0 serving HTTP and every rank stepping alike, is "
-                         "not built yet; see docs/serving.md")
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    engine_kwargs = dict(
+        device=args.device, dtype=args.dtype, layout=args.layout,
+        max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
+        page_size=args.page_size, max_model_len=args.max_model_len, seed=args.seed,
+        weights=args.weights, scheduling_policy=args.scheduling_policy,
+        tensor_parallel_size=args.tp)
+    if args.tp > 1 and int(os.environ.get("RANK", "0")) > 0:
+        # No HTTP here: this rank steps on the commands rank 0's engine broadcasts.
+        from .engine_core import follower_main
+
+        return follower_main(args.model, engine_kwargs)
     try:
         import uvicorn
 
@@ -73,16 +82,20 @@ def run(args) -> int:
     except ImportError as e:
         raise RuntimeError(f"nanorun serve needs the [serve] extra ({e.name} is missing): "
                            f"pip install -e '.[serve]'") from None
-    from ..text_engine import TextEngine
+    from ..text_engine import tokenizer_of
+    from .async_engine import AsyncEngine
 
-    text_engine = TextEngine.from_model(
-        args.model, device=args.device, dtype=args.dtype, layout=args.layout,
-        max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
-        page_size=args.page_size, max_model_len=args.max_model_len, seed=args.seed,
-        weights=args.weights, scheduling_policy=args.scheduling_policy)
+    # The engine steps in a process of its own (engine_core says why); the tokenizer is
+    # loaded here too, to turn prompts into ids before anything is queued.
+    engine, info = AsyncEngine.spawn(args.model, engine_kwargs,
+                                     max_queued_requests=args.max_queued_requests)
     name = args.served_model_name or served_name(args.model)
-    app = build_app(text_engine, model_name=name, max_queued_requests=args.max_queued_requests)
+    app = build_app(engine, model_name=name, tokenizer=tokenizer_of(args.model)[0],
+                    max_model_len=info["max_model_len"])
     print(f"nanorun serve: {args.model} as {name!r} on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
     return 0

@@ -5,8 +5,8 @@ Grafana board or a KEDA rule built for vLLM works unchanged on nanorun; what vLL
 for is `nanorun:`. Every metric carries the `model_name` label, as vLLM's do. One registry per
 server (not prometheus_client's global one), so several apps in a process do not collide.
 
-Gauges are set from the engine thread's stats when /metrics is scraped; histograms and
-counters are fed by the engine thread after each step (prometheus_client is thread-safe).
+Gauges are set from the engine loop's latest stats when /metrics is scraped; histograms and
+counters are fed on the event loop as each step's outputs arrive.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ class ServerMetrics:
                              "Arrival to the end of a request.", E2E_BUCKETS)
         self._success = Counter("vllm:request_success", "Requests ended, by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
-        self._tokens_seen: dict[str, int] = {}     # engine thread only
+        self._tokens_seen: dict[str, int] = {}     # event loop only
 
     def observe(self, outputs: Sequence[Any]) -> None:
-        """Count one step's outputs (engine thread)."""
+        """Count one step's outputs (on the event loop, as they arrive)."""
         for out in outputs:
             produced = sum(len(c.token_ids) for c in out.outputs)
             new = produced - self._tokens_seen.get(out.request_id, 0)
