@@ -3,12 +3,13 @@ captured CUDA graph reads them from."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .request import PENDING, Request
 from .scheduler import ScheduledChunk
 
 
@@ -21,6 +22,11 @@ class Batch:
     tokens at sample_indices are sampled, one per sequence whose chunk reaches its last token.
     seq_starts (host ints) gives each sequence's first token and ends with T, so a planner can
     split the batch on sequence boundaries without touching device memory.
+
+    pending (async scheduling): the tokens not yet read back to the host, as (index [P] into
+    token_ids, rows [P], the previous iteration's sampled ids [N']): token_ids[index] is
+    filled from sampled[rows] on the device by read_pending(), in stream order before the
+    embedding reads them; until then those entries hold PENDING.
     """
 
     token_ids: torch.Tensor        # [T] int64
@@ -31,6 +37,14 @@ class Batch:
     sample_indices: torch.Tensor   # [N] int64
     seq_starts: tuple[int, ...]    # [S + 1]
     num_decode_tokens: int
+    pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def read_pending(self) -> None:
+        """Copy the pending tokens in from the previous iteration's output (device work, on
+        the current stream; no host sync)."""
+        if self.pending is not None:
+            index, rows, sampled = self.pending
+            self.token_ids.index_copy_(0, index, sampled.index_select(0, rows))
 
     @property
     def num_tokens(self) -> int:
@@ -67,12 +81,16 @@ def spread_order(is_decode: list[bool], lengths: list[int]) -> list[int]:
 
 def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.device,
                 *, logits_for_all: bool = False,
-                all_logits: Sequence[bool] | None = None) -> Batch:
+                all_logits: Sequence[bool] | None = None,
+                previous: tuple[torch.Tensor, Mapping[Request, int]] | None = None) -> Batch:
     """Lay out the scheduled chunks as one batch. Host work only, then one copy per tensor.
 
     logits_for_all asks for the logits of every token (scoring a prompt) instead of only the
     sampling ones; all_logits (one flag per chunk) asks for every token's logits of the chunks
     flagged (prompt logprobs) and the sampling token's of the others, chunk by chunk.
+    previous: (the previous iteration's sampled ids on the device, each request's row in
+    them), where requests' last tokens are still pending (async scheduling): see
+    Batch.pending.
     """
     lengths = np.array([c.length for c in chunks], dtype=np.int64)
     seq_starts = np.concatenate(([0], np.cumsum(lengths)))
@@ -101,6 +119,7 @@ def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.devi
         sample_indices = np.array(
             [seq_starts[s + 1] - 1 for s, c in enumerate(chunks) if c.samples], dtype=np.int64)
     num_decode = sum(c.length for c in chunks if c.request.is_decoding)
+    pending = _pending(chunks, seq_starts, token_ids, previous, device)
 
     def to_dev(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(device, non_blocking=True)
@@ -114,7 +133,25 @@ def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.devi
         sample_indices=to_dev(sample_indices),
         seq_starts=tuple(int(x) for x in seq_starts),
         num_decode_tokens=num_decode,
+        pending=pending,
     )
+
+
+def _pending(chunks: list[ScheduledChunk], seq_starts: np.ndarray, token_ids: np.ndarray,
+             previous, device: torch.device):
+    """Batch.pending for the PENDING entries of token_ids: a request's only pending token is
+    its last (one iteration in flight), sampled in the previous iteration's row for it."""
+    index = np.flatnonzero(token_ids == PENDING)
+    if not len(index):
+        return None
+    if previous is None:
+        raise ValueError("the batch has tokens not yet read back but no previous iteration's "
+                         "output to read them from")
+    sampled, rows_of = previous
+    seqs = np.searchsorted(seq_starts, index, side="right") - 1
+    rows = [rows_of[chunks[s].request] for s in seqs.tolist()]
+    return (torch.from_numpy(index).to(device, non_blocking=True),
+            torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True), sampled)
 
 
 class StaticBatch:

@@ -46,6 +46,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     length_predictor: Any = None
     kv_reservation: str = "none"
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         from .scheduler import KV_RESERVATIONS, POLICIES
@@ -56,6 +57,9 @@ class EngineConfig:
         if self.kv_reservation not in KV_RESERVATIONS:
             raise ValueError(f"unknown kv_reservation {self.kv_reservation!r}: use one of "
                              f"{KV_RESERVATIONS}")
+        if not isinstance(self.async_scheduling, bool):
+            raise TypeError(f"async_scheduling must be True or False, got "
+                            f"{self.async_scheduling!r}")
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
