@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
                    help="longest prompt + output (default: the model's context)")
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "hrrn"],
                    help="which waiting requests start first")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="form each iteration while the previous one runs (see Engine.step)")
     p.add_argument("--weights", default="auto", choices=["auto", "random"],
                    help="auto: the directory's safetensors (random for a preset)")
     p.add_argument("--seed", type=int, default=0, help="seeds random weights and sampling")
@@ -79,7 +81,8 @@ def run(args) -> int:
         args.model, device=args.device, dtype=args.dtype, layout=args.layout,
         max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
         page_size=args.page_size, max_model_len=args.max_model_len, seed=args.seed,
-        weights=args.weights, scheduling_policy=args.scheduling_policy)
+        weights=args.weights, scheduling_policy=args.scheduling_policy,
+        async_scheduling=args.async_scheduling)
     name = args.served_model_name or served_name(args.model)
     app = build_app(text_engine, model_name=name, max_queued_requests=args.max_queued_requests)
     print(f"nanorun serve: {args.model} as {name!r} on http://{args.host}:{args.port}",
