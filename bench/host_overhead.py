@@ -1,13 +1,16 @@
-"""The host time of one engine step, phase by phase, with the device's work taken away.
+"""The host time of one engine step, phase by phase, with the device's work taken away, and
+what of it the device would wait for, synchronous and with async scheduling.
 
     python bench/host_overhead.py [--requests 64 256 512 1024] [--steps 48] [--warmup 8]
+                                  [--async-scheduling off on] [--device-ms 21]
                                   [--out bench/results/cpu/host_overhead.json]
 
 A Llama-3-8B-shaped model (32 layers, the real op list, so the real launch and event counts)
 whose ops cost nothing: `NullModel.run_op` returns at once, the KV cache has the real page
 counts but one head of dimension 1, and the logits are a fixed [N, V_small] block (--vocab).
-What is left, and timed, is the host path of `Engine.step()`:
-    schedule   Scheduler.schedule(), first-scheduled stamps, spread_order
+What is left, and timed, is the host path of the real `Engine.step()` (launch, then retire;
+async: launch i + 1, then retire i), phase by phase through wrappers around its parts:
+    schedule   Scheduler.schedule()
     batch      build_batch()
     plan       Planner.plan() (cached per batch shape; misses are counted)
     issue      Executor.run_plan(): issue() onto `HostStreams`, which runs each enqueued
@@ -17,9 +20,16 @@ What is left, and timed, is the host path of `Engine.step()`:
                what is timed is nanorun's own issue path around them
     sample     the Sampler over the stand-in logits: its tensor ops on a small vocabulary
                cost their dispatch, not V's arithmetic (which is the device's on a GPU)
-    bookkeeping num_computed_tokens, append_token, retiring finished requests, the outputs
-`_step` mirrors Engine.step (nanorun/engine.py) phase for phase and no more; should Engine
-grow a hook for timing its phases, that hook should replace this mirror.
+               (prepare on the host, the device ops' dispatch, the read-back and lists)
+    bookkeeping the rest of step(): first-scheduled stamps, spread_order, the pending counts,
+               append_token, retiring finished requests, the outputs
+host_ms is their sum: the step's wall time less the time asleep in the sync.
+
+The device is a clock (`DeviceTimeline`): an iteration takes --device-ms, starting once the
+device is free and the host has issued it; the host's sync sleeps until it ends. The
+device's idle time before each iteration is `exposed_host_ms`: all of the host path when
+step() is synchronous, only what does not fit behind the running iteration with async
+scheduling. (The sync's own cost on a GPU, an event wait on a pinned copy, is not in it.)
 
 Workload: R requests already decoding (prompts of 128..2048 tokens, outlasting the run) and a
 queue of prompts (64..1024 tokens) that end with their first token: every step is R decode
@@ -33,6 +43,7 @@ as --before to the second, which keeps it in a "before" section.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -41,7 +52,11 @@ import sys
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
+
+from nanorun.backends.inflight import DeviceQueue, InFlight
 
 PHASES = ("schedule", "batch", "plan", "issue", "sample", "bookkeeping")
 
@@ -124,12 +139,69 @@ def _layouts(tuned_path: Path):
     return out
 
 
-def _parts(layout, batch_tokens: int, running: int, sampled: bool, vocab: int, seed: int,
-           steps: int):
-    """The engine's pieces around `running` decoding requests that outlast `steps` steps, and
-    prompts that finish as they are prefilled (max_tokens=1), so that the running count stays
-    at `running` (plus the prompts in flight) while every step still mixes decode tokens,
-    prompt chunks and retirements."""
+class DeviceTimeline(DeviceQueue):
+    """A device that takes device_ms per iteration, kept as a clock. submit() runs the
+    (zero-cost) work at once, then books the iteration on the timeline: it starts when the
+    device is free and the host has issued it (the end of the issue loop and the sampler's
+    launches, so a device that runs dry waits for all of them), and ends device_ms later.
+    result() sleeps until that end: the host's sync. gaps: how long the device sat idle before
+    each iteration, which is what the host made it wait for; waited: the host's time asleep."""
+
+    def __init__(self, device_ms: float) -> None:
+        self.device_s = device_ms / 1e3
+        self.free: float | None = None
+        self.gaps: list[float] = []
+        self.waited = 0.0
+
+    def submit(self, work) -> InFlight:
+        out = work()
+        now = time.perf_counter()
+        start = now if self.free is None else max(now, self.free)
+        if self.free is not None:
+            self.gaps.append(start - self.free)
+        self.free = start + self.device_s
+        return _Booked(self, out, self.free)
+
+
+class _Booked(InFlight):
+    def __init__(self, timeline: DeviceTimeline, out, end: float) -> None:
+        self.timeline, self.out, self.end = timeline, out, end
+
+    def result(self):
+        t = time.perf_counter()
+        if self.end > t:
+            time.sleep(self.end - t)
+        self.timeline.waited += time.perf_counter() - t
+        self.out.host_tokens, self.out.host_ok = self.out.tokens, self.out.ok
+        return self.out
+
+
+class PhaseClock:
+    """Milliseconds spent in each phase, from wrappers around the engine's parts."""
+
+    def __init__(self) -> None:
+        self.ms = dict.fromkeys(PHASES, 0.0)
+
+    def wrap(self, phase: str, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms[phase] += (time.perf_counter() - t) * 1e3
+        return timed
+
+
+def _engine(layout, batch_tokens: int, running: int, sampled: bool, vocab: int, seed: int,
+            steps: int, async_scheduling: bool, device_ms: float):
+    """An Engine (the real step(), launch() and retire()) over parts built around `running`
+    decoding requests that outlast `steps` steps, and prompts that finish as they are
+    prefilled (max_tokens=1), so that the running count stays at `running` (plus the prompts
+    in flight) while every step still mixes decode tokens, prompt chunks and retirements.
+    Engine.__init__ would build a real model: the parts are set here instead, under the
+    attribute names Engine.__init__ gives them."""
+    from nanorun.config import EngineConfig
+    from nanorun.engine import Engine
     from nanorun.executor import Executor
     from nanorun.kv_cache import KVCache
     from nanorun.models import get_preset
@@ -161,100 +233,108 @@ def _parts(layout, batch_tokens: int, running: int, sampled: bool, vocab: int, s
         sched.running.append(r)
     for r in queued:
         sched.add(r)
-    model = NullModel(cfg, vocab, batch_tokens)
     streams = HostStreams()
-    executor = Executor(model, kv, batch_tokens, layout, get_device("h100"), streams=streams,
-                        graphs=False)
-    try:
-        sampler = Sampler()
-    except TypeError:           # the per-row host sampler of before issue 14 took a seed
-        sampler = Sampler(0)
-    return sched, kv, executor, streams, sampler
+    engine = object.__new__(Engine)
+    engine.config = EngineConfig(model=cfg.name, max_batch_tokens=batch_tokens,
+                                 async_scheduling=async_scheduling)
+    engine.device = torch.device("cpu")
+    engine.model_config = SimpleNamespace(vocab_size=vocab)      # the stand-in logits' width
+    engine.kv_cache, engine.scheduler, engine.sampler = kv, sched, Sampler()
+    engine.executor = Executor(NullModel(cfg, vocab, batch_tokens), kv, batch_tokens, layout,
+                               get_device("h100"), streams=streams, graphs=False)
+    engine.requests = {r.request_id: r for r in (*decoding, *queued)}
+    engine._aborted, engine._in_flight = [], None
+    engine._device_queue = DeviceTimeline(device_ms)
+    return engine, streams
 
 
-def _step(sched, kv, executor, sampler, requests_done: list) -> tuple[dict, object, int]:
-    """One Engine.step, phase by phase (see the module docstring). Returns the phase times in
-    ms, the plan and the batch."""
-    from nanorun.batch import build_batch, spread_order
+def _instrument(engine):
+    """Time the engine's parts phase by phase; returns the clock, lists that collect each
+    step's plans and batches, and what undoes the one module-level wrapper (build_batch)."""
+    import nanorun.engine as engine_module
 
-    t = [time.perf_counter()]
-    out = sched.schedule()
-    for chunk in out.chunks:
-        if chunk.request.metrics.first_scheduled_time is None:
-            chunk.request.metrics.first_scheduled_time = t[0]
-    chunks = [out.chunks[i] for i in spread_order([c.request.is_decoding for c in out.chunks],
-                                                  [c.length for c in out.chunks])]
-    t.append(time.perf_counter())
-    batch = build_batch(chunks, kv.page_size, executor.model.device)
-    t.append(time.perf_counter())
-    plan = executor.planner.plan(batch)
-    t.append(time.perf_counter())
-    logits = executor.run_plan(plan, batch)
-    t.append(time.perf_counter())
-    sampling = [c.request for c in chunks if c.samples]
-    sampled = sampler(logits, sampling)
-    tokens, errors = (sampled.tokens, sampled.errors) if hasattr(sampled, "tokens") else sampled
-    t.append(time.perf_counter())
-    now = time.perf_counter()
-    for chunk in out.chunks:
-        chunk.request.num_computed_tokens += chunk.length
-    for row, (request, token) in enumerate(zip(sampling, tokens)):
-        if row in errors:
-            request.finish("error", now, errors[row])
-        else:
-            request.append_token(token, now)
-        if request.finished:
-            sched.remove(request)
-            requests_done.append(request)
-    outputs = [r.to_output() for r in sampling]
-    t.append(time.perf_counter())
-    assert len(outputs) == len(sampling)
-    return {p: (b - a) * 1e3 for p, a, b in zip(PHASES, t, t[1:])}, plan, batch
+    clock, plans, batches = PhaseClock(), [], []
+    sched, ex, sampler = engine.scheduler, engine.executor, engine.sampler
+    sched.schedule = clock.wrap("schedule", sched.schedule)
+    build = engine_module.build_batch
+
+    def build_batch(*args, **kwargs):
+        batch = build(*args, **kwargs)
+        batches.append(batch)
+        return batch
+
+    engine_module.build_batch = clock.wrap("batch", build_batch)
+    plan = ex.planner.plan
+
+    def planned(batch):
+        plans.append(plan(batch))
+        return plans[-1]
+
+    ex.planner.plan = clock.wrap("plan", planned)
+    ex.run_plan = clock.wrap("issue", ex.run_plan)
+    for name in ("prepare", "sample", "finish"):
+        setattr(sampler, name, clock.wrap("sample", getattr(sampler, name)))
+    return clock, plans, batches, lambda: setattr(engine_module, "build_batch", build)
 
 
 def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *, steps: int,
-            warmup: int, vocab: int, seed: int = 0) -> dict:
+            warmup: int, vocab: int, async_scheduling: bool = False, device_ms: float = 21.0,
+            seed: int = 0) -> dict:
     """One row: per-phase medians over `steps` served steps after `warmup` unmeasured ones."""
-    sched, kv, executor, streams, sampler = _parts(layout, batch_tokens, running, sampled,
-                                                   vocab, seed, warmup + steps)
+    engine, streams = _engine(layout, batch_tokens, running, sampled, vocab, seed,
+                              warmup + steps, async_scheduling, device_ms)
     from nanorun.backends.graphs import IterationGraphs
     from nanorun.planner import Planner
 
+    executor, timeline = engine.executor, engine._device_queue
     probe = GraphProbe()
     graphs = IterationGraphs(probe, Planner(executor.model.layer_ops, executor.model.config
                                             .num_layers, executor.layout),
                              batch_tokens, "cpu", executor._launcher)
-    done: list = []
+    clock, plans, batches, restore = _instrument(engine)
     seen: dict[int, object] = {}        # plans by id, kept alive so that ids stay unique
-    rows, misses, miss_ms, hit_ms, batches, sizes = [], 0, [], [], [], set()
-    with torch.inference_mode():
-        for i in range(warmup + steps):
-            before = (streams.enqueues, streams.records, streams.waits)
-            phases, plan, batch = _step(sched, kv, executor, sampler, done)
-            miss = id(plan) not in seen
-            seen.setdefault(id(plan), plan)
-            batches.append(batch)
-            if i < warmup:
-                continue
-            sizes.add(batch.num_tokens)
-            misses += miss
-            (miss_ms if miss else hit_ms).append(phases["plan"])
-            counts = [a - b for a, b in zip((streams.enqueues, streams.records, streams.waits),
-                                            before)]
-            rows.append((phases, len(plan.launches), counts, batch.num_tokens,
-                         len(sched.running)))
-        # Afterwards, so that the probe's work does not run between (and cool the caches of)
-        # the timed steps.
-        for i, batch in enumerate(batches):
-            if i == warmup:
-                captures = -probe.captures
-            graphs.enqueue(batch)
-        captures += probe.captures
-    host = [sum(p.values()) for p, *_ in rows]
+    rows, misses, miss_ms, hit_ms, sizes = [], 0, [], [], set()
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + steps):
+                before = (streams.enqueues, streams.records, streams.waits)
+                clock.ms = dict.fromkeys(PHASES, 0.0)
+                gaps, waited = len(timeline.gaps), timeline.waited
+                t = time.perf_counter()
+                engine.step()
+                total = (time.perf_counter() - t) * 1e3
+                if i < warmup:
+                    for plan in plans:
+                        seen.setdefault(id(plan), plan)
+                    continue
+                phases = dict(clock.ms)
+                host = total - (timeline.waited - waited) * 1e3
+                phases["bookkeeping"] = host - sum(phases.values())
+                plan, batch = plans[-1], batches[-1]
+                miss = id(plan) not in seen
+                seen.setdefault(id(plan), plan)
+                sizes.add(batch.num_tokens)
+                misses += miss
+                (miss_ms if miss else hit_ms).append(phases["plan"])
+                counts = [a - b for a, b in zip((streams.enqueues, streams.records,
+                                                 streams.waits), before)]
+                gap = sum(timeline.gaps[gaps:]) * 1e3
+                rows.append((phases, len(plan.launches), counts, batch.num_tokens,
+                             len(engine.scheduler.running), host, gap))
+            # Afterwards, so that the probe's work does not run between (and cool the caches
+            # of) the timed steps.
+            for i, batch in enumerate(batches):
+                if i == warmup:
+                    captures = -probe.captures
+                graphs.enqueue(batch)
+            captures += probe.captures
+    finally:
+        restore()
+    host = [r[5] for r in rows]
     med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
     return {
         "layout": name, "batch_tokens": batch_tokens, "running_requests": running,
-        "sampling": "sampled" if sampled else "greedy", "async_scheduling": False,
+        "sampling": "sampled" if sampled else "greedy", "async_scheduling": async_scheduling,
         "host_ms": med(host), "host_ms_min": round(min(host), 3),
         "host_ms_p90": round(sorted(host)[int(0.9 * (len(host) - 1))], 3),
         # On a loaded machine the OS takes the CPU for a time slice (~4 ms) in many steps, in
@@ -262,8 +342,10 @@ def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *
         # estimates the unloaded step where the median of whole steps may not.
         "phase_medians_sum_ms": round(sum(statistics.median(p[ph] for p, *_ in rows)
                                           for ph in PHASES), 3),
-        # step() is synchronous: the device waits through the whole host path.
-        "exposed_host_ms": med(host),
+        # The device's idle time before each iteration, on the DeviceTimeline.
+        "exposed_host_ms": med([r[6] for r in rows]),
+        "exposed_host_ms_p90": round(sorted(r[6] for r in rows)[int(0.9 * (len(rows) - 1))], 3),
+        "device_ms": device_ms,
         "breakdown_ms": {ph: med([p[ph] for p, *_ in rows]) for ph in PHASES},
         "breakdown_min_ms": {ph: round(min(p[ph] for p, *_ in rows), 3) for ph in PHASES},
         "launches_per_step": med([n for _, n, *_ in rows]),
@@ -276,7 +358,7 @@ def measure(name: str, layout, batch_tokens: int, running: int, sampled: bool, *
         "tokens_per_step": med([r[3] for r in rows]),
         "running_mean": round(statistics.mean(r[4] for r in rows), 1),
         "preemptions": sum(r.metrics.num_preemptions
-                           for r in [*sched.running, *sched.waiting]),
+                           for r in [*engine.scheduler.running, *engine.scheduler.waiting]),
         "plan_cache": {"steps": steps, "misses": misses, "miss_rate": round(misses / steps, 3),
                        "miss_plan_ms": med(miss_ms) if miss_ms else None,
                        "hit_plan_ms": med(hit_ms) if hit_ms else None},
@@ -293,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, nargs="+", default=[64, 256, 512, 1024])
     ap.add_argument("--layouts", nargs="+", default=["sequential", "overlap", "tuned"])
     ap.add_argument("--sampling", nargs="+", default=["greedy", "sampled"])
+    ap.add_argument("--async-scheduling", nargs="+", default=["off", "on"],
+                    choices=["off", "on"], help="Engine(async_scheduling=...) to run")
+    ap.add_argument("--device-ms", type=float, default=21.0,
+                    help="the device's time per iteration on the DeviceTimeline (issue 14's "
+                         "estimate: Llama-3-8B, 1024 tokens, 790 TFLOP/s)")
     ap.add_argument("--steps", type=int, default=48, help="measured steps per row")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32,
@@ -320,12 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         if name not in args.layouts:
             continue
         for running in args.requests:
-            for sampling in args.sampling:
+            for sampling, mode in itertools.product(args.sampling, args.async_scheduling):
                 row = measure(name, layout, batch_tokens, running, sampling == "sampled",
-                              steps=args.steps, warmup=args.warmup, vocab=args.vocab)
+                              steps=args.steps, warmup=args.warmup, vocab=args.vocab,
+                              async_scheduling=mode == "on", device_ms=args.device_ms)
                 rows.append(row)
                 b = row["breakdown_ms"]
-                print(f"{name:10s} R={running:5d} {sampling:7s} host {row['host_ms']:7.2f} ms "
+                print(f"{name:10s} R={running:5d} {sampling:7s} async {mode:3s} host "
+                      f"{row['host_ms']:7.2f} ms exposed {row['exposed_host_ms']:6.2f} ms "
                       f"(" + " ".join(f"{k} {v:.2f}" for k, v in b.items()) + f") "
                       f"{row['launches_per_step']:.0f} launches "
                       f"{row['issue_us_per_launch']:.2f} us/launch, plan misses "
@@ -338,8 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         "stand_in_vocab": args.vocab, "steps": args.steps, "warmup": args.warmup,
         "torch_threads": args.threads,
         "load_average_before": [round(x, 2) for x in load_before],
-        "notes": "host_ms: the whole host path of one Engine.step; exposed_host_ms: what the "
-                 "device waits for (all of it: step() is synchronous). issue is nanorun's own "
+        "device_ms": args.device_ms,
+        "notes": "host_ms: the whole host path of one Engine.step; exposed_host_ms: the "
+                 "device's idle time before an iteration, on a device that takes device_ms an "
+                 "iteration (the median; see the bench's docstring): with async_scheduling "
+                 "false it is the whole host path, with true what does not hide behind the "
+                 "running iteration. issue is nanorun's own "
                  "issue path: it excludes the CUDA API calls (enqueues_per_step stream "
                  "switches, events_per_step records, waits_per_step waits) and the ops' torch "
                  "dispatch. Built-in layouts at a 1024-token dense batch, 'tuned' at its own "

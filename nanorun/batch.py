@@ -3,12 +3,14 @@ captured CUDA graph reads them from."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .request import PENDING, Request
 from .scheduler import ScheduledChunk
 
 
@@ -21,6 +23,11 @@ class Batch:
     tokens at sample_indices are sampled, one per sequence whose chunk reaches its last token.
     seq_starts (host ints) gives each sequence's first token and ends with T, so a planner can
     split the batch on sequence boundaries without touching device memory.
+
+    pending (async scheduling): the tokens not yet read back to the host, as (index [P] into
+    token_ids, rows [P], the previous iteration's sampled ids [N']): token_ids[index] is
+    filled from sampled[rows] on the device by read_pending(), in stream order before the
+    embedding reads them; until then those entries hold PENDING.
     """
 
     token_ids: torch.Tensor        # [T] int64
@@ -31,6 +38,14 @@ class Batch:
     sample_indices: torch.Tensor   # [N] int64
     seq_starts: tuple[int, ...]    # [S + 1]
     num_decode_tokens: int
+    pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def read_pending(self) -> None:
+        """Copy the pending tokens in from the previous iteration's output (device work, on
+        the current stream; no host sync)."""
+        if self.pending is not None:
+            index, rows, sampled = self.pending
+            self.token_ids.index_copy_(0, index, sampled.index_select(0, rows))
 
     @property
     def num_tokens(self) -> int:
@@ -67,26 +82,31 @@ def spread_order(is_decode: list[bool], lengths: list[int]) -> list[int]:
 
 def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.device,
                 *, logits_for_all: bool = False,
-                all_logits: Sequence[bool] | None = None) -> Batch:
+                all_logits: Sequence[bool] | None = None,
+                previous: tuple[torch.Tensor, Mapping[Request, int]] | None = None) -> Batch:
     """Lay out the scheduled chunks as one batch. Host work only, then one copy per tensor.
 
     logits_for_all asks for the logits of every token (scoring a prompt) instead of only the
     sampling ones; all_logits (one flag per chunk) asks for every token's logits of the chunks
     flagged (prompt logprobs) and the sampling token's of the others, chunk by chunk.
+    previous: (the previous iteration's sampled ids on the device, each request's row in
+    them), where requests' last tokens are still pending (async scheduling): see
+    Batch.pending.
     """
-    lengths = np.array([c.length for c in chunks], dtype=np.int64)
+    # Whole-batch numpy ops over flat lists: per-chunk numpy calls cost ~1 us each, and an
+    # iteration has a chunk per running request.
+    S = len(chunks)
+    lengths = np.fromiter((c.length for c in chunks), dtype=np.int64, count=S)
+    starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=S)
     seq_starts = np.concatenate(([0], np.cumsum(lengths)))
     num_tokens = int(seq_starts[-1])
-    max_pages = max(len(c.request.pages) for c in chunks)
-
-    token_ids = np.empty(num_tokens, dtype=np.int64)
-    positions = np.empty(num_tokens, dtype=np.int64)
-    block_tables = np.full((len(chunks), max_pages), -1, dtype=np.int32)
-    for s, c in enumerate(chunks):
-        lo, hi = seq_starts[s], seq_starts[s + 1]
-        token_ids[lo:hi] = c.request.token_at(c.start, c.start + c.length)
-        positions[lo:hi] = np.arange(c.start, c.start + c.length)
-        block_tables[s, : len(c.request.pages)] = c.request.pages
+    ids: list[int] = []
+    for c in chunks:
+        ids += c.request.token_at(c.start, c.start + c.length)
+    token_ids = np.array(ids, dtype=np.int64)
+    positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - seq_starts[:-1],
+                                                                  lengths)
+    block_tables = _block_tables([c.request.pages for c in chunks])
     seq_ids = np.repeat(np.arange(len(chunks), dtype=np.int32), lengths)
     pages = block_tables[seq_ids, positions // page_size].astype(np.int64)
     slot_mapping = pages * page_size + positions % page_size
@@ -98,9 +118,10 @@ def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.devi
             else np.array([seq_starts[s + 1] - 1] if c.samples else [], dtype=np.int64)
             for s, (c, every) in enumerate(zip(chunks, all_logits))]).astype(np.int64)
     else:
-        sample_indices = np.array(
-            [seq_starts[s + 1] - 1 for s, c in enumerate(chunks) if c.samples], dtype=np.int64)
+        samples = np.fromiter((c.samples for c in chunks), dtype=bool, count=S)
+        sample_indices = seq_starts[1:][samples] - 1
     num_decode = sum(c.length for c in chunks if c.request.is_decoding)
+    pending = _pending(chunks, seq_starts, token_ids, previous, device)
 
     def to_dev(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(device, non_blocking=True)
@@ -114,7 +135,34 @@ def build_batch(chunks: list[ScheduledChunk], page_size: int, device: torch.devi
         sample_indices=to_dev(sample_indices),
         seq_starts=tuple(int(x) for x in seq_starts),
         num_decode_tokens=num_decode,
+        pending=pending,
     )
+
+
+def _block_tables(pages: list[list[int]]) -> np.ndarray:
+    """[S, max pages] int32, each row a page table padded with -1."""
+    n = np.fromiter(map(len, pages), dtype=np.int64, count=len(pages))
+    table = np.full((len(pages), int(n.max())), -1, dtype=np.int32)
+    table[np.arange(table.shape[1])[None, :] < n[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(pages), dtype=np.int32, count=int(n.sum()))
+    return table
+
+
+def _pending(chunks: list[ScheduledChunk], seq_starts: np.ndarray, token_ids: np.ndarray,
+             previous, device: torch.device):
+    """Batch.pending for the PENDING entries of token_ids: a request's only pending token is
+    its last (one iteration in flight), sampled in the previous iteration's row for it."""
+    index = np.flatnonzero(token_ids == PENDING)
+    if not len(index):
+        return None
+    if previous is None:
+        raise ValueError("the batch has tokens not yet read back but no previous iteration's "
+                         "output to read them from")
+    sampled, rows_of = previous
+    seqs = np.searchsorted(seq_starts, index, side="right") - 1
+    rows = [rows_of[chunks[s].request] for s in seqs.tolist()]
+    return (torch.from_numpy(index).to(device, non_blocking=True),
+            torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True), sampled)
 
 
 class StaticBatch:

@@ -50,6 +50,7 @@ class EngineConfig:
     length_predictor: Any = None
     kv_reservation: str = "none"
     role: str = "both"
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         from .scheduler import KV_RESERVATIONS, POLICIES
@@ -66,6 +67,15 @@ class EngineConfig:
             raise ValueError("role='prefill' hands KV over from one device: the KV handoff of "
                              "tensor-parallel shards is not supported; use "
                              "tensor_parallel_size=1")
+        if not isinstance(self.async_scheduling, bool):
+            raise TypeError(f"async_scheduling must be True or False, got "
+                            f"{self.async_scheduling!r}")
+        if self.role == "prefill" and self.async_scheduling:
+            # A prefill engine hands a request off when its first token is read back; one
+            # iteration ahead, it would already have scheduled that request's next decode.
+            raise ValueError("role='prefill' runs synchronously: a request leaves when its "
+                             "first token is read back; use async_scheduling=False there (the "
+                             "decode engine may use async scheduling)")
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("tensor_parallel_size", self.tensor_parallel_size)

@@ -8,12 +8,13 @@ import numbers
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from .batch import build_batch, spread_order
+from .backends.inflight import DeviceOutput, InFlight, device_queue
+from .batch import Batch, build_batch, spread_order
 from .config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
 from .distributed import TensorParallel, setup_tensor_parallel
 from .executor import Executor
@@ -28,7 +29,7 @@ from .models import (ModelConfig, build_model, check_tensor_parallel, load_weigh
                      random_weights, resolve_model, shard_config)
 from .outputs import RequestOutput
 from .request import Request
-from .sampler import Sampler, logprob_dicts, seed_key, unseeded_key
+from .sampler import PreparedSampling, Sampler, logprob_dicts, seed_key, unseeded_key
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, uses_predictions
 from .search import DeviceSpec, get_device
@@ -70,6 +71,11 @@ class Engine:
     prefill engine, given `kv_sender`, runs each prompt and its first token with the kv_send
     op in every layer, then hands the request over and forgets it; a decode engine takes
     requests only through admit_transferred(). "both" (the default) runs requests whole.
+
+    async_scheduling=True: step() forms and launches iteration i + 1 before it reads back
+    iteration i's tokens (see step()); the tokens are the same, each output comes one step()
+    later, and a request that stops on a token (EOS, stop ids) costs one more token of
+    compute, which is dropped.
     """
 
     def __init__(self, model: str, *, process_group=None, kv_sender=None, **kwargs) -> None:
@@ -120,6 +126,8 @@ class Engine:
         self.eos_token_ids: tuple[int, ...] = tuple(self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
+        self._device_queue = device_queue(self.device, cfg.async_scheduling)
+        self._in_flight: _Launched | None = None    # async: launched, not yet retired
         logger.info("nanorun engine: %s on %s (%s), tensor parallel rank %d of %d, %d KV pages "
                     "of %d tokens, layout %s", self.model_config.name, self.device, self.dtype,
                     self.tensor_parallel.rank, self.tensor_parallel.size,
@@ -232,11 +240,13 @@ class Engine:
                 self._aborted.append(request)
 
     def shutdown(self) -> None:
-        """Release the tensor-parallel process group if this engine initialised it."""
+        """Release the tensor-parallel process group if this engine initialised it, and the
+        device worker thread of async scheduling on the CPU."""
+        self._device_queue.close()
         self.tensor_parallel.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._aborted)
+        return bool(self.requests) or bool(self._aborted) or self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -245,12 +255,35 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration. Returns an output for every request that got a token or ended:
         RequestOutput with outputs[0] holding all its output token ids so far (a copy), their
-        logprobs if asked for, and prompt_logprobs once its prompt has been computed."""
+        logprobs if asked for, and prompt_logprobs once its prompt has been computed.
+
+        An iteration is launch() (schedule, build the batch, submit the device work: the
+        model, then sampling on the device) and retire() (the one sync: read the sampled ids
+        back, update the requests). Synchronous: retire() what was just launched. Async
+        scheduling: launch iteration i + 1, then retire iteration i, so the host's work for
+        i + 1 runs while the device computes i. What i + 1 needs of i stays on the device
+        (the batch reads each pending token from i's sampled ids, see Batch.pending) or is
+        known ahead (max_tokens); what is not (a stop token) is seen at retire(i), and the
+        token i + 1 sampled after it is dropped. An iteration whose requests have penalties
+        is retired before the next is formed: penalties count every output token on the
+        host."""
         outputs = [r.to_output() for r in self._aborted]
         self._aborted.clear()
+        if self._in_flight is not None and self._in_flight.blocks_next:
+            outputs += self.retire(self._in_flight)
+            self._in_flight = None
+        launched = self.launch()
+        if not self.config.async_scheduling:
+            return outputs + self.retire(launched)
+        done, self._in_flight = self._in_flight, launched
+        return outputs + self.retire(done)
+
+    def launch(self) -> _Launched | None:
+        """Schedule and build the next iteration and submit its device work (None: nothing
+        to run). The requests count its samples as pending until retire()."""
         sched = self.scheduler.schedule()
         if not sched.chunks:
-            return outputs
+            return None
         start = time.perf_counter()
         for chunk in sched.chunks:
             if chunk.request.metrics.first_scheduled_time is None:
@@ -259,20 +292,59 @@ class Engine:
         chunks = [chunks[i] for i in spread_order([c.request.is_decoding for c in chunks],
                                                   [c.length for c in chunks])]
         every = [c.request.wants_prompt_logprobs for c in chunks]
-        batch = build_batch(chunks, self.kv_cache.page_size, self.device,
-                            all_logits=every if any(every) else None)
+        every = every if any(every) else None
+        previous = self._in_flight
+        batch = build_batch(chunks, self.kv_cache.page_size, self.device, all_logits=every,
+                            previous=None if previous is None
+                            else (previous.tokens, previous.rows))
+        sampling = [c.request for c in chunks if c.samples]
+        prepared = self.sampler.prepare(sampling, self.model_config.vocab_size, self.device)
+        tokens = torch.empty(len(sampling), dtype=torch.long, device=self.device)
+        keep = None if every is None else torch.tensor(_sampling_rows(chunks, every),
+                                                       dtype=torch.long, device=self.device)
+        logprobs = any(r.sampling_params.logprobs is not None for r in sampling)
         if self.kv_sender is not None:       # the kv_send ops name the batch's rows by chunk
             self.kv_sender.begin_iteration(chunks, batch)
-        logits = self.executor.run(batch)
-        if any(every):
-            logits = self._take_prompt_logprobs(chunks, every, logits)
-        sampling = [c.request for c in chunks if c.samples]
-        sampled = self.sampler(logits, sampling)
-        now = time.perf_counter()
+        in_flight = self._device_queue.submit(
+            lambda: self._device_work(batch, prepared, tokens, keep, logprobs))
         for chunk in sched.chunks:
             chunk.request.num_computed_tokens += chunk.length
+        for request in sampling:
+            request.num_pending += 1
+        return _Launched(chunks, every, sampling, {r: i for i, r in enumerate(sampling)},
+                         prepared, tokens, in_flight,
+                         any(r.sampling_params.has_penalties for r in sampling))
+
+    def _device_work(self, batch: Batch, prepared: PreparedSampling, tokens: torch.Tensor,
+                     keep: torch.Tensor | None, logprobs: bool) -> DeviceOutput:
+        """The device's part of an iteration: no host sync (on a GPU; on the CPU under async
+        scheduling it runs on the device worker thread)."""
+        logits = all_logits = self.executor.run(batch)
+        if keep is not None:
+            logits = all_logits.index_select(0, keep)
+        sampled, ok = self.sampler.sample(logits, prepared)
+        tokens.copy_(sampled)
+        return DeviceOutput(tokens, ok, logits if logprobs else None,
+                            all_logits if keep is not None else None)
+
+    def retire(self, launched: _Launched | None) -> list[RequestOutput]:
+        """Wait for a launched iteration (the one sync) and update its requests: each
+        sampling request not finished meanwhile (aborted, or stopped on an earlier token:
+        this token is dropped) gets its token, and those that end leave the scheduler."""
+        if launched is None:
+            return []
+        out = launched.in_flight.result()
+        now = time.perf_counter()
+        if launched.every is not None:
+            self._record_prompt_logprobs(launched.chunks, launched.every, out.all_logits)
+        sampled = self.sampler.finish(out.logits, launched.prepared, out.host_tokens,
+                                      out.host_ok)
         errors = sampled.errors
-        for row, (request, token) in enumerate(zip(sampling, sampled.tokens)):
+        reported = []
+        for row, (request, token) in enumerate(zip(launched.sampling, sampled.tokens)):
+            request.num_pending -= 1
+            if request.finished:
+                continue
             if row in errors:
                 logger.warning("request %r ended with an error: %s", request.request_id,
                                errors[row])
@@ -282,9 +354,10 @@ class Engine:
             if request.finished:
                 self.scheduler.remove(request)
                 del self.requests[request.request_id]
+            reported.append(request)
         if self.kv_sender is not None:
-            self._hand_off([r for r in sampling if not r.finished])
-        return outputs + [r.to_output() for r in sampling]
+            self._hand_off([r for r in launched.sampling if not r.finished])
+        return [r.to_output() for r in reported]
 
     def _hand_off(self, prefilled: list[Request]) -> None:
         """role="prefill": the requests whose prompt this step completed (and that did not end
@@ -295,25 +368,23 @@ class Engine:
             self.scheduler.remove(request)
             del self.requests[request.request_id]
 
-    def _take_prompt_logprobs(self, chunks: list[ScheduledChunk], every: list[bool],
-                              logits: torch.Tensor) -> torch.Tensor:
+    def _record_prompt_logprobs(self, chunks: list[ScheduledChunk], every: list[bool],
+                                logits: torch.Tensor) -> None:
         """Logits of a batch built with all_logits=every: record the prompt logprobs of the
         flagged chunks' positions not yet recorded (a recomputed prompt is not recorded
-        twice); returns the sampling rows alone, in chunk order."""
-        keep, rows, targets, owners = [], [], [], []
+        twice, nor is a request's that ended meanwhile)."""
+        rows, targets, owners = [], [], []
         row = 0
         for chunk, flagged in zip(chunks, every):
             n = chunk.length if flagged else int(chunk.samples)
-            if flagged:
-                request = chunk.request
+            request = chunk.request
+            if flagged and not request.finished:
                 done, end = len(request.prompt_logprobs), len(request.prompt_token_ids)
                 # Position p's logits predict prompt token p + 1.
                 for p in range(max(chunk.start, done - 1), min(chunk.start + n, end - 1)):
                     rows.append(row + p - chunk.start)
                     targets.append(request.prompt_token_ids[p + 1])
                     owners.append(request)
-            if chunk.samples:
-                keep.append(row + n - 1)
             row += n
         if rows:
             device = logits.device
@@ -322,13 +393,14 @@ class Engine:
                                   [r.sampling_params.prompt_logprobs for r in owners])
             for request, d in zip(owners, dicts):
                 request.prompt_logprobs.append(d)
-        return logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=logits.device))
 
     @torch.inference_mode()
     def prompt_logits(self, prompt_token_ids: list[int]) -> torch.Tensor:
         """[T, V] float32 logits at every prompt position, through the paged cache in chunks
         of max_batch_tokens. For scoring and tests; needs enough free KV pages for the prompt."""
         request = self.new_request("prompt_logits", prompt_token_ids, SamplingParams(max_tokens=1))
+        if self._in_flight is not None:     # the executor is the device worker's meanwhile
+            self._in_flight.in_flight.result()
         budget, rows = self.config.max_batch_tokens, []
         try:
             for start in range(0, len(request.prompt_token_ids), budget):
@@ -407,6 +479,35 @@ class Engine:
             num_layers=mc.num_layers, num_pages=max(1, tokens // cfg.page_size),
             page_size=cfg.page_size, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             dtype=self.dtype, device=self.device)
+
+
+@dataclass
+class _Launched:
+    """An iteration launch() submitted: its chunks (in batch order), the all_logits flags it
+    was built with, its sampling requests and each one's row, their sampling inputs, the
+    device tensor its sampled ids land in, the device work, and whether the next iteration
+    must wait for its retire (a request with penalties)."""
+
+    chunks: list[ScheduledChunk]
+    every: list[bool] | None
+    sampling: list[Request]
+    rows: dict[Request, int]
+    prepared: PreparedSampling
+    tokens: torch.Tensor
+    in_flight: InFlight
+    blocks_next: bool
+
+
+def _sampling_rows(chunks: list[ScheduledChunk], every: list[bool]) -> list[int]:
+    """The rows of the sampling tokens in the logits of a batch built with all_logits=every,
+    in chunk order."""
+    keep, row = [], 0
+    for chunk, flagged in zip(chunks, every):
+        n = chunk.length if flagged else int(chunk.samples)
+        if chunk.samples:
+            keep.append(row + n - 1)
+        row += n
+    return keep
 
 
 def _layout_and_batch_tokens(cfg: EngineConfig, model_name: str, spec: DeviceSpec):

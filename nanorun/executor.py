@@ -76,6 +76,7 @@ class Executor:
         """Returns [N, V] float32 logits of the batch's sampled tokens."""
         if not self.graphs_active:
             return self.run_plan(self.planner.plan(batch), batch, order_seed)
+        self._read_pending(batch)
         self.graphs.enqueue(batch)
         return self._logits_on_main(batch)
 
@@ -83,6 +84,7 @@ class Executor:
     def run_plan(self, plan: Plan, batch: Batch, order_seed: int | None = None) -> torch.Tensor:
         """Runs `plan` eagerly (never as a graph). order_seed applies to the CPU path."""
         launch = self._launcher(batch)
+        self._read_pending(batch)
         if self.streams is not None:
             issue(plan, self.streams, launch)
             return self._logits_on_main(batch)
@@ -107,6 +109,16 @@ class Executor:
             else:       # the embedding: the logits never come here (see run_plan, issue)
                 embed(ws, batch, each.t0, each.t1)
         return launch
+
+    def _read_pending(self, batch: Batch) -> None:
+        """The tokens still on the device (async scheduling) into the batch, on MAIN: the
+        streams fork from MAIN after it (issue()), the graphs' copy-in follows it there."""
+        if batch.pending is None:
+            return
+        if self.streams is None:
+            batch.read_pending()
+        else:
+            self.streams.enqueue(MAIN, batch.read_pending)
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         return self.model.logits(self.ws, batch)

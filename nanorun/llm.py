@@ -57,6 +57,8 @@ class LLM:
             "predicted" also keeps back the pages running requests are forecast to need, so
             that none is preempted (its stream stalled while it is recomputed). Worth it when
             predictions are good; over-predictions (max_tokens as a loose bound) admit too few.
+        async_scheduling: form and launch each iteration while the previous one still runs
+            on the device (see Engine.step); the same tokens, the host's work hidden.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         length_predictor=None,
         kv_reservation: str = "none",
+        async_scheduling: bool = False,
     ) -> None:
         self.engine = Engine(
             model, device=device, dtype=dtype, layout=layout,
@@ -84,7 +87,7 @@ class LLM:
             page_size=page_size, seed=seed, weights=weights, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size, process_group=process_group,
             scheduling_policy=scheduling_policy, length_predictor=length_predictor,
-            kv_reservation=kv_reservation)
+            kv_reservation=kv_reservation, async_scheduling=async_scheduling)
         tokenizer, reason = tokenizer_of(model)
         self.text_engine = TextEngine(self.engine, tokenizer, no_tokenizer_reason=reason)
         self._ids = itertools.count()

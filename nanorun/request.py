@@ -8,6 +8,10 @@ from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
 
 
+# token_at()'s stand-in for a token sampled on the device and not yet read back.
+PENDING = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"        # not admitted, or preempted (its KV pages were freed)
     RUNNING = "running"        # holds KV pages: prefilling in chunks, or decoding
@@ -22,6 +26,11 @@ class Request:
     the last known token, its logits sample the next one. A decode step is a chunk of 1, and a
     preempted request simply starts again from num_computed_tokens = 0 with its outputs so far
     folded into what it recomputes.
+
+    Under async scheduling (see Engine) a token may be sampled on the device but not yet read
+    back: num_pending counts those (0 or 1 when the next iteration is formed). They count in
+    num_tokens, so the scheduler reserves their KV and schedules the chunk that consumes them;
+    token_at() gives PENDING for them, and the batch reads them from the device instead.
     """
 
     def __init__(
@@ -40,6 +49,7 @@ class Request:
         self.sampling_params = sampling_params
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        self.num_pending = 0                 # sampled, not yet read back (async scheduling)
         self.pages: list[int] = []
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
@@ -60,7 +70,18 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, read back or not: the position of the next draw."""
+        return len(self.output_token_ids) + self.num_pending
+
+    @property
+    def sampling_done(self) -> bool:
+        """max_tokens tokens are sampled: nothing is left to schedule, whatever they are (the
+        last may still be in flight; a stop token is only seen when it is read back)."""
+        return self.num_output_tokens >= self.sampling_params.max_tokens
 
     @property
     def num_remaining(self) -> int:
@@ -76,8 +97,11 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def token_at(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + outputs."""
+        """Tokens [start, end) of prompt + outputs; PENDING for those not yet read back."""
         n_prompt = len(self.prompt_token_ids)
+        known = n_prompt + len(self.output_token_ids)
+        if end > known:
+            return self.token_at(start, known) + [PENDING] * (end - max(start, known))
         if end <= n_prompt:
             return list(self.prompt_token_ids[start:end])
         if start >= n_prompt:              # decode: no copy of the whole sequence per step
@@ -97,12 +121,13 @@ class Request:
 
     @property
     def stops_allowed(self) -> bool:
-        """min_tokens reached: EOS and stop ids may end the request from the next token on."""
-        return len(self.output_token_ids) >= self.sampling_params.min_tokens
+        """min_tokens reached: EOS and stop ids may be drawn as the next token sampled."""
+        return self.num_output_tokens >= self.sampling_params.min_tokens
 
     def append_token(self, token_id: int, now: float,
                      logprobs: dict[int, Logprob] | None = None) -> None:
-        stops_allowed = self.stops_allowed
+        """Read back the next output token (sampled num_pending tokens ago, if any)."""
+        stops_allowed = len(self.output_token_ids) >= self.sampling_params.min_tokens
         self.output_token_ids.append(token_id)
         self.metrics.token_times.append(now)
         if self.metrics.first_token_time is None:

@@ -77,31 +77,97 @@ def uniform(key: int, position: int) -> float:
 class Sampler:
     """Samples one token per row; see the module docstring.
 
+    Three parts, so that an engine can run them at different times (async scheduling):
+      prepare(requests, vocab, device): the host's part, everything read from the requests,
+          into tensors (while the previous iteration still runs on the device);
+      sample(logits, prepared): device ops only, [N] token ids and [N] ok flags on the
+          logits' device, no host sync (the next iteration can read the ids where they are);
+      finish(logits, prepared, tokens, ok): after the one sync, the host lists, the errors and
+          the logprobs asked for.
+    Calling the sampler does all three.
+
     A row that cannot be sampled (NaN or +inf logits, nothing left after the filters) is
     reported, not raised: one request's bad logits must not stop the step for the others.
     """
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [N, V], one row per request in `requests` (float32 or the model's dtype)."""
-        if not requests:
-            return SamplerOutput([], {}, [])
+        prepared = self.prepare(requests, logits.shape[1], logits.device)
+        tokens, ok = self.sample(logits, prepared)
+        return self.finish(logits, prepared, tokens, ok)
+
+    def prepare(self, requests: list[Request], vocab: int,
+                device: torch.device) -> "PreparedSampling":
+        """What sample() needs from `requests`, built on the host now: later changes to the
+        requests (a token read back, an abort) do not change this iteration's draws."""
+        return PreparedSampling.of(requests, vocab, device)
+
+    def sample(self, logits: torch.Tensor,
+               prepared: "PreparedSampling") -> tuple[torch.Tensor, torch.Tensor]:
+        """[N] int64 token ids and [N] bool ok, on the logits' device; no host sync."""
+        if not prepared.requests:
+            empty = torch.zeros(0, dtype=torch.long, device=logits.device)
+            return empty, empty.bool()
         logits = logits.float()
-        device = logits.device
-        # Both edits are in place; `logits` must stay the model's for the logprobs.
-        edits = any(not r.stops_allowed or r.sampling_params.has_penalties for r in requests)
-        z = apply_penalties(_mask_stops(logits.clone(), requests), requests) if edits else logits
+        z = logits
+        if prepared.stops is not None or prepared.penalties is not None:
+            z = logits.clone()      # both edits are in place; `logits` stays the model's
+            if prepared.stops is not None:
+                z[prepared.stops] = float("-inf")
+            if prepared.penalties is not None:
+                _penalise(z, *prepared.penalties)
         ok = _valid_rows(z)
         tokens = z.argmax(dim=-1)
-        sampled = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
-        for group in _by_cdf_order(sampled, requests, z.shape[1]):
-            rows = torch.tensor(group, device=device)
-            token, row_ok = _sample_rows(z.index_select(0, rows), [requests[i] for i in group])
+        for rows, *inputs in prepared.sampled:
+            token, row_ok = _sample_rows(z.index_select(0, rows), *inputs)
             tokens = tokens.index_copy(0, rows, token)
             ok = ok.index_copy(0, rows, ok.index_select(0, rows) & row_ok)
-        host = torch.stack([tokens, ok.long()]).tolist()        # the one sync
+        return tokens, ok
+
+    def finish(self, logits: torch.Tensor | None, prepared: "PreparedSampling",
+               tokens: torch.Tensor, ok: torch.Tensor) -> SamplerOutput:
+        """The host's view of sample()'s result: reads tokens and ok back (the one sync,
+        unless they are host tensors already) and computes the logprobs asked for from
+        `logits` (which may be None when no request asks for logprobs)."""
+        requests = prepared.requests
+        if not requests:
+            return SamplerOutput([], {}, [])
+        host = torch.stack([tokens.long(), ok.long()]).tolist()
         errors = {i: "sampling failed: the probabilities are not finite (NaN or inf logits)"
                   for i, good in enumerate(host[1]) if not good}
-        return SamplerOutput(host[0], errors, _sampled_logprobs(logits, requests, tokens, errors))
+        if all(r.sampling_params.logprobs is None for r in requests):
+            return SamplerOutput(host[0], errors, [None] * len(requests))
+        return SamplerOutput(host[0], errors,
+                             _sampled_logprobs(logits, requests, tokens.to(logits.device),
+                                               errors))
+
+
+@dataclass
+class PreparedSampling:
+    """One iteration's sampling inputs as tensors on the device (see Sampler.prepare).
+
+    stops: (rows, ids) to mask with -inf (min_tokens); penalties: _penalise's arguments;
+    sampled: a (rows, temperature, min_p, top_k, top_p, u, what to apply) for each group of
+    non-greedy rows drawn together (_by_cdf_order).
+    """
+
+    requests: list[Request]
+    stops: tuple[torch.Tensor, torch.Tensor] | None = None
+    penalties: tuple | None = None
+    sampled: tuple[tuple, ...] = ()
+
+    @classmethod
+    def of(cls, requests: list[Request], V: int, device: torch.device) -> "PreparedSampling":
+        out = cls(list(requests))
+        if not requests:
+            return out
+        out.stops = _stop_mask(requests, V, device)
+        out.penalties = _penalty_inputs(requests, V, device)
+        sampled = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        out.sampled = tuple((torch.tensor(group, device=device),
+                             *_sampling_inputs([requests[i] for i in group], V, device))
+                            for group in _by_cdf_order(sampled, requests, V))
+        return out
 
 
 def _valid_rows(z: torch.Tensor) -> torch.Tensor:
@@ -110,17 +176,19 @@ def _valid_rows(z: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(z.amax(dim=-1))
 
 
-def _mask_stops(z: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """EOS and stop ids cannot be drawn before min_tokens (vLLM's min_tokens processor)."""
+def _stop_mask(requests: list[Request], V: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """EOS and stop ids cannot be drawn before min_tokens (vLLM's min_tokens processor):
+    the (rows, ids) to mask, or None."""
     rows, ids = [], []
     for i, r in enumerate(requests):
         if not r.stops_allowed:
-            stop = [t for t in r.stop_ids if t < z.shape[1]]
+            stop = [t for t in r.stop_ids if t < V]
             rows += [i] * len(stop)
             ids += stop
-    if rows:
-        z[torch.tensor(rows, device=z.device), torch.tensor(ids, device=z.device)] = float("-inf")
-    return z
+    if not rows:
+        return None
+    return torch.tensor(rows, device=device), torch.tensor(ids, device=device)
 
 
 def apply_penalties(z: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -128,21 +196,35 @@ def apply_penalties(z: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     output has its logit divided by repetition_penalty where positive (multiplied where
     negative); then frequency_penalty * its count in the output and presence_penalty (once,
     if it is in the output) are subtracted."""
+    inputs = _penalty_inputs(requests, z.shape[1], z.device)
+    return z if inputs is None else _penalise(z, *inputs)
+
+
+def _penalty_inputs(requests: list[Request], V: int, device: torch.device) -> tuple | None:
+    """What _penalise needs for the rows that have penalties (None: no row has any). Counts
+    the tokens read back: a request with penalties must have none pending (the engine
+    reads them back before such an iteration is formed)."""
     rows = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
     if not rows:
-        return z
-    device, V = z.device, z.shape[1]
+        return None
     reqs = [requests[i] for i in rows]
+    if any(r.num_pending for r in reqs):
+        raise RuntimeError("penalties need every output token on the host; read the pending "
+                           "tokens back before sampling a request with penalties")
     counts = _token_counts([r.output_token_ids for r in reqs], V, device)       # [M, V]
     in_prompt = _token_counts([r.prompt_token_ids for r in reqs], V, device) > 0
     params = torch.tensor([[r.sampling_params.repetition_penalty,
                             r.sampling_params.frequency_penalty,
                             r.sampling_params.presence_penalty] for r in reqs], device=device)
+    return torch.tensor(rows, device=device), counts, in_prompt, params
+
+
+def _penalise(z: torch.Tensor, index: torch.Tensor, counts: torch.Tensor,
+              in_prompt: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     rep, freq, pres = (params[:, k:k + 1] for k in range(3))
     # repetition_penalty is any float > 0; in float32 it must stay in (0, inf), else a masked
     # -inf logit times 0 (or a 0 logit times inf) becomes NaN.
     rep = rep.clamp(min=torch.finfo(torch.float32).tiny, max=_FLOAT32_MAX)
-    index = torch.tensor(rows, device=device)
     sub = z.index_select(0, index)
     seen = in_prompt | (counts > 0)
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
@@ -177,22 +259,34 @@ def _by_cdf_order(rows: list[int], requests: list[Request], V: int) -> list[list
     return [g for g in (by_rank, plain) if g]
 
 
-def _sample_rows(z: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature, min_p, top_k, top_p, then the draw, for sampled (non-greedy) rows.
-    Returns ([M] token ids, [M] bool: the row was a distribution)."""
-    device, V = z.device, z.shape[1]
+def _sampling_inputs(requests: list[Request], V: int, device: torch.device) -> tuple:
+    """_sample_rows's per-row inputs for sampled (non-greedy) rows, from the host: the
+    parameters, the row's uniform number (keyed by the position of the token it draws, read
+    back or not) and which filters any row needs."""
     sps = [r.sampling_params for r in requests]
     params = torch.tensor([[sp.temperature, sp.min_p, sp.top_k if 0 < sp.top_k < V else V,
                             sp.top_p if sp.top_p < 1.0 else 2.0] for sp in sps],
                           dtype=torch.float64, device=device)
-    temperature, min_p, top_k, top_p = (params[:, k:k + 1] for k in range(4))
+    u = torch.tensor([uniform(r.sampling_key, r.num_output_tokens) for r in requests],
+                     dtype=torch.float64, device=device)
+    use_min_p = any(sp.min_p > 0.0 for sp in sps)
+    use_sort = any(0 < sp.top_k < V or sp.top_p < 1.0 for sp in sps)
+    return (*(params[:, k:k + 1] for k in range(4)), u, use_min_p, use_sort)
+
+
+def _sample_rows(z: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor,
+                 top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, use_min_p: bool,
+                 use_sort: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, min_p, top_k, top_p, then the draw, for sampled (non-greedy) rows.
+    Returns ([M] token ids, [M] bool: the row was a distribution)."""
+    device, V = z.device, z.shape[1]
     z = (z / temperature.float()).clamp(max=_FLOAT32_MAX)    # huge / small: not +inf
-    if any(sp.min_p > 0.0 for sp in sps):
+    if use_min_p:
         probs = torch.softmax(z, dim=-1)
         z = z.masked_fill(probs < min_p.float() * probs.max(dim=-1, keepdim=True).values,
                           float("-inf"))
     order = None
-    if any(0 < sp.top_k < V or sp.top_p < 1.0 for sp in sps):
+    if use_sort:
         z, order = z.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=device)[None, :]
         z = z.masked_fill(rank >= top_k.long(), float("-inf"))
@@ -201,8 +295,6 @@ def _sample_rows(z: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor
         z = z.masked_fill(mass_before >= top_p.float(), float("-inf"))
     probs = torch.softmax(z, dim=-1)
     ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    u = torch.tensor([uniform(r.sampling_key, len(r.output_token_ids)) for r in requests],
-                     dtype=torch.float64, device=device)
     cdf = probs.nan_to_num(0.0).cumsum(dim=-1)
     # Scaled by the row's total (not 1.0): rounding can leave the sum a hair below u.
     x = (u * cdf[:, -1].double()).float()[:, None]

@@ -5,9 +5,11 @@ Every iteration gets a fixed token budget (the dense batch size). It is filled, 
   2. the next chunk of a prompt that was split in the previous iteration,
   3. chunks of waiting prompts, in the order of the scheduling policy,
 until the budget is exactly used or nothing is left. Only the chunk that reaches a request's
-last known token samples. When a running request needs a page and none is free, the most
-recently admitted request still unscheduled this iteration is preempted: its pages are freed and
-it goes back to the front of the waiting queue to be recomputed later. Nothing is dropped.
+last known token samples (under async scheduling, a token sampled in the previous iteration
+and not yet read back counts as known: see Request.num_pending). When a running request needs
+a page and none is free, the most recently admitted request still unscheduled this iteration
+is preempted: its pages are freed and it goes back to the front of the waiting queue to be
+recomputed later. Nothing is dropped.
 
 Policies decide which waiting requests are admitted first:
   - "fcfs": first come, first served.
@@ -193,7 +195,9 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         # Decode tokens first, then the continuing prompt chunks; victims come off the back.
-        queue = [r for r in self.running if r.is_decoding]
+        # A request with all its max_tokens sampled (the last still in flight, under async
+        # scheduling) has nothing left to compute.
+        queue = [r for r in self.running if r.is_decoding and not r.sampling_done]
         queue += [r for r in self.running if not r.is_decoding]
         i = 0
         while i < len(queue) and budget > 0:

@@ -90,16 +90,16 @@ def test_a_row_that_fails_sampling_ends_that_request_and_no_other(monkeypatch):
     seeded = SamplingParams(max_tokens=6, temperature=0.9, seed=11, ignore_eos=True)
     alone = _solo(seeded)
     engine = Engine(MODEL, weights="random", max_batch_tokens=64, kv_cache_tokens=1024)
-    real = Sampler.__call__
+    real = Sampler.sample
 
-    def poisoned(self, logits, requests):        # the bad request's row turns to NaN
+    def poisoned(self, logits, prepared):        # the bad request's row turns to NaN
         logits = logits.clone()
-        for row, request in enumerate(requests):
+        for row, request in enumerate(prepared.requests):
             if request.request_id == "bad":
                 logits[row] = float("nan")
-        return real(self, logits, requests)
+        return real(self, logits, prepared)
 
-    monkeypatch.setattr(Sampler, "__call__", poisoned)
+    monkeypatch.setattr(Sampler, "sample", poisoned)
     engine.add_request("bad", PROMPT, SamplingParams(max_tokens=6, temperature=1.0))
     engine.add_request("seeded", PROMPT, seeded)
     engine.add_request("greedy", [7, 8, 9], GREEDY)

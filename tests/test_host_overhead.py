@@ -22,24 +22,37 @@ def bench():
     return module
 
 
-def test_the_bench_writes_a_row_per_layout_size_and_sampling(bench, tmp_path):
+def test_the_bench_writes_a_row_per_layout_size_sampling_and_mode(bench, tmp_path):
     out = tmp_path / "host.json"
     assert bench.main(["--requests", "8", "--steps", "3", "--warmup", "1", "--layouts",
                        "sequential", "overlap", "--sampling", "greedy", "sampled",
-                       "--out", str(out)]) == 0
+                       "--device-ms", "5", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["command"].startswith("python bench/host_overhead.py --requests 8")
-    rows = {(r["layout"], r["sampling"]): r for r in doc["rows"]}
-    assert set(rows) == {(lay, s) for lay in ("sequential", "overlap")
-                         for s in ("greedy", "sampled")}
-    for row in rows.values():
-        assert row["running_requests"] == 8 and row["async_scheduling"] is False
+    rows = {(r["layout"], r["sampling"], r["async_scheduling"]): r for r in doc["rows"]}
+    assert set(rows) == {(lay, s, a) for lay in ("sequential", "overlap")
+                         for s in ("greedy", "sampled") for a in (False, True)}
+    for (_, _, mode), row in rows.items():
+        assert row["running_requests"] == 8 and row["device_ms"] == 5
         assert set(row["breakdown_ms"]) == set(bench.PHASES)
-        assert row["host_ms"] > 0 and row["exposed_host_ms"] == row["host_ms"]
+        assert row["host_ms"] > 0
+        assert row["host_ms"] == pytest.approx(sum(row["breakdown_ms"].values()), rel=0.5)
+        if not mode:    # the device waits through the whole host path
+            assert row["exposed_host_ms"] >= 0.9 * row["host_ms_min"]
         assert row["plan_cache"]["steps"] == 3 and row["graph_cache"]["steps"] == 3
         # the real op list: embed + 32 layers x (10 ops x nano-batches), logits
         splits = 1 if row["layout"] == "sequential" else 2
         assert row["launches_per_step"] == 2 + 32 * 10 * splits
-    assert rows[("sequential", "greedy")]["events_per_step"] == 2     # the fork and the join
-    assert rows[("overlap", "greedy")]["waits_per_step"] > 2
+    assert rows[("sequential", "greedy", False)]["events_per_step"] == 2   # the fork and join
+    assert rows[("overlap", "greedy", False)]["waits_per_step"] > 2
 
+
+def test_async_scheduling_hides_the_host_path_behind_the_device(bench):
+    """A host path far shorter than the device's iteration: synchronous, the device waits
+    for all of it every iteration; async, for none of it (a margin for a loaded machine)."""
+    rows = [bench.measure("sequential", "sequential", 256, 16, False, steps=6, warmup=2,
+                          vocab=32, async_scheduling=mode, device_ms=30.0)
+            for mode in (False, True)]
+    sync, fast = rows
+    assert sync["exposed_host_ms"] >= 0.9 * sync["host_ms_min"] > 0
+    assert fast["exposed_host_ms"] < 0.5 * sync["exposed_host_ms"]

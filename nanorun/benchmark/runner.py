@@ -77,6 +77,7 @@ class BenchConfig:
     scheduling_policy: str = "fcfs"
     length_predictor: Any = None            # for "hrrn" and "predicted": nanorun.lengths
     kv_reservation: str = "none"
+    async_scheduling: bool = False
     repeats: int = 1                        # interleaved passes over every layout
 
     def __post_init__(self) -> None:
@@ -116,7 +117,8 @@ class BenchConfig:
                       kv_cache_tokens=self.kv_cache_tokens, seed=self.seed,
                       weights=self.weights, scheduling_policy=self.scheduling_policy,
                       length_predictor=self.length_predictor,
-                      kv_reservation=self.kv_reservation)
+                      kv_reservation=self.kv_reservation,
+                      async_scheduling=self.async_scheduling)
 
 
 @dataclass(frozen=True)
@@ -331,6 +333,7 @@ def engine_facts(engine: Engine) -> dict:
         "scheduling_policy": cfg.scheduling_policy,
         "length_predictor": predictor_name(engine.scheduler.predictor),
         "kv_reservation": cfg.kv_reservation,
+        "async_scheduling": cfg.async_scheduling,
         "kv_cache_tokens": engine.kv_cache.capacity_tokens,
         "max_model_len": engine.max_model_len,
         "weights": "random" if random_weights else "loaded",
