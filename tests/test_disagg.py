@@ -185,6 +185,9 @@ def test_roles_are_validated_and_each_engine_takes_what_its_role_takes():
         EngineConfig(model="tiny-llama", role="prompt")
     with pytest.raises(ValueError, match="tensor_parallel_size=1"):
         EngineConfig(model="tiny-llama", role="prefill", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="use async_scheduling=False"):
+        EngineConfig(model="tiny-llama", role="prefill", async_scheduling=True)
+    EngineConfig(model="tiny-llama", role="decode", async_scheduling=True)
     with pytest.raises(ValueError, match="needs a kv_sender"):
         Engine("tiny-llama", role="prefill", **ENGINE)
     decode = Engine("tiny-llama", role="decode", **ENGINE)
