@@ -87,7 +87,8 @@ def test_in_process_pair_generates_the_tokens_of_one_engine_and_frees_every_page
     want = _tokens_of_one_engine("overlap")
     producer, consumer = InProcessConnector.pair(num_layers=2)
     prefill = prefill_engine("tiny-llama", producer, layout="overlap", **ENGINE)
-    decode = Engine("tiny-llama", role="decode", layout="overlap",
+    # The decode side schedules asynchronously here (the two-rank test runs it synchronously).
+    decode = Engine("tiny-llama", role="decode", layout="overlap", async_scheduling=True,
                     **{**ENGINE, "kv_cache_tokens": DECODE_KV_TOKENS})
     receiver = KVReceiver(decode, consumer)
     final = run_local(prefill, decode, receiver, _trace())
