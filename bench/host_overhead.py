@@ -243,7 +243,7 @@ def _engine(layout, batch_tokens: int, running: int, sampled: bool, vocab: int, 
     engine.executor = Executor(NullModel(cfg, vocab, batch_tokens), kv, batch_tokens, layout,
                                get_device("h100"), streams=streams, graphs=False)
     engine.requests = {r.request_id: r for r in (*decoding, *queued)}
-    engine._aborted, engine._in_flight = [], None
+    engine._aborted, engine._in_flight, engine.kv_sender = [], None, None
     engine._device_queue = DeviceTimeline(device_ms)
     return engine, streams
 
