@@ -10,6 +10,9 @@ from dataclasses import dataclass
 # Temperatures below this sample as greedy (argmax), as vLLM does below its _SAMPLING_EPS:
 # dividing logits by 1e-50 overflows float32 to inf, and the softmax of that is NaN.
 GREEDY_TEMPERATURE = 1e-5
+# The most sequences one request may ask for (n), as OpenAI's API bounds it: each is a request
+# of its own in the engine, and an unbounded n would queue millions of them from one call.
+MAX_N = 128
 
 # torch.Generator.manual_seed takes exactly this range.
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
@@ -90,8 +93,8 @@ class SamplingParams:
 
     def _check_vllm_fields(self) -> None:
         self._set("n", _as_int("n", self.n))
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
         for name in ("presence_penalty", "frequency_penalty"):
             self._set(name, _as_float(name, getattr(self, name)))
             if not -2.0 <= getattr(self, name) <= 2.0:

@@ -219,7 +219,8 @@ def test_prompt_logprobs_do_not_depend_on_chunking_or_preemption(prompt):
 # ---- SamplingParams ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"n": 0}, ValueError, "n must be"), ({"n": 1.0}, TypeError, "n must be an int"),
-    ({"n": True}, TypeError, "n must be"),
+    ({"n": True}, TypeError, "n must be"), ({"n": 129}, ValueError, r"n must be in \[1, 128\]"),
+    ({"n": 2**31}, ValueError, "n must be in"),
     ({"presence_penalty": 2.5}, ValueError, "presence_penalty"),
     ({"presence_penalty": float("nan")}, ValueError, "presence_penalty must be finite"),
     ({"frequency_penalty": -3}, ValueError, "frequency_penalty"),
