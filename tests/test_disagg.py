@@ -13,9 +13,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from nanorun.planner import Plan
 from nanorun.search import get_device
 
 from executor_rig import BATCH, Rig, close
+from ranks import join_ranks, start_ranks
 
 PROMPT_LENGTHS = [3, 17, 40, 1, 25, 9]
 BATCH_TOKENS = 16                      # < the longest prompts: prefill runs in chunks
@@ -325,9 +323,10 @@ def _drop_wait(plan: Plan, i: int, w: int) -> Plan:
 
 # -- two gloo processes == one engine ------------------------------------------------------------
 def test_two_gloo_ranks_prefill_and_decode_the_tokens_of_one_engine(tmp_path):
-    procs = _start_ranks(tmp_path)
+    procs = start_ranks(__file__, tmp_path, 2, cwd=lambda rank: tmp_path)
     want = {layout: _tokens_of_one_engine(layout) for layout in LAYOUTS}
-    prefill, decode = _join(procs)
+    prefill, decode = join_ranks(procs, WORKER_TIMEOUT_S,
+                                 "a send or receive that never matched?")
     for layout in LAYOUTS:
         got = {**prefill[layout]["tokens"], **decode[layout]["tokens"]}
         assert got == want[layout], layout
@@ -335,45 +334,6 @@ def test_two_gloo_ranks_prefill_and_decode_the_tokens_of_one_engine(tmp_path):
         assert prefill[layout]["kv_send_on"] == ("net" if layout == "overlap" else "device")
         for side in (prefill, decode):
             assert side[layout]["free_pages"] == side[layout]["pages"], (layout, side)
-
-
-def _start_ranks(tmp_path: Path) -> list[tuple[subprocess.Popen, Path]]:
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
-        out = tmp_path / f"rank{rank}.json"
-        procs.append((subprocess.Popen([sys.executable, __file__, str(out)], env=env,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, cwd=tmp_path), out))
-    return procs
-
-
-def _join(procs) -> list[dict]:
-    """Every rank's results; a rank that fails or hangs fails the test (and stops the other)."""
-    logs = []
-    try:
-        for proc, _ in procs:
-            logs.append(proc.communicate(timeout=WORKER_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank did not finish within {WORKER_TIMEOUT_S} s (a send or receive "
-                    f"that never matched?)")
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, ((proc, _), log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log}"
-    return [json.loads(out.read_text()) for _, out in procs]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(out_path: str) -> None:

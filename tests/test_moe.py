@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from nanorun.layout import Layout, OpLayout, Partition
 from nanorun.models import (ModelConfig, UnsupportedModelError, build_model, get_preset,
                             load_weights, model_layer_ops, random_weights, shard_weights)
 from nanorun.ops import kv_append, paged_attention
+from ranks import join_ranks, start_ranks
 
 MOE_PRESETS = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe"]
 CHUNK = 16                       # < the longest prompts: prefill runs in chunks
@@ -125,8 +123,8 @@ def test_greedy_tokens_match_hf_with_chunks_and_preemption(hf_moe, layout):
 # -- tensor parallel 2 over gloo, all three families in one pair of processes ---------------------
 def test_two_gloo_ranks_match_hf_for_every_family(tmp_path):
     models = {p: _write_hf(p, tmp_path / p) for p in MOE_PRESETS}
-    procs = _start_ranks(tmp_path, world=2)
-    results = _join(procs)
+    procs = start_ranks(__file__, tmp_path, 2, args=(str(tmp_path),))
+    results = join_ranks(procs, WORKER_TIMEOUT_S)
     for preset, hf in models.items():
         prompts = _prompts(hf.config.vocab_size, GREEDY_LENGTHS)
         want_tokens = [_hf_greedy(hf, p, N_NEW) for p in prompts]
@@ -139,39 +137,6 @@ def test_two_gloo_ranks_match_hf_for_every_family(tmp_path):
             assert rel < 1e-4, f"{preset}: rank {rank}'s logits, relative error {rel:.2e}"
         assert results[0][preset]["ops"][-1] == "moe_allreduce"
     assert all(r["race_detector_ok"] for r in results)
-
-
-def _start_ranks(tmp_path: Path, world: int):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
-        out = tmp_path / f"rank{rank}.json"
-        procs.append((subprocess.Popen([sys.executable, __file__, str(tmp_path), str(out)],
-                                       env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True), out))
-    return procs
-
-
-def _join(procs) -> list[dict]:
-    logs = []
-    try:
-        for proc, _ in procs:
-            logs.append(proc.communicate(timeout=WORKER_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank did not finish within {WORKER_TIMEOUT_S} s (collective hang?)")
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, ((proc, _), log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log}"
-    return [json.loads(out.read_text()) for _, out in procs]
 
 
 def _rank_main(root: str, out_path: str) -> None:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from executor_rig import workspace_buffers
+from ranks import join_ranks, start_ranks
 
 from nanorun import LLM, SamplingParams
 from nanorun.config import EngineConfig
@@ -65,9 +63,11 @@ def test_two_gloo_ranks_generate_the_tokens_of_one_process(tmp_path):
     rows = [f"XXX,{p},{o}" for p, o in [(10, 5)] * 120 + [(600, 90)] * 120]
     (tmp_path / "log.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
                                       + "\n".join(rows) + "\n")
-    procs = _start_ranks(tmp_path, world=2)
+    procs = start_ranks(__file__, tmp_path, 2,
+                        env=lambda rank: {LAYOUT_DIR_ENV: str(tmp_path / f"layouts{rank}")},
+                        cwd=_rank_dir(tmp_path))
     single = {f"{m}/{lay}": _generate(_llm(m, lay)) for m, lay in RUNS}
-    results = _join(procs)
+    results = join_ranks(procs, WORKER_TIMEOUT_S)
     for key, want in single.items():
         for rank, got in enumerate(results):
             assert got[key]["greedy"] == want["greedy"], f"{key}: rank {rank}'s greedy tokens"
@@ -81,45 +81,13 @@ def test_two_gloo_ranks_generate_the_tokens_of_one_process(tmp_path):
     assert all(r["race_detector_ok"] for r in results)
 
 
-def _start_ranks(tmp_path: Path, world: int) -> list[tuple[subprocess.Popen, Path]]:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
-               LAYOUT_DIR_ENV: str(tmp_path / f"layouts{rank}")}
-        out = tmp_path / f"rank{rank}.json"
-        cwd = tmp_path if rank == 0 else tmp_path / f"rank{rank}"
-        cwd.mkdir(exist_ok=True)
-        procs.append((subprocess.Popen([sys.executable, __file__, str(out)], env=env,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, cwd=cwd), out))
-    return procs
-
-
-def _join(procs) -> list[dict]:
-    """Every rank's results; a rank that fails or hangs fails the test (and stops the rest)."""
-    logs = []
-    try:
-        for proc, _ in procs:
-            logs.append(proc.communicate(timeout=WORKER_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank did not finish within {WORKER_TIMEOUT_S} s (collective hang?)")
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, ((proc, _), log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log}"
-    return [json.loads(out.read_text()) for _, out in procs]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_dir(tmp_path: Path):
+    """Rank 0 runs in tmp_path (where the request log is), the others in a directory each."""
+    def cwd(rank: int) -> Path:
+        path = tmp_path if rank == 0 else tmp_path / f"rank{rank}"
+        path.mkdir(exist_ok=True)
+        return path
+    return cwd
 
 
 def _rank_main(out_path: str) -> None:
