@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,6 +18,7 @@ from nanorun.search.hardware import (DEVICES, CollectiveTable, bus_factor, colle
                                      isotonic)
 from nanorun.search.tune import Tuner, tune
 from nanorun.search.workload import Workload
+from ranks import free_port
 
 LLAMA2_70B = get_preset("llama-2-70b")
 NVLINK = ("a100", "h100", "h200")
@@ -165,16 +165,10 @@ def test_network_partitions_hold_the_cta_bound_and_the_search_beats_sequential()
 
 
 # -- nanorun profile --tp 2 over gloo ---------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_profile_tp2_over_gloo_measures_collectives_that_replace_the_tables(tmp_path):
     out = tmp_path / "cpu.tp2.json"
-    port = _free_port()
+    port = free_port()
     argv = ["profile", "tiny-llama", "--device", "cpu", "--tp", "2", "--tokens", "4,16",
             "--context", "16", "--collective-bytes", "4096,65536", "--out", str(out)]
     procs = []

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ aiohttp = pytest.importorskip("aiohttp")
 
 from nanorun import LLM, SamplingParams  # noqa: E402
 
+from ranks import free_port  # noqa: E402
 from text_model import write_text_model  # noqa: E402
 
 MODEL = "tiny-text"
@@ -62,14 +62,8 @@ def _post(url: str, body) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(model_dir, *extra: str, env=None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "nanorun.cli", "serve", str(model_dir), "--port", str(port),
            "--served-model-name", MODEL, "--kv-cache-tokens", str(KV_TOKENS),
            "--page-size", str(PAGE_SIZE), *extra]
@@ -428,7 +422,7 @@ def test_import_nanorun_does_not_import_the_server_libraries():
 
 # -- tensor parallelism: rank 0 serves HTTP, every rank steps alike ------------------------------
 def test_two_gloo_ranks_serve_the_text_of_one_process(model_dir, llm):
-    port = _free_port()
+    port = free_port()
     procs = []
     try:
         for rank in (1, 0):        # torchrun's environment, without the launcher's start-up
