@@ -1,6 +1,7 @@
 """What `nanorun serve` costs: the same requests in process and through the server, one run.
 
-    python bench/serve_overhead.py [--num-requests 64] [--passes 3] [--size small medium]
+    python bench/serve_overhead.py [--num-requests 64] [--passes 6] [--size small medium]
+                                   [--cpu-threads 1 2]
                                    [--out bench/results/cpu/serve_overhead.json]
 
 For each --size, a Llama model directory with a real tokenizer is written to a temporary
@@ -14,12 +15,19 @@ runs, and the same prompts in both places.
 In process: a TextEngine (the text layer included: the server detokenizes every step, so the
 baseline does too) driven by nanorun.benchmark.runner.drive. Through the server: `nanorun
 serve` in a subprocess with the same engine options, driven over loopback by `nanorun bench
---base-url`'s client (aiohttp, streaming, usage for the token count). Passes alternate, in
-process then server, so a drift of the shared machine lands on both; each pass's figures, the
-median of the paired ratios, the ratio of each side's best pass (a shared machine only slows
-a pass down), and the TTFT / ITL the server adds (median of the per-pass differences of the
-medians) are written. The client runs on the same cores as the server: on a 2-core
-machine its JSON parsing competes with the engine, which a remote client would not.
+--base-url`'s client (aiohttp, streaming, usage for the token count).
+
+Each --cpu-threads count is measured on both sides alike (the engine's cpu_threads in process,
+`--cpu-threads` for the server): the server's HTTP process and this client run on the same
+cores as its engine, so the count decides how much of the machine the engine keeps to itself
+(nanorun/backends/cpu.py). Passes alternate which side goes first (in process then server,
+then server then in process, ...), so a drift of the shared machine lands on both; each pass's
+figures, the median of the paired ratios, the ratio of each side's best pass (a shared machine
+only slows a pass down), and the TTFT / ITL the server adds (median of the per-pass
+differences of the medians) are written, and per size the ratio of the server at its best
+thread count to in process at its best: the server's cost to a user who sets each up as well
+as it goes. The client's JSON parsing competes with the engine here, which a remote client's
+would not.
 """
 
 from __future__ import annotations
@@ -77,13 +85,13 @@ def write_model(path: Path, size: str) -> Path:
     return path
 
 
-def in_process_pass(model_dir: Path, workload, arrivals):
+def in_process_pass(model_dir: Path, workload, arrivals, cpu_threads: int):
     """One pass through a fresh TextEngine, warmed up first."""
     from nanorun import SamplingParams
     from nanorun.benchmark.runner import drive
     from nanorun.text_engine import TextEngine
 
-    engine = TextEngine.from_model(str(model_dir), **ENGINE_OPTIONS)
+    engine = TextEngine.from_model(str(model_dir), **ENGINE_OPTIONS, cpu_threads=cpu_threads)
     # The server's warm-up request, in process: [1, 2, 3], 2 tokens.
     engine.add_request("warmup", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0,
                                                            ignore_eos=True))
@@ -92,11 +100,12 @@ def in_process_pass(model_dir: Path, workload, arrivals):
     return drive(engine, workload, arrivals)
 
 
-def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, cpu_threads: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    opts = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_OPTIONS.items()]
+    opts = [f"--{k.replace('_', '-')}={v}" for k, v in
+            {**ENGINE_OPTIONS, "cpu_threads": cpu_threads}.items()]
     proc = subprocess.Popen([sys.executable, "-m", "nanorun.cli", "serve", str(model_dir),
                              "--port", str(port), "--served-model-name", "bench", *opts],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -137,7 +146,9 @@ def figures(results, duration: float) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--passes", type=int, default=6)
+    p.add_argument("--cpu-threads", type=int, nargs="+", default=[1, 2],
+                   help="engine thread counts to measure, each on both sides")
     p.add_argument("--size", nargs="+", default=["small", "medium"], choices=sorted(SIZES))
     p.add_argument("--trace", default="sharegpt")
     p.add_argument("--out", default="bench/results/cpu/serve_overhead.json")
@@ -148,10 +159,12 @@ def main() -> int:
     from nanorun.benchmark import environment
 
     load_before = os.getloadavg()
+    machine = environment.describe(torch.device("cpu"))    # before a pass sets the threads
     sizes = {size: measure_size(size, args) for size in args.size}
     load_after = os.getloadavg()
     report = {"command": environment.command_line(),
-              "environment": environment.describe(torch.device("cpu")),
+              "environment": machine,
+              "cpu_cores": os.cpu_count(),
               "http_stack": http_stack(),
               "engine_options": ENGINE_OPTIONS,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -166,18 +179,23 @@ def main() -> int:
     out = ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    for size, r in sizes.items():
-        print(f"{size}: throughput ratio {r['throughput_ratio']['median']:.3f} (best passes "
-              f"{r['throughput_ratio']['best_pass_ratio']:.3f}) "
-              f"(passes {', '.join(f'{v:.3f}' for v in r['throughput_ratio']['values'])}); "
-              f"added median TTFT {r['added_ms']['median_ttft']:.1f} ms, median ITL "
-              f"{r['added_ms']['median_itl']:.2f} ms")
+    for size, by_size in sizes.items():
+        for threads, r in by_size["cpu_threads"].items():
+            print(f"{size}, {threads} thread(s): throughput ratio "
+                  f"{r['throughput_ratio']['median']:.3f} (best passes "
+                  f"{r['throughput_ratio']['best_pass_ratio']:.3f}) (passes "
+                  f"{', '.join(f'{v:.3f}' for v in r['throughput_ratio']['values'])}); added "
+                  f"median TTFT {r['added_ms']['median_ttft']:.1f} ms, median ITL "
+                  f"{r['added_ms']['median_itl']:.2f} ms")
+        best = by_size["best_setup"]
+        print(f"{size}: server at its best ({best['server_cpu_threads']} thread(s)) / in process "
+              f"at its best ({best['in_process_cpu_threads']}): {best['throughput_ratio']:.3f}")
     print(f"wrote {args.out}")
     return 0
 
 
 def measure_size(size: str, args) -> dict:
-    """Every pass, in process then server, on one model size."""
+    """Every thread count's passes on one model size."""
     from nanorun.benchmark import arrivals as arrival_process
     from nanorun.benchmark.cli import CPU_FILTER
     from nanorun.benchmark.runner import Workload
@@ -192,21 +210,9 @@ def measure_size(size: str, args) -> dict:
         workload = Workload.fit_limits(trace, mc.max_position_embeddings, mc.vocab_size, 0,
                                        "longer than the context")
         arrivals = arrival_process.schedule(workload.trace, math.inf)
-        proc, url = start_server(model_dir)
-        passes = []
-        try:
-            for k in range(args.passes):
-                local = in_process_pass(model_dir, workload, arrivals)
-                served = asyncio.run(server_pass(url, workload, arrivals))
-                passes.append({"in_process": figures(local.results, local.duration),
-                               "server": figures(*served)})
-                print(f"{size} pass {k + 1}: in process "
-                      f"{passes[-1]['in_process']['total_token_throughput']:,.0f} tok/s, "
-                      f"server {passes[-1]['server']['total_token_throughput']:,.0f} tok/s",
-                      flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        by_threads = {threads: measure_threads(size, threads, model_dir, workload, arrivals,
+                                               args.passes)
+                      for threads in args.cpu_threads}
     return {"model": {"hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
                       "vocab_size": mc.vocab_size,
                       "weights": "random (tests/text_model.py layout)"},
@@ -215,7 +221,49 @@ def measure_size(size: str, args) -> dict:
                          "mean_prompt_len": float(workload.trace.prompt_lens.mean()),
                          "mean_output_len": float(workload.trace.output_lens.mean()),
                          "sampling": "greedy, ignore_eos, max_tokens = trace output length"},
-            **summarize(passes), "passes": passes}
+            "best_setup": best_setup(by_threads),
+            "cpu_threads": {str(t): r for t, r in by_threads.items()}}
+
+
+def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals,
+                    num_passes: int) -> dict:
+    """The passes at one thread count: in process and server, alternating which goes first."""
+    proc, url = start_server(model_dir, threads)
+    passes = []
+    try:
+        for k in range(num_passes):
+            sides = ["in_process", "server"] if k % 2 == 0 else ["server", "in_process"]
+            pair = {}
+            for side in sides:
+                if side == "in_process":
+                    local = in_process_pass(model_dir, workload, arrivals, threads)
+                    pair[side] = figures(local.results, local.duration)
+                else:
+                    pair[side] = figures(*asyncio.run(server_pass(url, workload, arrivals)))
+            passes.append({"first": sides[0], **pair})
+            print(f"{size}, {threads} thread(s), pass {k + 1}: in process "
+                  f"{pair['in_process']['total_token_throughput']:,.0f} tok/s, "
+                  f"server {pair['server']['total_token_throughput']:,.0f} tok/s", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {**summarize(passes), "passes": passes}
+
+
+def best_setup(by_threads: dict[int, dict]) -> dict:
+    """Each side at the thread count where its median pass is fastest, and their ratio."""
+    def median_tput(threads: int, side: str) -> float:
+        return statistics.median(p[side]["total_token_throughput"]
+                                 for p in by_threads[threads]["passes"])
+
+    best = {side: max(by_threads, key=lambda t: median_tput(t, side))
+            for side in ("in_process", "server")}
+    return {"in_process_cpu_threads": best["in_process"],
+            "server_cpu_threads": best["server"],
+            "median_tokens_per_s": {side: median_tput(t, side) for side, t in best.items()},
+            "throughput_ratio": median_tput(best["server"], "server")
+            / median_tput(best["in_process"], "in_process"),
+            "target": 0.9}
 
 
 def http_stack() -> dict:

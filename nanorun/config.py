@@ -51,6 +51,7 @@ class EngineConfig:
     kv_reservation: str = "none"
     role: str = "both"
     async_scheduling: bool = False
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         from .scheduler import KV_RESERVATIONS, POLICIES
@@ -79,6 +80,8 @@ class EngineConfig:
         if self.max_batch_tokens is not None:
             _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.cpu_threads is not None:
+            _positive("cpu_threads", self.cpu_threads)
         _positive("page_size", self.page_size)
         if self.page_size > MAX_PAGE_SIZE:
             raise ValueError(f"page_size={self.page_size} tokens per KV page is more than the "

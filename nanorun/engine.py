@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .backends.cpu import set_cpu_threads
 from .backends.inflight import DeviceOutput, InFlight, device_queue
 from .batch import Batch, build_batch, spread_order
 from .config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
@@ -91,6 +92,8 @@ class Engine:
         if cfg.torch_device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device; "
                              f"use device='cpu'")
+        if cfg.cpu_threads is not None:     # before anything computes (weights, warm-up)
+            set_cpu_threads(cfg.cpu_threads)
         self.tensor_parallel: TensorParallel = setup_tensor_parallel(
             cfg.tensor_parallel_size, cfg.torch_device, process_group)
         self.device = self.tensor_parallel.device
@@ -126,7 +129,7 @@ class Engine:
         self.eos_token_ids: tuple[int, ...] = tuple(self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
-        self._device_queue = device_queue(self.device, cfg.async_scheduling)
+        self._device_queue = device_queue(self.device, cfg.async_scheduling, cfg.cpu_threads)
         self._in_flight: _Launched | None = None    # async: launched, not yet retired
         logger.info("nanorun engine: %s on %s (%s), tensor parallel rank %d of %d, %d KV pages "
                     "of %d tokens, layout %s", self.model_config.name, self.device, self.dtype,

@@ -59,6 +59,10 @@ class LLM:
             predictions are good; over-predictions (max_tokens as a loose bound) admit too few.
         async_scheduling: form and launch each iteration while the previous one still runs
             on the device (see Engine.step); the same tokens, the host's work hidden.
+        cpu_threads: threads the CPU kernels use (torch's intra-op pool, process-wide, and
+            numba's attention kernel); None leaves torch's default, every core. Fewer than
+            the cores leaves the rest to other work on the machine, such as a server's HTTP
+            process (see nanorun.backends.cpu).
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class LLM:
         length_predictor=None,
         kv_reservation: str = "none",
         async_scheduling: bool = False,
+        cpu_threads: int | None = None,
     ) -> None:
         self.engine = Engine(
             model, device=device, dtype=dtype, layout=layout,
@@ -87,7 +92,8 @@ class LLM:
             page_size=page_size, seed=seed, weights=weights, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size, process_group=process_group,
             scheduling_policy=scheduling_policy, length_predictor=length_predictor,
-            kv_reservation=kv_reservation, async_scheduling=async_scheduling)
+            kv_reservation=kv_reservation, async_scheduling=async_scheduling,
+            cpu_threads=cpu_threads)
         tokenizer, reason = tokenizer_of(model)
         self.text_engine = TextEngine(self.engine, tokenizer, no_tokenizer_reason=reason)
         self._ids = itertools.count()

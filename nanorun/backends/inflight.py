@@ -74,9 +74,11 @@ class InlineQueue(DeviceQueue):
 
 
 class WorkerQueue(DeviceQueue):
-    def __init__(self) -> None:
+    def __init__(self, initializer: Callable[[], None] | None = None) -> None:
+        """initializer runs once on the worker thread before any work (its thread-local
+        settings: numba's thread count, see backends/cpu.py)."""
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="nanorun-device")
+            max_workers=1, thread_name_prefix="nanorun-device", initializer=initializer)
 
     def submit(self, work: Callable[[], DeviceOutput]) -> InFlight:
         return _Future(self._pool.submit(_inference_mode, work))
@@ -85,10 +87,16 @@ class WorkerQueue(DeviceQueue):
         self._pool.shutdown(wait=True)
 
 
-def device_queue(device: torch.device, async_scheduling: bool) -> DeviceQueue:
-    """The queue an engine on `device` runs its iterations through."""
+def device_queue(device: torch.device, async_scheduling: bool,
+                 cpu_threads: int | None = None) -> DeviceQueue:
+    """The queue an engine on `device` runs its iterations through; cpu_threads: the
+    engine's CPU thread count, which the async worker thread applies to itself."""
     if async_scheduling and device.type == "cpu":
-        return WorkerQueue()
+        if cpu_threads is None:
+            return WorkerQueue()
+        from .cpu import set_numba_threads
+
+        return WorkerQueue(lambda: set_numba_threads(cpu_threads))
     return InlineQueue()
 
 

@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
                         "are predicted to need are left over (default: none)")
     p.add_argument("--async-scheduling", action="store_true",
                    help="form each iteration while the previous one runs (see Engine.step)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="threads the CPU kernels use (default: every core)")
     p.add_argument("--trace", default="sharegpt",
                    help="azure-conv, azure-code, sharegpt, lmsys, a CSV path "
                         "(TIMESTAMP,ContextTokens,GeneratedTokens) or const:PxO "
@@ -121,7 +123,8 @@ def run(args) -> int:
         percentiles=_percentiles(args.metric_percentiles), seed=args.seed,
         show_progress=not args.no_progress, scheduling_policy=args.scheduling_policy,
         length_predictor=args.length_predictor, kv_reservation=args.kv_reservation,
-        async_scheduling=args.async_scheduling, repeats=args.repeats)
+        async_scheduling=args.async_scheduling, cpu_threads=args.cpu_threads,
+        repeats=args.repeats)
     report = build_report(run_benchmark(config))
     print(format_summary(report))
     _write(report, args)

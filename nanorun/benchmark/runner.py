@@ -78,6 +78,7 @@ class BenchConfig:
     length_predictor: Any = None            # for "hrrn" and "predicted": nanorun.lengths
     kv_reservation: str = "none"
     async_scheduling: bool = False
+    cpu_threads: int | None = None          # None: torch's default (every core)
     repeats: int = 1                        # interleaved passes over every layout
 
     def __post_init__(self) -> None:
@@ -118,7 +119,8 @@ class BenchConfig:
                       weights=self.weights, scheduling_policy=self.scheduling_policy,
                       length_predictor=self.length_predictor,
                       kv_reservation=self.kv_reservation,
-                      async_scheduling=self.async_scheduling)
+                      async_scheduling=self.async_scheduling,
+                      cpu_threads=self.cpu_threads)
 
 
 @dataclass(frozen=True)
@@ -334,6 +336,7 @@ def engine_facts(engine: Engine) -> dict:
         "length_predictor": predictor_name(engine.scheduler.predictor),
         "kv_reservation": cfg.kv_reservation,
         "async_scheduling": cfg.async_scheduling,
+        "cpu_threads": torch.get_num_threads(),
         "kv_cache_tokens": engine.kv_cache.capacity_tokens,
         "max_model_len": engine.max_model_len,
         "weights": "random" if random_weights else "loaded",

@@ -6,8 +6,8 @@ this process over a TextEngine built here (AsyncEngine(text_engine): embedding, 
 way only the loop touches the TextEngine. Handlers send it commands (add, abort); the loop runs
 them between steps, so an add waits at most one step, and its ValueError/TypeError comes back
 to the handler (an HTTP 400) with nothing queued. After each step the loop sends one message
-with every output, which the event loop puts on each request's asyncio.Queue: one wake-up of
-the event loop per step, not one per request.
+with every output, which the event loop hands to each request's RequestStream: one wake-up
+of the event loop per step, not one per request.
 
 A RequestStream that is closed before its request finishes (the client went away, the handler
 was cancelled) aborts the request, so its KV pages are freed at the engine's next step.
@@ -41,30 +41,36 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestStream:
-    """The outputs of one request, in order; iterate with `async for`. The last is finished."""
+    """The outputs of one request, in order; iterate with `async for`. The last is finished.
+
+    Outputs are cumulative (all text and tokens so far), so the stream keeps only the newest
+    one: a consumer that falls behind the steps gets the latest, which holds everything the
+    ones it missed did (as vLLM's output collector merges them), so a slow client gets fewer,
+    larger chunks, never a backlog. An exception put in ends the stream with it.
+    """
 
     def __init__(self, engine: AsyncEngine, request_id: str, num_seqs: int = 1) -> None:
         self.request_id = request_id
         self.num_seqs = num_seqs
         self._engine = engine
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._latest: Any = None          # the newest output (or exception) not yet taken
+        self._waiter: asyncio.Future | None = None
         self.finished = False
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self):
-        """The newest output. Outputs are cumulative (all text and tokens so far), so when a
-        consumer falls behind the steps, the ones it missed merge into the latest (as vLLM's
-        output collector does): a slow client gets fewer, larger chunks, never a backlog."""
+        """The newest output since the last one taken (waits for one)."""
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        while not isinstance(item, BaseException) and not item.finished:
+        while self._latest is None:
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
+                await self._waiter
+            finally:
+                self._waiter = None
+        item, self._latest = self._latest, None
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -72,7 +78,12 @@ class RequestStream:
         return item
 
     def put(self, item: Any) -> None:
-        self._queue.put_nowait(item)
+        """The request's newest output, or the exception that ended it (kept over any later
+        output: nothing follows an error)."""
+        if not isinstance(self._latest, BaseException):
+            self._latest = item
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def abort(self) -> None:
         """Stop the request unless it already ended (idempotent)."""

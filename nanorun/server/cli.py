@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
                    help="which waiting requests start first")
     p.add_argument("--async-scheduling", action="store_true",
                    help="form each iteration while the previous one runs (see Engine.step)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="threads the engine's CPU kernels use (default: every core); fewer "
+                        "leaves cores to the HTTP side (docs/serving.md)")
     p.add_argument("--weights", default="auto", choices=["auto", "random"],
                    help="auto: the directory's safetensors (random for a preset)")
     p.add_argument("--seed", type=int, default=0, help="seeds random weights and sampling")
@@ -71,7 +74,8 @@ def run(args) -> int:
         max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
         page_size=args.page_size, max_model_len=args.max_model_len, seed=args.seed,
         weights=args.weights, scheduling_policy=args.scheduling_policy,
-        tensor_parallel_size=args.tp, async_scheduling=args.async_scheduling)
+        tensor_parallel_size=args.tp, async_scheduling=args.async_scheduling,
+        cpu_threads=args.cpu_threads)
     if args.tp > 1 and int(os.environ.get("RANK", "0")) > 0:
         # No HTTP here: this rank steps on the commands rank 0's engine broadcasts.
         from .engine_core import follower_main
