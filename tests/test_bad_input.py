@@ -234,6 +234,8 @@ def test_a_layout_file_that_is_not_json(tmp_path):
     ({"max_model_len": 10**9}, "beyond tiny-llama's context of 4096"),
     ({"device": "meta"}, "nanorun runs on 'cpu' or 'cuda'"),
     ({"device": "nosuch"}, "not a torch device"),
+    ({"cpu_threads": 0}, "cpu_threads must be a positive int"),
+    ({"cpu_threads": 1.5}, "cpu_threads must be a positive int"),
 ])
 def test_sizes_and_devices_that_cannot_work_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
