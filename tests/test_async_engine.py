@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from nanorun.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from nanorun.server.async_engine import (AsyncEngine, EngineDeadError, QueueFullError,
+                                         RequestStream)
 
 
 class _HeldTextEngine:
@@ -136,3 +137,52 @@ def test_a_failing_metrics_callback_does_not_stop_the_serving():
 
 async def _collect(stream) -> list:
     return [o async for o in stream]
+
+
+def _out(*seqs, finished=False):
+    """A cumulative output: seqs are (tokens so far, finish_reason) per sequence."""
+    return SimpleNamespace(finished=finished, outputs=[
+        SimpleNamespace(token_ids=list(range(n)), finish_reason=r) for n, r in seqs])
+
+
+def _woken(stream, outputs) -> list[int]:
+    """Which of `outputs`, put one per step, the stream's consumer would be woken for."""
+    woken = []
+    for i, out in enumerate(outputs):
+        stream.put(out)
+        if stream._latest is out:
+            stream._latest = None          # taken, as __anext__ takes it
+            woken.append(i)
+    return woken
+
+
+@pytest.mark.parametrize("interval, want", [
+    (1, [1, 2, 3, 4, 5, 6]),
+    (3, [1, 4, 6]),           # the first token at once, then every 3, then the finish
+    (None, [6]),              # not streamed: only the end
+])
+def test_a_stream_wakes_its_consumer_every_interval_tokens(interval, want):
+    """Output i holds i tokens (output 0, none yet, has nothing to send); output 6 ends."""
+    stream = RequestStream(None, "r", 1, interval)
+    outputs = [_out((n, None)) for n in range(6)] + [_out((6, "length"), finished=True)]
+    assert _woken(stream, outputs) == want
+
+
+def test_a_sibling_that_finishes_wakes_the_consumer_at_once():
+    """n = 2 at interval 4: sequence 1 stopping (a stop string) is news to send now."""
+    stream = RequestStream(None, "r", 2, 4)
+    outputs = [_out((1, None), (1, None)), _out((2, None), (2, "stop")),
+               _out((3, None), (2, "stop")), _out((6, None), (2, "stop"))]
+    assert _woken(stream, outputs) == [0, 1, 3]
+
+
+def test_an_error_is_kept_over_later_outputs():
+    stream = RequestStream(None, "r", 1, 4)
+    stream.put(EngineDeadError("gone"))
+    stream.put(_out((3, None)))
+
+    async def main():
+        with pytest.raises(EngineDeadError):
+            await anext(stream)
+
+    asyncio.run(main())

@@ -189,6 +189,25 @@ def test_streamed_deltas_concatenate_to_the_text(client):
     assert text == chat.choices[0].message.content
 
 
+def test_a_stream_interval_sends_the_same_text_in_fewer_chunks(model_dir, client):
+    """--stream-interval 4: the first token at once, then a chunk per 4 tokens, the rest with
+    the finish; the text is the same as with a chunk per step (the module's server)."""
+    proc, url = _start_server(model_dir, "--stream-interval", "4")
+    try:
+        spaced = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        body = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=14, temperature=0,
+                    logprobs=1, stream=True, extra_body={"ignore_eos": True})
+        every = [c.choices[0] for c in client.completions.create(**body) if c.choices]
+        sparse = [c.choices[0] for c in spaced.completions.create(**body) if c.choices]
+    finally:
+        _stop(proc)
+    assert "".join(c.text for c in sparse) == "".join(c.text for c in every)
+    assert [len(c.logprobs.tokens) for c in every] == [1] * 14
+    assert [len(c.logprobs.tokens) for c in sparse] == [1, 4, 4, 4, 1]
+    assert [c.finish_reason for c in sparse] == [None] * 4 + ["length"]
+
+
 def test_n_stop_and_logprobs(client, llm):
     got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, n=2,
                                     temperature=1.0, seed=7, logprobs=2)

@@ -44,16 +44,22 @@ class ServerState:
     model_name: str
     tokenizer: Any            # nanorun.tokenizer.Tokenizer, or None (token ids only)
     max_model_len: int        # longest prompt + output a request may have
+    stream_interval: int = 1  # a streamed choice's chunk every this many tokens
 
 
 def build_app(engine: AsyncEngine, *, model_name: str, tokenizer: Any,
-              max_model_len: int) -> FastAPI:
+              max_model_len: int, stream_interval: int = 1) -> FastAPI:
     """The app over an AsyncEngine (not started: the app starts it while it is served).
     tokenizer encodes prompts here (None: token ids only); max_model_len is the engine's
-    longest prompt + output."""
+    longest prompt + output; stream_interval: a streamed choice gets a chunk once it has this
+    many new tokens (or has finished; its first tokens go at once), as SGLang's
+    --stream-interval: fewer, larger chunks cost the server less per token."""
+    if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) \
+            or stream_interval < 1:
+        raise ValueError(f"stream_interval must be a positive int, got {stream_interval!r}")
     metrics = ServerMetrics(model_name)
     engine.on_outputs = metrics.observe
-    state = ServerState(engine, metrics, model_name, tokenizer, max_model_len)
+    state = ServerState(engine, metrics, model_name, tokenizer, max_model_len, stream_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -180,7 +186,10 @@ async def _serve(state: ServerState, body, raw: Request, prompts: list[list[int]
     check_unsupported(body)
     params = [sampling_params(body, _max_tokens(state, body, len(p), chat)) for p in prompts]
     request_id = new_id("chatcmpl" if chat else "cmpl")
-    streams = await _add_all(state, request_id, prompts, params)
+    # A request that is not streamed has nothing to send before its end: its stream wakes
+    # only then, not every step.
+    interval = state.stream_interval if body.stream else None
+    streams = await _add_all(state, request_id, prompts, params, interval)
     writer = _ChunkWriter(state, body, request_id, chat, sum(map(len, prompts)))
     if body.stream:
         # The events' own cleanup never runs if the client leaves before the first event;
@@ -217,14 +226,15 @@ def _max_tokens(state: ServerState, body, prompt_len: int, chat: bool) -> Any:
 
 
 async def _add_all(state: ServerState, request_id: str, prompts: list[list[int]],
-                   params: list) -> list[RequestStream]:
+                   params: list, interval: int | None) -> list[RequestStream]:
     """One engine request per prompt; if one is refused, those already added are aborted."""
     streams: list[RequestStream] = []
     try:
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             try:
-                streams.append(await state.engine.add_request(rid, prompt, sp))
+                streams.append(await state.engine.add_request(rid, prompt, sp,
+                                                              stream_interval=interval))
             except (ValueError, TypeError) as e:
                 where = f"prompt {i}: " if len(prompts) > 1 else ""
                 raise BadRequest(f"{where}{e}", "prompt" if "prompt" in str(e) else None) \

@@ -47,21 +47,29 @@ class RequestStream:
     one: a consumer that falls behind the steps gets the latest, which holds everything the
     ones it missed did (as vLLM's output collector merges them), so a slow client gets fewer,
     larger chunks, never a backlog. An exception put in ends the stream with it.
+
+    interval: wake the consumer once some sequence has `interval` tokens it has not seen, or
+    has finished (SGLang's --stream-interval; 1: every step's tokens at once). The first
+    tokens always go at once, so the time to first token is not delayed. None: only the
+    final output (a request that is not streamed has nothing to do before its end).
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str, num_seqs: int = 1) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, num_seqs: int = 1,
+                 interval: int | None = 1) -> None:
         self.request_id = request_id
         self.num_seqs = num_seqs
+        self.interval = interval
         self._engine = engine
         self._latest: Any = None          # the newest output (or exception) not yet taken
         self._waiter: asyncio.Future | None = None
+        self._seen: list[int] | None = None   # per sequence: tokens when last woken (or None)
         self.finished = False
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self):
-        """The newest output since the last one taken (waits for one)."""
+        """The newest output due since the last one taken (waits for one)."""
         if self.finished:
             raise StopAsyncIteration
         while self._latest is None:
@@ -79,11 +87,28 @@ class RequestStream:
 
     def put(self, item: Any) -> None:
         """The request's newest output, or the exception that ended it (kept over any later
-        output: nothing follows an error)."""
-        if not isinstance(self._latest, BaseException):
+        output: nothing follows an error). Outputs not yet due wait for a later one."""
+        if isinstance(self._latest, BaseException):
+            return
+        if isinstance(item, BaseException) or self._due(item):
             self._latest = item
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
+    def _due(self, out: Any) -> bool:
+        if out.finished:
+            return True
+        if self.interval is None:
+            return False
+        counts = [len(c.token_ids) if c.finish_reason is None else -1 for c in out.outputs]
+        seen = self._seen
+        if seen is None:                       # nothing shown yet: the first tokens go now
+            due = any(counts)
+        else:
+            due = any(n < 0 <= s or n - s >= self.interval for n, s in zip(counts, seen))
+        if due:
+            self._seen = counts
+        return due
 
     def abort(self) -> None:
         """Stop the request unless it already ended (idempotent)."""
@@ -184,9 +209,11 @@ class AsyncEngine:
         """Requests added here and not yet ended (read on the event loop)."""
         return len(self._streams)
 
-    async def add_request(self, request_id: str, prompt: Any, params: Any) -> RequestStream:
+    async def add_request(self, request_id: str, prompt: Any, params: Any, *,
+                          stream_interval: int | None = 1) -> RequestStream:
         """Queue a request; raises what TextEngine.add_request raises (ValueError, TypeError),
-        QueueFullError past the bound, EngineDeadError once the engine has failed."""
+        QueueFullError past the bound, EngineDeadError once the engine has failed.
+        stream_interval: how often the stream wakes (see RequestStream)."""
         if self.error is not None:
             raise EngineDeadError(f"the engine failed and serves no more requests: {self.error}")
         # In sequences, as the scheduler counts running: a request of n samples is n of them.
@@ -198,7 +225,7 @@ class AsyncEngine:
         if waiting + n > self.max_queued_requests:
             raise QueueFullError(f"the server is at its bound of {self.max_queued_requests} "
                                  f"waiting requests (--max-queued-requests); retry later")
-        stream = RequestStream(self, request_id, n)
+        stream = RequestStream(self, request_id, n, stream_interval)
         self._streams[request_id] = stream      # before the loop can send it anything
         acked = self._adds[request_id] = asyncio.get_running_loop().create_future()
         self._send(("add", request_id, prompt, params, time.perf_counter()))

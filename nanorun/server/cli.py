@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                    help="requests allowed to wait for their first step; past it the server "
                         "answers 503 at once")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="a streamed choice gets a chunk once it has this many new tokens (or "
+                        "has finished; the first tokens go at once): fewer, larger chunks "
+                        "cost the server less per token")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
@@ -69,6 +73,8 @@ def served_name(model: str) -> str:
 def run(args) -> int:
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    if args.stream_interval < 1:
+        raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
     engine_kwargs = dict(
         device=args.device, dtype=args.dtype, layout=args.layout,
         max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
@@ -97,7 +103,7 @@ def run(args) -> int:
                                      max_queued_requests=args.max_queued_requests)
     name = args.served_model_name or served_name(args.model)
     app = build_app(engine, model_name=name, tokenizer=tokenizer_of(args.model)[0],
-                    max_model_len=info["max_model_len"])
+                    max_model_len=info["max_model_len"], stream_interval=args.stream_interval)
     print(f"nanorun serve: {args.model} as {name!r} on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
     try:
