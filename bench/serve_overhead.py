@@ -100,14 +100,16 @@ def in_process_pass(model_dir: Path, workload, arrivals, cpu_threads: int):
     return drive(engine, workload, arrivals)
 
 
-def start_server(model_dir: Path, cpu_threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, cpu_threads: int,
+                 stream_interval: int = 1) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     opts = [f"--{k.replace('_', '-')}={v}" for k, v in
             {**ENGINE_OPTIONS, "cpu_threads": cpu_threads}.items()]
     proc = subprocess.Popen([sys.executable, "-m", "nanorun.cli", "serve", str(model_dir),
-                             "--port", str(port), "--served-model-name", "bench", *opts],
+                             "--port", str(port), "--served-model-name", "bench",
+                             "--stream-interval", str(stream_interval), *opts],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -149,6 +151,8 @@ def main() -> int:
     p.add_argument("--passes", type=int, default=6)
     p.add_argument("--cpu-threads", type=int, nargs="+", default=[1, 2],
                    help="engine thread counts to measure, each on both sides")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="the server's --stream-interval (1: a chunk per request per step)")
     p.add_argument("--size", nargs="+", default=["small", "medium"], choices=sorted(SIZES))
     p.add_argument("--trace", default="sharegpt")
     p.add_argument("--out", default="bench/results/cpu/serve_overhead.json")
@@ -169,8 +173,8 @@ def main() -> int:
               "engine_options": ENGINE_OPTIONS,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "client": "nanorun bench --base-url's aiohttp streaming client, same machine",
-              # Every step's new tokens go out as a chunk, per request: what users get.
-              "stream_interval": "1 (a chunk per request per engine step)",
+              # 1: every step's new tokens go out as a chunk, per request (the default).
+              "stream_interval": args.stream_interval,
               "server_engine": "engine in its own process (nanorun/server/engine_core.py)",
               # Other work on a shared machine slows either side's passes down.
               "load_average_1_5_15min": {"before": list(load_before),
@@ -211,7 +215,7 @@ def measure_size(size: str, args) -> dict:
                                        "longer than the context")
         arrivals = arrival_process.schedule(workload.trace, math.inf)
         by_threads = {threads: measure_threads(size, threads, model_dir, workload, arrivals,
-                                               args.passes)
+                                               args.passes, args.stream_interval)
                       for threads in args.cpu_threads}
     return {"model": {"hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
                       "vocab_size": mc.vocab_size,
@@ -226,9 +230,9 @@ def measure_size(size: str, args) -> dict:
 
 
 def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals,
-                    num_passes: int) -> dict:
+                    num_passes: int, stream_interval: int) -> dict:
     """The passes at one thread count: in process and server, alternating which goes first."""
-    proc, url = start_server(model_dir, threads)
+    proc, url = start_server(model_dir, threads, stream_interval)
     passes = []
     try:
         for k in range(num_passes):
