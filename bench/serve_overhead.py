@@ -33,7 +33,6 @@ would not.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -173,6 +172,7 @@ def main() -> int:
               "engine_options": ENGINE_OPTIONS,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "client": "nanorun bench --base-url's aiohttp streaming client, same machine",
+              "client_loop": http_stack()["loop"],
               # 1: every step's new tokens go out as a chunk, per request (the default).
               "stream_interval": args.stream_interval,
               "server_engine": "engine in its own process (nanorun/server/engine_core.py)",
@@ -229,6 +229,12 @@ def measure_size(size: str, args) -> dict:
             "cpu_threads": {str(t): r for t, r in by_threads.items()}}
 
 
+def run_client(main):
+    from nanorun.benchmark.http_client import run_client as run
+
+    return run(main)
+
+
 def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals,
                     num_passes: int, stream_interval: int) -> dict:
     """The passes at one thread count: in process and server, alternating which goes first."""
@@ -243,7 +249,7 @@ def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals
                     local = in_process_pass(model_dir, workload, arrivals, threads)
                     pair[side] = figures(local.results, local.duration)
                 else:
-                    pair[side] = figures(*asyncio.run(server_pass(url, workload, arrivals)))
+                    pair[side] = figures(*run_client(server_pass(url, workload, arrivals)))
             passes.append({"first": sides[0], **pair})
             print(f"{size}, {threads} thread(s), pass {k + 1}: in process "
                   f"{pair['in_process']['total_token_throughput']:,.0f} tok/s, "

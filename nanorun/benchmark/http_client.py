@@ -7,6 +7,8 @@ the trace's output length, `stream_options.include_usage` for the token count. E
 sent at its scheduled arrival time (seconds after the start), and that time is its arrival, as
 in the in-process runner, so a late client counts against the server, never for it.
 
+The client runs on uvloop where it is installed (run_client), as the server does.
+
 Per request: TTFT = first chunk that carries output - arrival; ITL = the gaps between such
 chunks (a chunk is one engine step's new tokens on nanorun and vLLM); E2EL = the stream's end -
 arrival; the output length is usage.completion_tokens. A request fails (with the reason) on an
@@ -69,7 +71,22 @@ class HttpBenchConfig:
 
 def run_http_benchmark(config: HttpBenchConfig) -> dict:
     """Every request rate in turn against the server; the report as JSON-ready values."""
-    return asyncio.run(_run(config))
+    return run_client(_run(config))
+
+
+def run_client(main):
+    """Run the client coroutine on uvloop where it is installed (it comes with the [serve]
+    extra's uvicorn[standard]), else on asyncio's own loop. The client's CPU per streamed
+    chunk is about a third lower on uvloop, and a client on the server's machine competes
+    with the server for its cores: the less it takes, the more the figures are the server's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    if hasattr(asyncio, "Runner"):          # Python 3.11+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return uvloop.run(main)
 
 
 async def _run(config: HttpBenchConfig) -> dict:
