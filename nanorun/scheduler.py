@@ -25,6 +25,33 @@ the first request (in policy order) that does not fit, and that request keeps it
 front until it is admitted, so a large request is never skipped for ever by smaller ones that
 a re-ranking would put before it.
 
+Sequences that share a prompt (the n sequences of one request with n > 1; add(fork_of=...)):
+the first is the parent and runs as any request; each other one is a fork, which is not
+admitted before the parent's prompt KV is computed and then starts from it instead of from 0.
+A fork waiting for its parent is passed over by admission (it keeps its place, and blocks no
+one). Admitting a fork forks it: it takes a reference to each of the parent's pages that holds
+only prompt positions [0, P - 1) (P: prompt length), a page of its own for the one holding
+position P - 1, with that page's shared positions copied there (SchedulerOutput.copies: the
+engine copies them, every layer, K and V, before the iteration's model runs), and
+num_computed_tokens = P - 1. So it computes only the prompt's last token, whose logits are its
+own to sample its first token from, with its own key. Every sequence writes only positions at
+or past its num_computed_tokens, so from the fork on no sequence writes a page another reads:
+shared pages are read-only. The fork's copy is eager (at the fork, not at the first write,
+as vLLM's copy-on-write does it) because the page holding P - 1 is written by the fork's very
+first chunk.
+  - The parent is ready once its num_computed_tokens has reached P - 1 when the iteration is
+    formed: that KV was computed by an iteration already launched, which the device runs
+    before this one (so async scheduling needs nothing more).
+  - Preempting either side only drops its references: a preempted parent recomputes alone; a
+    preempted fork waits again and re-forks if the parent's prompt KV is held then, else it
+    recomputes from 0 alone. A fork whose parent has left (finished, aborted) before it
+    forked runs on its own, as if it had never shared: so does every fork when the parent
+    ends on its first token in a synchronous engine (max_tokens=1, say), since the parent
+    leaves before the next iteration is formed.
+  - Decisions depend on scheduler state alone, never on timing, so every tensor-parallel rank
+    forks alike (each copies its own KV heads).
+  - kv_reservation="predicted" counts a fork's whole prompt as its own: conservative.
+
 What "fits" means, kv_reservation:
   - "none": the pages of the request's first chunk are free. Running requests may later run out
     of pages, and then one is preempted and recomputed: work done twice.
@@ -77,6 +104,9 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Pages to copy (source, destination), every layer, before this iteration's model runs:
+    # the forks' own copies of a page that also holds shared prompt positions.
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -113,9 +143,23 @@ class Scheduler:
         # tokens, its predicted service then, which holds until it is first admitted).
         self._predicted: dict[Request, tuple[int, float, float]] = {}
         self._blocked: Request | None = None     # where admission last stopped: kept first
+        # Forks and their parents (see the module's docstring), while both are queued.
+        self._parent_of: dict[Request, Request] = {}
+        self._forks_of: dict[Request, list[Request]] = {}
 
-    def add(self, request: Request) -> None:
-        """Queue a request. Raises (and queues nothing) if the length predictor fails on it."""
+    def add(self, request: Request, fork_of: Request | None = None) -> None:
+        """Queue a request. Raises (and queues nothing) if the length predictor fails on it.
+        fork_of: a queued request with the same prompt whose prompt KV this one shares (see
+        the module's docstring); ignored for a 1-token prompt, which has nothing to share, and
+        for a request that wants prompt logprobs, which computes its whole prompt."""
+        if fork_of is not None:
+            if fork_of.prompt_token_ids != request.prompt_token_ids:
+                raise ValueError(f"request {request.request_id!r} cannot fork "
+                                 f"{fork_of.request_id!r}: their prompts differ")
+            if fork_of in self._parent_of or not (fork_of in self.running
+                                                   or fork_of in self.waiting):
+                raise ValueError(f"request {request.request_id!r} can fork only a queued "
+                                 f"request that is not itself a fork")
         if self.predictor is not None:
             predicted = self.predictor.predict(request.prompt_token_ids, request.sampling_params)
             if not isinstance(predicted, numbers.Real) or not math.isfinite(predicted) \
@@ -127,9 +171,14 @@ class Scheduler:
             self._predicted[request] = (self.iteration, predicted,
                                         self._service(request, predicted))
         self.waiting.append(request)
+        if fork_of is not None and len(request.prompt_token_ids) > 1 \
+                and request.sampling_params.prompt_logprobs is None:
+            self._parent_of[request] = fork_of
+            self._forks_of.setdefault(fork_of, []).append(request)
 
     def remove(self, request: Request) -> None:
-        """Take a request out of the queues (finished or aborted) and free its pages."""
+        """Take a request out of the queues (finished or aborted) and free its pages (its
+        references to shared ones). Its forks that have not forked yet go on alone."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
@@ -137,7 +186,16 @@ class Scheduler:
         self._predicted.pop(request, None)
         if request is self._blocked:
             self._blocked = None
+        parent = self._parent_of.pop(request, None)
+        if parent is not None:
+            self._forks_of[parent].remove(request)
+        for fork in self._forks_of.pop(request, ()):
+            del self._parent_of[fork]
         self.kv.release(request)
+
+    def parent_of(self, request: Request) -> Request | None:
+        """The queued request whose prompt KV `request` shares or waits for (None: none)."""
+        return self._parent_of.get(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -224,25 +282,68 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         forecast = None     # built when first needed: most iterations admit no one
+        passed: list[Request] = []     # forks waiting for their parent: they keep their place
         while self.waiting and budget > 0:
             request = self.waiting[0]
+            if self._waits_for_parent(request):
+                passed.append(self.waiting.popleft())
+                continue
+            forked = self._fork(request)
             n = min(request.num_remaining, budget)
-            if not self.kv.can_grow(request, request.num_computed_tokens + n):
+            fits = self.kv.can_grow(request, request.num_computed_tokens + n)
+            if fits and self.kv_reservation == "predicted" and self.running:
+                forecast = forecast or _KVForecast(self)
+                fits = forecast.admits(request)
+            if not fits:
+                if forked:
+                    self._unfork(request)
                 self._blocked = request
                 break
-            if self.kv_reservation == "predicted" and self.running:
-                forecast = forecast or _KVForecast(self)
-                if not forecast.admits(request):
-                    self._blocked = request
-                    break
             if request is self._blocked:
                 self._blocked = None
             self.waiting.popleft()
             self.kv.grow(request, request.num_computed_tokens + n)
+            if forked:
+                out.copies += self._copies(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
             budget -= n
+        self.waiting.extendleft(reversed(passed))
+
+    def _waits_for_parent(self, request: Request) -> bool:
+        """A fork that has not forked (it computed nothing) whose parent's prompt KV is not
+        there to share yet."""
+        parent = self._parent_of.get(request)
+        if parent is None or request.num_computed_tokens:
+            return False
+        return not (parent.status is RequestStatus.RUNNING
+                    and parent.num_computed_tokens >= len(parent.prompt_token_ids) - 1)
+
+    def _fork(self, request: Request) -> bool:
+        """Fork a fork whose parent is ready (returns False for anything else, left alone):
+        share the parent's pages that hold only positions [0, P - 1), start at P - 1."""
+        parent = self._parent_of.get(request)
+        if parent is None or request.num_computed_tokens:
+            return False
+        shared = len(request.prompt_token_ids) - 1
+        self.kv.share(parent, request, shared // self.kv.page_size)
+        request.num_computed_tokens = shared
+        return True
+
+    def _copies(self, request: Request) -> list[tuple[int, int]]:
+        """A fork just admitted (its pages grown): (the parent's page, its own) for the page
+        holding P - 1, when that page also holds shared positions."""
+        shared = len(request.prompt_token_ids) - 1
+        if shared % self.kv.page_size == 0:
+            return []
+        i = shared // self.kv.page_size
+        return [(self._parent_of[request].pages[i], request.pages[i])]
+
+    def _unfork(self, request: Request) -> None:
+        """Undo _fork for a fork that was not admitted after all."""
+        self.kv.release(request)
+        request.num_computed_tokens = 0
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
