@@ -9,9 +9,15 @@ from __future__ import annotations
 from dataclasses import fields, replace
 
 import pytest
+import torch
 from text_model import write_text_model
 
 from nanorun import Engine, SamplingParams, TextEngine
+from nanorun.disagg import prefill_engine
+from nanorun.kv_cache import KVCache
+from nanorun.kv_connector import InProcessConnector
+from nanorun.request import Request
+from nanorun.scheduler import Scheduler, SchedulerOutput
 from nanorun.text_engine import _child_params
 
 MODEL = "tiny-llama"
@@ -28,12 +34,14 @@ class _Watch:
 
     def __init__(self, engine: Engine) -> None:
         self.engine, self.prompt_tokens, self.peak_pages, self.copies = engine, 0, 0, 0
+        self.preempted = 0
         kv, schedule = engine.kv_cache, engine.scheduler.schedule
 
         def watched():
             out = schedule()
             self.peak_pages = max(self.peak_pages, kv.num_pages - kv.num_free_pages)
             self.copies += len(out.copies)
+            self.preempted += len(out.preempted)
             for chunk in out.chunks:
                 r = chunk.request
                 self.prompt_tokens += max(0, min(chunk.start + chunk.length,
@@ -162,6 +170,7 @@ def test_preemption(async_scheduling):
         3, lambda k: _prompt(10, k), _params("seeded", max_tokens=12), requests=2,
         kv_cache_tokens=48, async_scheduling=async_scheduling)
     _assert_same(shared, separate)
+    assert ws.preempted > 0, "nothing was preempted: make the cache smaller"
 
 
 def test_many_requests_hrrn_and_predicted_reservation():
@@ -251,8 +260,6 @@ def test_enqueue_all_share_prompt_checks_its_requests():
 
 def test_prefill_engine_does_not_share():
     """A prefill engine hands each request's whole prompt KV over: it queues them unshared."""
-    from nanorun.disagg import prefill_engine
-    from nanorun.kv_connector import InProcessConnector
     producer, _ = InProcessConnector.pair(num_layers=2)
     engine = prefill_engine(MODEL, producer, max_batch_tokens=32, kv_cache_tokens=256)
     a, b = (engine.new_request(rid, _prompt(9), SamplingParams(max_tokens=2)) for rid in "ab")
@@ -315,3 +322,79 @@ def _fields(sp: SamplingParams) -> dict:
 def replace_n1(sp: SamplingParams, i: int) -> SamplingParams:
     """Sequence i's params as a request of its own, stop strings kept (they are text)."""
     return replace(_child_params(sp, i), stop=sp.stop)
+
+
+# -- the scheduler's side, step by step -----------------------------------------------------------
+def _scheduler(pages: int = 32, budget: int = 8) -> Scheduler:
+    kv = KVCache(num_layers=1, num_pages=pages, page_size=4, num_kv_heads=1, head_dim=4,
+                 dtype=torch.float32, device=torch.device("cpu"))
+    return Scheduler(kv, budget)
+
+
+def _request(rid: str, prompt_len: int = 10, max_tokens: int = 5) -> Request:
+    return Request(rid, _prompt(prompt_len), SamplingParams(max_tokens=max_tokens), 0.0, ())
+
+
+def _launch(out) -> None:
+    """What the engine does with an iteration: computed tokens, a token for each sample."""
+    for chunk in out.chunks:
+        chunk.request.num_computed_tokens += chunk.length
+    for chunk in out.chunks:
+        if chunk.samples:
+            chunk.request.output_token_ids.append(1)
+
+
+def test_a_fork_waits_for_its_parent_without_blocking_others():
+    sched = _scheduler()
+    parent, fork, other = _request("p", 12), _request("f", 12), _request("o", 3)
+    sched.add(parent)
+    sched.add(fork, fork_of=parent)
+    sched.add(other)
+    out = sched.schedule()                      # budget 8: the parent's first chunk only
+    assert [(c.request.request_id, c.start, c.length) for c in out.chunks] == [("p", 0, 8)]
+    _launch(out)
+    out = sched.schedule()                      # P - 1 = 11 not reached: the fork waits
+    assert [c.request.request_id for c in out.chunks] == ["p", "o"]
+    assert list(sched.waiting) == [fork]
+    _launch(out)
+    out = sched.schedule()                      # now it forks at 11: pages 0-1 shared
+    chunk = next(c for c in out.chunks if c.request is fork)
+    assert (chunk.start, chunk.length) == (11, 1)
+    assert fork.pages[:2] == parent.pages[:2] and fork.pages[2] != parent.pages[2]
+    assert out.copies == [(parent.pages[2], fork.pages[2])]
+    assert [sched.kv.allocator.refcount(p) for p in parent.pages[:3]] == [2, 2, 1]
+
+
+def test_preempted_sides_drop_their_references_and_a_fork_re_forks():
+    sched = _scheduler()
+    parent, fork = _request("p", 9), _request("f", 9)
+    sched.add(parent)
+    sched.add(fork, fork_of=parent)
+    _launch(sched.schedule())
+    out = sched.schedule()
+    _launch(out)
+    shared = parent.pages[:2]
+    assert fork.pages[:2] == shared and not out.copies      # P - 1 = 8 starts a page
+    sched._preempt(fork, SchedulerOutput())     # as the scheduler does when short of pages
+    assert [sched.kv.allocator.refcount(p) for p in shared] == [1, 1]
+    assert fork.num_computed_tokens == 0 and sched.parent_of(fork) is parent
+    out = sched.schedule()                           # the parent still holds it: re-fork
+    chunk = next(c for c in out.chunks if c.request is fork)
+    assert chunk.start == 8 and fork.pages[:2] == shared
+    sched._preempt(parent, out)
+    assert [sched.kv.allocator.refcount(p) for p in shared] == [1, 1]   # the fork's now
+    sched.remove(fork)
+    sched.remove(parent)
+    assert sched.kv.num_free_pages == sched.kv.num_pages
+
+
+def test_a_fork_whose_parent_left_runs_alone():
+    sched = _scheduler()
+    parent, fork = _request("p", 12), _request("f", 12)
+    sched.add(parent)
+    sched.add(fork, fork_of=parent)
+    _launch(sched.schedule())
+    sched.remove(parent)
+    assert sched.parent_of(fork) is None
+    out = sched.schedule()
+    assert [(c.request, c.start) for c in out.chunks] == [(fork, 0)] and not out.copies
