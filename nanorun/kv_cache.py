@@ -101,8 +101,8 @@ class KVCache:
         work, in stream order: no host sync)."""
         if not copies:
             return
-        device = self.k.device
-        src, dst = (torch.tensor(col, dtype=torch.int64, device=device) for col in zip(*copies))
+        src, dst = (torch.tensor(col, dtype=torch.int64).to(self.k.device, non_blocking=True)
+                    for col in zip(*copies))
         for cache in (self.k, self.v):
             cache.index_copy_(1, dst, cache.index_select(1, src))
 

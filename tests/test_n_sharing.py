@@ -398,3 +398,16 @@ def test_a_fork_whose_parent_left_runs_alone():
     assert sched.parent_of(fork) is None
     out = sched.schedule()
     assert [(c.request, c.start) for c in out.chunks] == [(fork, 0)] and not out.copies
+
+
+def test_copy_pages_copies_every_layer_k_and_v_and_nothing_else():
+    kv = KVCache(num_layers=3, num_pages=5, page_size=4, num_kv_heads=2, head_dim=3,
+                 dtype=torch.float32, device=torch.device("cpu"))
+    kv.k.normal_()
+    kv.v.normal_()
+    k, v = kv.k.clone(), kv.v.clone()
+    kv.copy_pages([(1, 3), (4, 0)])
+    want_k, want_v = k.clone(), v.clone()
+    for src, dst in [(1, 3), (4, 0)]:
+        want_k[:, dst], want_v[:, dst] = k[:, src], v[:, src]
+    assert torch.equal(kv.k, want_k) and torch.equal(kv.v, want_v)
