@@ -84,15 +84,14 @@ class KVCache:
         flat(self.k).index_copy_(0, slots, k.to(device))
         flat(self.v).index_copy_(0, slots, v.to(device))
 
-    def share(self, parent: Request, fork: Request, num_pages: int) -> None:
-        """Give `fork`, which holds no pages, a reference to each of the parent's first
-        num_pages pages (read-only from then on: see nanorun.scheduler)."""
+    def share(self, pages: list[int], fork: Request, num_pages: int) -> None:
+        """Give `fork`, which holds no pages, a reference to each of the first num_pages of
+        `pages` (another sequence's; read-only from then on: see nanorun.scheduler)."""
         if fork.pages:
             raise ValueError(f"request {fork.request_id!r} already holds pages")
-        pages = parent.pages[:num_pages]
         if len(pages) < num_pages:
-            raise ValueError(f"request {parent.request_id!r} holds {len(parent.pages)} pages, "
-                             f"not the {num_pages} to share")
+            raise ValueError(f"{len(pages)} pages given, not the {num_pages} to share")
+        pages = pages[:num_pages]
         self.allocator.incref(pages)
         fork.pages = list(pages)
 

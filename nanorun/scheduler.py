@@ -42,12 +42,15 @@ first chunk.
   - The parent is ready once its num_computed_tokens has reached P - 1 when the iteration is
     formed: that KV was computed by an iteration already launched, which the device runs
     before this one (so async scheduling needs nothing more).
-  - Preempting either side only drops its references: a preempted parent recomputes alone; a
-    preempted fork waits again and re-forks if the parent's prompt KV is held then, else it
-    recomputes from 0 alone. A fork whose parent has left (finished, aborted) before it
-    forked runs on its own, as if it had never shared: so does every fork when the parent
-    ends on its first token in a synchronous engine (max_tokens=1, say), since the parent
-    leaves before the next iteration is formed.
+  - Preempting either side only drops its references: a preempted parent recomputes alone
+    (its forks not yet forked wait for it again); a preempted fork waits again and re-forks
+    if the parent's prompt KV is there then, else it recomputes from 0 alone.
+  - A parent that leaves (finishes, is aborted) with its prompt KV computed while forks are
+    still queued keeps the pages of prompt positions [0, P - 1) for them, until the last
+    leaves: so a parent ending on its first token (max_tokens=1, an EOS) still shares. Kept
+    pages are given up, and those forks go on alone, if nothing else can run without them.
+    A parent that leaves before its prompt KV is computed leaves its forks to run alone, as
+    if they had never shared.
   - Decisions depend on scheduler state alone, never on timing, so every tensor-parallel rank
     forks alike (each copies its own KV heads).
   - kv_reservation="predicted" counts a fork's whole prompt as its own: conservative.
@@ -146,6 +149,9 @@ class Scheduler:
         # Forks and their parents (see the module's docstring), while both are queued.
         self._parent_of: dict[Request, Request] = {}
         self._forks_of: dict[Request, list[Request]] = {}
+        # A parent that left with its prompt KV computed and forks still queued: the pages of
+        # its prompt positions [0, P - 1), kept for them until the last one leaves.
+        self._kept: dict[Request, list[int]] = {}
 
     def add(self, request: Request, fork_of: Request | None = None) -> None:
         """Queue a request. Raises (and queues nothing) if the length predictor fails on it.
@@ -178,8 +184,10 @@ class Scheduler:
 
     def remove(self, request: Request) -> None:
         """Take a request out of the queues (finished or aborted) and free its pages (its
-        references to shared ones). Its forks that have not forked yet go on alone."""
-        if request in self.running:
+        references to shared ones). A parent with forks still queued keeps its prompt's
+        pages for them if its prompt KV is computed; if not, they go on alone."""
+        was_running = request in self.running
+        if was_running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
@@ -189,9 +197,39 @@ class Scheduler:
         parent = self._parent_of.pop(request, None)
         if parent is not None:
             self._forks_of[parent].remove(request)
-        for fork in self._forks_of.pop(request, ()):
-            del self._parent_of[fork]
+            if not self._forks_of[parent] and parent in self._kept:
+                self._drop_kept(parent)
+        if self._forks_of.get(request):
+            ready = request.num_computed_tokens >= len(request.prompt_token_ids) - 1
+            if was_running and ready:
+                keep = self.kv.pages_for(len(request.prompt_token_ids) - 1)
+                self._kept[request] = request.pages[:keep]
+                request.pages = request.pages[keep:]
+            else:
+                self._drop_kept(request)
+        else:
+            self._forks_of.pop(request, None)
         self.kv.release(request)
+
+    def _prompt_ready(self, parent: Request) -> bool:
+        """Whether the parent's KV of prompt positions [0, P - 1) is there to share: computed
+        by iterations already launched, and still held (by it, or kept for its forks)."""
+        if parent in self._kept:
+            return True
+        return (parent.status is RequestStatus.RUNNING
+                and parent.num_computed_tokens >= len(parent.prompt_token_ids) - 1)
+
+    def _drop_kept(self, parent: Request) -> None:
+        """Free what was kept of a parent (if anything); its forks that have not forked (or
+        were preempted) go on alone."""
+        pages = self._kept.pop(parent, None)
+        if pages:
+            self.kv.allocator.free(pages)
+        for fork in self._forks_of.pop(parent, ()):
+            del self._parent_of[fork]
+
+    def _prompt_pages(self, parent: Request) -> list[int]:
+        return self._kept.get(parent, parent.pages)
 
     def parent_of(self, request: Request) -> Request | None:
         """The queued request whose prompt KV `request` shares or waits for (None: none)."""
@@ -208,6 +246,12 @@ class Scheduler:
             if self.policy == "hrrn" and budget > 0 and len(self.waiting) > 1:
                 self._rank_waiting()
             self._admit_waiting(out, budget)
+            if not out.chunks and self.waiting and self._kept:
+                # Nothing could run, and pages kept for forks may be what is missing: give
+                # them up (those forks compute their prompt alone) rather than wait for ever.
+                for parent in list(self._kept):
+                    self._drop_kept(parent)
+                self._admit_waiting(out, budget)
         return out
 
     def predicted_output(self, request: Request) -> float:
@@ -317,8 +361,7 @@ class Scheduler:
         parent = self._parent_of.get(request)
         if parent is None or request.num_computed_tokens:
             return False
-        return not (parent.status is RequestStatus.RUNNING
-                    and parent.num_computed_tokens >= len(parent.prompt_token_ids) - 1)
+        return not self._prompt_ready(parent)
 
     def _fork(self, request: Request) -> bool:
         """Fork a fork whose parent is ready (returns False for anything else, left alone):
@@ -327,7 +370,7 @@ class Scheduler:
         if parent is None or request.num_computed_tokens:
             return False
         shared = len(request.prompt_token_ids) - 1
-        self.kv.share(parent, request, shared // self.kv.page_size)
+        self.kv.share(self._prompt_pages(parent), request, shared // self.kv.page_size)
         request.num_computed_tokens = shared
         return True
 
@@ -338,7 +381,7 @@ class Scheduler:
         if shared % self.kv.page_size == 0:
             return []
         i = shared // self.kv.page_size
-        return [(self._parent_of[request].pages[i], request.pages[i])]
+        return [(self._prompt_pages(self._parent_of[request])[i], request.pages[i])]
 
     def _unfork(self, request: Request) -> None:
         """Undo _fork for a fork that was not admitted after all."""

@@ -11,8 +11,9 @@ with finish_reason "stop" and stop_reason the string.
 n > 1 is n core requests of the same prompt (ids "<id>#<i>"), queued together with
 share_prompt: sequence 0 computes the prompt's KV, and the others fork it once it is there,
 sharing its full pages and computing only the prompt's last token themselves (see
-nanorun.scheduler; a prefill engine, a 1-token prompt and a parent that ends before they fork
-fall back to computing it n times). Each sequence samples its own first token from its own
+nanorun.scheduler; a prefill engine, a 1-token prompt, a sequence that wants prompt logprobs
+and the forks of a parent aborted before its prompt was computed fall back to computing it
+on their own). Each sequence samples its own first token from its own
 logits: sequence i samples with seed + i when the request has a seed, so the n samples differ
 and each is reproducible on its own, equal to a request of its own with that seed. Only
 sequence 0 computes the prompt logprobs.

@@ -221,14 +221,14 @@ def test_parent_aborted_before_the_forks_fork():
     assert watch.prompt_tokens == 8 + 2 * 20 and watch.copies == 0
 
 
-def test_parent_ending_on_its_first_token_falls_back():
-    """max_tokens=1, synchronous: the parent is gone before the forks could fork, so they
-    compute alone; with async scheduling they fork in the iteration launched meanwhile."""
-    for async_scheduling, prompt_tokens in [(False, 3 * 10), (True, 10 + 2)]:
-        (shared, separate), (ws, _) = _shared_and_separate(
-            3, _prompt(10), _params("seeded", max_tokens=1), async_scheduling=async_scheduling)
-        _assert_same(shared, separate)
-        assert ws.prompt_tokens == prompt_tokens
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_parent_ending_on_its_first_token_still_shares(async_scheduling):
+    """max_tokens=1: the parent leaves before its forks fork (synchronously, at once); the
+    pages of its prompt are kept for them, then freed."""
+    (shared, separate), (ws, _) = _shared_and_separate(
+        3, _prompt(10), _params("seeded", max_tokens=1), async_scheduling=async_scheduling)
+    _assert_same(shared, separate)
+    assert ws.prompt_tokens == 10 + 2 and ws.copies == 2
 
 
 def test_one_token_prompt_and_prompt_logprobs():
@@ -411,3 +411,39 @@ def test_copy_pages_copies_every_layer_k_and_v_and_nothing_else():
     for src, dst in [(1, 3), (4, 0)]:
         want_k[:, dst], want_v[:, dst] = k[:, src], v[:, src]
     assert torch.equal(kv.k, want_k) and torch.equal(kv.v, want_v)
+
+
+def test_a_parent_that_left_keeps_its_prompt_pages_for_its_forks():
+    sched = _scheduler()
+    parent, fork = _request("p", 10), _request("f", 10)
+    sched.add(parent)
+    sched.add(fork, fork_of=parent)
+    _launch(sched.schedule())
+    _launch(sched.schedule())                   # the parent's prompt is in: 10 of 10
+    assert fork.status.value == "waiting" and not fork.pages   # it forks next iteration
+    prompt_pages = parent.pages[:3]             # positions 0-8 (page 2 holds P - 1 = 9)
+    sched.remove(parent)                        # it ended on its first token
+    assert sched.kv.num_pages - sched.kv.num_free_pages == 3
+    out = sched.schedule()
+    assert [(c.request, c.start) for c in out.chunks] == [(fork, 9)]
+    assert fork.pages[:2] == prompt_pages[:2] and out.copies == [(prompt_pages[2], fork.pages[2])]
+    sched.remove(fork)                          # the last fork: the kept pages go too
+    assert sched.kv.num_free_pages == sched.kv.num_pages
+
+
+def test_kept_pages_are_given_up_when_nothing_else_can_run():
+    """3 pages: the parent's kept prompt holds them all, so its fork (which needs one of its
+    own) cannot start, and nothing else runs: the kept pages go, the fork starts alone."""
+    sched = _scheduler(pages=3)
+    parent, fork = _request("p", 10), _request("f", 10)
+    sched.add(parent)
+    sched.add(fork, fork_of=parent)
+    _launch(sched.schedule())
+    _launch(sched.schedule())
+    sched.remove(parent)
+    assert sched.kv.num_free_pages == 0
+    out = sched.schedule()
+    assert [(c.request, c.start, c.length) for c in out.chunks] == [(fork, 0, 8)]
+    assert sched.parent_of(fork) is None and not out.copies
+    sched.remove(fork)
+    assert sched.kv.num_free_pages == sched.kv.num_pages
