@@ -53,7 +53,8 @@ first chunk.
     if they had never shared.
   - Decisions depend on scheduler state alone, never on timing, so every tensor-parallel rank
     forks alike (each copies its own KV heads).
-  - kv_reservation="predicted" counts a fork's whole prompt as its own: conservative.
+  - kv_reservation="predicted" counts a fork's whole prompt as its own (it over-counts the
+    shared pages) and does not count pages kept for forks (preemption covers that).
 
 What "fits" means, kv_reservation:
   - "none": the pages of the request's first chunk are free. Running requests may later run out
