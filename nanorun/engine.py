@@ -152,8 +152,16 @@ class Engine:
         """Queue a Request made by new_request()."""
         self.enqueue_all([request])
 
-    def enqueue_all(self, requests: list[Request]) -> None:
-        """Queue Requests made by new_request(): all of them, or (raising) none."""
+    def enqueue_all(self, requests: list[Request], *, share_prompt: bool = False) -> None:
+        """Queue Requests made by new_request(): all of them, or (raising) none.
+
+        share_prompt=True: the requests are sequences of one prompt (a TextEngine's n > 1):
+        the first computes the prompt's KV and the others fork it, computing only its last
+        token themselves (see nanorun.scheduler). Outputs are those of separate requests. A
+        prefill engine (role="prefill") does not share: it hands each request's whole
+        prompt KV over."""
+        if share_prompt and len({r.prompt_token_ids for r in requests}) > 1:
+            raise ValueError("share_prompt=True needs requests with the same prompt")
         if self.config.role == "decode":
             raise ValueError("a decode engine continues requests a prefill engine handed it "
                              "(admit_transferred, see nanorun.disagg); add requests to the "
@@ -163,10 +171,12 @@ class Engine:
         if taken:
             raise ValueError(f"request id {taken[0]!r} is already in use by an unfinished "
                              f"request; give each request a unique id")
+        share = share_prompt and self.config.role != "prefill"
         queued: list[Request] = []
         try:
             for request in requests:
-                self.scheduler.add(request)     # may refuse one: its length predictor failed
+                # add() may refuse one: its length predictor failed
+                self.scheduler.add(request, requests[0] if share and queued else None)
                 queued.append(request)
         except BaseException:
             for request in queued:
@@ -308,8 +318,9 @@ class Engine:
         logprobs = any(r.sampling_params.logprobs is not None for r in sampling)
         if self.kv_sender is not None:       # the kv_send ops name the batch's rows by chunk
             self.kv_sender.begin_iteration(chunks, batch)
+        copies = sched.copies
         in_flight = self._device_queue.submit(
-            lambda: self._device_work(batch, prepared, tokens, keep, logprobs))
+            lambda: self._device_work(batch, copies, prepared, tokens, keep, logprobs))
         for chunk in sched.chunks:
             chunk.request.num_computed_tokens += chunk.length
         for request in sampling:
@@ -318,10 +329,13 @@ class Engine:
                          prepared, tokens, in_flight,
                          any(r.sampling_params.has_penalties for r in sampling))
 
-    def _device_work(self, batch: Batch, prepared: PreparedSampling, tokens: torch.Tensor,
+    def _device_work(self, batch: Batch, copies: list[tuple[int, int]],
+                     prepared: PreparedSampling, tokens: torch.Tensor,
                      keep: torch.Tensor | None, logprobs: bool) -> DeviceOutput:
         """The device's part of an iteration: no host sync (on a GPU; on the CPU under async
-        scheduling it runs on the device worker thread)."""
+        scheduling it runs on the device worker thread). First the forks' page copies (see
+        nanorun.scheduler): after every earlier iteration's writes, before this one's."""
+        self.kv_cache.copy_pages(copies)
         logits = all_logits = self.executor.run(batch)
         if keep is not None:
             logits = all_logits.index_select(0, keep)

@@ -84,6 +84,27 @@ class KVCache:
         flat(self.k).index_copy_(0, slots, k.to(device))
         flat(self.v).index_copy_(0, slots, v.to(device))
 
+    def share(self, pages: list[int], fork: Request, num_pages: int) -> None:
+        """Give `fork`, which holds no pages, a reference to each of the first num_pages of
+        `pages` (another sequence's; read-only from then on: see nanorun.scheduler)."""
+        if fork.pages:
+            raise ValueError(f"request {fork.request_id!r} already holds pages")
+        if len(pages) < num_pages:
+            raise ValueError(f"{len(pages)} pages given, not the {num_pages} to share")
+        pages = pages[:num_pages]
+        self.allocator.incref(pages)
+        fork.pages = list(pages)
+
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        """Copy page source to page destination, K and V, every layer, for each pair (device
+        work, in stream order: no host sync)."""
+        if not copies:
+            return
+        src, dst = (torch.tensor(col, dtype=torch.int64).to(self.k.device, non_blocking=True)
+                    for col in zip(*copies))
+        for cache in (self.k, self.v):
+            cache.index_copy_(1, dst, cache.index_select(1, src))
+
     def release(self, request: Request) -> None:
         if request.pages:
             self.allocator.free(request.pages)

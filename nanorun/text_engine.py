@@ -8,9 +8,15 @@ sequence. A stop string is found in that text; the TextEngine then aborts the co
 at once, so its KV pages are free for the next step, and reports the sequence as finished
 with finish_reason "stop" and stop_reason the string.
 
-n > 1 is n core requests of the same prompt (ids "<id>#<i>"; no KV sharing yet): sequence i
-samples with seed + i when the request has a seed, so the n samples differ and each is
-reproducible on its own. Only sequence 0 computes the prompt logprobs.
+n > 1 is n core requests of the same prompt (ids "<id>#<i>"), queued together with
+share_prompt: sequence 0 computes the prompt's KV, and the others fork it once it is there,
+sharing its full pages and computing only the prompt's last token themselves (see
+nanorun.scheduler; a prefill engine, a 1-token prompt, a sequence that wants prompt logprobs
+and the forks of a parent aborted before its prompt was computed fall back to computing it
+on their own). Each sequence samples its own first token from its own
+logits: sequence i samples with seed + i when the request has a seed, so the n samples differ
+and each is reproducible on its own, equal to a request of its own with that seed. Only
+sequence 0 computes the prompt logprobs.
 """
 
 from __future__ import annotations
@@ -150,7 +156,7 @@ class TextEngine:
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use by an "
                              f"unfinished request; give each request a unique id")
-        self.engine.enqueue_all(request.core)
+        self.engine.enqueue_all(request.core, share_prompt=True)
         self._requests[request.request_id] = request
         for seq in request.sequences:
             self._by_core[seq.core_id] = (request, seq)

@@ -31,6 +31,8 @@ PROMPT_LENGTHS = [3, 17, 40, 1, 25, 9]
 BATCH_TOKENS = 16                      # < the longest prompts: prefill runs in chunks
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=8, temperature=0.9, top_k=40, seed=3, ignore_eos=True)
+# n > 1 shares the prompt's KV: every rank must fork (and copy) alike.
+N_SAMPLED = SamplingParams(n=3, max_tokens=4, temperature=0.9, seed=5, ignore_eos=True)
 RUNS = [("tiny-llama", "sequential"), ("tiny-llama", "overlap"), ("tiny-qwen2", "overlap")]
 AUTO_BATCH_TOKENS = 48
 WORKER_TIMEOUT_S = 180
@@ -49,6 +51,7 @@ def _generate(llm: LLM) -> dict:
     prompts = _prompts()
     return {"greedy": [o.token_ids for o in llm.generate(prompts, GREEDY)],
             "sampled": [o.token_ids for o in llm.generate(prompts, SAMPLED)],
+            "n3": [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, N_SAMPLED)],
             "logits": llm.engine.prompt_logits(prompts[2]).tolist()}
 
 
@@ -72,6 +75,7 @@ def test_two_gloo_ranks_generate_the_tokens_of_one_process(tmp_path):
         for rank, got in enumerate(results):
             assert got[key]["greedy"] == want["greedy"], f"{key}: rank {rank}'s greedy tokens"
             assert got[key]["sampled"] == want["sampled"], f"{key}: rank {rank}'s sampled tokens"
+            assert got[key]["n3"] == want["n3"], f"{key}: rank {rank}'s n = 3 tokens"
             diff = (torch.tensor(got[key]["logits"]) - torch.tensor(want["logits"])).abs().max()
             assert diff < 1e-4, f"{key}: rank {rank}'s prompt logits differ by {diff}"
     assert results[0]["is_driver"] and not results[1]["is_driver"]
