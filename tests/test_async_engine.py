@@ -146,14 +146,31 @@ def _out(*seqs, finished=False):
 
 
 def _woken(stream, outputs) -> list[int]:
-    """Which of `outputs`, put one per step, the stream's consumer would be woken for."""
+    """Which of `outputs`, put one per step, a consumer that keeps up would be woken for."""
     woken = []
     for i, out in enumerate(outputs):
         stream.put(out)
         if stream._latest is out:
-            stream._latest = None          # taken, as __anext__ takes it
+            stream._take()                 # as __anext__ takes it
             woken.append(i)
     return woken
+
+
+def test_a_consumer_that_falls_behind_counts_from_what_it_took():
+    """Interval 3, an output updated in place (as the server's decoder does): woken at 1
+    token, taken late at 2; the next chunk is due at 2 + 3 tokens, not at 1 + 3."""
+    stream = RequestStream(None, "r", 1, 3)
+    out = _out((1, None))
+    stream.put(out)
+    out.outputs[0].token_ids.append(1)      # one more step before the consumer reads
+    assert stream._take() is out
+    for n in (3, 4):
+        out.outputs[0].token_ids.append(n)
+        stream.put(out)
+        assert stream._latest is None
+    out.outputs[0].token_ids.append(5)
+    stream.put(out)
+    assert stream._latest is out
 
 
 @pytest.mark.parametrize("interval, want", [

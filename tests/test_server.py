@@ -190,8 +190,9 @@ def test_streamed_deltas_concatenate_to_the_text(client):
 
 
 def test_a_stream_interval_sends_the_same_text_in_fewer_chunks(model_dir, client):
-    """--stream-interval 4: the first token at once, then a chunk per 4 tokens, the rest with
-    the finish; the text is the same as with a chunk per step (the module's server)."""
+    """--stream-interval 4: the first tokens at once, then a chunk once 4 more are there, the
+    rest with the finish; the same text as a chunk per step (the module's server). A client
+    that reads slower than the steps gets larger chunks, never smaller ones."""
     proc, url = _start_server(model_dir, "--stream-interval", "4")
     try:
         spaced = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
@@ -203,9 +204,12 @@ def test_a_stream_interval_sends_the_same_text_in_fewer_chunks(model_dir, client
     finally:
         _stop(proc)
     assert "".join(c.text for c in sparse) == "".join(c.text for c in every)
-    assert [len(c.logprobs.tokens) for c in every] == [1] * 14
-    assert [len(c.logprobs.tokens) for c in sparse] == [1, 4, 4, 4, 1]
-    assert [c.finish_reason for c in sparse] == [None] * 4 + ["length"]
+    sizes = [len(c.logprobs.tokens) for c in sparse]
+    assert sum(sizes) == sum(len(c.logprobs.tokens) for c in every) == 14
+    assert all(n >= 4 for n in sizes[1:-1]), sizes
+    assert len(sparse) <= 5, sizes               # 1 + 4 + 4 + 4 + 1 at the most
+    assert [c.finish_reason for c in sparse][-1] == "length"
+    assert all(c.finish_reason is None for c in sparse[:-1])
 
 
 def test_n_stop_and_logprobs(client, llm):

@@ -62,7 +62,7 @@ class RequestStream:
         self._engine = engine
         self._latest: Any = None          # the newest output (or exception) not yet taken
         self._waiter: asyncio.Future | None = None
-        self._seen: list[int] | None = None   # per sequence: tokens when last woken (or None)
+        self._seen: list[int] | None = None   # per sequence: tokens last taken (-1: finished)
         self.finished = False
 
     def __aiter__(self) -> RequestStream:
@@ -78,43 +78,51 @@ class RequestStream:
                 await self._waiter
             finally:
                 self._waiter = None
+        return self._take()
+
+    def _take(self):
         item, self._latest = self._latest, None
         if isinstance(item, BaseException):
             self.finished = True
             raise item
         self.finished = item.finished
+        if not self.finished:    # what the consumer has now (outputs may change in place)
+            self._seen = _token_counts(item)
         return item
 
     def put(self, item: Any) -> None:
         """The request's newest output, or the exception that ended it (kept over any later
-        output: nothing follows an error). Outputs not yet due wait for a later one."""
+        output: nothing follows an error). An output not yet due is dropped: the next one
+        holds everything it did."""
         if isinstance(self._latest, BaseException):
             return
-        if isinstance(item, BaseException) or self._due(item):
-            self._latest = item
+        if self._latest is not None or isinstance(item, BaseException) or self._due(item):
+            self._latest = item                  # newer than one due and not yet taken
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
 
     def _due(self, out: Any) -> bool:
+        """Whether the consumer should have `out`: it ends the request, or some sequence has
+        `interval` tokens the consumer has not taken, or has finished since."""
         if out.finished:
             return True
         if self.interval is None:
             return False
-        counts = [len(c.token_ids) if c.finish_reason is None else -1 for c in out.outputs]
-        seen = self._seen
-        if seen is None:                       # nothing shown yet: the first tokens go now
-            due = any(counts)
-        else:
-            due = any(n < 0 <= s or n - s >= self.interval for n, s in zip(counts, seen))
-        if due:
-            self._seen = counts
-        return due
+        counts = _token_counts(out)
+        if self._seen is None:                 # nothing taken yet: the first tokens go now
+            return any(counts)
+        return any(n < 0 <= s or n - s >= self.interval for n, s in zip(counts, self._seen))
 
     def abort(self) -> None:
         """Stop the request unless it already ended (idempotent)."""
         if not self.finished:
             self.finished = True
             self._engine.abort(self.request_id)
+
+
+def _token_counts(out: Any) -> list[int]:
+    """Per sequence: its tokens so far, or -1 once it has finished."""
+    return [len(c.token_ids) if c.finish_reason is None else -1 for c in out.outputs]
 
 
 class AsyncEngine:
