@@ -58,6 +58,7 @@ SIZES = {   # (hidden, intermediate, layers, heads, kv heads): a step's cost gro
     "tiny": (64, 128, 2, 4, 2),
     "small": (256, 768, 4, 8, 4),
     "medium": (512, 1536, 8, 8, 4),
+    "large": (768, 2048, 8, 12, 4),
 }
 ENGINE_OPTIONS = {"kv_cache_tokens": 32768, "page_size": 16, "max_batch_tokens": 512,
                   "layout": "sequential", "seed": 0}
