@@ -203,3 +203,42 @@ def test_an_error_is_kept_over_later_outputs():
             await anext(stream)
 
     asyncio.run(main())
+
+
+def test_a_failed_step_on_rank_0_tells_the_other_ranks_to_stop(monkeypatch):
+    """Tensor-parallel serving: the other ranks wait in a broadcast for rank 0's next
+    commands; when rank 0's step fails it sends them a stop instead of leaving them there
+    until gloo's timeout."""
+    import multiprocessing
+
+    from nanorun import text_engine as text_engine_module
+    from nanorun.server import engine_core
+
+    class _Failing(_HeldTextEngine):
+        def step(self):
+            raise RuntimeError("planted")
+
+    class _Control(engine_core.ControlGroup):
+        def __init__(self):
+            self.shared = []
+
+        def share(self, commands):
+            self.shared.append(commands)
+            return commands
+
+    control = _Control()
+    failing = _Failing()
+    failing.engine.shutdown = lambda: None
+    monkeypatch.setattr(text_engine_module.TextEngine, "from_model",
+                        classmethod(lambda cls, model, **kw: failing))
+    monkeypatch.setattr(engine_core.ControlGroup, "of", classmethod(lambda cls, core: control))
+    failing.engine.max_model_len = 64
+    failing.engine.kv_cache.capacity_tokens = 64
+    ours, theirs = multiprocessing.Pipe()
+    ours.send(("add", "a", [1], None, 0.0))
+    engine_core.engine_process_main(theirs, "stub", {})
+    messages = []
+    while ours.poll(0):
+        messages.append(ours.recv()[0])
+    assert messages == ["ready", "acks", "dead"]
+    assert control.shared[-1] == [("stop",)]

@@ -71,9 +71,10 @@ class EngineLoop:
         self.encode = encode
         self._last_stats: EngineStats | None = None
 
-    def run(self, next_commands: Callable[[bool], list]) -> None:
-        """Until a stop command (or a failed step). next_commands(block) returns the pending
-        commands; with block=True (nothing to step) it may wait for some, or return []."""
+    def run(self, next_commands: Callable[[bool], list]) -> bool:
+        """Until a stop command (returns True) or a failed step (False). next_commands(block)
+        returns the pending commands; with block=True (nothing to step) it may wait for some,
+        or return []."""
         engine = self.text_engine
         while True:
             commands = next_commands(not engine.has_unfinished_requests())
@@ -87,13 +88,13 @@ class EngineLoop:
                 except Exception as e:   # state unknown now: fail everyone, refuse new work
                     logger.exception("engine step failed")
                     self.emit(("dead", f"engine step failed: {type(e).__name__}: {e}"))
-                    return
+                    return False
             stats = engine_stats(engine)
             if outputs or stats != self._last_stats:
                 self._last_stats = stats
                 self.emit(("step", self.encode(outputs) if outputs else [], stats))
             if stop:
-                return
+                return True
 
     def _run_commands(self, commands: list) -> tuple[list, bool]:
         """Run the commands in order; an add whose abort is in the same batch (its handler
@@ -226,7 +227,9 @@ def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
                 commands.append(("stop",))
             return control.share(commands) if control else commands
 
-        EngineLoop(text_engine, conn.send, encode=OutputEncoder()).run(next_commands)
+        stopped = EngineLoop(text_engine, conn.send, encode=OutputEncoder()).run(next_commands)
+        if not stopped and control is not None:
+            control.release_followers()
     except (BrokenPipeError, EOFError):     # the API process went away mid-send
         pass
     finally:
@@ -263,6 +266,15 @@ class ControlGroup:
         ranks = dist.get_process_group_ranks(tp.group)
         group = dist.new_group(ranks, backend="gloo")   # a collective: every rank makes it
         return cls(group, tp.rank, ranks[0])
+
+    def release_followers(self) -> None:
+        """Rank 0's step failed: send the other ranks a stop, so that those waiting for the
+        next iteration's commands exit now instead of at gloo's timeout. A rank whose own
+        step failed has exited already; the broadcast's error then is only logged."""
+        try:
+            self.share([("stop",)])
+        except Exception as e:      # noqa: BLE001 - best effort on the way out
+            logger.warning("could not tell the other ranks to stop: %s", e)
 
     def share(self, commands: list | None) -> list:
         """Rank 0's commands on every rank (rank 0 passes them, the others None)."""
