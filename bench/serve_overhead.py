@@ -230,15 +230,11 @@ def measure_size(size: str, args) -> dict:
             "cpu_threads": {str(t): r for t, r in by_threads.items()}}
 
 
-def run_client(main):
-    from nanorun.benchmark.http_client import run_client as run
-
-    return run(main)
-
-
 def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals,
                     num_passes: int, stream_interval: int) -> dict:
     """The passes at one thread count: in process and server, alternating which goes first."""
+    from nanorun.benchmark.http_client import run_client
+
     proc, url = start_server(model_dir, threads, stream_interval)
     passes = []
     try:

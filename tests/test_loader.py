@@ -17,6 +17,21 @@ transformers = pytest.importorskip("transformers")
 TINY = ["tiny-llama", "tiny-llama2", "tiny-mistral", "tiny-qwen2"]
 
 
+def load_shards_as_shard_weights(cfg, path, tp: int = 2) -> dict:
+    """Each rank's load_weights(tp_rank=r) of the checkpoint at `path` equals shard_weights of
+    the whole loaded model (asserted); returns the last rank's loaded weights."""
+    from nanorun.models import shard_weights
+
+    full = load_weights(cfg, path, dtype=torch.float32, device="cpu")
+    for rank in range(tp):
+        mine = load_weights(cfg, path, dtype=torch.float32, device="cpu", tp_rank=rank,
+                            tp_size=tp)
+        want = shard_weights(cfg, full, rank, tp)
+        assert mine.keys() == want.keys()
+        assert all(torch.equal(mine[n], want[n]) for n in want), (cfg.name, rank)
+    return mine
+
+
 def build_hf_checkpoint(preset: str, out_dir, *, shard: bool = False, seed: int = 0):
     """Save a randomly initialised HF model of `preset` to out_dir; returns (config, HF state dict)."""
     cfg = get_preset(preset)

@@ -335,6 +335,15 @@ def _request(rid: str, prompt_len: int = 10, max_tokens: int = 5) -> Request:
     return Request(rid, _prompt(prompt_len), SamplingParams(max_tokens=max_tokens), 0.0, ())
 
 
+def _parent_and_fork(prompt_len: int, pages: int = 32) -> tuple[Scheduler, Request, Request]:
+    """A scheduler with a parent "p" and its fork "f" queued, both of prompt_len tokens."""
+    sched = _scheduler(pages=pages)
+    parent, fork = _request("p", prompt_len), _request("f", prompt_len)
+    sched.add(parent)
+    sched.add(fork, fork_of=parent)
+    return sched, parent, fork
+
+
 def _launch(out) -> None:
     """What the engine does with an iteration: computed tokens, a token for each sample."""
     for chunk in out.chunks:
@@ -366,10 +375,7 @@ def test_a_fork_waits_for_its_parent_without_blocking_others():
 
 
 def test_preempted_sides_drop_their_references_and_a_fork_re_forks():
-    sched = _scheduler()
-    parent, fork = _request("p", 9), _request("f", 9)
-    sched.add(parent)
-    sched.add(fork, fork_of=parent)
+    sched, parent, fork = _parent_and_fork(9)
     _launch(sched.schedule())
     out = sched.schedule()
     _launch(out)
@@ -389,10 +395,7 @@ def test_preempted_sides_drop_their_references_and_a_fork_re_forks():
 
 
 def test_a_fork_whose_parent_left_runs_alone():
-    sched = _scheduler()
-    parent, fork = _request("p", 12), _request("f", 12)
-    sched.add(parent)
-    sched.add(fork, fork_of=parent)
+    sched, parent, fork = _parent_and_fork(12)
     _launch(sched.schedule())
     sched.remove(parent)
     assert sched.parent_of(fork) is None
@@ -414,10 +417,7 @@ def test_copy_pages_copies_every_layer_k_and_v_and_nothing_else():
 
 
 def test_a_parent_that_left_keeps_its_prompt_pages_for_its_forks():
-    sched = _scheduler()
-    parent, fork = _request("p", 10), _request("f", 10)
-    sched.add(parent)
-    sched.add(fork, fork_of=parent)
+    sched, parent, fork = _parent_and_fork(10)
     _launch(sched.schedule())
     _launch(sched.schedule())                   # the parent's prompt is in: 10 of 10
     assert fork.status.value == "waiting" and not fork.pages   # it forks next iteration
@@ -434,10 +434,7 @@ def test_a_parent_that_left_keeps_its_prompt_pages_for_its_forks():
 def test_kept_pages_are_given_up_when_nothing_else_can_run():
     """3 pages: the parent's kept prompt holds them all, so its fork (which needs one of its
     own) cannot start, and nothing else runs: the kept pages go, the fork starts alone."""
-    sched = _scheduler(pages=3)
-    parent, fork = _request("p", 10), _request("f", 10)
-    sched.add(parent)
-    sched.add(fork, fork_of=parent)
+    sched, parent, fork = _parent_and_fork(10, pages=3)
     _launch(sched.schedule())
     _launch(sched.schedule())
     sched.remove(parent)

@@ -21,6 +21,7 @@ runs while the host goes on:
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -92,11 +93,10 @@ def device_queue(device: torch.device, async_scheduling: bool,
     """The queue an engine on `device` runs its iterations through; cpu_threads: the
     engine's CPU thread count, which the async worker thread applies to itself."""
     if async_scheduling and device.type == "cpu":
-        if cpu_threads is None:
-            return WorkerQueue()
         from .cpu import set_numba_threads
 
-        return WorkerQueue(lambda: set_numba_threads(cpu_threads))
+        return WorkerQueue(None if cpu_threads is None else
+                           functools.partial(set_numba_threads, cpu_threads))
     return InlineQueue()
 
 
