@@ -76,9 +76,9 @@ def run_http_benchmark(config: HttpBenchConfig) -> dict:
 
 def run_client(main):
     """Run the client coroutine on uvloop where it is installed (it comes with the [serve]
-    extra's uvicorn[standard]), else on asyncio's own loop. The client's CPU per streamed
-    chunk is about a third lower on uvloop, and a client on the server's machine competes
-    with the server for its cores: the less it takes, the more the figures are the server's."""
+    extra's uvicorn[standard]), else on asyncio's own loop. uvloop costs the client less CPU
+    per streamed chunk, and a client on the server's machine competes with the server for
+    its cores: the less it takes, the more the figures are the server's."""
     try:
         import uvloop
     except ImportError:

@@ -68,9 +68,8 @@ def add_parser(sub) -> None:
 def freeze_heap() -> None:
     """Move everything allocated so far (torch, the web framework, the tokenizer) out of the
     garbage collector's sight, as vLLM's server does once it is up: they are never garbage,
-    and a full collection would walk all of them again, a pause on the streaming path. (In
-    bench/serve_overhead.py's runs no full collection came during the passes; the young
-    generations' collections, which freezing does not change, took ~15 ms a pass.)"""
+    and a full collection would walk all of them again, a pause on the streaming path. (The
+    young generations' collections, which freezing does not change, go on as before.)"""
     import gc
 
     gc.collect()
