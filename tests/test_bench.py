@@ -684,3 +684,29 @@ def test_base_url_cli_writes_vllm_json_and_records_http_errors(scripted, tmp_pat
     for key in ("duration", "request_throughput", "mean_ttft_ms", "p99_itl_ms", "input_lens"):
         assert key in run
     assert "--base-url" in capsys.readouterr().out
+
+
+def test_sse_events_are_read_whole_however_the_bytes_arrive():
+    """The client reads a block at a time: an event split across blocks, CRLF line ends,
+    comments and other fields, and a last line without its newline all read as the server
+    framed them."""
+    import asyncio
+
+    from nanorun.benchmark.http_client import _sse_events
+
+    body = (b'data: {"a": 1}\n\n: a comment\r\n\r\nevent: x\ndata: {"b": "two\\nlines"}\r\n\r\n'
+            b"data:[DONE]")
+
+    class Content:          # aiohttp's StreamReader.iter_any, in blocks of `size` bytes
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        async def iter_any(self):
+            for i in range(0, len(body), self.size):
+                yield body[i:i + self.size]
+
+    async def read(size: int) -> list[str]:
+        return [data async for _, data in _sse_events(Content(size))]
+
+    for size in (1, 2, 7, len(body)):
+        assert asyncio.run(read(size)) == ['{"a": 1}', '{"b": "two\\nlines"}', "[DONE]"]
