@@ -404,7 +404,18 @@ def test_models_health_and_metric_names(server):
                  "vllm:inter_token_latency_seconds_bucket",
                  "vllm:e2e_request_latency_seconds_bucket", "nanorun:kv_cache_free_pages"):
         assert name in names, name
-    assert _metric(server, "vllm:generation_tokens_total") > 0
+    # Counted per step, every token once, whichever tests ran before this one.
+    before = _metric(server, "vllm:generation_tokens_total")
+    prompts = _metric(server, "vllm:prompt_tokens_total")
+    for stream in (False, True):
+        body = {"model": MODEL, "prompt": [5, 6, 7, 8], "max_tokens": 3, "ignore_eos": True,
+                "stream": stream}
+        req = urllib.request.Request(f"{server}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and r.read()
+    assert _metric(server, "vllm:generation_tokens_total") == before + 6
+    assert _metric(server, "vllm:prompt_tokens_total") == prompts + 8
 
 
 @pytest.mark.slow

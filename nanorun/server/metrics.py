@@ -69,16 +69,17 @@ class ServerMetrics:
 
     def observe(self, outputs: Sequence[Any]) -> None:
         """Count one step's outputs (on the event loop, as they arrive)."""
+        new = 0
         for out in outputs:
             produced = sum(len(c.token_ids) for c in out.outputs)
-            new = produced - self._tokens_seen.get(out.request_id, 0)
-            if new:
-                self.generation_tokens.inc(new)
+            new += produced - self._tokens_seen.get(out.request_id, 0)
             if not out.finished:
                 self._tokens_seen[out.request_id] = produced
                 continue
             self._tokens_seen.pop(out.request_id, None)
             self._finished(out)
+        if new:             # one increment a step (each takes the counter's lock)
+            self.generation_tokens.inc(new)
 
     def _finished(self, out: Any) -> None:
         m = out.metrics
