@@ -395,10 +395,14 @@ class _ChunkWriter:
         requests."""
         sent: dict[int, tuple[int, int]] = {}      # choice index -> (chars, tokens) sent
         with_usage = include_usage(self.body)
+        # Every chunk is the same head, one choice, and (with usage) "usage": null: the head
+        # and the tail are rendered once, the choice per chunk.
+        head = json.dumps({**self._head(True), "choices": []})
+        frame = (head[:-len("[]}")] + "[", "]" + (', "usage": null' if with_usage else "") + "}")
         try:
             async for i, out in _merge(streams):
                 for c in out.outputs:
-                    chunk = self._chunk(i * self.n + c.index, c, sent, with_usage)
+                    chunk = self._chunk(i * self.n + c.index, c, sent, frame)
                     if chunk is not None:
                         yield _event(chunk)
             if with_usage:
@@ -412,8 +416,9 @@ class _ChunkWriter:
                 s.abort()
         yield _event("[DONE]")
 
-    def _chunk(self, index: int, c, sent: dict, with_usage: bool) -> str | None:
-        """The chunk for this choice's new tokens; None when there are none and it goes on."""
+    def _chunk(self, index: int, c, sent: dict, frame: tuple[str, str]) -> str | None:
+        """The chunk for this choice's new tokens (its JSON between `frame`'s two parts);
+        None when there are none and it goes on."""
         chars, tokens = sent.get(index, (0, 0))
         first = index not in sent
         if index in self._finished:         # its last chunk went out; n > 1 siblings go on
@@ -439,7 +444,4 @@ class _ChunkWriter:
                    "finish_reason": c.finish_reason}
         if c.finish_reason is not None:
             choice["stop_reason"] = c.stop_reason
-        chunk = {**self._head(True), "choices": [choice]}
-        if with_usage:
-            chunk["usage"] = None
-        return json.dumps(chunk)
+        return frame[0] + json.dumps(choice) + frame[1]
