@@ -26,15 +26,18 @@ long enough for gloo's timeout.
 A step that fails on one rank leaves the others in a collective that will never complete, so
 every rank treats any failure as the end of the job. A rank 0 whose step (or broadcast) fails
 emits "dead" and broadcasts a stop to the others. A follower whose step fails logs it, writes
-its reason into the job's store (the TCPStore every rank already shares), and exits non-zero,
-so torchrun's agent, which ends the whole job when a worker fails, sees a failure. Rank 0 then
-learns it two ways. On gloo the follower's exit closes its sockets, and rank 0's pending
-all-reduce or broadcast raises "Connection closed by peer" at once: rank 0 fails like any
-failed step, with the follower's reason from the store in its "dead" message. A collective
-that does not notice a dead peer (NCCL's kernels wait on peer memory for its watchdog's
-timeout, ten minutes by default) is bounded by FollowerWatch, a thread of rank 0's engine
-process that polls the store: FAILURE_GRACE_S after a follower's report, if the loop has not
-ended by itself, it sends "dead" and ends the engine process (the API answers 503 from then).
+its reason into the job's store (the TCPStore every rank already shares) and exits 1, so that
+torchrun's agent, which ends the whole job when a worker fails, sees a failure. Rank 0 learns
+of it from the collective it waits in, where the backend notices a peer's exit: gloo does (the
+follower's sockets close and rank 0's all-reduce or broadcast raises "Connection closed by
+peer" at once), and rank 0 then fails like any failed step, the follower's reason from the
+store leading its "dead" message. Where the backend does not notice (NCCL's kernels wait on
+the peer's memory until its watchdog's timeout, ten minutes by default; or a follower that
+reported but is stuck on its way out), FollowerWatch, a thread of rank 0's engine process
+that polls the store, bounds the wait: FAILURE_GRACE_S after a follower's report, if the loop
+has not ended by itself, it sends "dead" and ends the engine process, and the API answers
+503 from then on. A follower killed outright reports nothing: gloo still notices its exit,
+NCCL leaves it to torchrun's agent (or the watchdog).
 """
 
 from __future__ import annotations
@@ -281,24 +284,39 @@ def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
 def follower_main(model: str, engine_kwargs: dict) -> int:
     """A tensor-parallel rank > 0: the same TextEngine and loop, commands from rank 0.
     Returns 0 once rank 0 says stop, 1 once a step (or rank 0's broadcast) failed here."""
-    rank = os.environ.get("RANK", "?")
-    logging.basicConfig(level=logging.WARNING, format=f"%(name)s (rank {rank}): %(message)s",
-                        force=True)
+    _tag_log_lines(f"rank {os.environ.get('RANK', '?')}")
     from ..text_engine import TextEngine
 
     text_engine = TextEngine.from_model(model, **engine_kwargs)
     core = text_engine.engine
     try:
         control = ControlGroup.of(core)
+        rank_0_gone = []
 
-        def emit(message: tuple) -> None:   # rank 0 reports the outputs; a failure we tell it
-            if message[0] == "dead":
+        def next_commands(block: bool) -> list:
+            try:
+                return control.share(None)
+            except Exception:
+                rank_0_gone.append(True)
+                raise
+
+        def emit(message: tuple) -> None:   # rank 0 reports the outputs; our failure we tell
+            if message[0] == "dead" and not rank_0_gone:    # (not to a rank 0 that is gone)
                 control.report_failure(message[1])
 
-        stopped = EngineLoop(text_engine, emit).run(lambda block: control.share(None))
+        stopped = EngineLoop(text_engine, emit).run(next_commands)
     finally:
         core.shutdown()
     return 0 if stopped else 1
+
+
+def _tag_log_lines(tag: str) -> None:
+    """Log lines that say which rank wrote them (torchrun mixes every rank's stderr), at the
+    level the command line set (warnings if none)."""
+    logging.basicConfig(level=logging.WARNING)
+    formatter = logging.Formatter(f"%(name)s ({tag}): %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
 
 
 class ControlGroup:
@@ -318,8 +336,8 @@ class ControlGroup:
 
         ranks = dist.get_process_group_ranks(tp.group)
         group = dist.new_group(ranks, backend="gloo")   # a collective: every rank makes it
-        # The default group's store is this launch's own (torchrun prefixes it per restart),
-        # so a report from an earlier attempt is never read as this one's.
+        # The default group's store is this launch's own (torchrun makes a new one for each
+        # restart), so a report from an earlier attempt is never read as this one's.
         store = dist.PrefixStore("nanorun/step-failed/", _get_default_store())
         return cls(group, tp.rank, ranks[0], tp.size, store)
 
@@ -377,7 +395,13 @@ class FollowerWatch(threading.Thread):
     waiting in a collective that will never complete), this sends ("dead", why) on `conn`
     (holding `lock`, the loop's send lock, if it gets it within a second) and ends the
     process with exit(1): the engine cannot step again, and the API process answers 503 from
-    the "dead" message (or, without it, from the closed pipe)."""
+    the "dead" message (or, without it, from the closed pipe).
+
+    Why the store and not a shorter timeout on the groups: the control group's timeout bounds
+    only its broadcast, not the model's all-reduce on the engine's group, and a timeout on
+    that group short enough to serve (seconds) would also end a job whose ranks only drift
+    apart for a while (one rank's first CUDA graph capture, a long prefill). A report says
+    that a rank failed, not only that it is slow."""
 
     def __init__(self, failures: Callable[[], dict[int, str]], conn, lock, *,
                  poll: float = FAILURE_POLL_S, grace: float = FAILURE_GRACE_S,
