@@ -385,8 +385,11 @@ class ControlGroup:
             return reason
         if not failures:
             return reason
-        theirs = "; ".join(f"tensor-parallel rank {r}: {why}" for r, why in failures.items())
-        return f"{theirs} (then rank 0: {reason})"
+        return f"{describe_failures(failures)} (then rank 0: {reason})"
+
+
+def describe_failures(failures: dict[int, str]) -> str:
+    return "; ".join(f"tensor-parallel rank {r}: {why}" for r, why in sorted(failures.items()))
 
 
 class FollowerWatch(threading.Thread):
@@ -394,7 +397,7 @@ class FollowerWatch(threading.Thread):
     failures() reports one, the loop has `grace` seconds to end (stop()); if it has not (it is
     waiting in a collective that will never complete), this sends ("dead", why) on `conn`
     (holding `lock`, the loop's send lock, if it gets it within a second) and ends the
-    process with exit(1): the engine cannot step again, and the API process answers 503 from
+    process (exit code 1): the engine cannot step again, and the API process answers 503 from
     the "dead" message (or, without it, from the closed pipe).
 
     Why the store and not a shorter timeout on the groups: the control group's timeout bounds
@@ -404,11 +407,10 @@ class FollowerWatch(threading.Thread):
     that a rank failed, not only that it is slow."""
 
     def __init__(self, failures: Callable[[], dict[int, str]], conn, lock, *,
-                 poll: float = FAILURE_POLL_S, grace: float = FAILURE_GRACE_S,
-                 exit: Callable[[int], Any] = os._exit) -> None:
+                 poll: float = FAILURE_POLL_S, grace: float = FAILURE_GRACE_S) -> None:
         super().__init__(name="nanorun-follower-watch", daemon=True)
         self.failures, self.conn, self.lock = failures, conn, lock
-        self.poll, self.grace, self.exit = poll, grace, exit
+        self.poll, self.grace = poll, grace
         self._done = threading.Event()
 
     def stop(self) -> None:
@@ -428,7 +430,7 @@ class FollowerWatch(threading.Thread):
                 continue
             if self._done.wait(self.grace):
                 return                  # the loop failed by itself, as gloo's does at once
-            why = "; ".join(f"tensor-parallel rank {r}: {w}" for r, w in failures.items())
+            why = describe_failures(failures)
             logger.error("%s; rank 0 is still waiting for it after %.0f s: ending the engine",
                          why, self.grace)
             if self.lock.acquire(timeout=1.0):
@@ -436,8 +438,7 @@ class FollowerWatch(threading.Thread):
                     self.conn.send(("dead", why))
                 except OSError:
                     pass
-            self.exit(1)
-            return
+            os._exit(1)                 # not sys.exit: the loop's thread cannot be joined
 
 
 def wait_ready(conn, process, timeout: float | None = None) -> dict:
