@@ -459,10 +459,8 @@ def test_two_gloo_ranks_serve_the_text_of_one_process(model_dir, llm):
     port = free_port()
     procs = []
     try:
-        for rank in (1, 0):        # torchrun's environment, without the launcher's start-up
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": "1"}
+        for rank in (1, 0):
+            env = _rank_env(rank, port)
             if rank == 1:
                 procs.append(_start_follower(model_dir, env))
             else:
@@ -483,7 +481,134 @@ def test_two_gloo_ranks_serve_the_text_of_one_process(model_dir, llm):
                 proc.kill()
 
 
-def _start_follower(model_dir, env) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nanorun.cli", "serve", str(model_dir), "--tensor-parallel-size",
-           "2", "--kv-cache-tokens", str(KV_TOKENS), "--page-size", str(PAGE_SIZE)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def _start_follower(model_dir, env, *, code: str | None = None,
+                    stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """Rank 1 of `nanorun serve --tensor-parallel-size 2`; code: a `python -c` program that
+    ends in nanorun.cli.main (to change something in this process only) instead of -m."""
+    launch = ["-m", "nanorun.cli"] if code is None else ["-c", code]
+    cmd = [sys.executable, *launch, "serve", str(model_dir), "--tensor-parallel-size", "2",
+           "--kv-cache-tokens", str(KV_TOKENS), "--page-size", str(PAGE_SIZE)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+
+
+def _rank_env(rank: int, port: int) -> dict:
+    """torchrun's environment for `rank` of 2, without the launcher's start-up."""
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
+# Rank 1's third step raises before it runs (so rank 0 is left in the step's all-reduce); with
+# hang, rank 1 then never gets out of its shutdown either, its sockets left open: a peer that
+# rank 0's collectives cannot see go, as NCCL's cannot.
+_FAILING_FOLLOWER = """
+import sys, time
+import nanorun.engine, nanorun.text_engine
+step, calls = nanorun.text_engine.TextEngine.step, []
+def failing_step(self):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("injected failure on rank 1")
+    return step(self)
+nanorun.text_engine.TextEngine.step = failing_step
+if {hang}:
+    nanorun.engine.Engine.shutdown = lambda self: time.sleep(600)
+from nanorun.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+_RANK_1_REASON = ("tensor-parallel rank 1: engine step failed: RuntimeError: injected failure "
+                  "on rank 1")
+
+
+def _serve_with_failing_follower(model_dir, *, hang: bool, follower_log):
+    port = free_port()
+    follower = _start_follower(model_dir, _rank_env(1, port), stderr=follower_log,
+                               code=_FAILING_FOLLOWER.format(hang=hang))
+    try:
+        server, url = _start_server(model_dir, "--tensor-parallel-size", "2",
+                                    env=_rank_env(0, port))
+    except BaseException:
+        follower.kill()
+        raise
+    return follower, server, url
+
+
+def _stream_until_error(url: str) -> tuple[list[str], openai.APIError]:
+    """A streamed completion that must end with an error: its text chunks and the error."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    texts = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30,
+                                               temperature=0, stream=True):
+            texts.append(chunk.choices[0].text)
+    return texts, raised.value
+
+
+def _assert_refused(url: str) -> None:
+    status, body = _get(f"{url}/health")
+    assert status == 503 and "tensor-parallel rank 1" in body, (status, body)
+    status, body = _post(f"{url}/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                   "max_tokens": 2})
+    assert status == 503, (status, body)
+
+
+def test_a_step_failing_on_a_follower_fails_the_server_in_seconds(model_dir):
+    log = tempfile.TemporaryFile(mode="w+")
+    follower, server, url = _serve_with_failing_follower(model_dir, hang=False,
+                                                         follower_log=log)
+    try:
+        start = time.monotonic()
+        texts, error = _stream_until_error(url)
+        assert time.monotonic() - start < 30
+        assert texts, "the first steps' tokens came before the failure"
+        # Rank 1's reason first, then rank 0's own: its all-reduce saw rank 1's sockets close.
+        assert f"{_RANK_1_REASON} (then rank 0: engine step failed: " in str(error), str(error)
+        _assert_refused(url)
+        assert follower.wait(30) != 0       # so torchrun's agent would end the job
+        log.seek(0)
+        text = log.read()
+        assert "Traceback" in text and "injected failure on rank 1" in text, text
+        assert server.poll() is None        # rank 0 goes on answering 503
+    finally:
+        for proc in (follower, server):
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.mark.slow
+def test_rank_0_bounds_its_wait_for_a_failed_follower_that_does_not_exit(model_dir):
+    # No socket closes: rank 0's all-reduce would wait for gloo's 30-minute timeout, and only
+    # FollowerWatch, which reads rank 1's report from the store, ends it.
+    follower, server, url = _serve_with_failing_follower(model_dir, hang=True,
+                                                         follower_log=subprocess.DEVNULL)
+    try:
+        start = time.monotonic()
+        _, error = _stream_until_error(url)
+        assert time.monotonic() - start < 30
+        # Rank 1's reason alone: FollowerWatch said it, rank 0's loop never got to.
+        assert _RANK_1_REASON in str(error) and "then rank 0" not in str(error), str(error)
+        _assert_refused(url)
+        assert follower.poll() is None and server.poll() is None
+    finally:
+        for proc in (follower, server):
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_a_broadcast_that_fails_ends_the_engine_loop_as_dead():
+    """Rank 0's broadcast of the commands to a rank that is gone (the other path than a
+    failed step to the same end): the loop reports "dead", it does not raise past its
+    caller."""
+    from nanorun.server.engine_core import EngineLoop
+
+    class Idle:
+        def has_unfinished_requests(self):
+            return False
+
+    def next_commands(block):
+        raise RuntimeError("Connection closed by peer")
+
+    messages = []
+    assert EngineLoop(Idle(), messages.append).run(next_commands) is False
+    assert messages == [("dead", "could not get the engine's commands: RuntimeError: "
+                                 "Connection closed by peer")]

@@ -22,11 +22,29 @@ carries the model's collectives); ranks > 0 run the same loop on what they recei
 HTTP, so every rank calls add/abort/step alike, as nanorun.distributed requires. An idle rank
 0 broadcasts an empty list every CONTROL_HEARTBEAT_S, so the others never sit in a broadcast
 long enough for gloo's timeout.
+
+A step that fails on one rank leaves the others in a collective that will never complete, so
+every rank treats any failure as the end of the job. A rank 0 whose step (or broadcast) fails
+emits "dead" and broadcasts a stop to the others. A follower whose step fails logs it, writes
+its reason into the job's store (the TCPStore every rank already shares) and exits 1, so that
+torchrun's agent, which ends the whole job when a worker fails, sees a failure. Rank 0 learns
+of it from the collective it waits in, where the backend notices a peer's exit: gloo does (the
+follower's sockets close and rank 0's all-reduce or broadcast raises "Connection closed by
+peer" at once), and rank 0 then fails like any failed step, the follower's reason from the
+store leading its "dead" message. Where the backend does not notice (NCCL's kernels wait on
+the peer's memory until its watchdog's timeout, ten minutes by default; or a follower that
+reported but is stuck on its way out), FollowerWatch, a thread of rank 0's engine process
+that polls the store, bounds the wait: FAILURE_GRACE_S after a follower's report, if the loop
+has not ended by itself, it sends "dead" and ends the engine process, and the API answers
+503 from then on. A follower killed outright reports nothing: gloo still notices its exit,
+NCCL leaves it to torchrun's agent (or the watchdog).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +53,8 @@ from typing import Any
 logger = logging.getLogger("nanorun.server")
 
 CONTROL_HEARTBEAT_S = 1.0
+FAILURE_POLL_S = 0.5      # how often rank 0 looks for a follower's failure report
+FAILURE_GRACE_S = 5.0     # how long rank 0's loop then has to fail by itself (gloo: at once)
 
 
 @dataclass
@@ -59,7 +79,8 @@ class EngineLoop:
 
     Commands: ("add", request_id, prompt, params, arrival_time), ("abort", request_id),
     ("stop",). Messages: ("acks", [(request_id, exception or None)]) for the adds it ran,
-    before it steps; ("step", outputs, stats) after; ("dead", reason) once a step has raised.
+    before it steps; ("step", outputs, stats) after; ("dead", reason) once a step, or getting
+    the commands (a broadcast between ranks), has raised.
     encode(outputs) turns the step's outputs into what emit sends (a list of them within one
     process, OutputEncoder's deltas across two).
     """
@@ -77,7 +98,10 @@ class EngineLoop:
         or return []."""
         engine = self.text_engine
         while True:
-            commands = next_commands(not engine.has_unfinished_requests())
+            try:
+                commands = next_commands(not engine.has_unfinished_requests())
+            except Exception as e:   # rank 0's broadcast to a rank that is gone, or the reverse
+                return self._fail("could not get the engine's commands", e)
             acks, stop = self._run_commands(commands)
             if acks:                     # the handlers go on now, not after the step
                 self.emit(("acks", acks))
@@ -86,15 +110,18 @@ class EngineLoop:
                 try:
                     outputs = engine.step()
                 except Exception as e:   # state unknown now: fail everyone, refuse new work
-                    logger.exception("engine step failed")
-                    self.emit(("dead", f"engine step failed: {type(e).__name__}: {e}"))
-                    return False
+                    return self._fail("engine step failed", e)
             stats = engine_stats(engine)
             if outputs or stats != self._last_stats:
                 self._last_stats = stats
                 self.emit(("step", self.encode(outputs) if outputs else [], stats))
             if stop:
                 return True
+
+    def _fail(self, what: str, e: Exception) -> bool:
+        logger.exception(what)
+        self.emit(("dead", f"{what}: {type(e).__name__}: {e}"))
+        return False
 
     def _run_commands(self, commands: list) -> tuple[list, bool]:
         """Run the commands in order; an add whose abort is in the same batch (its handler
@@ -210,11 +237,22 @@ def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     core = text_engine.engine
+    watch = None
     try:
         control = ControlGroup.of(core)
         conn.send(("ready", {"max_model_len": min(core.max_model_len,
                                                   core.kv_cache.capacity_tokens),
                              "stats": engine_stats(text_engine)}))
+        sending = threading.Lock()        # the loop and FollowerWatch both send
+
+        def send(message: tuple) -> None:
+            with sending:
+                conn.send(message)
+
+        def emit(message: tuple) -> None:
+            if message[0] == "dead" and control is not None:
+                message = ("dead", control.explain(message[1]))
+            send(message)
 
         def next_commands(block: bool) -> list:
             commands = []
@@ -227,34 +265,66 @@ def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
                 commands.append(("stop",))
             return control.share(commands) if control else commands
 
-        stopped = EngineLoop(text_engine, conn.send, encode=OutputEncoder()).run(next_commands)
+        if control is not None:
+            watch = FollowerWatch(control.failures, conn, sending)
+            watch.start()
+        stopped = EngineLoop(text_engine, emit, encode=OutputEncoder()).run(next_commands)
+        if watch is not None:
+            watch.stop()
         if not stopped and control is not None:
             control.release_followers()
     except (BrokenPipeError, EOFError):     # the API process went away mid-send
         pass
     finally:
+        if watch is not None:
+            watch.stop()
         core.shutdown()
 
 
 def follower_main(model: str, engine_kwargs: dict) -> int:
-    """A tensor-parallel rank > 0: the same TextEngine and loop, commands from rank 0."""
+    """A tensor-parallel rank > 0: the same TextEngine and loop, commands from rank 0.
+    Returns 0 once rank 0 says stop, 1 once a step (or rank 0's broadcast) failed here."""
+    _tag_log_lines(f"rank {os.environ.get('RANK', '?')}")
     from ..text_engine import TextEngine
 
     text_engine = TextEngine.from_model(model, **engine_kwargs)
     core = text_engine.engine
     try:
         control = ControlGroup.of(core)
-        EngineLoop(text_engine, lambda message: None).run(lambda block: control.share(None))
+        rank_0_gone = []
+
+        def next_commands(block: bool) -> list:
+            try:
+                return control.share(None)
+            except Exception:
+                rank_0_gone.append(True)
+                raise
+
+        def emit(message: tuple) -> None:   # rank 0 reports the outputs; our failure we tell
+            if message[0] == "dead" and not rank_0_gone:    # (not to a rank 0 that is gone)
+                control.report_failure(message[1])
+
+        stopped = EngineLoop(text_engine, emit).run(next_commands)
     finally:
         core.shutdown()
-    return 0
+    return 0 if stopped else 1
+
+
+def _tag_log_lines(tag: str) -> None:
+    """Log lines that say which rank wrote them (torchrun mixes every rank's stderr), at the
+    level the command line set (warnings if none)."""
+    logging.basicConfig(level=logging.WARNING)
+    formatter = logging.Formatter(f"%(name)s ({tag}): %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
 
 
 class ControlGroup:
-    """Rank 0's commands to every tensor-parallel rank (a gloo group beside the engine's)."""
+    """Rank 0's commands to every tensor-parallel rank (a gloo group beside the engine's), and
+    the followers' failure reports to rank 0 (keys of the job's store)."""
 
-    def __init__(self, group, rank: int, src: int) -> None:
-        self.group, self.rank, self.src = group, rank, src
+    def __init__(self, group, rank: int, src: int, size: int, store) -> None:
+        self.group, self.rank, self.src, self.size, self.store = group, rank, src, size, store
 
     @classmethod
     def of(cls, core) -> ControlGroup | None:
@@ -262,10 +332,14 @@ class ControlGroup:
         if tp.size == 1:
             return None
         import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _get_default_store
 
         ranks = dist.get_process_group_ranks(tp.group)
         group = dist.new_group(ranks, backend="gloo")   # a collective: every rank makes it
-        return cls(group, tp.rank, ranks[0])
+        # The default group's store is this launch's own (torchrun makes a new one for each
+        # restart), so a report from an earlier attempt is never read as this one's.
+        store = dist.PrefixStore("nanorun/step-failed/", _get_default_store())
+        return cls(group, tp.rank, ranks[0], tp.size, store)
 
     def release_followers(self) -> None:
         """Rank 0's step failed: send the other ranks a stop, so that those waiting for the
@@ -283,6 +357,88 @@ class ControlGroup:
         box = [commands if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=self.src, group=self.group)
         return box[0]
+
+    def report_failure(self, reason: str) -> None:
+        """A follower's loop failed: say why, for rank 0, before this rank exits. The check
+        after the set waits for the store's answer, so the report is in before this rank's
+        exit closes its sockets (which is what rank 0's gloo collectives notice)."""
+        key = str(self.rank)
+        try:
+            self.store.set(key, reason)
+            self.store.check([key])
+        except Exception as e:      # noqa: BLE001 - rank 0 still sees this rank go
+            logger.warning("could not report the failure to rank 0: %s", e)
+
+    def failures(self) -> dict[int, str]:
+        """The followers that reported a failure, and why (rank 0 reads them)."""
+        keys = [str(r) for r in range(1, self.size)]
+        return {int(k): self.store.get(k).decode(errors="replace")
+                for k in keys if self.store.check([k])}
+
+    def explain(self, reason: str) -> str:
+        """Rank 0's reason for its loop's end, led by the followers' own if any failed (theirs
+        is the cause: rank 0's is then only a collective that lost its peer)."""
+        try:
+            failures = self.failures()
+        except Exception as e:      # noqa: BLE001 - the store may be gone with the job
+            logger.warning("could not read the other ranks' failure reports: %s", e)
+            return reason
+        if not failures:
+            return reason
+        return f"{describe_failures(failures)} (then rank 0: {reason})"
+
+
+def describe_failures(failures: dict[int, str]) -> str:
+    return "; ".join(f"tensor-parallel rank {r}: {why}" for r, why in sorted(failures.items()))
+
+
+class FollowerWatch(threading.Thread):
+    """Rank 0's bound on a follower's failure that its collectives do not notice: once
+    failures() reports one, the loop has `grace` seconds to end (stop()); if it has not (it is
+    waiting in a collective that will never complete), this sends ("dead", why) on `conn`
+    (holding `lock`, the loop's send lock, if it gets it within a second) and ends the
+    process (exit code 1): the engine cannot step again, and the API process answers 503 from
+    the "dead" message (or, without it, from the closed pipe).
+
+    Why the store and not a shorter timeout on the groups: the control group's timeout bounds
+    only its broadcast, not the model's all-reduce on the engine's group, and a timeout on
+    that group short enough to serve (seconds) would also end a job whose ranks only drift
+    apart for a while (one rank's first CUDA graph capture, a long prefill). A report says
+    that a rank failed, not only that it is slow."""
+
+    def __init__(self, failures: Callable[[], dict[int, str]], conn, lock, *,
+                 poll: float = FAILURE_POLL_S, grace: float = FAILURE_GRACE_S) -> None:
+        super().__init__(name="nanorun-follower-watch", daemon=True)
+        self.failures, self.conn, self.lock = failures, conn, lock
+        self.poll, self.grace = poll, grace
+        self._done = threading.Event()
+
+    def stop(self) -> None:
+        """The loop ended: watch no more (idempotent; waits for a poll in progress)."""
+        self._done.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(self.poll + 5.0)
+
+    def run(self) -> None:
+        while not self._done.wait(self.poll):
+            try:
+                failures = self.failures()
+            except Exception as e:  # noqa: BLE001 - the store went away: the job is ending
+                logger.warning("stopped watching the other ranks: %s", e)
+                return
+            if not failures:
+                continue
+            if self._done.wait(self.grace):
+                return                  # the loop failed by itself, as gloo's does at once
+            why = describe_failures(failures)
+            logger.error("%s; rank 0 is still waiting for it after %.0f s: ending the engine",
+                         why, self.grace)
+            if self.lock.acquire(timeout=1.0):
+                try:
+                    self.conn.send(("dead", why))
+                except OSError:
+                    pass
+            os._exit(1)                 # not sys.exit: the loop's thread cannot be joined
 
 
 def wait_ready(conn, process, timeout: float | None = None) -> dict:
