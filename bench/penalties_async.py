@@ -12,7 +12,10 @@ counts moved to the device (nanorun.sampler.TokenCounts), side by side in one ru
 request was retired before the next was formed (no overlap for anyone in it) and the
 penalties' counts were rebuilt from the host lists every step; after, neither. Each
 measurement is its own process (one warm-up run first); passes interleave versions and
-cases, so a drift of the shared machine lands on all of them, and the medians are reported.
+cases, so a drift of the shared machine lands on all of them; the medians and the best
+tokens/s are reported, and, independent of the machine's load, how many iterations were
+formed while the one before was still in flight (its batch reads pending tokens from the
+device: the overlap async scheduling exists for).
 Seeded sampling: each case must give the same tokens in both versions, checked.
 
 On the CPU backend async scheduling overlaps only what releases the GIL (see
@@ -44,6 +47,14 @@ def measure(model: str, mode: str, penalised: int, requests: int, max_tokens: in
 
     engine = Engine(model, weights="random", max_batch_tokens=batch_tokens,
                     async_scheduling=mode == "async")
+    overlapped = []         # iterations formed while the one before was still in flight
+    run = engine.executor.run
+
+    def counting_run(batch, *a, **kw):
+        overlapped.append(batch.pending is not None)
+        return run(batch, *a, **kw)
+
+    engine.executor.run = counting_run
     for i in range(requests):
         pen = PENALTY if i < penalised else {}
         engine.add_request(str(i), [1 + i % 50] * (16 + 8 * (i % 8)), SamplingParams(
@@ -60,7 +71,8 @@ def measure(model: str, mode: str, penalised: int, requests: int, max_tokens: in
     wall = time.perf_counter() - start
     engine.shutdown()
     digest = hashlib.sha256(json.dumps(sorted(tokens.items())).encode()).hexdigest()[:16]
-    return {"steps": len(steps), "wall_s": round(wall, 3),
+    return {"steps": len(steps), "overlapped_iterations": sum(overlapped),
+            "iterations": len(overlapped), "wall_s": round(wall, 3),
             "steps_per_s": round(len(steps) / wall, 1),
             "step_ms_median": round(1e3 * statistics.median(steps), 2),
             "tokens_per_s": round(sum(map(len, tokens.values())) / wall, 1),
@@ -101,7 +113,10 @@ def summarise(runs: list[dict]) -> dict:
                for k, name in (("steps_per_s", "steps_per_s_median"),
                                ("tokens_per_s", "tokens_per_s_median"),
                                ("step_ms_median", "step_ms_median"))},
+            "tokens_per_s_best": max(r["tokens_per_s"] for r in runs),
             "steps": sorted({r["steps"] for r in runs}),
+            "overlapped_iterations": sorted({r["overlapped_iterations"] for r in runs}),
+            "iterations": sorted({r["iterations"] for r in runs}),
             "git_commit": runs[0]["git_commit"], "git_dirty": runs[0]["git_dirty"]}
 
 
@@ -151,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": describe(torch.device("cpu")),
         "what": "async engine, seeded sampling, N requests with 0 or 1 penalised "
                 "(async_0, async_1), and the sync engine with 1 (sync_1) for reference; "
+                "overlapped_iterations: iterations formed before the previous one was read "
+                "back (out of iterations); "
                 "before: the penalised iteration retired before the next was formed, with "
                 "counts rebuilt on the host each step; after: counts on the device",
         "model": args.model, "requests": args.requests, "max_tokens": args.max_tokens,
