@@ -11,6 +11,8 @@ preemption, with forks sharing a prompt (n > 1) and with aborts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -74,25 +76,46 @@ def _three_ways(requests, share=False, abort_at=None, **kw) -> list[tuple[dict, 
     return [_serve(_engine(mode, **kw), requests, share, abort_at) for mode in MODES]
 
 
-def _mixed(n: int = 8, **kw) -> list:
-    """Every other request penalised; one with min_tokens and a stop id it meets early,
-    one with a prompt over max_batch_tokens (chunked prefill)."""
-    requests = [(str(i), _prompt(i), _params(i, penalised=i % 2 == 0 or i % 3 == 0, **kw))
+def _mixed(stops: list[int], n: int = 8) -> list:
+    """Every other request penalised; one with min_tokens and stop ids it meets before and
+    after it, one with a prompt over max_batch_tokens (chunked prefill)."""
+    requests = [(str(i), _prompt(i), _params(i, penalised=i % 2 == 0 or i % 3 == 0))
                 for i in range(n)]
-    requests.append(("min", _prompt(3), _params(2, True, min_tokens=3, ignore_eos=False,
-                                                stop_token_ids=[_prompt(3)[0]])))
+    requests.append(("min", _prompt(3), _min_params(stops)))
     requests.append(("chunked", _prompt(7, length=70), _params(4, True)))
     return requests
 
 
+def _min_params(stops: list[int]) -> SamplingParams:
+    return _params(3, True, min_tokens=3, stop_token_ids=stops)      # greedy
+
+
+def _min_stops() -> list[int]:
+    """Stop ids for _min_params: its second greedy token (masked there by min_tokens), and
+    the fourth token it draws with that one masked (allowed there: it stops)."""
+    def alone(stops):
+        done, _ = _serve(_engine("reference"), [("min", _prompt(3), _min_params(stops))])
+        return done["min"][0]
+
+    first = alone([])[1]
+    masked = alone([first])
+    assert masked[1] != first and masked[3] not in masked[:3] + [first], masked
+    return [first, masked[3]]
+
+
+def _unpenalised(sp: SamplingParams) -> SamplingParams:
+    return replace(sp, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
+
+
 def test_mixed_batch_same_tokens_as_the_host_reference():
-    (ref, _), (sync, _), (fast, _) = _three_ways(_mixed())
+    stops = _min_stops()
+    (ref, _), (sync, _), (fast, _) = _three_ways(_mixed(stops))
     assert sync == ref
     assert fast == ref
+    assert ref["min"][1] == "stop" and len(ref["min"][0]) == 4, ref["min"]
     # The penalties change what the model would say, or this test could not fail.
-    plain, _ = _serve(_engine("sync"), [(rid, p, SamplingParams(
-        **{**sp.__dict__, "repetition_penalty": 1.0, "frequency_penalty": 0.0,
-           "presence_penalty": 0.0})) for rid, p, sp in _mixed()])
+    plain, _ = _serve(_engine("sync"), [(rid, p, _unpenalised(sp))
+                                        for rid, p, sp in _mixed(stops)])
     changed = [rid for rid in ref if ref[rid] != plain[rid]]
     assert len(changed) >= 3, changed
 
