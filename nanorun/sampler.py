@@ -373,6 +373,11 @@ class TokenCounts:
                 pairs([r.output_token_ids for r in reqs]), _penalty_params(reqs, device))
 
     # -- device work ---------------------------------------------------------------------------
+    # Always under inference mode, whatever the caller's: tensors grown inside it are
+    # inference tensors, which may not be updated in place outside it (an engine's steps run
+    # inside it on the CPU's async worker thread, outside it elsewhere, and a caller may wrap
+    # step() in it).
+    @torch.inference_mode()
     def gather(self, step: "DevicePenalties") -> tuple[torch.Tensor, ...]:
         """The step's slots' (output counts [M, V], in_prompt [M, V], params [M, 3]), after
         growing to its capacity and filling its new slots."""
@@ -383,6 +388,7 @@ class TokenCounts:
         return tuple(t.index_select(0, step.slots)
                      for t in (self._output, self._in_prompt, self._params))
 
+    @torch.inference_mode()
     def add(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """Count one more occurrence of tokens[m] in slot slots[m]'s output."""
         self._output.index_put_((slots, tokens), torch.ones(len(slots), device=self.device),

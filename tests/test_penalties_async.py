@@ -253,3 +253,20 @@ def test_apply_penalties_is_the_reference_of_the_device_rows():
     prepared.penalties.apply(z)
     assert torch.equal(z, apply_penalties(logits.clone(), reqs))
     assert not torch.equal(z, logits)
+
+
+def test_counts_grown_under_inference_mode_update_outside_it():
+    """A caller may run steps inside torch.inference_mode() or not (the CPU's async worker
+    does, the synchronous engine does not): the rows grown in one are updated in the other."""
+    sampler = Sampler(TokenCounts(V, "cpu"))
+    sp = SamplingParams(temperature=0.0, frequency_penalty=1.0)
+    reqs = [_request(str(i), sp) for i in range(12)]      # past the first 8 rows: a growth
+    gen = torch.Generator().manual_seed(2)
+    for step, inference in enumerate([True, False, True, False]):
+        with torch.inference_mode(inference):
+            out = sampler(torch.randn(len(reqs), V, generator=gen), reqs[:3 + 3 * step])
+        for r, t in zip(reqs, out.tokens):
+            r.output_token_ids.append(t)
+    for r in reqs:
+        assert torch.equal(sampler.counts.counts_of(r)[0],
+                           _token_counts([r.output_token_ids], V, torch.device("cpu"))[0])
