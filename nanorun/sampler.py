@@ -22,10 +22,10 @@ its rounding moves a token's share of [0, 1) by about 1e-7 * sqrt(V), far below 
 
 Penalties need each row's token counts, including the token the previous iteration sampled
 and async scheduling has not read back yet. The engine's sampler keeps them on the device
-(TokenCounts): a [C, V] float32 count row (and a [C, V] bool "in the prompt" row) per live
-penalised request, filled from the host lists once, when the request is first sampled, and
-then updated by a scatter of each iteration's sampled ids, in the device work, right after
-they are drawn. So iteration i + 1 counts i's token without reading it back, and a step costs
+(TokenCounts): each live penalised request holds a row of a [C, V] float32 count tensor and
+of a [C, V] bool "in the prompt" one, filled from the host lists once, when the request is
+first sampled, then updated by a scatter of each iteration's sampled ids, in the device
+work, right after they are drawn. So iteration i + 1 counts i's token without reading it back, and a step costs
 O(M) host work and an [M, V] gather for its M penalised rows, whatever their lengths. Why
 this and not vLLM v1's bincount of every row's prompt + output ids each step: that is
 O(total prompt + output tokens) of device work (and host work or a [C, max_len] id buffer to
@@ -33,6 +33,7 @@ keep the ids on the device) every step, growing with the sequences, to spare C x
 (a 128k vocabulary: 640 KiB a penalised request, 160 MiB for 256 of them). Only requests with
 penalties take a row, so the common case pays nothing; a row lives until its request leaves
 the engine (Sampler.release), through preemption: recompute does not change the outputs.
+C is the most penalised requests alive at once (rows are reused, the tensors never shrink).
 The stateless path (Sampler() without counts, apply_penalties) rebuilds the counts from the
 host lists each call and is the reference the device counts are tested against.
 """
