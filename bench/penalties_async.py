@@ -107,6 +107,17 @@ def run_worker(python: str, args, mode: str, penalised: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def load_note(before: list[float], after: list[float]) -> str:
+    """What the load averages say about the timings (the overlap counts do not depend on
+    them)."""
+    cores = os.cpu_count() or 1
+    if max(before + after) > cores / 2:
+        return (f"load average up to {max(before + after):.2f} on {cores} cores: other work "
+                f"shared the machine, the timings are noisy (see the spread in runs); the "
+                f"overlapped_iterations and same_tokens are not affected")
+    return f"load average at most {max(before + after):.2f} on {cores} cores"
+
+
 def summarise(runs: list[dict]) -> dict:
     return {"passes": len(runs),
             **{name: statistics.median(r[k] for r in runs)
@@ -175,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "penalty": PENALTY,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
-        "machine_shared": "the 2-core machine is shared with other work: compare the "
-                          "versions within this file (interleaved), not with other files",
+        "load": load_note([round(x, 2) for x in load_before],
+                          [round(x, 2) for x in load_after]),
         "results": results,
         "same_tokens": True,
         "runs": runs,
