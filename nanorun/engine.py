@@ -30,7 +30,8 @@ from .models import (ModelConfig, build_model, check_tensor_parallel, load_weigh
                      random_weights, resolve_model, shard_config)
 from .outputs import RequestOutput
 from .request import Request
-from .sampler import PreparedSampling, Sampler, logprob_dicts, seed_key, unseeded_key
+from .sampler import (PreparedSampling, Sampler, TokenCounts, logprob_dicts, seed_key,
+                      unseeded_key)
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, uses_predictions
 from .search import DeviceSpec, get_device
@@ -123,7 +124,9 @@ class Engine:
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
                                  spec, kernels=(attention_fn, kv_append_fn),
                                  graphs=kv_sender is None)
-        self.sampler = Sampler()
+        # Penalised requests' token counts live on the device, so that an iteration can
+        # count the tokens of the one before it without reading them back (async scheduling).
+        self.sampler = Sampler(TokenCounts(self.model_config.vocab_size, self.device))
         self._unseeded = itertools.count()     # numbers unseeded requests' random streams
         # What ends a request unless ignore_eos; a TextEngine adds its tokenizer's EOS ids.
         self.eos_token_ids: tuple[int, ...] = tuple(self.model_config.eos_token_ids)
@@ -248,6 +251,7 @@ class Engine:
             if request is None:
                 continue
             self.scheduler.remove(request)
+            self.sampler.release(request)
             request.finish("abort", time.perf_counter())
             if report:
                 self._aborted.append(request)
@@ -277,14 +281,10 @@ class Engine:
         i + 1 runs while the device computes i. What i + 1 needs of i stays on the device
         (the batch reads each pending token from i's sampled ids, see Batch.pending) or is
         known ahead (max_tokens); what is not (a stop token) is seen at retire(i), and the
-        token i + 1 sampled after it is dropped. An iteration whose requests have penalties
-        is retired before the next is formed: penalties count every output token on the
-        host."""
+        token i + 1 sampled after it is dropped. Penalties count i's tokens on the device too
+        (nanorun.sampler.TokenCounts), so nothing forces a retire before the next launch."""
         outputs = [r.to_output() for r in self._aborted]
         self._aborted.clear()
-        if self._in_flight is not None and self._in_flight.blocks_next:
-            outputs += self.retire(self._in_flight)
-            self._in_flight = None
         launched = self.launch()
         if not self.config.async_scheduling:
             return outputs + self.retire(launched)
@@ -326,8 +326,7 @@ class Engine:
         for request in sampling:
             request.num_pending += 1
         return _Launched(chunks, every, sampling, {r: i for i, r in enumerate(sampling)},
-                         prepared, tokens, in_flight,
-                         any(r.sampling_params.has_penalties for r in sampling))
+                         prepared, tokens, in_flight)
 
     def _device_work(self, batch: Batch, copies: list[tuple[int, int]],
                      prepared: PreparedSampling, tokens: torch.Tensor,
@@ -370,6 +369,7 @@ class Engine:
                 request.append_token(token, now, sampled.logprobs[row])
             if request.finished:
                 self.scheduler.remove(request)
+                self.sampler.release(request)
                 del self.requests[request.request_id]
             reported.append(request)
         if self.kv_sender is not None:
@@ -383,6 +383,7 @@ class Engine:
         self.kv_sender.hand_off(prefilled)
         for request in prefilled:
             self.scheduler.remove(request)
+            self.sampler.release(request)
             del self.requests[request.request_id]
 
     def _record_prompt_logprobs(self, chunks: list[ScheduledChunk], every: list[bool],
@@ -502,8 +503,7 @@ class Engine:
 class _Launched:
     """An iteration launch() submitted: its chunks (in batch order), the all_logits flags it
     was built with, its sampling requests and each one's row, their sampling inputs, the
-    device tensor its sampled ids land in, the device work, and whether the next iteration
-    must wait for its retire (a request with penalties)."""
+    device tensor its sampled ids land in, and the device work."""
 
     chunks: list[ScheduledChunk]
     every: list[bool] | None
@@ -512,7 +512,6 @@ class _Launched:
     prepared: PreparedSampling
     tokens: torch.Tensor
     in_flight: InFlight
-    blocks_next: bool
 
 
 def _sampling_rows(chunks: list[ScheduledChunk], every: list[bool]) -> list[int]:

@@ -19,6 +19,23 @@ per-request torch.Generator: a row's random number is a pure function of (key, p
 and it costs one [N] vector instead of an [N, V] noise tensor (the exponential/Gumbel trick)
 or one launch per seeded row (vLLM's per-request generators). The cumulative sum is float32:
 its rounding moves a token's share of [0, 1) by about 1e-7 * sqrt(V), far below sampling noise.
+
+Penalties need each row's token counts, including the token the previous iteration sampled
+and async scheduling has not read back yet. The engine's sampler keeps them on the device
+(TokenCounts): each live penalised request holds a row of a [C, V] float32 count tensor and
+of a [C, V] bool "in the prompt" one, filled from the host lists once, when the request is
+first sampled, then updated by a scatter of each iteration's sampled ids, in the device
+work, right after they are drawn. So iteration i + 1 counts i's token without reading it back, and a step costs
+O(M) host work and an [M, V] gather for its M penalised rows, whatever their lengths. Why
+this and not vLLM v1's bincount of every row's prompt + output ids each step: that is
+O(total prompt + output tokens) of device work (and host work or a [C, max_len] id buffer to
+keep the ids on the device) every step, growing with the sequences, to spare C x V x 5 bytes
+(a 128k vocabulary: 640 KiB a penalised request, 160 MiB for 256 of them). Only requests with
+penalties take a row, so the common case pays nothing; a row lives until its request leaves
+the engine (Sampler.release), through preemption: recompute does not change the outputs.
+C is the most penalised requests alive at once (rows are reused, the tensors never shrink).
+The stateless path (Sampler() without counts, apply_penalties) rebuilds the counts from the
+host lists each call and is the reference the device counts are tested against.
 """
 
 from __future__ import annotations
@@ -88,7 +105,22 @@ class Sampler:
 
     A row that cannot be sampled (NaN or +inf logits, nothing left after the filters) is
     reported, not raised: one request's bad logits must not stop the step for the others.
+
+    counts: where the penalised rows' token counts come from. None: rebuilt from the
+    requests' host lists at every prepare(), so any requests do, but none with penalties may
+    have tokens pending. A TokenCounts (the engine's): kept on the device and updated by
+    every sample() with the ids it draws, so a request's outputs must be what this sampler
+    drew for it, and release() must be called when the request leaves.
     """
+
+    def __init__(self, counts: "TokenCounts | None" = None) -> None:
+        self.counts = counts
+
+    def release(self, request: Request) -> None:
+        """`request` leaves (finished, aborted, handed over): its count row, if it has one,
+        may go to another request."""
+        if self.counts is not None:
+            self.counts.release(request)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [N, V], one row per request in `requests` (float32 or the model's dtype)."""
@@ -100,7 +132,7 @@ class Sampler:
                 device: torch.device) -> "PreparedSampling":
         """What sample() needs from `requests`, built on the host now: later changes to the
         requests (a token read back, an abort) do not change this iteration's draws."""
-        return PreparedSampling.of(requests, vocab, device)
+        return PreparedSampling.of(requests, vocab, device, self.counts)
 
     def sample(self, logits: torch.Tensor,
                prepared: "PreparedSampling") -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,13 +147,15 @@ class Sampler:
             if prepared.stops is not None:
                 z[prepared.stops] = float("-inf")
             if prepared.penalties is not None:
-                _penalise(z, *prepared.penalties)
+                prepared.penalties.apply(z)
         ok = _valid_rows(z)
         tokens = z.argmax(dim=-1)
         for rows, *inputs in prepared.sampled:
             token, row_ok = _sample_rows(z.index_select(0, rows), *inputs)
             tokens = tokens.index_copy(0, rows, token)
             ok = ok.index_copy(0, rows, ok.index_select(0, rows) & row_ok)
+        if prepared.penalties is not None:
+            prepared.penalties.record(tokens)
         return tokens, ok
 
     def finish(self, logits: torch.Tensor | None, prepared: "PreparedSampling",
@@ -146,23 +180,28 @@ class Sampler:
 class PreparedSampling:
     """One iteration's sampling inputs as tensors on the device (see Sampler.prepare).
 
-    stops: (rows, ids) to mask with -inf (min_tokens); penalties: _penalise's arguments;
+    stops: (rows, ids) to mask with -inf (min_tokens); penalties: the penalised rows and
+    their counts (HostPenalties or DevicePenalties);
     sampled: a (rows, temperature, min_p, top_k, top_p, u, what to apply) for each group of
     non-greedy rows drawn together (_by_cdf_order).
     """
 
     requests: list[Request]
     stops: tuple[torch.Tensor, torch.Tensor] | None = None
-    penalties: tuple | None = None
+    penalties: "HostPenalties | DevicePenalties | None" = None
     sampled: tuple[tuple, ...] = ()
 
     @classmethod
-    def of(cls, requests: list[Request], V: int, device: torch.device) -> "PreparedSampling":
+    def of(cls, requests: list[Request], V: int, device: torch.device,
+           counts: "TokenCounts | None" = None) -> "PreparedSampling":
         out = cls(list(requests))
         if not requests:
             return out
         out.stops = _stop_mask(requests, V, device)
-        out.penalties = _penalty_inputs(requests, V, device)
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
+        if rows:
+            out.penalties = (_penalty_inputs(requests, rows, V, device) if counts is None
+                             else counts.prepare(requests, rows, V))
         sampled = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         out.sampled = tuple((torch.tensor(group, device=device),
                              *_sampling_inputs([requests[i] for i in group], V, device))
@@ -196,27 +235,206 @@ def apply_penalties(z: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     output has its logit divided by repetition_penalty where positive (multiplied where
     negative); then frequency_penalty * its count in the output and presence_penalty (once,
     if it is in the output) are subtracted."""
-    inputs = _penalty_inputs(requests, z.shape[1], z.device)
-    return z if inputs is None else _penalise(z, *inputs)
-
-
-def _penalty_inputs(requests: list[Request], V: int, device: torch.device) -> tuple | None:
-    """What _penalise needs for the rows that have penalties (None: no row has any). Counts
-    the tokens read back: a request with penalties must have none pending (the engine
-    reads them back before such an iteration is formed)."""
     rows = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
-    if not rows:
-        return None
+    if rows:
+        _penalty_inputs(requests, rows, z.shape[1], z.device).apply(z)
+    return z
+
+
+@dataclass
+class HostPenalties:
+    """The penalised rows [M] of a batch with their counts built from the host lists now:
+    output counts [M, V] float32, in_prompt [M, V] bool, params [M, 3] (repetition,
+    frequency, presence)."""
+
+    rows: torch.Tensor
+    counts: torch.Tensor
+    in_prompt: torch.Tensor
+    params: torch.Tensor
+
+    def apply(self, z: torch.Tensor) -> None:
+        _penalise(z, self.rows, self.counts, self.in_prompt, self.params)
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """Nothing to keep: the next call counts the host lists again."""
+
+
+def _penalty_inputs(requests: list[Request], rows: list[int], V: int,
+                    device: torch.device) -> HostPenalties:
+    """The penalties of requests[rows], counted from the tokens read back: none may be
+    pending (an engine's sampler counts on the device instead, see TokenCounts)."""
     reqs = [requests[i] for i in rows]
     if any(r.num_pending for r in reqs):
-        raise RuntimeError("penalties need every output token on the host; read the pending "
-                           "tokens back before sampling a request with penalties")
+        raise RuntimeError("penalties counted from the host lists need every output token "
+                           "read back; give the Sampler a TokenCounts to count tokens still "
+                           "on the device")
     counts = _token_counts([r.output_token_ids for r in reqs], V, device)       # [M, V]
     in_prompt = _token_counts([r.prompt_token_ids for r in reqs], V, device) > 0
-    params = torch.tensor([[r.sampling_params.repetition_penalty,
-                            r.sampling_params.frequency_penalty,
-                            r.sampling_params.presence_penalty] for r in reqs], device=device)
-    return torch.tensor(rows, device=device), counts, in_prompt, params
+    return HostPenalties(torch.tensor(rows, device=device), counts, in_prompt,
+                         _penalty_params(reqs, device))
+
+
+def _penalty_params(requests: list[Request], device: torch.device) -> torch.Tensor:
+    """[M, 3] float32: each request's repetition, frequency and presence penalty."""
+    return torch.tensor([[r.sampling_params.repetition_penalty,
+                          r.sampling_params.frequency_penalty,
+                          r.sampling_params.presence_penalty] for r in requests],
+                        device=device)
+
+
+class TokenCounts:
+    """Penalised requests' token counts kept on the device (see the module docstring).
+
+    Each request with penalties holds a slot, a row of three device tensors: how often each
+    token occurs in its output ([C, V] float32), whether it occurs in its prompt ([C, V]
+    bool) and its penalties ([C, 3]). The host hands slots out and takes them back
+    (prepare, release); only device work touches the tensors (gather and add, which
+    DevicePenalties calls inside Sampler.sample, which an engine runs in submission order:
+    on the device worker thread on the CPU under async scheduling). So a slot freed on the host and handed
+    to another request is refilled after every iteration launched before has written to it,
+    and the tensors grow (doubling) there too, never under a running iteration.
+    """
+
+    def __init__(self, vocab: int, device: torch.device | str) -> None:
+        self.vocab, self.device = vocab, torch.device(device)
+        self._slots: dict[Request, int] = {}
+        self._free: list[int] = []
+        self._handed_out = 0                 # slots 0 .. _handed_out - 1 have been used
+        self._output = torch.zeros(0, vocab, device=self.device)
+        self._in_prompt = torch.zeros(0, vocab, dtype=torch.bool, device=self.device)
+        self._params = torch.zeros(0, 3, device=self.device)
+
+    def __len__(self) -> int:
+        """The requests that hold a slot."""
+        return len(self._slots)
+
+    def prepare(self, requests: list[Request], rows: list[int], V: int) -> "DevicePenalties":
+        """Host work: the slots of requests[rows], taken for those sampled with penalties
+        for the first time (filled from their host lists, so none of those may have
+        tokens pending; a request keeps its slot until release, so only a request new to
+        this sampler is filled)."""
+        if V != self.vocab:
+            raise ValueError(f"logits of {V} tokens for TokenCounts of a {self.vocab}-token "
+                             f"vocabulary; build the TokenCounts with the logits' width")
+        slots, new = [], []
+        for i in rows:
+            request = requests[i]
+            slot = self._slots.get(request)
+            if slot is None:
+                if request.num_pending:
+                    raise RuntimeError(f"request {request.request_id!r} has tokens not read "
+                                       f"back but no count row: its counts cannot be built "
+                                       f"from the host lists; it must be sampled through "
+                                       f"this TokenCounts from its first token on")
+                slot = self._take()
+                self._slots[request] = slot
+                new.append((slot, request))
+            slots.append(slot)
+        device = self.device
+        return DevicePenalties(self, torch.tensor(rows, device=device),
+                               torch.tensor(slots, device=device), self._handed_out,
+                               self._fill_inputs(new) if new else None)
+
+    def release(self, request: Request) -> None:
+        slot = self._slots.pop(request, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def counts_of(self, request: Request) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(output counts [V], in_prompt [V]) of the request's slot as the device has them
+        after the work submitted so far (None: it has no slot). For inspection: on the CPU
+        under async scheduling, wait for the engine's iteration in flight first."""
+        slot = self._slots.get(request)
+        if slot is None:
+            return None
+        return self._output[slot].clone(), self._in_prompt[slot].clone()
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self._handed_out += 1
+        return self._handed_out - 1
+
+    def _fill_inputs(self, new: list[tuple[int, Request]]) -> tuple:
+        """What _fill writes into new slots: (slots [K], prompt (slot, id) pairs, output
+        (slot, id) pairs, params [K, 3]), built on the host."""
+        device = self.device
+
+        def pairs(seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
+            lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+            slot_of = np.repeat(np.fromiter((s for s, _ in new), dtype=np.int64,
+                                            count=len(new)), lengths)
+            ids = np.concatenate([np.zeros(0, dtype=np.int64)]
+                                 + [np.asarray(s, dtype=np.int64) for s in seqs])
+            return (torch.from_numpy(slot_of).to(device), torch.from_numpy(ids).to(device))
+
+        reqs = [r for _, r in new]
+        return (torch.tensor([s for s, _ in new], device=device),
+                pairs([r.prompt_token_ids for r in reqs]),
+                pairs([r.output_token_ids for r in reqs]), _penalty_params(reqs, device))
+
+    # -- device work ---------------------------------------------------------------------------
+    # Always under inference mode, whatever the caller's: tensors grown inside it are
+    # inference tensors, which may not be updated in place outside it (an engine's steps run
+    # inside it on the CPU's async worker thread, outside it elsewhere, and a caller may wrap
+    # step() in it).
+    @torch.inference_mode()
+    def gather(self, step: "DevicePenalties") -> tuple[torch.Tensor, ...]:
+        """The step's slots' (output counts [M, V], in_prompt [M, V], params [M, 3]), after
+        growing to its capacity and filling its new slots."""
+        if step.capacity > self._output.shape[0]:
+            self._grow(step.capacity)
+        if step.fill is not None:
+            self._fill(*step.fill)
+        return tuple(t.index_select(0, step.slots)
+                     for t in (self._output, self._in_prompt, self._params))
+
+    @torch.inference_mode()
+    def add(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count one more occurrence of tokens[m] in slot slots[m]'s output."""
+        self._output.index_put_((slots, tokens), torch.ones(len(slots), device=self.device),
+                                accumulate=True)
+
+    def _fill(self, slots: torch.Tensor, prompt: tuple, output: tuple,
+              params: torch.Tensor) -> None:
+        """Reset the slots, then count their prompt and output (slot, id) pairs."""
+        self._output.index_fill_(0, slots, 0.0)
+        self._in_prompt.index_fill_(0, slots, False)
+        self._output.index_put_(output, torch.ones(len(output[1]), device=self.device),
+                                accumulate=True)
+        self._in_prompt.index_put_(prompt, torch.ones(len(prompt[1]), dtype=torch.bool,
+                                                      device=self.device))
+        self._params.index_copy_(0, slots, params)
+
+    def _grow(self, capacity: int) -> None:
+        size = max(capacity, 2 * self._output.shape[0], 8)
+        for name in ("_output", "_in_prompt", "_params"):
+            old = getattr(self, name)
+            new = old.new_zeros((size, old.shape[1]))
+            new[:old.shape[0]] = old
+            setattr(self, name, new)
+
+
+@dataclass
+class DevicePenalties:
+    """One iteration's penalised rows [M] of the batch and their TokenCounts slots [M]; the
+    slots count up to `capacity`, and `fill` is what the ones new this iteration start
+    from."""
+
+    counts: TokenCounts
+    rows: torch.Tensor
+    slots: torch.Tensor
+    capacity: int
+    fill: tuple | None
+
+    def apply(self, z: torch.Tensor) -> None:
+        """Device work: penalise z's rows with the counts of every token sampled so far."""
+        _penalise(z, self.rows, *self.counts.gather(self))
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """Device work: count the tokens [N] this iteration drew in the rows' slots (a
+        token dropped later ends its request, whose slot is refilled before reuse)."""
+        self.counts.add(self.slots, tokens.index_select(0, self.rows))
 
 
 def _penalise(z: torch.Tensor, index: torch.Tensor, counts: torch.Tensor,
