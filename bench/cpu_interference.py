@@ -79,7 +79,7 @@ def main() -> int:
         os.sched_setaffinity(0, {engine_cpu})
 
         def tokens_per_s() -> float:
-            run = in_process_pass(model_dir, workload, arrivals, cpu_threads=1)
+            run, _ = in_process_pass(model_dir, workload, arrivals, cpu_threads=1)
             return figures(run.results, run.duration)["total_token_throughput"]
 
         for duty in args.duty:

@@ -97,7 +97,45 @@ def in_process_pass(model_dir: Path, workload, arrivals, cpu_threads: int):
                                                            ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
-    return drive(engine, workload, arrivals)
+    start = time.process_time()            # this process's threads: the engine's CPU
+    run = drive(engine, workload, arrivals)
+    return run, {"engine": time.process_time() - start}
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one process so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_pid(server_pid: int) -> int | None:
+    """The server's engine process (the child multiprocessing spawned; the other is its
+    resource tracker), or None where /proc cannot say."""
+    try:
+        tasks = Path(f"/proc/{server_pid}/task").iterdir()
+        children = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+        spawned = [c for c in children
+                   if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    except OSError:
+        return None
+    return spawned[0] if len(spawned) == 1 else None
+
+
+def server_cpu(proc: subprocess.Popen, engine: int | None, run_pass) -> tuple:
+    """run_pass()'s result and the CPU seconds each process spent in it: the API process,
+    its engine process, and this client."""
+    pids = {"api": proc.pid, "engine": engine}
+    before = {k: process_cpu_s(pid) if pid else None for k, pid in pids.items()}
+    client = time.process_time()
+    result = run_pass()
+    cpu = {"client": time.process_time() - client}
+    for k, pid in pids.items():
+        after = process_cpu_s(pid) if pid else None
+        cpu[k] = None if after is None or before[k] is None else after - before[k]
+    return result, cpu
 
 
 def start_server(model_dir: Path, cpu_threads: int,
@@ -236,6 +274,7 @@ def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals
     from nanorun.benchmark.http_client import run_client
 
     proc, url = start_server(model_dir, threads, stream_interval)
+    engine = engine_pid(proc.pid)
     passes = []
     try:
         for k in range(num_passes):
@@ -243,10 +282,13 @@ def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals
             pair = {}
             for side in sides:
                 if side == "in_process":
-                    local = in_process_pass(model_dir, workload, arrivals, threads)
+                    local, cpu = in_process_pass(model_dir, workload, arrivals, threads)
                     pair[side] = figures(local.results, local.duration)
                 else:
-                    pair[side] = figures(*run_client(server_pass(url, workload, arrivals)))
+                    result, cpu = server_cpu(proc, engine, lambda: run_client(
+                        server_pass(url, workload, arrivals)))
+                    pair[side] = figures(*result)
+                pair[side]["cpu_s"] = cpu
             passes.append({"first": sides[0], **pair})
             print(f"{size}, {threads} thread(s), pass {k + 1}: in process "
                   f"{pair['in_process']['total_token_throughput']:,.0f} tok/s, "
@@ -296,6 +338,18 @@ def summarize(passes: list[dict]) -> dict:
     def added(key: str) -> float:
         return statistics.median(p["server"][key] - p["in_process"][key] for p in passes)
 
+    def cpu(side: str, key: str) -> float | None:
+        values = [p[side]["cpu_s"].get(key) for p in passes]
+        return None if None in values else statistics.median(values)
+
+    def others_share(p: dict) -> float | None:
+        """The API process's and the client's CPU, as a share of the machine in the pass."""
+        api, client = p["server"]["cpu_s"]["api"], p["server"]["cpu_s"]["client"]
+        if api is None:
+            return None
+        return (api + client) / (p["server"]["duration"] * (os.cpu_count() or 1))
+
+    shares = [others_share(p) for p in passes]
     failed = sum(p["server"]["failed"] + p["in_process"]["failed"] for p in passes)
     best = {mode: max(p[mode]["total_token_throughput"] for p in passes)
             for mode in ("in_process", "server")}
@@ -310,6 +364,12 @@ def summarize(passes: list[dict]) -> dict:
                          "median_itl": added("median_itl_ms"),
                          "mean_itl": added("mean_itl_ms"),
                          "p99_itl": added("p99_itl_ms")},
+            # CPU seconds per pass (median), by process: what the server's HTTP side and the
+            # client take from the machine the engine runs on.
+            "cpu_s": {"in_process": {"engine": cpu("in_process", "engine")},
+                      "server": {k: cpu("server", k) for k in ("engine", "api", "client")}},
+            "api_and_client_share_of_machine": (None if None in shares
+                                                else statistics.median(shares)),
             "failed_requests": failed}
 
 
