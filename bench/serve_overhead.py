@@ -26,8 +26,15 @@ figures, the median of the paired ratios, the ratio of each side's best pass (a 
 only slows a pass down), and the TTFT / ITL the server adds (median of the per-pass
 differences of the medians) are written, and per size the ratio of the server at its best
 thread count to in process at its best: the server's cost to a user who sets each up as well
-as it goes. The client's JSON parsing competes with the engine here, which a remote client's
-would not.
+as it goes.
+
+The client is the load generator, and in a deployment it runs on another machine; here it
+shares the engine's cores. By default (--client-priority idle) it runs in a thread of the
+lowest CPU priority (Linux's SCHED_IDLE), so it takes only CPU that the server and its engine
+leave idle. That can only count against the server: a client that waits for a core reads
+every chunk later, so TTFT, ITL and the pass's duration come out longer, never shorter.
+--client-priority normal runs it as any other process (its CPU then comes out of the engine's
+time, as in the runs before this option).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -173,6 +181,29 @@ async def server_pass(url: str, workload, arrivals):
         return await drive_http(session, url, "bench", workload, arrivals)
 
 
+def run_client_at(priority: str, main):
+    """http_client.run_client(main) in a thread of its own; with priority "idle", a thread of
+    SCHED_IDLE (the policy is per thread: the in-process passes keep theirs)."""
+    from nanorun.benchmark.http_client import run_client
+
+    out: dict = {}
+
+    def client() -> None:
+        try:
+            if priority == "idle":
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            out["result"] = run_client(main)
+        except BaseException as e:     # noqa: BLE001 - raised again in the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=client, name="bench-client")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 def figures(results, duration: float) -> dict:
     from nanorun.benchmark.metrics import compute_metrics
 
@@ -192,9 +223,14 @@ def main() -> int:
     p.add_argument("--stream-interval", type=int, default=1,
                    help="the server's --stream-interval (1: a chunk per request per step)")
     p.add_argument("--size", nargs="+", default=["small", "medium"], choices=sorted(SIZES))
+    p.add_argument("--client-priority", choices=["idle", "normal"], default="idle",
+                   help="idle: the client only gets CPU the server leaves idle (SCHED_IDLE; "
+                        "see above); normal: as any process")
     p.add_argument("--trace", default="sharegpt")
     p.add_argument("--out", default="bench/results/cpu/serve_overhead.json")
     args = p.parse_args()
+    if args.client_priority == "idle" and not hasattr(os, "SCHED_IDLE"):
+        p.error("--client-priority idle needs Linux's SCHED_IDLE; use --client-priority normal")
 
     import torch
 
@@ -212,6 +248,8 @@ def main() -> int:
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "client": "nanorun bench --base-url's aiohttp streaming client, same machine",
               "client_loop": http_stack()["loop"],
+              "client_priority": ("SCHED_IDLE (only CPU the server leaves idle)"
+                                  if args.client_priority == "idle" else "normal"),
               # 1: every step's new tokens go out as a chunk, per request (the default).
               "stream_interval": args.stream_interval,
               "server_engine": "engine in its own process (nanorun/server/engine_core.py)",
@@ -254,7 +292,8 @@ def measure_size(size: str, args) -> dict:
                                        "longer than the context")
         arrivals = arrival_process.schedule(workload.trace, math.inf)
         by_threads = {threads: measure_threads(size, threads, model_dir, workload, arrivals,
-                                               args.passes, args.stream_interval)
+                                               args.passes, args.stream_interval,
+                                               args.client_priority)
                       for threads in args.cpu_threads}
     return {"model": {"hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
                       "vocab_size": mc.vocab_size,
@@ -269,10 +308,8 @@ def measure_size(size: str, args) -> dict:
 
 
 def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals,
-                    num_passes: int, stream_interval: int) -> dict:
+                    num_passes: int, stream_interval: int, client_priority: str) -> dict:
     """The passes at one thread count: in process and server, alternating which goes first."""
-    from nanorun.benchmark.http_client import run_client
-
     proc, url = start_server(model_dir, threads, stream_interval)
     engine = engine_pid(proc.pid)
     passes = []
@@ -285,8 +322,8 @@ def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals
                     local, cpu = in_process_pass(model_dir, workload, arrivals, threads)
                     pair[side] = figures(local.results, local.duration)
                 else:
-                    result, cpu = server_cpu(proc, engine, lambda: run_client(
-                        server_pass(url, workload, arrivals)))
+                    result, cpu = server_cpu(proc, engine, lambda: run_client_at(
+                        client_priority, server_pass(url, workload, arrivals)))
                     pair[side] = figures(*result)
                 pair[side]["cpu_s"] = cpu
             passes.append({"first": sides[0], **pair})
