@@ -27,6 +27,20 @@ from pathlib import Path
 import torch
 
 
+def step_until_done(engine) -> tuple[dict[str, list[int]], list[float], float]:
+    """Step `engine` until every request has finished: each request's output token ids, the
+    seconds of each step, and the wall time of them all."""
+    tokens, steps = {}, []
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = out.outputs[0].token_ids
+        steps.append(time.perf_counter() - t)
+    return tokens, steps, time.perf_counter() - start
+
+
 def run(model: str, async_scheduling: bool, requests: int, max_tokens: int,
         batch_tokens: int) -> dict:
     from nanorun import Engine, SamplingParams
@@ -36,15 +50,7 @@ def run(model: str, async_scheduling: bool, requests: int, max_tokens: int,
     for i in range(requests):
         engine.add_request(str(i), [1 + i % 50] * (16 + 8 * (i % 8)), SamplingParams(
             max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True))
-    tokens, steps = {}, []
-    start = time.perf_counter()
-    while engine.has_unfinished_requests():
-        t = time.perf_counter()
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = out.outputs[0].token_ids
-        steps.append(time.perf_counter() - t)
-    wall = time.perf_counter() - start
+    tokens, steps, wall = step_until_done(engine)
     engine.shutdown()
     return {"wall_s": round(wall, 3), "steps": len(steps),
             "step_ms_median": round(1e3 * statistics.median(steps), 2),

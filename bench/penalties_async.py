@@ -32,7 +32,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 CASES = (("async", 0), ("async", 1), ("sync", 1))       # (mode, penalised requests)
@@ -43,6 +42,8 @@ def measure(model: str, mode: str, penalised: int, requests: int, max_tokens: in
             batch_tokens: int) -> dict:
     """One run of `requests` seeded requests through an engine; the first `penalised` of
     them have PENALTY."""
+    from async_cpu import step_until_done     # this script's own directory, bench/
+
     from nanorun import Engine, SamplingParams
 
     engine = Engine(model, weights="random", max_batch_tokens=batch_tokens,
@@ -60,15 +61,7 @@ def measure(model: str, mode: str, penalised: int, requests: int, max_tokens: in
         engine.add_request(str(i), [1 + i % 50] * (16 + 8 * (i % 8)), SamplingParams(
             max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True,
             **pen))
-    tokens, steps = {}, []
-    start = time.perf_counter()
-    while engine.has_unfinished_requests():
-        t = time.perf_counter()
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = out.outputs[0].token_ids
-        steps.append(time.perf_counter() - t)
-    wall = time.perf_counter() - start
+    tokens, steps, wall = step_until_done(engine)
     engine.shutdown()
     digest = hashlib.sha256(json.dumps(sorted(tokens.items())).encode()).hexdigest()[:16]
     return {"steps": len(steps), "overlapped_iterations": sum(overlapped),
