@@ -1,7 +1,7 @@
 """What `nanorun serve` costs: the same requests in process and through the server, one run.
 
     python bench/serve_overhead.py [--num-requests 64] [--passes 6] [--size small medium]
-                                   [--cpu-threads 1 2]
+                                   [--cpu-threads 1 2] [--device cpu]
                                    [--out bench/results/cpu/serve_overhead.json]
 
 For each --size, a Llama model directory with a real tokenizer is written to a temporary
@@ -93,13 +93,14 @@ def write_model(path: Path, size: str) -> Path:
     return path
 
 
-def in_process_pass(model_dir: Path, workload, arrivals, cpu_threads: int):
+def in_process_pass(model_dir: Path, workload, arrivals, cpu_threads: int,
+                    options: dict = ENGINE_OPTIONS):
     """One pass through a fresh TextEngine, warmed up first."""
     from nanorun import SamplingParams
     from nanorun.benchmark.runner import drive
     from nanorun.text_engine import TextEngine
 
-    engine = TextEngine.from_model(str(model_dir), **ENGINE_OPTIONS, cpu_threads=cpu_threads)
+    engine = TextEngine.from_model(str(model_dir), **options, cpu_threads=cpu_threads)
     # The server's warm-up request, in process: [1, 2, 3], 2 tokens.
     engine.add_request("warmup", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0,
                                                            ignore_eos=True))
@@ -146,13 +147,13 @@ def server_cpu(proc: subprocess.Popen, engine: int | None, run_pass) -> tuple:
     return result, cpu
 
 
-def start_server(model_dir: Path, cpu_threads: int,
-                 stream_interval: int = 1) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, cpu_threads: int, stream_interval: int = 1,
+                 options: dict = ENGINE_OPTIONS) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     opts = [f"--{k.replace('_', '-')}={v}" for k, v in
-            {**ENGINE_OPTIONS, "cpu_threads": cpu_threads}.items()]
+            {**options, "cpu_threads": cpu_threads}.items()]
     proc = subprocess.Popen([sys.executable, "-m", "nanorun.cli", "serve", str(model_dir),
                              "--port", str(port), "--served-model-name", "bench",
                              "--stream-interval", str(stream_interval), *opts],
@@ -227,8 +228,17 @@ def main() -> int:
                    help="idle: the client only gets CPU the server leaves idle (SCHED_IDLE; "
                         "see above); normal: as any process")
     p.add_argument("--trace", default="sharegpt")
-    p.add_argument("--out", default="bench/results/cpu/serve_overhead.json")
+    p.add_argument("--device", default="cpu",
+                   help="both sides' engine device (cuda: the server's HTTP side then has the "
+                        "host's cores, as in a deployment)")
+    p.add_argument("--out", default=None,
+                   help="default: bench/results/cpu/serve_overhead.json (on cpu; required "
+                        "otherwise, e.g. bench/results/h200/serve_overhead.json)")
     args = p.parse_args()
+    if args.out is None:
+        if args.device != "cpu":
+            p.error("give --out for a GPU run, e.g. bench/results/h200/serve_overhead.json")
+        args.out = "bench/results/cpu/serve_overhead.json"
     if args.client_priority == "idle" and not hasattr(os, "SCHED_IDLE"):
         p.error("--client-priority idle needs Linux's SCHED_IDLE; use --client-priority normal")
 
@@ -237,14 +247,14 @@ def main() -> int:
     from nanorun.benchmark import environment
 
     load_before = os.getloadavg()
-    machine = environment.describe(torch.device("cpu"))    # before a pass sets the threads
+    machine = environment.describe(torch.device(args.device))  # before a pass sets threads
     sizes = {size: measure_size(size, args) for size in args.size}
     load_after = os.getloadavg()
     report = {"command": environment.command_line(),
               "environment": machine,
               "cpu_cores": os.cpu_count(),
               "http_stack": http_stack(),
-              "engine_options": ENGINE_OPTIONS,
+              "engine_options": {**ENGINE_OPTIONS, "device": args.device},
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "client": "nanorun bench --base-url's aiohttp streaming client, same machine",
               "client_loop": http_stack()["loop"],
@@ -291,9 +301,10 @@ def measure_size(size: str, args) -> dict:
         workload = Workload.fit_limits(trace, mc.max_position_embeddings, mc.vocab_size, 0,
                                        "longer than the context")
         arrivals = arrival_process.schedule(workload.trace, math.inf)
+        options = {**ENGINE_OPTIONS, "device": args.device}
         by_threads = {threads: measure_threads(size, threads, model_dir, workload, arrivals,
                                                args.passes, args.stream_interval,
-                                               args.client_priority)
+                                               args.client_priority, options)
                       for threads in args.cpu_threads}
     return {"model": {"hidden_size": mc.hidden_size, "num_layers": mc.num_layers,
                       "vocab_size": mc.vocab_size,
@@ -308,9 +319,10 @@ def measure_size(size: str, args) -> dict:
 
 
 def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals,
-                    num_passes: int, stream_interval: int, client_priority: str) -> dict:
+                    num_passes: int, stream_interval: int, client_priority: str,
+                    options: dict) -> dict:
     """The passes at one thread count: in process and server, alternating which goes first."""
-    proc, url = start_server(model_dir, threads, stream_interval)
+    proc, url = start_server(model_dir, threads, stream_interval, options)
     engine = engine_pid(proc.pid)
     passes = []
     try:
@@ -319,7 +331,8 @@ def measure_threads(size: str, threads: int, model_dir: Path, workload, arrivals
             pair = {}
             for side in sides:
                 if side == "in_process":
-                    local, cpu = in_process_pass(model_dir, workload, arrivals, threads)
+                    local, cpu = in_process_pass(model_dir, workload, arrivals, threads,
+                                                 options)
                     pair[side] = figures(local.results, local.duration)
                 else:
                     result, cpu = server_cpu(proc, engine, lambda: run_client_at(
