@@ -9,9 +9,9 @@ connection.
 
 The events are framed by sse-starlette (ServerSentEvent) and sent by Starlette's
 StreamingResponse, not by sse-starlette's EventSourceResponse: that one enters an anyio cancel
-scope (its send timeout) for every event, which made it cost the server 20 us more CPU per
-streamed chunk than StreamingResponse, about a third of the whole (bench/sse_stack.py). What
-it adds is not needed here: keep-alive pings (OpenAI's API and vLLM send none) and ending
+scope (its send timeout) for every event, and under FastAPI it cost the server 55 us of CPU per
+streamed chunk against StreamingResponse's 39 (bench/results/cpu/sse_stack.json). What it
+adds is not needed here: keep-alive pings (OpenAI's API and vLLM send none) and ending
 streams at shutdown (uvicorn lets the running ones finish, then the engine stops).
 """
 
