@@ -135,7 +135,9 @@ def engine_pid(server_pid: int) -> int | None:
 
 def server_cpu(proc: subprocess.Popen, engine: int | None, run_pass) -> tuple:
     """run_pass()'s result and the CPU seconds each process spent in it: the API process,
-    its engine process, and this client."""
+    its engine process, and this process ("client": the client's thread, and any other thread
+    of this process that runs meanwhile; the in-process engine's OpenMP threads wait
+    passively, OMP_WAIT_POLICY above, so they take nothing)."""
     pids = {"api": proc.pid, "engine": engine}
     before = {k: process_cpu_s(pid) if pid else None for k, pid in pids.items()}
     client = time.process_time()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -416,6 +417,39 @@ def test_models_health_and_metric_names(server):
             assert r.status == 200 and r.read()
     assert _metric(server, "vllm:generation_tokens_total") == before + 6
     assert _metric(server, "vllm:prompt_tokens_total") == prompts + 8
+
+
+def test_sigterm_cancels_running_streams_after_the_shutdown_timeout(model_dir):
+    """A stream that would run for seconds does not hold the server past --shutdown-timeout:
+    uvicorn cancels it (its request is aborted), the engine stops, and the process ends (by
+    the SIGTERM uvicorn raises again once it has shut down)."""
+    proc, url = _start_server(model_dir, "--shutdown-timeout", "0")
+    try:
+        body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 480, "n": 8,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        where = urlsplit(url)
+        conn = HTTPConnection(where.hostname, where.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(body),
+                     {"content-type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        while not response.fp.readline().startswith(b"data:"):   # it is streaming
+            pass
+        proc.terminate()
+        start = time.monotonic()
+        assert proc.wait(20) in (0, -signal.SIGTERM)
+        assert time.monotonic() - start < 15
+        rest = []                        # the raw (chunked) bytes until the server closes
+        try:
+            while line := response.fp.readline():
+                rest.append(line)
+        except OSError:                  # reset: nothing more either way
+            pass
+        assert rest and b"data: [DONE]\n" not in rest      # cut short, not run to its end
+        conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.mark.slow

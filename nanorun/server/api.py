@@ -11,8 +11,11 @@ The events are framed by sse-starlette (ServerSentEvent) and sent by Starlette's
 StreamingResponse, not by sse-starlette's EventSourceResponse: that one enters an anyio cancel
 scope (its send timeout) for every event, and under FastAPI it cost the server 55 us of CPU per
 streamed chunk against StreamingResponse's 39 (bench/results/cpu/sse_stack.json). What it
-adds is not needed here: keep-alive pings (OpenAI's API and vLLM send none) and ending
-streams at shutdown (uvicorn lets the running ones finish, then the engine stops).
+adds is given up on purpose. Its keep-alive comment every 15 s (what ping=None meant): vLLM's
+and SGLang's streams send none either, and a proxy in front must then allow a stream to be
+silent for as long as a request can wait for its first token. And ending every stream at once
+on SIGTERM: uvicorn now lets running streams go on for `nanorun serve --shutdown-timeout`
+seconds, then cancels them (which aborts their requests), then the engine stops.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,6 +232,12 @@ class _EventStream(StreamingResponse):
         finally:
             for s in self._streams:
                 s.abort()
+            # A disconnect cancels the response inside a send, with the generator suspended
+            # at its yield: close it now (its cleanup, and _merge's tasks), not at collection.
+            try:
+                await self.body_iterator.aclose()
+            except RuntimeError:     # it is running: it is ending by itself
+                pass
 
 
 def _event(data: str) -> bytes:
@@ -400,11 +409,12 @@ class _ChunkWriter:
         head = json.dumps({**self._head(True), "choices": []})
         frame = (head[:-len("[]}")] + "[", "]" + (', "usage": null' if with_usage else "") + "}")
         try:
-            async for i, out in _merge(streams):
-                for c in out.outputs:
-                    chunk = self._chunk(i * self.n + c.index, c, sent, frame)
-                    if chunk is not None:
-                        yield _event(chunk)
+            async with aclosing(_merge(streams)) as outputs:   # its tasks end with this
+                async for i, out in outputs:
+                    for c in out.outputs:
+                        chunk = self._chunk(i * self.n + c.index, c, sent, frame)
+                        if chunk is not None:
+                            yield _event(chunk)
             if with_usage:
                 produced = sum(tokens for _, tokens in sent.values())
                 yield _event(json.dumps({**self._head(True), "choices": [],

@@ -12,6 +12,7 @@ import os
 import sys
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10     # well inside Kubernetes' default 30 s grace period
 
 logger = logging.getLogger("nanorun.server")
 
@@ -36,6 +37,9 @@ def add_parser(sub) -> None:
                    help="a streamed choice gets a chunk once it has this many new tokens (or "
                         "has finished; the first tokens go at once): fewer, larger chunks "
                         "cost the server less per token")
+    p.add_argument("--shutdown-timeout", type=int, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                   help="on SIGTERM, seconds the running requests may go on before they are "
+                        "cancelled (new connections are refused at once)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
@@ -86,6 +90,8 @@ def run(args) -> int:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.stream_interval < 1:
         raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     engine_kwargs = dict(
         device=args.device, dtype=args.dtype, layout=args.layout,
         max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
@@ -119,7 +125,8 @@ def run(args) -> int:
     print(f"nanorun serve: {args.model} as {name!r} on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
         engine.shutdown()
     return 0
