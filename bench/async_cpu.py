@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/cpu/async_cpu.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from nanorun.benchmark.environment import command_line, describe
+    from nanorun.benchmark.environment import command_line, describe, write_result
 
     load_before = os.getloadavg()
     run(args.model, False, 4, 4, args.max_batch_tokens)         # warm-up: first-use costs
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             p["step_ratio_async_over_sync"] for p in passes),
         "same_tokens": True,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    write_result(doc, args.out)
     print(f"wrote {args.out}: async/sync step time {doc['median_step_ratio_async_over_sync']}")
     return 0
 

@@ -17,7 +17,6 @@ slices), the loaded passes are slower, and that is a cost any server process pay
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -110,9 +109,7 @@ def main() -> int:
               "load_average_1_5_15min": {"before": list(load_before),
                                          "after": list(os.getloadavg())},
               "duty": results}
-    out = ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    environment.write_result(report, ROOT / args.out, indent=2)     # (an absolute --out stays as it is)
     print(f"wrote {args.out}")
     return 0
 

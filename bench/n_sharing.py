@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/cpu/n_sharing.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from nanorun.benchmark.environment import command_line, describe
+    from nanorun.benchmark.environment import command_line, describe, write_result
 
     load_before = os.getloadavg()
     run(args.model, 2, True, argparse.Namespace(**{**vars(args), "requests": 1}))  # warm-up
@@ -122,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "rows": rows, "same_tokens": True,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    write_result(doc, args.out)
     print(f"wrote {args.out}")
     return 0
 

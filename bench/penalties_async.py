@@ -32,7 +32,6 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 CASES = (("async", 0), ("async", 1), ("sync", 1))       # (mode, penalised requests)
 PENALTY = dict(repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3)
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args)
     import torch
-    from nanorun.benchmark.environment import command_line, describe
+    from nanorun.benchmark.environment import command_line, describe, write_result
 
     versions = {"after": sys.executable}
     if args.baseline_python:
@@ -185,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "same_tokens": True,
         "runs": runs,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    write_result(doc, args.out)
     for v, cases in results.items():
         print(v, {c: (s if not isinstance(s, dict) else s["tokens_per_s_median"])
                   for c, s in cases.items()})

@@ -269,9 +269,7 @@ def main() -> int:
               "load_average_1_5_15min": {"before": list(load_before),
                                          "after": list(load_after)},
               "sizes": sizes}
-    out = ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    environment.write_result(report, ROOT / args.out, indent=2)     # (an absolute --out stays as it is)
     for size, by_size in sizes.items():
         for threads, r in by_size["cpu_threads"].items():
             print(f"{size}, {threads} thread(s): throughput ratio "

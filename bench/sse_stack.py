@@ -225,9 +225,7 @@ def main() -> int:
                            "over_fastapi_eventsourceresponse": medians[stack] / base}
                    for stack in STACKS},
     }
-    out = ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    environment.write_result(report, ROOT / args.out, indent=2)     # (an absolute --out stays as it is)
     for stack, m in medians.items():
         print(f"{stack}: {m:.1f} us/chunk ({m / base:.2f}x)")
     print(f"wrote {args.out}")

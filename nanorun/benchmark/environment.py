@@ -8,17 +8,27 @@ commit); `git_dirty` says whether the measured tree had uncommitted changes.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import nanorun
+
+
+def write_result(doc: dict, out: str | os.PathLike, *, indent: int = 1) -> None:
+    """A benchmark's result as JSON at `out` (its folder made if need be). NaN and infinity are
+    refused: a committed result must be JSON that every reader parses."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=indent, allow_nan=False) + "\n")
 
 
 def describe(device: torch.device) -> dict:
