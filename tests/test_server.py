@@ -63,6 +63,16 @@ def _post(url: str, body) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def _send_completion(url: str, body: dict) -> HTTPConnection:
+    """POST a completion on a connection of its own, left open for the test to read (or to
+    hang up on) as it likes."""
+    where = urlsplit(url)
+    conn = HTTPConnection(where.hostname, where.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"content-type": "application/json"})
+    return conn
+
+
 def _start_server(model_dir, *extra: str, env=None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "nanorun.cli", "serve", str(model_dir), "--port", str(port),
@@ -308,10 +318,7 @@ def test_disconnect_mid_stream_aborts_and_frees_every_page(server):
     aborted_before = _metric(server, "vllm:request_success_total", finished_reason="abort")
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    where = urlsplit(server)
-    conn = HTTPConnection(where.hostname, where.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps(body),
-                 {"content-type": "application/json"})
+    conn = _send_completion(server, body)
     response = conn.getresponse()
     assert response.status == 200
     data = []
@@ -339,11 +346,8 @@ def test_disconnect_before_a_non_streaming_answer_aborts_too(server):
     aborted_before = _metric(server, "vllm:request_success_total", finished_reason="abort")
     # As long as the context allows (512), four sequences: well over a second of decoding,
     # while noticing the hang-up takes a poll of 0.25 s.
-    body = json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 480, "n": 4,
-                       "temperature": 0, "ignore_eos": True})
-    where = urlsplit(server)
-    conn = HTTPConnection(where.hostname, where.port, timeout=30)
-    conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+    conn = _send_completion(server, {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 480,
+                                     "n": 4, "temperature": 0, "ignore_eos": True})
     running = time.monotonic() + 10
     while _metric(server, "vllm:num_requests_running") < 1:    # hang up once it runs
         assert time.monotonic() < running, "the request never started"
@@ -427,10 +431,7 @@ def test_sigterm_cancels_running_streams_after_the_shutdown_timeout(model_dir):
     try:
         body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 480, "n": 8,
                 "temperature": 0, "ignore_eos": True, "stream": True}
-        where = urlsplit(url)
-        conn = HTTPConnection(where.hostname, where.port, timeout=30)
-        conn.request("POST", "/v1/completions", json.dumps(body),
-                     {"content-type": "application/json"})
+        conn = _send_completion(url, body)
         response = conn.getresponse()
         assert response.status == 200
         while not response.fp.readline().startswith(b"data:"):   # it is streaming
