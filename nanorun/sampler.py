@@ -359,19 +359,11 @@ class TokenCounts:
         """What _fill writes into new slots: (slots [K], prompt (slot, id) pairs, output
         (slot, id) pairs, params [K, 3]), built on the host."""
         device = self.device
-
-        def pairs(seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
-            lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-            slot_of = np.repeat(np.fromiter((s for s, _ in new), dtype=np.int64,
-                                            count=len(new)), lengths)
-            ids = np.concatenate([np.zeros(0, dtype=np.int64)]
-                                 + [np.asarray(s, dtype=np.int64) for s in seqs])
-            return (torch.from_numpy(slot_of).to(device), torch.from_numpy(ids).to(device))
-
-        reqs = [r for _, r in new]
-        return (torch.tensor([s for s, _ in new], device=device),
-                pairs([r.prompt_token_ids for r in reqs]),
-                pairs([r.output_token_ids for r in reqs]), _penalty_params(reqs, device))
+        slots, reqs = [s for s, _ in new], [r for _, r in new]
+        return (torch.tensor(slots, device=device),
+                _row_token_pairs([r.prompt_token_ids for r in reqs], slots, device),
+                _row_token_pairs([r.output_token_ids for r in reqs], slots, device),
+                _penalty_params(reqs, device))
 
     # -- device work ---------------------------------------------------------------------------
     # Always under inference mode, whatever the caller's: tensors grown inside it are
@@ -454,15 +446,20 @@ def _penalise(z: torch.Tensor, index: torch.Tensor, counts: torch.Tensor,
 
 def _token_counts(seqs: list, V: int, device: torch.device) -> torch.Tensor:
     """[len(seqs), V] float32: how often each token occurs in each sequence."""
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     counts = torch.zeros(len(seqs), V, device=device)
-    if lengths.sum() == 0:
-        return counts
-    ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
-    rows = np.repeat(np.arange(len(seqs)), lengths)
-    ones = torch.ones(len(ids), device=device)
-    return counts.index_put_((torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)),
-                             ones, accumulate=True)
+    rows, ids = _row_token_pairs(seqs, range(len(seqs)), device)
+    return counts.index_put_((rows, ids), torch.ones(len(ids), device=device), accumulate=True)
+
+
+def _row_token_pairs(seqs: list, row_of, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, token id) index pairs of every token of every sequence, seqs[k]'s in row
+    row_of[k]: ([T] int64, [T] int64), T the sequences' total length."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    rows = np.repeat(np.fromiter(row_of, dtype=np.int64, count=len(seqs)), lengths)
+    ids = np.concatenate([np.zeros(0, dtype=np.int64)]
+                         + [np.asarray(s, dtype=np.int64) for s in seqs])
+    return torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)
 
 
 def _by_cdf_order(rows: list[int], requests: list[Request], V: int) -> list[list[int]]:
