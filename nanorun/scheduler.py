@@ -98,10 +98,15 @@ class ScheduledChunk:
     request: Request
     start: int
     length: int
+    # Whether the chunk reaches the request's last known token, so that its last row samples.
+    # Decided once, when the chunk is made: by the time its iteration retires, the request's
+    # num_tokens has moved on (the token sampled is pending), and a test of it then would say
+    # no, and miscount the rows of the iteration's logits.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        return self.start + self.length == self.request.num_tokens
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples",
+                           self.start + self.length == self.request.num_tokens)
 
 
 @dataclass

@@ -216,6 +216,29 @@ def test_prompt_logprobs_do_not_depend_on_chunking_or_preemption(prompt):
             [x.logprob for x in b.values()], abs=1e-4)
 
 
+
+@pytest.mark.parametrize("layout", ["sequential", "overlap"])
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_prompt_logprobs_beside_sampling_requests_equal_the_solo_run(prompt, layout,
+                                                                      async_scheduling):
+    """A prompt chunked beside requests that sample (decoding, and a 1-token prompt that
+    samples at once) reads its logprobs from its own rows of the iteration's logits. They
+    were read one row off when another request's sampled token was still pending: the rows
+    must be the ones the iteration was launched with."""
+    llm = LLM("tiny-llama", max_batch_tokens=16, layout=layout,
+              async_scheduling=async_scheduling)
+    want = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    solo = llm.generate([prompt], want)[0].prompt_logprobs
+    mates = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+             SamplingParams(temperature=0.8, seed=1, max_tokens=6, ignore_eos=True)]
+    outs = llm.generate([prompt[:6], [4], prompt], mates + [want])
+    mixed = outs[2].prompt_logprobs
+    assert len(mixed) == len(solo) == len(prompt) and mixed[0] is None
+    for position, (a, b) in enumerate(zip(mixed[1:], solo[1:]), start=1):
+        assert a.keys() == b.keys(), position
+        assert [x.logprob for x in a.values()] == pytest.approx(
+            [x.logprob for x in b.values()], abs=1e-4), position
+
 # ---- SamplingParams ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"n": 0}, ValueError, "n must be"), ({"n": 1.0}, TypeError, "n must be an int"),
