@@ -10,7 +10,8 @@ _COLUMNS = (
     ("req/s", 7, lambda r: f"{r['request_throughput']:.2f}"),
     ("out tok/s", 10, lambda r: f"{r['output_throughput']:,.0f}"),
     ("tot tok/s", 10, lambda r: f"{r['total_token_throughput']:,.0f}"),
-    ("vs seq", 7, lambda r: _ratio(r["nanorun"]["throughput_ratio_to_sequential"])),
+    ("vs seq", 7, lambda r: _ratio(r["nanorun"]["throughput_ratio_to_sequential"])
+     + ("?" if r["nanorun"]["repeats"]["ratio_resolved"] is False else "")),
     ("% opt", 6, lambda r: f"{r['nanorun']['percent_of_optimal']:.1f}"),
     ("TTFT ms", 9, lambda r: _ms(r["mean_ttft_ms"])),
     ("TPOT ms", 8, lambda r: _ms(r["mean_tpot_ms"])),
@@ -31,8 +32,9 @@ CPU_LABEL = ("CPU FIGURES: measured on this machine's CPU, with the CPU's own ce
 
 
 def format_summary(report: dict) -> str:
-    """The header facts and a table of every run (latencies are means; with repeats, the
-    median pass's figures and every pass's range)."""
+    """The header facts, a table of every run (latencies are means; with repeats, the median
+    pass's figures and every pass's range; "?" after a ratio the passes do not resolve from
+    1.0) and the report's warnings."""
     h = report["nanorun"]
     repeats = h.get("repeats", 1)
     lines = [CPU_LABEL] if h["device_type"] == "cpu" else []
@@ -63,6 +65,7 @@ def format_summary(report: dict) -> str:
     failed = [e for run in report["runs"] for e in run["errors"] if e]
     if failed:
         lines.append(f"{len(failed)} failed requests; first reason: {failed[0]}")
+    lines += [f"warning: {w}" for w in h["warnings"]]
     return "\n".join(lines)
 
 
