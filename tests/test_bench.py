@@ -360,7 +360,7 @@ def smoke(tmp_path_factory):
                "--request-rate", "inf", "100",
                "--goodput", "ttft:60000", "tpot:60000", "--metric-percentiles", "50,99",
                "--result-json", str(out / "r.json"), "--plot", str(out / "r.png"),
-               "--no-progress"])
+               "--repeats", "1", "--no-progress"])
     assert rc == 0
     return out, json.loads((out / "r.json").read_text())
 
@@ -570,6 +570,117 @@ def test_the_summary_labels_cpu_figures_and_shows_the_spread(repeated):
         from nanorun.benchmark.runner import BenchConfig
         BenchConfig(repeats=0)
     assert main(["bench", "--repeats", "0", "--no-progress"]) == 2
+
+
+# ---- the spread over passes: default, JSON, warning, figure --------------------------------
+
+def test_bench_runs_three_passes_unless_told(monkeypatch):
+    from nanorun.benchmark import runner
+
+    asked = []
+
+    def run_benchmark(config):
+        asked.append(config.repeats)
+        raise ValueError("stop before anything runs")
+    monkeypatch.setattr(runner, "run_benchmark", run_benchmark)
+    assert main(["bench", "--no-progress"]) == 2
+    assert main(["bench", "--repeats", "1", "--no-progress"]) == 2
+    assert asked == [3, 1]
+
+
+@pytest.mark.parametrize("ratios, resolved", [
+    ([3.53, 0.79], False),              # issue 25: one pass 3.53x, the next 0.79x
+    ([3.53, 0.79, 1.10], False),
+    ([1.30, 1.32, 1.31], True),
+    ([0.80, 0.82, 0.81], True),         # a resolved loss is resolved too
+    ([1.05, 1.10, 1.30], False),        # every pass above 1.0, but the spread (0.25) > 0.10
+    ([0.99, 1.00, 1.01], False),        # no difference from sequential is shown
+    ([1.31], None),                     # one pass: no spread known
+    ([], None),
+])
+def test_ratio_resolved_is_spread_against_distance_from_one(ratios, resolved):
+    from nanorun.benchmark.report import ratio_resolved
+
+    assert ratio_resolved(ratios) is resolved
+
+
+def _with_passes(m, throughputs: dict) -> object:
+    """The measurement m with made-up total_token_throughput, pass by pass, per layout."""
+    import copy
+    from dataclasses import replace
+
+    runs = []
+    for run in m.runs:
+        run = copy.copy(run)
+        run.metrics = {**run.metrics,
+                       "total_token_throughput": throughputs[run.layout][run.repeat]}
+        runs.append(run)
+    return replace(m, runs=runs)
+
+
+def test_a_wide_spread_is_warned_in_the_json_summary_and_figure(repeated):
+    from nanorun.benchmark.plot import draw_report
+    from nanorun.benchmark.report import build_report
+    from nanorun.benchmark.summary import format_summary
+
+    _, _, ms, _ = repeated
+    report = json.loads(json.dumps(build_report(_with_passes(
+        ms[0], {"sequential": [100.0, 100.0, 100.0], "overlap": [353.0, 79.0, 110.0]}))))
+    seq, ovl = report["runs"]
+    assert seq["nanorun"]["repeats"]["ratio_resolved"] is None
+    rep = ovl["nanorun"]["repeats"]
+    assert rep["ratio_resolved"] is False
+    assert rep["ratio_to_sequential"]["values"] == pytest.approx([3.53, 0.79, 1.10])
+    assert ovl["nanorun"]["throughput_ratio_to_sequential"] == pytest.approx(1.10)
+    for key in ("total_token_throughput", "mean_ttft_ms", "mean_tpot_ms"):
+        assert rep[key]["min"] <= ovl[key] <= rep[key]["max"]
+    warning = ("overlap at rate inf: its ratio to sequential ranged 0.79-3.53x over 3 passes, "
+               "a spread of 2.74x, wider than the 0.10x its median 1.10x lies from 1.00x: the "
+               "difference from sequential is not resolved")
+    assert len(report["nanorun"]["warnings"]) == 1
+    assert report["nanorun"]["warnings"][0].startswith(warning)
+    text = format_summary(report)
+    assert f"warning: {warning}" in text and " 1.10x?" in text
+
+    fig = draw_report(report)
+    figure_text = " ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+    assert warning in figure_text and "(0.79-3.53x)" in figure_text
+    # A min-max whisker on every bar: from the lowest pass to the highest.
+    throughput = fig.axes[0]
+    (whiskers,) = [c for c in throughput.containers if type(c).__name__ == "ErrorbarContainer"]
+    spans = sorted((float(s[0][1]), float(s[1][1]))
+                   for s in whiskers.lines[2][0].get_segments())
+    assert spans == pytest.approx([(79.0, 353.0), (100.0, 100.0)])
+
+
+def test_a_tight_spread_is_not_warned_and_one_pass_is(repeated):
+    from dataclasses import replace
+
+    from nanorun.benchmark.plot import draw_report
+    from nanorun.benchmark.report import build_report
+    from nanorun.benchmark.summary import format_summary
+
+    _, _, ms, _ = repeated
+    tight = _with_passes(ms[0], {"sequential": [100.0, 101.0, 99.0],
+                                 "overlap": [130.0, 133.0, 129.0]})
+    report = build_report(tight)
+    assert report["nanorun"]["warnings"] == []
+    assert report["runs"][1]["nanorun"]["repeats"]["ratio_resolved"] is True
+    assert "warning" not in format_summary(report) and "?" not in format_summary(report)
+    figure_text = " ".join(t.get_text() for t in draw_report(report).findobj(
+        lambda a: hasattr(a, "get_text")))
+    assert "warning" not in figure_text and "(1.30-1.32x)" in figure_text
+
+    one = build_report(replace(tight, config=replace(tight.config, repeats=1),
+                               runs=[r for r in tight.runs if r.repeat == 0]))
+    (warning,) = one["nanorun"]["warnings"]
+    assert warning.startswith("only one pass (--repeats 1): the spread over passes is unknown")
+    assert all(r["nanorun"]["repeats"]["ratio_resolved"] is None for r in one["runs"])
+    assert f"warning: {warning}" in format_summary(one)
+    fig = draw_report(one)
+    assert warning in " ".join(t.get_text() for t in fig.findobj(
+        lambda a: hasattr(a, "get_text")))
+    assert not any(type(c).__name__ == "ErrorbarContainer" for c in fig.axes[0].containers)
 
 
 # ---- --base-url: the HTTP client against a scripted server ----------------------------------

@@ -79,7 +79,9 @@ class BenchConfig:
     kv_reservation: str = "none"
     async_scheduling: bool = False
     cpu_threads: int | None = None          # None: torch's default (every core)
-    repeats: int = 1                        # interleaved passes over every layout
+    # Interleaved passes over every layout. 1 here, so that a script's budget stays its own;
+    # the command's default is cli.DEFAULT_REPEATS.
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
