@@ -17,6 +17,7 @@ from .backends.cpu import set_cpu_threads
 from .backends.inflight import DeviceOutput, InFlight, device_queue
 from .batch import Batch, build_batch, spread_order
 from .config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
+from .device import DeviceSpec, device_spec
 from .distributed import TensorParallel, setup_tensor_parallel
 from .executor import Executor
 from .kernels import select_kernels, select_pointwise
@@ -34,8 +35,6 @@ from .sampler import (PreparedSampling, Sampler, TokenCounts, logprob_dicts, see
                       unseeded_key)
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, uses_predictions
-from .search import DeviceSpec, get_device
-from .search.hardware import known_device
 
 logger = logging.getLogger("nanorun")
 
@@ -550,27 +549,6 @@ def choose_layout(layout, model_name: str, spec: DeviceSpec, tp: int = 1,
     if is_layout_file(layout):
         return Layout.load(layout)
     return layout
-
-
-def device_spec(device: torch.device) -> DeviceSpec:
-    """The spec layouts are validated against, and whose name "auto" looks tuned layouts up
-    by: the CPU, the known GPU the device's name names (h100, h200, a100, l40s), else one
-    made from the device's properties. The SM count is always the device's own: an H100 PCIe
-    (114 SMs) is named "h100" but is not partitioned like the 132-SM SXM part."""
-    if device.type != "cuda":
-        return get_device("cpu")
-    name = torch.cuda.get_device_name(device)
-    spec = known_device(name)
-    props = torch.cuda.get_device_properties(device)
-    if spec is not None:
-        if spec.sm_count != props.multi_processor_count:
-            logger.warning("%s has %d SMs, not the %d of the %s spec: layouts are validated "
-                           "against %d", name, props.multi_processor_count, spec.sm_count,
-                           spec.name, props.multi_processor_count)
-            spec = replace(spec, sm_count=props.multi_processor_count)
-        return spec
-    return DeviceSpec(name.lower(), props.multi_processor_count, 8, 0.0, 0.0, 0.0,
-                      props.total_memory / 2**30)
 
 
 def _check_token_level(sp: SamplingParams) -> None:

@@ -349,14 +349,16 @@ def tuned_layout_dir() -> Path:
     return Path(os.environ.get(LAYOUT_DIR_ENV) or LOCAL_LAYOUT_DIR)
 
 
+# Layouts shipped inside the package: the runtime's own data (it reads them; the search, which
+# writes layouts, sits above the runtime and is never imported by it).
+SHIPPED_LAYOUT_DIR = Path(__file__).parent / "layouts"
+
+
 def tuned_layout_dirs() -> tuple[Path, ...]:
     """Where "auto" looks, first match wins: $NANORUN_LAYOUT_DIR if set, ./layouts, then the
-    layouts shipped inside the package (search/layouts in the repository)."""
-    from . import search
-
+    layouts shipped inside the package (nanorun/layouts in the repository)."""
     env = os.environ.get(LAYOUT_DIR_ENV)
-    dirs = ([Path(env)] if env else []) + [Path(LOCAL_LAYOUT_DIR),
-                                           Path(search.__file__).parent / "layouts"]
+    dirs = ([Path(env)] if env else []) + [Path(LOCAL_LAYOUT_DIR), SHIPPED_LAYOUT_DIR]
     return tuple(dict.fromkeys(dirs))
 
 

@@ -7,7 +7,7 @@
 
 from .costmodel import CostModel, CostParams
 from .evaluate import Predictor, estimate_iteration
-from .hardware import DEVICES, DeviceSpec, get_device
+from nanorun.device import DEVICES, DeviceSpec, get_device
 from .profile import Profile, ProfileError
 from .workload import IterationMix, Workload
 

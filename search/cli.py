@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+from .flags import ints
+
 DEFAULT_TRACE = "azure-conv"
 
 
@@ -99,22 +101,12 @@ def _measure_defaults():
     return DEFAULT_TOKENS, DEFAULT_CONTEXT
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} needs positive integers, got {text!r}")
-    return values
-
-
 def _profile(args) -> int:
     from .measure import DEFAULT_COLLECTIVE_BYTES, Rig, profile
 
-    tokens = _ints(args.tokens, "--tokens")
-    sms = _ints(args.sms, "--sms") if args.sms else None
-    sweep = _ints(args.collective_bytes, "--collective-bytes") if args.collective_bytes \
+    tokens = ints(args.tokens, "--tokens")
+    sms = ints(args.sms, "--sms") if args.sms else None
+    sweep = ints(args.collective_bytes, "--collective-bytes") if args.collective_bytes \
         else DEFAULT_COLLECTIVE_BYTES
     if args.tp < 1:
         raise ValueError(f"--tp must be a positive integer, got {args.tp}")
@@ -177,7 +169,7 @@ def _predictor(args):
 
     from .costmodel import CostModel
     from .evaluate import Predictor
-    from .hardware import get_device
+    from nanorun.device import get_device
     from .profile import Profile
 
     config = resolve_model(args.model)[0]

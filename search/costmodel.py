@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .hardware import DeviceSpec, collective_seconds
+from nanorun.device import DeviceSpec, collective_seconds
 
 logger = logging.getLogger("nanorun")
 

@@ -10,7 +10,7 @@ from nanorun.models import model_layer_ops
 from nanorun.planner import Planner
 
 from .costmodel import CostModel
-from .hardware import DeviceSpec, get_device
+from nanorun.device import DeviceSpec, get_device
 from .simulate import Schedule, launch_costs, simulate
 from .workload import IterationMix
 

@@ -79,7 +79,7 @@ class Rig:
                  dtype: torch.dtype | None = None, num_layers: int | None = None,
                  max_tokens: int = 4096, max_context: int = 8192,
                  kv_tokens: int | None = None, seed: int = 0, tp: int = 1) -> None:
-        from nanorun.engine import device_spec
+        from nanorun.device import device_spec
         from nanorun.kernels import select_kernels, select_pointwise
         from nanorun.kv_cache import KVCache
         from nanorun.models import build_model, random_weights
@@ -392,7 +392,7 @@ def time_collectives(rig: Rig, nbytes: Iterable[int] = DEFAULT_COLLECTIVE_BYTES,
     process group's backend lacks is left out (on every rank alike)."""
     import torch.distributed as dist
 
-    from .hardware import isotonic
+    from nanorun.device import isotonic
 
     tpc = rig.tensor_parallel
     if tpc.size < 2:

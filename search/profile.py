@@ -90,7 +90,7 @@ class Profile:
 
     def collective_tables(self) -> tuple:
         """The measured collective sweeps as hardware.CollectiveTable (empty at tp 1)."""
-        from .hardware import CollectiveTable
+        from nanorun.device import CollectiveTable
 
         return tuple(CollectiveTable(c["collective"], int(c["tp"]),
                                      tuple(int(n) for n in c["nbytes"]),

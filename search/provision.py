@@ -165,7 +165,7 @@ class Provisioner:
         return ttft, tbt
 
     def kv_capacity(self, kind: MachineKind) -> int:
-        from search.hardware import get_device
+        from nanorun.device import get_device
 
         memory = get_device(kind.gpu).memory_gib * 2**30 * kind.gpus * self.memory_utilization
         free = memory - self.config.num_params * 2
@@ -342,7 +342,7 @@ def build_tables(config, kinds: dict[str, MachineKind], workload, *, batch_token
     """Iteration tables and layout summaries for every (GPU kind, cluster role)."""
     from .costmodel import CostModel
     from .evaluate import Predictor
-    from .hardware import get_device
+    from nanorun.device import get_device
 
     tables, layouts = {}, {}
     for gpu, kind in kinds.items():

@@ -89,7 +89,7 @@ def _per_gpu(text: str | None, flag: str, gpus) -> dict[str, float]:
 
 def machine_kinds(args) -> dict:
     from .cluster import MACHINES
-    from .hardware import get_device
+    from nanorun.device import get_device
 
     gpus = tuple(dict.fromkeys(g.strip().lower() for g in args.gpu.split(",") if g.strip()))
     if not gpus:
@@ -207,9 +207,9 @@ def _rates(text: str) -> tuple[float, ...]:
 
 
 def _budgets(text: str, batch_tokens: int) -> tuple[int, ...]:
-    from .cli import _ints
+    from .flags import ints
 
-    values = _ints(text, "--mixed-budgets")
+    values = ints(text, "--mixed-budgets")
     if max(values) > batch_tokens:
         raise ValueError(f"--mixed-budgets {text!r}: a budget cannot exceed --batch-tokens "
                          f"({batch_tokens})")
