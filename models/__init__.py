@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from .config import (SUPPORTED_ARCHITECTURES, ModelConfig, ModelConfigError, RopeScaling,
@@ -9,33 +10,35 @@ from .config import (SUPPORTED_ARCHITECTURES, ModelConfig, ModelConfigError, Rop
 from .loader import (WeightLoadError, check_tensor_parallel, load_weights, random_weights,
                      shard_config, shard_ranges, shard_weights, weight_shapes)
 from .presets import PRESETS, get_preset, list_presets, suggest_preset
+from .gguf import gguf_config, is_gguf
+from .hub import model_path, repo_id_of
 
 from .llama import LAYER_OPS, TP_LAYER_OPS, LlamaModel, OpSpec, TPWorkspace, Workspace, layer_ops
 from .moe import MoEModel, MoEWorkspace, moe_layer_ops
 from .registry import MODEL_CLASSES, build_model, model_layer_ops
 
 
-def resolve_model(model: str) -> tuple[ModelConfig, str | None]:
-    """A preset name -> (its config, None); a directory holding config.json -> (config, the
-    directory, to load weights from). Preset names win over same-named directories."""
-    if model in PRESETS:
+def resolve_model(model: str, revision: str | None = None) -> tuple[ModelConfig, str | None]:
+    """(config, where its weights are) of a model argument: a preset name -> (its config, None);
+    a directory holding config.json -> (config, the directory); a GGUF file -> (the config in
+    its metadata, the file); a Hugging Face Hub id "org/name" -> (config, its snapshot
+    directory in the Hugging Face cache, downloaded where missing; see models.hub).
+    Preset names win over same-named directories."""
+    if model in PRESETS and revision is None:
         return get_preset(model), None
-    if os.path.isfile(os.path.join(model, "config.json")):
-        return ModelConfig.from_pretrained(model), model
-    if _looks_like_hub_id(model):
-        raise UnknownModelError(
-            f"{model!r} looks like a Hugging Face Hub id, but nanorun does not download models "
-            f"and there is no directory of that name here. Download it first, e.g. `hf download "
-            f"{model} --local-dir DIR` (or `huggingface-cli download ...`), and pass DIR")
-    raise UnknownModelError(f"{model!r} is not a preset name nor a directory containing config.json."
+    path = model_path(model, revision)
+    if is_gguf(path):
+        return gguf_config(path), path
+    if os.path.isfile(os.path.join(path, "config.json")):
+        config = ModelConfig.from_pretrained(path)
+        repo = repo_id_of(path)     # a snapshot is named after its commit: use the model's name
+        return (dataclasses.replace(config, name=repo.rsplit("/", 1)[1]) if repo else config), path
+    if os.path.isfile(path):
+        raise UnknownModelError(f"{model!r} is a file but not a GGUF file; pass a GGUF file, a "
+                                f"Hugging Face model directory or a preset name")
+    raise UnknownModelError(f"{model!r} is not a preset name nor a directory containing "
+                            f"config.json (nor a GGUF file, nor a Hugging Face Hub id org/name)."
                             f"{suggest_preset(model)} Presets: {', '.join(list_presets())}")
-
-
-def _looks_like_hub_id(model: str) -> bool:
-    """ORG/NAME with no other path parts, not a path that exists."""
-    parts = str(model).split("/")
-    return (len(parts) == 2 and all(parts) and not os.path.exists(model)
-            and not str(model).startswith((".", "~")))
 
 
 __all__ = [

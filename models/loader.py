@@ -352,28 +352,33 @@ def _checkpoint_files(path: str) -> tuple[dict[str, str], str]:
 def load_weights(config: ModelConfig, path: str | os.PathLike, *, dtype: torch.dtype,
                  device: torch.device | str, unused: list[str] | None = None, tp_rank: int = 0,
                  tp_size: int = 1) -> dict[str, torch.Tensor]:
-    """Read a HF checkpoint directory into the fused layout (see module docstring), cast to
-    `dtype` on `device`. Files are read one at a time and each tensor is copied straight into
-    its slice of the preallocated fused tensor, so host memory stays at about one tensor.
-    With tp_size > 1 only rank tp_rank's shard is kept (see the module docstring).
+    """Read a HF checkpoint directory, or a GGUF file (models/gguf.py), into the fused layout
+    (see module docstring), cast to `dtype` on `device`. Tensors are read one at a time and
+    each is copied straight into its slice of the preallocated fused tensor, so host memory
+    stays at about one tensor. With tp_size > 1 only rank tp_rank's shard is kept (see the
+    module docstring).
 
     Tensors the model does not use are skipped; their names are appended to `unused` if given.
     Raises WeightLoadError for a missing tensor, a wrong shape or an unsupported bias."""
     path = os.fspath(path)
     plan = _hf_plan(config)
-    where, source = _checkpoint_files(path)
-    files = sorted(set(where.values())) if where else [source]
-    for hf_name in plan:
-        if where and hf_name not in where:
-            raise WeightLoadError(f"tensor {hf_name!r} is missing from {source}")
+    if os.path.isfile(path):
+        from .gguf import hf_tensors
+
+        where, source, tensors = {}, path, ((name, path, read)
+                                            for name, read in hf_tensors(config, path))
+    else:
+        where, source = _checkpoint_files(path)
+        for hf_name in plan:
+            if where and hf_name not in where:
+                raise WeightLoadError(f"tensor {hf_name!r} is missing from {source}")
+        tensors = _safetensors(sorted(set(where.values())) if where else [source])
 
     shapes = weight_shapes(shard_config(config, tp_size))
     names = {slot.name for slot in plan.values()}
     out = {n: torch.empty(shapes[n], dtype=dtype, device=device) for n in names}
     splits = {n: _split_or_whole(config, n, shapes[n], tp_rank, tp_size) for n in names}
-    found: set[str] = set()
-    for file in files:
-        found |= _load_file(file, plan, out, splits, unused)
+    found = _fill(tensors, plan, out, splits, unused)
     for hf_name in plan:
         if hf_name not in found:
             raise WeightLoadError(f"tensor {hf_name!r} is missing from {where.get(hf_name, source)}")
@@ -387,25 +392,32 @@ def _split_or_whole(config: ModelConfig, name: str, shape: tuple[int, ...], rank
     return shard_ranges(config, name, rank, tp) or (0, ((0, shape[0]),))
 
 
-def _load_file(file: str, plan: dict[str, _Slot], out: dict[str, torch.Tensor], splits,
-               unused: list[str] | None) -> set[str]:
-    """Copy every planned tensor in `file` into its place in `out` (this rank's shard, cut
-    as `splits` says); returns the HF names it held."""
-    if not os.path.isfile(file):
-        raise WeightLoadError(f"checkpoint file {file} (named in the index) does not exist")
+def _safetensors(files: list[str]):
+    """(HF name, file, read) for every tensor of `files`, one file open at a time."""
+    for file in files:
+        if not os.path.isfile(file):
+            raise WeightLoadError(f"checkpoint file {file} (named in the index) does not exist")
+        with safe_open(file, framework="pt") as f:
+            for hf_name in f.keys():
+                yield hf_name, file, lambda f=f, n=hf_name: f.get_tensor(n)
+
+
+def _fill(tensors, plan: dict[str, _Slot], out: dict[str, torch.Tensor], splits,
+          unused: list[str] | None) -> set[str]:
+    """Copy every planned tensor of `tensors` ((HF name, file, read) triples) into its place in
+    `out` (this rank's shard, cut as `splits` says); returns the HF names it held."""
     found = set()
-    with safe_open(file, framework="pt") as f:
-        for hf_name in f.keys():
-            slot = plan.get(hf_name)
-            if slot is None:
-                _skip(hf_name, file, unused)
-                continue
-            t = f.get_tensor(hf_name)
-            if tuple(t.shape) != slot.shape:
-                raise WeightLoadError(f"tensor {hf_name!r} in {file} has shape {tuple(t.shape)}, "
-                                      f"expected {slot.shape}")
-            _copy_into_shard(out[slot.name], t, slot.start, *splits[slot.name])  # casts, moves
-            found.add(hf_name)
+    for hf_name, file, read in tensors:
+        slot = plan.get(hf_name)
+        if slot is None:
+            _skip(hf_name, file, unused)
+            continue
+        t = read()
+        if tuple(t.shape) != slot.shape:
+            raise WeightLoadError(f"tensor {hf_name!r} in {file} has shape {tuple(t.shape)}, "
+                                  f"expected {slot.shape}")
+        _copy_into_shard(out[slot.name], t, slot.start, *splits[slot.name])  # casts, moves
+        found.add(hf_name)
     return found
 
 
