@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
+from .models.hub import model_path
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .text_engine import Prompt, TextEngine, TextRequest, tokenizer_of
@@ -25,9 +26,15 @@ class LLM:
     >>> outs[0].outputs[0].text
 
     Args:
-        model: a preset name (see `nanorun.models.list_presets()`) or a directory holding a
+        model: a preset name (see `nanorun.models.list_presets()`); a directory holding a
             Hugging Face config.json and its safetensors, and its tokenizer.json (without one,
-            prompts must be token ids).
+            prompts must be token ids); a GGUF file (config, weights dequantized to `dtype`,
+            tokenizer and chat template all from the file); or a Hugging Face Hub id
+            ("org/name"), downloaded into the Hugging Face cache where it is not there yet
+            (only the files nanorun reads; HF_HUB_OFFLINE and HF_TOKEN apply).
+        tokenizer: a directory, GGUF file or Hub id whose tokenizer to use instead of the
+            model's (as vLLM's `tokenizer`).
+        revision: the branch, tag or commit of a Hub id (default: main).
         device: "cpu" or "cuda".
         dtype: None picks float32 on CPU and bfloat16 on GPU.
         layout: how each iteration is split into nano-batches: "sequential" (runs it whole),
@@ -69,6 +76,8 @@ class LLM:
         self,
         model: str,
         *,
+        tokenizer: str | None = None,
+        revision: str | None = None,
         device: str = "cpu",
         dtype=None,
         layout="sequential",
@@ -86,16 +95,17 @@ class LLM:
         async_scheduling: bool = False,
         cpu_threads: int | None = None,
     ) -> None:
+        path = model_path(model, revision)      # a Hub id's snapshot, else `model` itself
         self.engine = Engine(
-            model, device=device, dtype=dtype, layout=layout,
+            path, device=device, dtype=dtype, layout=layout,
             max_batch_tokens=max_batch_tokens, kv_cache_tokens=kv_cache_tokens,
             page_size=page_size, seed=seed, weights=weights, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size, process_group=process_group,
             scheduling_policy=scheduling_policy, length_predictor=length_predictor,
             kv_reservation=kv_reservation, async_scheduling=async_scheduling,
             cpu_threads=cpu_threads)
-        tokenizer, reason = tokenizer_of(model)
-        self.text_engine = TextEngine(self.engine, tokenizer, no_tokenizer_reason=reason)
+        tok, reason = tokenizer_of(tokenizer or path)
+        self.text_engine = TextEngine(self.engine, tok, no_tokenizer_reason=reason)
         self._ids = itertools.count()
 
     @property

@@ -28,6 +28,9 @@ from dataclasses import dataclass, field, replace
 
 from .detokenizer import IncrementalDetokenizer
 from .engine import Engine, _request_id
+from .gguf_tokenizer import gguf_tokenizer
+from .models.gguf import is_gguf
+from .models.hub import model_path
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .request import Request
 from .sampling_params import SamplingParams
@@ -110,11 +113,15 @@ class TextEngine:
         self._token_text: dict[int, str] = {}
 
     @classmethod
-    def from_model(cls, model: str, **engine_kwargs) -> TextEngine:
-        """An Engine for `model` (a preset or a HF model directory) and its tokenizer."""
-        engine = Engine(model, **engine_kwargs)
-        tokenizer, reason = tokenizer_of(model)
-        return cls(engine, tokenizer, no_tokenizer_reason=reason)
+    def from_model(cls, model: str, *, tokenizer: str | None = None,
+                   revision: str | None = None, **engine_kwargs) -> TextEngine:
+        """An Engine for `model` (a preset, a HF model directory, a GGUF file, or a Hugging Face
+        Hub id at `revision`) and its tokenizer, or that of `tokenizer` (a directory, a GGUF
+        file or a Hub id) where given."""
+        path = model_path(model, revision)
+        engine = Engine(path, **engine_kwargs)
+        tok, reason = tokenizer_of(tokenizer or path)
+        return cls(engine, tok, no_tokenizer_reason=reason)
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
@@ -314,12 +321,14 @@ class TextEngine:
 
 
 def tokenizer_of(model: str) -> tuple[Tokenizer | None, str | None]:
-    """The tokenizer of a model directory (None for a preset) and, where the directory has
-    tokenizer files nanorun cannot read, why not: token-id prompts still work there."""
-    if not os.path.isdir(model):
+    """The tokenizer of a model directory, a GGUF file (built from its metadata) or a Hugging
+    Face Hub id (its tokenizer files, downloaded where missing); None for a preset. Where the
+    model has a tokenizer nanorun cannot read, None and why not: token-id prompts still work."""
+    path = model_path(model, tokenizer_only=True)
+    if not os.path.exists(path):
         return None, None
     try:
-        return load_tokenizer(model), None
+        return (gguf_tokenizer(path) if is_gguf(path) else load_tokenizer(path)), None
     except ValueError as e:
         logger.warning("%s; text prompts will be refused", e)
         return None, str(e)
