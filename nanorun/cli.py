@@ -49,9 +49,13 @@ def _add_generate(sub) -> None:
                     "Without a prompt, a batch of random prompts. Defaults: the tiny preset "
                     "with random weights, on the CPU.")
     p.add_argument("model", nargs="?", default="tiny-llama",
-                   help="preset name (nanorun.models.list_presets()) or a Hugging Face model "
-                        "directory")
+                   help="preset name (nanorun.models.list_presets()), a Hugging Face model "
+                        "directory, a GGUF file or a Hugging Face Hub id (org/name)")
     p.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a Hub id (default: main)")
+    p.add_argument("--tokenizer", default=None,
+                   help="directory, GGUF file or Hub id whose tokenizer to use instead")
     p.add_argument("--prompt-token-ids", default=None, metavar="IDS",
                    help="one prompt as comma-separated token ids, instead of random prompts")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -77,7 +81,8 @@ def _add_generate(sub) -> None:
 def _generate(args) -> int:
     from . import LLM
 
-    llm = LLM(args.model_flag or args.model, device=args.device, dtype=args.dtype, layout=args.layout,
+    llm = LLM(args.model_flag or args.model, tokenizer=args.tokenizer, revision=args.revision,
+              device=args.device, dtype=args.dtype, layout=args.layout,
               max_batch_tokens=args.max_batch_tokens, weights=args.weights, seed=args.seed,
               tensor_parallel_size=args.tp)
     try:
