@@ -321,7 +321,7 @@ class Engine:
         in_flight = self._device_queue.submit(
             lambda: self._device_work(batch, copies, prepared, tokens, keep, logprobs))
         for chunk in sched.chunks:
-            chunk.request.num_computed_tokens += chunk.length
+            chunk.request.advance(chunk.length)
         for request in sampling:
             request.num_pending += 1
         return _Launched(chunks, every, sampling, {r: i for i, r in enumerate(sampling)},

@@ -11,6 +11,8 @@ class RequestMetrics:
 
     token_times holds the time each output token was produced, so inter-token latency is
     `diff(token_times)` and time to first token is `first_token_time - arrival_time`.
+    num_preemptions counts the times its KV pages were taken back; num_recomputed_tokens the
+    tokens whose KV it then had to compute again.
     """
 
     arrival_time: float
@@ -19,6 +21,8 @@ class RequestMetrics:
     finished_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     num_preemptions: int = 0
+    # Tokens whose KV was computed again because a preemption had freed it.
+    num_recomputed_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:

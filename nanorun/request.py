@@ -49,6 +49,9 @@ class Request:
         self.sampling_params = sampling_params
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        # How far its KV had been computed when it was last preempted: computing those
+        # tokens again is recompute (metrics.num_recomputed_tokens).
+        self.num_computed_before_preemption = 0
         self.num_pending = 0                 # sampled, not yet read back (async scheduling)
         self.pages: list[int] = []
         self.status = RequestStatus.WAITING
@@ -95,6 +98,13 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def advance(self, n: int) -> None:
+        """The KV of its next n tokens is being computed (an iteration was launched)."""
+        start, self.num_computed_tokens = self.num_computed_tokens, self.num_computed_tokens + n
+        again = min(self.num_computed_tokens, self.num_computed_before_preemption) - start
+        if again > 0:
+            self.metrics.num_recomputed_tokens += again
 
     def token_at(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + outputs; PENDING for those not yet read back."""

@@ -72,6 +72,7 @@ What "fits" means, kv_reservation:
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -152,6 +153,9 @@ class Scheduler:
         # tokens, its predicted service then, which holds until it is first admitted).
         self._predicted: dict[Request, tuple[int, float, float]] = {}
         self._blocked: Request | None = None     # where admission last stopped: kept first
+        # Each queued request's place in arrival order: the latest arrival is preempted first.
+        self._arrival: dict[Request, int] = {}
+        self._arrivals = itertools.count()
         # Forks and their parents (see the module's docstring), while both are queued.
         self._parent_of: dict[Request, Request] = {}
         self._forks_of: dict[Request, list[Request]] = {}
@@ -183,6 +187,7 @@ class Scheduler:
             self._predicted[request] = (self.iteration, predicted,
                                         self._service(request, predicted))
         self.waiting.append(request)
+        self._arrival[request] = next(self._arrivals)
         if fork_of is not None and len(request.prompt_token_ids) > 1 \
                 and request.sampling_params.prompt_logprobs is None:
             self._parent_of[request] = fork_of
@@ -198,6 +203,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self._predicted.pop(request, None)
+        self._arrival.pop(request, None)
         if request is self._blocked:
             self._blocked = None
         parent = self._parent_of.pop(request, None)
@@ -302,25 +308,37 @@ class Scheduler:
         self.waiting = collections.deque(resumed + pinned + fresh)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        # Decode tokens first, then the continuing prompt chunks; victims come off the back.
-        # A request with all its max_tokens sampled (the last still in flight, under async
-        # scheduling) has nothing left to compute.
+        # Decode tokens first, then the continuing prompt chunks. A request with all its
+        # max_tokens sampled (the last still in flight, under async scheduling) has nothing
+        # left to compute. When pages run short, the latest arrival still running is
+        # preempted (vLLM's order), even if it was scheduled earlier in this loop: preempting
+        # by admission order instead evicts a re-admitted request again and again.
         queue = [r for r in self.running if r.is_decoding and not r.sampling_done]
         queue += [r for r in self.running if not r.is_decoding]
+        chunks: dict[Request, ScheduledChunk] = {}
         i = 0
         while i < len(queue) and budget > 0:
             request = queue[i]
             n = min(request.num_remaining, budget)
             end = request.num_computed_tokens + n
-            while not self.kv.can_grow(request, end) and queue[-1] is not request:
-                self._preempt(queue.pop(), out)
-            if not self.kv.can_grow(request, end):
-                self._preempt(queue.pop(), out)     # no one left to make room: itself
-                break
-            self.kv.grow(request, end)
-            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
-            budget -= n
-            i += 1
+            while not self.kv.can_grow(request, end):
+                victim = max(queue, key=self._arrival.__getitem__)
+                at = queue.index(victim)
+                del queue[at]
+                if victim in chunks:                  # scheduled already: give its turn back
+                    chunk = chunks.pop(victim)
+                    out.chunks.remove(chunk)
+                    budget += chunk.length
+                    i -= 1
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            else:
+                self.kv.grow(request, end)
+                chunks[request] = ScheduledChunk(request, request.num_computed_tokens, n)
+                out.chunks.append(chunks[request])
+                budget -= n
+                i += 1
         return budget
 
     def predicted_peak_tokens(self, request: Request) -> int:
@@ -340,7 +358,8 @@ class Scheduler:
                 continue
             forked = self._fork(request)
             n = min(request.num_remaining, budget)
-            fits = self.kv.can_grow(request, request.num_computed_tokens + n)
+            fits = (self._room_to_resume(request) if request.num_computed_before_preemption
+                    else self.kv.can_grow(request, request.num_computed_tokens + n))
             if fits and self.kv_reservation == "predicted" and self.running:
                 forecast = forecast or _KVForecast(self)
                 fits = forecast.admits(request)
@@ -360,6 +379,25 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
             budget -= n
         self.waiting.extendleft(reversed(passed))
+
+    def _room_to_resume(self, request: Request) -> bool:
+        """Whether a preempted request may be re-admitted: when there is room now for its whole
+        context (all it must compute before it samples again), and for what the running
+        requests that outrank it (earlier arrivals) grow by while it computes that, so that
+        their growth cannot preempt it again half way. Later arrivals need no room: it
+        outranks them. Re-admitted as soon as its next chunk fits, a long request is the
+        first victim of the next page shortage, over and over (a storm of recompute)."""
+        kv = self.kv
+        target = request.num_tokens
+        iterations = -(-(target - request.num_computed_tokens) // self.max_batch_tokens)
+        rank = self._arrival[request]
+        need = kv.extra_pages_needed(request, target)
+        for r in self.running:
+            if self._arrival[r] < rank:
+                end = len(r.prompt_token_ids) + r.sampling_params.max_tokens - 1
+                need += kv.extra_pages_needed(r, min(r.num_tokens + iterations,
+                                                     max(end, r.num_tokens)))
+        return need <= kv.num_free_pages
 
     def _waits_for_parent(self, request: Request) -> bool:
         """A fork that has not forked (it computed nothing) whose parent's prompt KV is not
@@ -397,6 +435,8 @@ class Scheduler:
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
         self.kv.release(request)
+        request.num_computed_before_preemption = max(request.num_computed_before_preemption,
+                                                     request.num_computed_tokens)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.metrics.num_preemptions += 1

@@ -361,4 +361,5 @@ def _metrics(core: list[Request]) -> RequestMetrics:
         first_token_time=first(m.first_token_time for m in ms),
         finished_time=None if None in finished else max(finished),
         token_times=sorted(t for m in ms for t in m.token_times),
-        num_preemptions=sum(m.num_preemptions for m in ms))
+        num_preemptions=sum(m.num_preemptions for m in ms),
+        num_recomputed_tokens=sum(m.num_recomputed_tokens for m in ms))

@@ -15,7 +15,7 @@ from nanorun.config import EngineConfig
 from nanorun.kv_cache import KVCache
 from nanorun.lengths import (BucketedLengthPredictor, LengthPredictor, MaxTokensPredictor,
                              get_length_predictor)
-from nanorun.request import Request
+from nanorun.request import Request, RequestStatus
 from nanorun.scheduler import Scheduler
 
 PROMPT = 8          # tokens per prompt, and the budget: one prompt a iteration
@@ -365,3 +365,45 @@ def test_generate_queues_nothing_when_a_prediction_is_refused():
     outs = llm.generate([[5, 6]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(outs[0].token_ids) == 3
     assert not llm.engine.requests and not llm.engine.scheduler.waiting
+
+
+# -- preemption ---------------------------------------------------------------------------------
+def test_the_latest_arrival_is_preempted_even_when_scheduled_first():
+    """Decode tokens are scheduled before prompt chunks; when the prompt chunk of an earlier
+    arrival finds no page, the later arrival gives its pages back, though it was scheduled
+    first in this iteration (its chunk is taken out of the batch, its budget given back)."""
+    sched = _scheduler("fcfs", pages=4)                  # 16 tokens in pages of 4
+    early, late = _request("early", 4, prompt_len=16), _request("late", 8, prompt_len=3)
+    sched.add(early)
+    sched.add(late)
+    sched.waiting.clear()            # as if: early has computed 8 of its prompt, late decodes
+    for request, computed in ((early, 8), (late, 3)):
+        sched.kv.grow(request, computed)
+        request.advance(computed)
+        request.status = RequestStatus.RUNNING
+        sched.running.append(request)
+    late.num_pending = 1
+    out = sched.schedule()           # late's decode token first; early's next 7 need 2 pages
+    assert [r.request_id for r in out.preempted] == ["late"]
+    assert [(c.request.request_id, c.start, c.length) for c in out.chunks] == [("early", 8, 7)]
+    assert list(sched.waiting) == [late] and late.pages == [] and late.num_computed_tokens == 0
+
+
+def test_a_preempted_long_prompt_recomputes_less_than_it_needs():
+    """A long prompt that arrives behind 12 short requests in a KV cache too small for all of
+    them: it is the latest arrival, so the first victim of their growth. It used to be
+    re-admitted as soon as its next chunk fit, to be evicted again part way through its
+    prompt (730 tokens computed again for the 327 it needed here). It now comes back only
+    when its whole context fits beside what the earlier requests grow by meanwhile."""
+    llm = LLM("tiny-llama", max_batch_tokens=32, kv_cache_tokens=352, page_size=16)
+    long = [(7 * i) % 200 + 3 for i in range(320)]
+    shorts = [[(3 * i + j) % 100 + 5 for j in range(8 + i)] for i in range(12)]
+    outs = llm.generate(shorts + [long],
+                        [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 12
+                        + [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)])
+    assert [len(o.token_ids) for o in outs] == [40] * 12 + [8]
+    m = outs[-1].metrics
+    needed = len(long) + 8 - 1
+    assert m.num_preemptions >= 1                       # the pressure is real
+    assert 0 < m.num_recomputed_tokens < needed
+    assert sum(o.metrics.num_preemptions for o in outs) < 2 * len(outs)
