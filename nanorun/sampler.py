@@ -19,6 +19,11 @@ per-request torch.Generator: a row's random number is a pure function of (key, p
 and it costs one [N] vector instead of an [N, V] noise tensor (the exponential/Gumbel trick)
 or one launch per seeded row (vLLM's per-request generators). The cumulative sum is float32:
 its rounding moves a token's share of [0, 1) by about 1e-7 * sqrt(V), far below sampling noise.
+The CDF is always in vocabulary order, also when top_k/top_p sort the tokens to find what they
+keep: so logits that move by a rounding (the same request batched otherwise) move each token's
+interval by about as much, and u picks another token only when it falls within that distance
+of a boundary. In rank order two near-tied tokens would swap their intervals, and a whole
+interval's worth of u would change its token.
 
 Penalties need each row's token counts, including the token the previous iteration sampled
 and async scheduling has not read back yet. The engine's sampler keeps them on the device
@@ -182,8 +187,8 @@ class PreparedSampling:
 
     stops: (rows, ids) to mask with -inf (min_tokens); penalties: the penalised rows and
     their counts (HostPenalties or DevicePenalties);
-    sampled: a (rows, temperature, min_p, top_k, top_p, u, what to apply) for each group of
-    non-greedy rows drawn together (_by_cdf_order).
+    sampled: (rows, temperature, min_p, top_k, top_p, u, what to apply) of the non-greedy
+    rows, drawn together (empty if there are none).
     """
 
     requests: list[Request]
@@ -203,9 +208,9 @@ class PreparedSampling:
             out.penalties = (_penalty_inputs(requests, rows, V, device) if counts is None
                              else counts.prepare(requests, rows, V))
         sampled = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
-        out.sampled = tuple((torch.tensor(group, device=device),
-                             *_sampling_inputs([requests[i] for i in group], V, device))
-                            for group in _by_cdf_order(sampled, requests, V))
+        if sampled:
+            out.sampled = ((torch.tensor(sampled, device=device),
+                            *_sampling_inputs([requests[i] for i in sampled], V, device)),)
         return out
 
 
@@ -462,18 +467,6 @@ def _row_token_pairs(seqs: list, row_of, device: torch.device
     return torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)
 
 
-def _by_cdf_order(rows: list[int], requests: list[Request], V: int) -> list[list[int]]:
-    """The sampled rows in two groups, drawn apart: rows with top_k or top_p draw from the
-    distribution sorted by probability, the others in vocabulary order. Drawn together, a row
-    without those filters would take the sorted order whenever a batch-mate has one, and the
-    same u would pick another token: its draw would depend on what it is batched with."""
-    sps = {i: requests[i].sampling_params for i in rows}
-    by_rank = [i for i in rows if 0 < sps[i].top_k < V or sps[i].top_p < 1.0]
-    ranked = set(by_rank)
-    plain = [i for i in rows if i not in ranked]
-    return [g for g in (by_rank, plain) if g]
-
-
 def _sampling_inputs(requests: list[Request], V: int, device: torch.device) -> tuple:
     """_sample_rows's per-row inputs for sampled (non-greedy) rows, from the host: the
     parameters, the row's uniform number (keyed by the position of the token it draws, read
@@ -500,21 +493,25 @@ def _sample_rows(z: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor
         probs = torch.softmax(z, dim=-1)
         z = z.masked_fill(probs < min_p.float() * probs.max(dim=-1, keepdim=True).values,
                           float("-inf"))
-    order = None
     if use_sort:
-        z, order = z.sort(dim=-1, descending=True)
+        # top_k and top_p need the tokens by rank to find the kept set; the draw does not. It
+        # runs in vocabulary order: there a near-tie between two tokens moves a boundary of
+        # the CDF by the size of their difference, where in rank order the two would swap
+        # intervals, and the same u pick the other one when rounding (batch shape, thread
+        # count) reorders them.
+        ranked, order = z.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=device)[None, :]
-        z = z.masked_fill(rank >= top_k.long(), float("-inf"))
-        probs = torch.softmax(z, dim=-1)
+        ranked = ranked.masked_fill(rank >= top_k.long(), float("-inf"))
+        probs = torch.softmax(ranked, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        z = z.masked_fill(mass_before >= top_p.float(), float("-inf"))
+        cut = (rank >= top_k.long()) | (mass_before >= top_p.float())
+        z = z.masked_fill(torch.zeros_like(cut).scatter_(1, order, cut), float("-inf"))
     probs = torch.softmax(z, dim=-1)
     ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
     cdf = probs.nan_to_num(0.0).cumsum(dim=-1)
     # Scaled by the row's total (not 1.0): rounding can leave the sum a hair below u.
     x = (u * cdf[:, -1].double()).float()[:, None]
-    pick = torch.searchsorted(cdf, x, right=True).clamp_(max=V - 1)
-    token = pick[:, 0] if order is None else order.gather(1, pick)[:, 0]
+    token = torch.searchsorted(cdf, x, right=True).clamp_(max=V - 1)[:, 0]
     return token, ok
 
 

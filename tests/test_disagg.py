@@ -49,7 +49,7 @@ def _trace() -> list[TraceRequest]:
     """Greedy, seeded (top_k) and unseeded (no filter) sampled requests over the same prompts;
     one ends on the token the prefill engine samples. A pair's batches are not the single
     engine's, so this also needs each row's draw to be independent of its batch-mates'
-    filters (nanorun.sampler._by_cdf_order)."""
+    filters (every row draws in vocabulary order: nanorun.sampler._sample_rows)."""
     g = torch.Generator().manual_seed(0)
     out = []
     for i, n in enumerate(PROMPT_LENGTHS):

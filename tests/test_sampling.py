@@ -159,6 +159,28 @@ def test_seeded_rows_do_not_depend_on_their_neighbours(sp):
         assert Sampler()(torch.stack(rows), reqs).tokens[at] == alone
 
 
+@pytest.mark.parametrize("sp", [SamplingParams(temperature=1.0, top_p=0.9),
+                                SamplingParams(temperature=0.8, top_k=50),
+                                SamplingParams(temperature=1.0, min_p=0.01)])
+def test_near_tied_tokens_moved_by_a_rounding_draw_the_same_token(sp):
+    """Two tokens tie to 5e-7 at the top, as the same request's logits can differ by with what
+    it is batched with (the GEMMs' reduction order); moving them by 1e-6 swaps their rank.
+    The draw must not care: a rounding moves a boundary of the CDF by about its own size, so
+    not one of 400 seeds draws another token. (Drawn in rank order, the two tokens swapped
+    their intervals of [0, 1): 77 of the 400 seeds drew the other one under top_p, 248 under
+    top_k.)"""
+    z = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    z[10], z[700] = 5.0, 5.0 + 5e-7
+    moved = z.clone()
+    moved[10] += 1e-6
+    assert (z[700] > z[10]) and (moved[10] > moved[700])       # the rank order swaps
+    reqs = [request(sp, key=seed_key(s)) for s in range(400)]
+    a = Sampler()(z.expand(400, -1).contiguous(), reqs).tokens
+    b = Sampler()(moved.expand(400, -1).contiguous(), reqs).tokens
+    assert {10, 700} <= set(a)                                  # both are drawn often
+    assert a == b
+
+
 def test_neighbouring_rows_are_statistically_independent():
     """Rows i and i + 1 of a batch, over 3000 seeds: the contingency table of their tokens
     passes a chi-square test of independence."""
