@@ -332,7 +332,8 @@ def test_bench_runs_a_tiny_moe_preset_on_the_cpu(tmp_path):
     out = tmp_path / "r.json"
     assert main(["bench", "tiny-mixtral", "--trace", "sharegpt", "--num-requests", "4",
                  "--filter", "40,8,48", "--layout", "overlap", "--kv-cache-tokens", "4096",
-                 "--request-rate", "inf", "--result-json", str(out), "--no-progress"]) == 0
+                 "--request-rate", "inf", "--repeats", "1", "--result-json", str(out),
+                 "--no-progress"]) == 0
     report = json.loads(out.read_text())
     assert report["nanorun"]["model"] == "tiny-mixtral"
     run = report["runs"][-1]
