@@ -147,3 +147,111 @@ def gguf_from_dir(hf_dir: Path, path: Path, qtype=None) -> Path:
     cfg = json.loads((hf_dir / "config.json").read_text())
     return write_gguf(path, _ARCH[cfg["architectures"][0]], gguf_metadata(hf_dir),
                       gguf_tensors(hf_dir), qtype)
+
+
+# ---- any nanorun family, from fused weights ---------------------------------------------------
+
+_FAMILY = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+           "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe"}
+
+
+def gguf_from_fused(path: Path, config, weights: dict) -> Path:
+    """A GGUF file of `config` holding `weights` (nanorun's fused layout, models/loader.py's
+    docstring), cut into llama.cpp's tensors here: q, k, v out of qkv; gate and up out of
+    gate_up; each expert's gate, up and down stacked into [E, rows, cols] ffn_*_exps."""
+    arch = _FAMILY[config.architecture]
+    meta = _config_metadata(config, arch)
+    tensors = {"token_embd.weight": weights["embed"], "output_norm.weight": weights["norm"]}
+    if not config.tie_word_embeddings:
+        tensors["output.weight"] = weights["lm_head"]
+    for n in range(config.num_layers):
+        tensors.update(_layer_tensors(config, arch, n, weights))
+    if config.rope_scaling is not None:          # Llama 3.1: the factors, as llama.cpp stores them
+        tensors["rope_freqs.weight"] = _llama3_rope_factors(config)
+    tensors = {k: v.numpy().astype(np.float32) if hasattr(v, "numpy") else v
+               for k, v in tensors.items()}
+    return write_gguf(path, arch, meta, tensors)
+
+
+def _config_metadata(config, arch: str) -> dict:
+    meta = {
+        f"{arch}.block_count": config.num_layers,
+        f"{arch}.context_length": config.max_position_embeddings,
+        f"{arch}.embedding_length": config.hidden_size,
+        f"{arch}.feed_forward_length": config.intermediate_size,
+        f"{arch}.attention.head_count": config.num_heads,
+        f"{arch}.attention.head_count_kv": config.num_kv_heads,
+        f"{arch}.attention.key_length": config.head_dim,
+        f"{arch}.attention.value_length": config.head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": config.rms_norm_eps,
+        f"{arch}.rope.freq_base": config.rope_theta,
+        f"{arch}.rope.dimension_count": config.head_dim,
+        f"{arch}.vocab_size": config.vocab_size,
+        "tokenizer.ggml.bos_token_id": config.bos_token_id,
+        "tokenizer.ggml.eos_token_id": config.eos_token_ids[0],
+    }
+    if len(config.eos_token_ids) > 1:
+        meta["tokenizer.ggml.eot_token_id"] = config.eos_token_ids[1]
+    if config.rope_scaling is not None:
+        meta[f"{arch}.rope.scaling.original_context_length"] = (
+            config.rope_scaling.original_max_position_embeddings)
+    if config.is_moe:
+        meta[f"{arch}.expert_count"] = config.num_experts
+        meta[f"{arch}.expert_used_count"] = config.num_experts_per_tok
+        meta[f"{arch}.expert_feed_forward_length"] = config.intermediate_size
+    if config.shared_expert_intermediate_size:
+        meta[f"{arch}.expert_shared_feed_forward_length"] = config.shared_expert_intermediate_size
+    return meta
+
+
+def _layer_tensors(config, arch: str, n: int, w: dict) -> dict:
+    p, b = f"layers.{n}.", f"blk.{n}."
+    q, kv, i, e = config.q_size, config.kv_size, config.intermediate_size, config.num_experts
+    out = {b + "attn_norm.weight": w[p + "attn_norm"], b + "ffn_norm.weight": w[p + "mlp_norm"],
+           b + "attn_output.weight": w[p + "o_proj"]}
+    qkv = w[p + "qkv"].numpy()
+    heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+    for name, rows in (("attn_q", qkv[:q]), ("attn_k", qkv[q:q + kv]), ("attn_v", qkv[q + kv:])):
+        out[f"{b}{name}.weight"] = (llama_cpp_permute(rows, heads[name])
+                                    if arch == "llama" and name in heads else rows)
+    if config.qkv_bias:
+        bias = w[p + "qkv_bias"]
+        out.update({b + "attn_q.bias": bias[:q], b + "attn_k.bias": bias[q:q + kv],
+                    b + "attn_v.bias": bias[q + kv:]})
+    if config.qk_norm:
+        out.update({b + "attn_q_norm.weight": w[p + "q_norm"], b + "attn_k_norm.weight": w[p + "k_norm"]})
+    if not config.is_moe:
+        return out | {b + "ffn_gate.weight": w[p + "gate_up"][:i], b + "ffn_up.weight": w[p + "gate_up"][i:],
+                      b + "ffn_down.weight": w[p + "down"]}
+    gate_up = w[p + "expert_gate_up"].reshape(e, 2, i, -1)
+    out |= {b + "ffn_gate_inp.weight": w[p + "router"], b + "ffn_gate_exps.weight": gate_up[:, 0],
+            b + "ffn_up_exps.weight": gate_up[:, 1],
+            b + "ffn_down_exps.weight": w[p + "expert_down"].reshape(e, config.hidden_size, i)}
+    s = config.shared_expert_intermediate_size
+    if s:
+        out |= {b + "ffn_gate_shexp.weight": w[p + "shared_gate_up"][:s],
+                b + "ffn_up_shexp.weight": w[p + "shared_gate_up"][s:],
+                b + "ffn_down_shexp.weight": w[p + "shared_down"],
+                b + "ffn_gate_inp_shexp.weight": w[p + "shared_gate"].reshape(-1)}
+    return out
+
+
+def _llama3_rope_factors(config) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs.weight for llama3 rope scaling."""
+    import math
+
+    s, dim = config.rope_scaling, config.head_dim
+    lo_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    hi_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    factors = []
+    for k in range(0, dim, 2):
+        wavelen = 2 * math.pi * config.rope_theta ** (k / dim)
+        if wavelen < hi_wavelen:
+            factors.append(1.0)
+        elif wavelen > lo_wavelen:
+            factors.append(s.factor)
+        else:
+            smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                      / (s.high_freq_factor - s.low_freq_factor))
+            factors.append(1 / ((1 - smooth) / s.factor + smooth))
+    return np.array(factors, dtype=np.float32)

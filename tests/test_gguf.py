@@ -14,14 +14,15 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from gguf_files import gguf_from_dir, gguf_metadata, gguf_tensors, write_gguf  # noqa: E402
+from gguf_files import (gguf_from_dir, gguf_from_fused, gguf_metadata,  # noqa: E402
+                        gguf_tensors, write_gguf)
 from text_model import CORPUS, write_text_model  # noqa: E402
 
 from nanorun import LLM, SamplingParams  # noqa: E402
 from nanorun.gguf_tokenizer import gguf_tokenizer  # noqa: E402
 from nanorun.models import (ModelConfigError, UnknownModelError,  # noqa: E402
-                            UnsupportedModelError, WeightLoadError, load_weights,
-                            resolve_model, shard_weights)
+                            UnsupportedModelError, WeightLoadError, get_preset, load_weights,
+                            random_weights, resolve_model, shard_weights)
 from nanorun.models.gguf import _llama3_factors  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -107,6 +108,22 @@ def test_quantized_weights_are_gguf_dequantized(llama, tmp_path, qtype):
         expect = w if w.ndim == 1 else torch.from_numpy(
             gguf.dequantize(gguf.quantize(w.numpy(), qtype), qtype).reshape(w.shape))
         assert torch.equal(ours[name], expect), name
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-mixtral", "tiny-qwen2-moe",
+                                    "tiny-qwen3-moe"])
+def test_every_family_round_trips(preset, tmp_path):
+    """Each family nanorun runs, written as llama.cpp lays it out (Mixtral as "llama" with
+    experts, the experts stacked, Qwen2-MoE's shared expert, Qwen3-MoE's q/k norms, Llama 3.1
+    rope scaling as rope_freqs.weight, an end-of-turn EOS): the same config, the same weights."""
+    config = get_preset(preset)
+    fused = random_weights(config, dtype=F32, device="cpu", seed=3)
+    path = gguf_from_fused(tmp_path / f"{preset}.gguf", config, fused)
+    ours, where = resolve_model(str(path))
+    assert ours.rms_norm_eps == pytest.approx(config.rms_norm_eps, rel=1e-6)
+    assert dataclasses.replace(ours, name=config.name, rms_norm_eps=config.rms_norm_eps,
+                               dtype=config.dtype) == config
+    _assert_same(load_weights(ours, where, dtype=F32, device="cpu"), fused)
 
 
 def test_tensor_parallel_shards(llama):
