@@ -134,9 +134,16 @@ def hf_config_dict(f: GGUFFile) -> dict[str, Any]:
             f"architectures {sorted(ARCHITECTURES)}")
     key = _keys(f, arch)
     heads = _uniform(f, arch + ".attention.head_count")
+    if not isinstance(heads, int) or heads <= 0:
+        raise ModelConfigError(f"{f.path}: {arch}.attention.head_count must be a positive "
+                               f"integer, got {heads!r}")
     kv_heads = _uniform(f, arch + ".attention.head_count_kv", heads)
     head_dim = key("attention.key_length", None) or key("embedding_length") // heads
     _check_attention_dims(f, arch, head_dim)
+    if arch == "llama" and "blk.0.attn_q.bias" in f.tensors:
+        raise UnsupportedModelError(
+            f"{f.path}: tensor blk.0.attn_q.bias: a Llama with attention biases (HF's "
+            f"attention_bias, which also biases o_proj) is not supported")
     d: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch]],
         "vocab_size": key("vocab_size", None) or _rows(f, "token_embd.weight"),
@@ -149,7 +156,6 @@ def hf_config_dict(f: GGUFFile) -> dict[str, Any]:
         "rope_theta": key("rope.freq_base", 10000.0),
         "rope_scaling": _rope_scaling(f, arch, head_dim),
         "tie_word_embeddings": "output.weight" not in f.tensors,
-        "attention_bias": arch == "llama" and "blk.0.attn_q.bias" in f.tensors,
         "bos_token_id": f.metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": list(eos_token_ids(f)),
     }
@@ -268,7 +274,7 @@ def hf_tensors(config: ModelConfig, path: str | os.PathLike
                ) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(HF name, read) for every tensor of the file, in file order; read() dequantizes it to
     float32 in HF's layout. An expert-stacked tensor (ffn_*_exps) yields one entry per expert;
-    a tensor nanorun has no HF name for keeps its GGUF name (the loader reports it unused)."""
+    a tensor nanorun has no HF name for is refused (WeightLoadError)."""
     f = read_gguf(path)
     llama_rows = f.architecture == "llama"
     for gguf_name, t in f.tensors.items():
@@ -316,16 +322,23 @@ def _unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _hf_entries(config: ModelConfig, gguf_name: str, read):
+    """The HF names `gguf_name` fills. A tensor llama.cpp's layout of this family does not
+    have is refused: it would be part of a variant nanorun does not compute."""
     if gguf_name in _GLOBAL_TENSORS:
         return [(_GLOBAL_TENSORS[gguf_name], read)]
     parts = gguf_name.split(".")
-    if len(parts) != 4 or parts[0] != "blk":
-        return [(gguf_name, read)]
-    _, layer, kind, suffix = parts
-    p = f"model.layers.{layer}."
-    if kind in _LAYER_TENSORS:
-        return [(f"{p}{_LAYER_TENSORS[kind]}.{suffix}", read)]
-    return _moe_entries(config, p, kind, suffix, read) or [(gguf_name, read)]
+    entries = None
+    if len(parts) == 4 and parts[0] == "blk":
+        _, layer, kind, suffix = parts
+        p = f"model.layers.{layer}."
+        entries = ([(f"{p}{_LAYER_TENSORS[kind]}.{suffix}", read)] if kind in _LAYER_TENSORS
+                   else _moe_entries(config, p, kind, suffix, read))
+    if entries is None:
+        from .loader import WeightLoadError
+
+        raise WeightLoadError(f"tensor {gguf_name!r} is not one nanorun reads for "
+                              f"{config.architecture}; this variant is not supported")
+    return entries
 
 
 def _moe_entries(config: ModelConfig, p: str, kind: str, suffix: str, read):

@@ -226,8 +226,17 @@ def test_refuses_llama_attention_bias(llama, tmp_path):
     """HF's Llama attention_bias also means an o_proj bias nanorun does not have."""
     def add_bias(t):
         t["blk.0.attn_q.bias"] = np.zeros(t["blk.0.attn_q.weight"].shape[0], np.float32)
-    with pytest.raises(UnsupportedModelError, match="attention_bias"):
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.attn_q\.bias"):
         resolve_model(str(_write(tmp_path, llama[0], edit_tensors=add_bias)))
+
+
+def test_refuses_a_tensor_of_another_variant(llama, tmp_path):
+    """A tensor llama.cpp's llama layout lacks (here Gemma's post-attention norm) means a
+    model nanorun would compute wrongly: refused, named."""
+    def add(t):
+        t["blk.1.post_attention_norm.weight"] = np.ones(64, np.float32)
+    with pytest.raises(WeightLoadError, match=r"blk\.1\.post_attention_norm\.weight"):
+        _weights(_write(tmp_path, llama[0], edit_tensors=add))
 
 
 def test_refuses_an_unknown_bias_tensor(llama, tmp_path):

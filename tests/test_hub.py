@@ -61,6 +61,23 @@ def test_revision_picks_the_snapshot(cache, dirs, revision):
     assert ours != _run("org/tiny")[1]
 
 
+def test_text_engine_from_model_takes_revision_and_tokenizer(cache, dirs):
+    from nanorun.text_engine import TextEngine
+
+    te = TextEngine.from_model("org/tiny", revision="v2", tokenizer="org/sp-tokenizer",
+                               kv_cache_tokens=512)
+    assert te.engine.model_config.name == "tiny"
+    te.add_request("a", {"prompt_token_ids": [1, 20, 30, 40]}, PARAMS)
+    done = []
+    while te.has_unfinished_requests():
+        done += [o for o in te.step() if o.finished]
+    v2 = LLM(str(dirs["v2"]), kv_cache_tokens=512).generate(
+        [{"prompt_token_ids": [1, 20, 30, 40]}], PARAMS)[0]
+    assert done[0].outputs[0].token_ids == v2.outputs[0].token_ids
+    sp = LLM(str(dirs["sp"]), kv_cache_tokens=512, weights="random").get_tokenizer()
+    assert te.tokenizer.encode("hello world") == sp.encode("hello world")
+
+
 def test_tokenizer_from_another_hub_id(cache, dirs):
     """tokenizer= names another model's tokenizer (vLLM's argument), here by Hub id."""
     llm = LLM("org/tiny", tokenizer="org/sp-tokenizer", kv_cache_tokens=512,
