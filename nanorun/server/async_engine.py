@@ -1,9 +1,10 @@
 """An asynchronous front for a TextEngine: an engine loop steps it, asyncio handlers await outputs.
 
 The engine loop (engine_core.EngineLoop) runs in a process of its own for `nanorun serve`
-(AsyncEngine.spawn: no GIL shared with the HTTP side; engine_core says why), or in a thread of
-this process over a TextEngine built here (AsyncEngine(text_engine): embedding, tests). Either
-way only the loop touches the TextEngine. Handlers send it commands (add, abort); the loop runs
+(AsyncEngine.spawn: no GIL shared with the HTTP side; engine_core says why; the pipe to it is
+an EngineLink, which engine_link says more of), or in a thread of this process over a
+TextEngine built here (AsyncEngine(text_engine): embedding, tests). Either way only the loop
+touches the TextEngine. Handlers send it commands (add, abort); the loop runs
 them between steps, so an add waits at most one step, and its ValueError/TypeError comes back
 to the handler (an HTTP 400) with nothing queued. After each step the loop sends one message
 with every output, which the event loop hands to each request's RequestStream: one wake-up
@@ -11,6 +12,11 @@ of the event loop per step, not one per request.
 
 A RequestStream that is closed before its request finishes (the client went away, the handler
 was cancelled) aborts the request, so its KV pages are freed at the engine's next step.
+
+The engine is dead once a step has raised or its process has exited (never because its pipe
+was full): every waiting handler gets EngineDeadError, new requests are refused (HTTP 503),
+and on_dead(error) runs once, on the event loop (`nanorun serve` then exits, so that a
+supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 from .engine_core import (EngineLoop, EngineStats, OutputDecoder, engine_process_main,
                           engine_stats, wait_ready)
+from .engine_link import EngineLink
 
 logger = logging.getLogger("nanorun.server")
 
@@ -133,30 +140,32 @@ class AsyncEngine:
     the requests that wait for their first step (added but not running): past it,
     add_request raises QueueFullError instead of queueing, so an overloaded server answers
     503 at once. on_outputs(outputs) runs on the event loop after each step (metrics); it
-    must be quick.
+    must be quick. on_dead(error) runs on the event loop once the engine has died.
     """
 
     def __init__(self, text_engine=None, *, max_queued_requests: int,
                  on_outputs: Callable[[Sequence[Any]], None] | None = None,
-                 _process=None, _conn=None, _stats: EngineStats | None = None) -> None:
+                 on_dead: Callable[[BaseException], None] | None = None,
+                 _link: EngineLink | None = None, _stats: EngineStats | None = None) -> None:
         if max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
         self.text_engine = text_engine
         self.max_queued_requests = max_queued_requests
         self.on_outputs = on_outputs
+        self.on_dead = on_dead
         self.error: BaseException | None = None
         self._streams: dict[str, RequestStream] = {}     # touched on the event loop only
         self._adds: dict[str, asyncio.Future] = {}        # adds the loop has not acked yet
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._process, self._conn = _process, _conn
-        self._decode = OutputDecoder() if _conn is not None else None
+        self._link = _link
+        self._decode = OutputDecoder() if _link is not None else None
         if text_engine is not None:
             self.stats = engine_stats(text_engine)
             self._commands: queue.SimpleQueue = queue.SimpleQueue()
             self._wakeup = threading.Event()
             self._thread = threading.Thread(target=self._run_thread, name="nanorun-engine",
                                             daemon=True)
-        elif _conn is not None:
+        elif _link is not None:
             self.stats = _stats or EngineStats()
         else:
             raise ValueError("AsyncEngine needs a text_engine (or use AsyncEngine.spawn)")
@@ -181,32 +190,21 @@ class AsyncEngine:
             process.kill()
             raise
         engine = cls(max_queued_requests=max_queued_requests, on_outputs=on_outputs,
-                     _process=process, _conn=ours, _stats=info["stats"])
+                     _link=EngineLink(ours, process), _stats=info["stats"])
         return engine, info
 
     # -- event-loop side ----------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self._conn is not None:
-            self._loop.add_reader(self._conn.fileno(), self._readable)
+        if self._link is not None:
+            self._link.start(self._loop, self._on_messages)
         else:
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine loop (and its process); idempotent."""
-        if self._conn is not None:
-            if self._conn.closed:
-                return
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._conn.fileno())
-            try:
-                self._conn.send(("stop",))
-            except OSError:             # the engine process is gone already
-                pass
-            self._process.join(timeout)
-            if self._process.is_alive():
-                self._process.kill()
-            self._conn.close()
+        if self._link is not None:
+            self._link.close(timeout)
         else:
             self._send(("stop",))
             if self._thread.is_alive():
@@ -252,24 +250,16 @@ class AsyncEngine:
             self._send(("abort", request_id))
 
     def _send(self, command: tuple) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.send(command)
-            except OSError as e:        # the engine process died: the reader reports it
-                logger.warning("could not reach the engine process: %s", e)
+        if self._link is not None:
+            self._link.send(command)    # never blocks: a full pipe only delays it
         else:
             self._commands.put(command)
             self._wakeup.set()
 
-    def _readable(self) -> None:
-        """The engine process sent something (the event loop's reader of its pipe)."""
-        try:
-            while self._conn.poll(0):
-                self._on_message(self._conn.recv())
-        except (EOFError, OSError):
-            self._loop.remove_reader(self._conn.fileno())
-            code = self._process.exitcode if self._process is not None else None
-            self._on_message(("dead", f"the engine process exited (exit code {code})"))
+    def _on_messages(self, messages: list) -> None:
+        """A batch of the engine process's messages, in order (EngineLink's reader)."""
+        for message in messages:
+            self._on_message(message)
 
     def _on_message(self, message: tuple) -> None:
         kind = message[0]
@@ -291,6 +281,8 @@ class AsyncEngine:
             if self.error is None:
                 self.error = EngineDeadError(message[1])
                 self._fail_all(self.error)
+                if self.on_dead is not None:
+                    self.on_dead(self.error)
 
     def _ack(self, acks: list) -> None:
         for request_id, error in acks:

@@ -13,6 +13,12 @@ import sys
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10     # well inside Kubernetes' default 30 s grace period
+# Once the engine has died, the server answers 503 for this long, then exits 1 (a supervisor
+# restarts it), as vLLM's API server does once its EngineCore has died (its watchdog looks
+# every 5 s).
+ENGINE_DEAD_EXIT_S = 5.0
+EXIT_ENGINE_DEAD = 1
+EXIT_STARTUP_FAILURE = 3            # uvicorn's, when it could not listen
 
 logger = logging.getLogger("nanorun.server")
 
@@ -121,12 +127,28 @@ def run(args) -> int:
     name = args.served_model_name or served_name(args.model)
     app = build_app(engine, model_name=name, tokenizer=tokenizer_of(args.model)[0],
                     max_model_len=info["max_model_len"], stream_interval=args.stream_interval)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout))
+    engine.on_dead = lambda error: _exit_soon(server, error)
     freeze_heap()
     print(f"nanorun serve: {args.model} as {name!r} on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=args.shutdown_timeout)
+        server.run()
+    except KeyboardInterrupt:       # uvicorn raises a Ctrl-C again once it has shut down
+        pass
     finally:
         engine.shutdown()
-    return 0
+    if engine.error is not None:
+        return EXIT_ENGINE_DEAD
+    return 0 if server.started else EXIT_STARTUP_FAILURE
+
+
+def _exit_soon(server, error: BaseException) -> None:
+    """The engine died (on the event loop): answer 503 for ENGINE_DEAD_EXIT_S, then exit."""
+    import asyncio
+
+    logger.error("%s; the server exits in %.0f s", error, ENGINE_DEAD_EXIT_S)
+    asyncio.get_running_loop().call_later(ENGINE_DEAD_EXIT_S, setattr, server,
+                                          "should_exit", True)

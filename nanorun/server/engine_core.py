@@ -53,6 +53,9 @@ from typing import Any
 logger = logging.getLogger("nanorun.server")
 
 CONTROL_HEARTBEAT_S = 1.0
+# Commands taken from the pipe between two steps, at the most: a client that floods the server
+# (adds and aborts) delays the next step by a bounded amount; the rest wait in the pipe.
+MAX_COMMANDS = 1024
 FAILURE_POLL_S = 0.5      # how often rank 0 looks for a follower's failure report
 FAILURE_GRACE_S = 5.0     # how long rank 0's loop then has to fail by itself (gloo: at once)
 
@@ -227,7 +230,13 @@ class OutputDecoder:
 # -- the engine process -------------------------------------------------------------------------
 def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
     """The engine process: build the TextEngine, say "ready" (or "failed"), serve commands
-    from `conn` until "stop" or until the API process goes away (conn closes)."""
+    from `conn` until "stop" or until the API process goes away (conn closes).
+
+    The pipe is blocking at both ends, so a full one only makes a send wait: here until the
+    API process's reader takes the step's outputs (its reader thread never waits on this
+    process), there until this loop takes the commands, which it does between steps, at most
+    MAX_COMMANDS at a time. An API process that exits closes the pipe, which ends the wait of
+    either (EOF: stop; a broken pipe: the loop ends)."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     from ..text_engine import TextEngine
 
@@ -259,7 +268,7 @@ def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
             try:
                 if block and not conn.poll(CONTROL_HEARTBEAT_S if control else None):
                     return control.share([]) if control else []
-                while conn.poll(0):
+                while len(commands) < MAX_COMMANDS and conn.poll(0):
                     commands.append(conn.recv())
             except (EOFError, OSError):      # the API process is gone: stop every rank
                 commands.append(("stop",))
@@ -273,7 +282,7 @@ def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
             watch.stop()
         if not stopped and control is not None:
             control.release_followers()
-    except (BrokenPipeError, EOFError):     # the API process went away mid-send
+    except (ConnectionError, EOFError):     # the API process went away mid-send
         pass
     finally:
         if watch is not None:
