@@ -73,13 +73,17 @@ def _send_completion(url: str, body: dict) -> HTTPConnection:
     return conn
 
 
-def _start_server(model_dir, *extra: str, env=None) -> tuple[subprocess.Popen, str]:
+def _start_server(model_dir, *extra: str, env=None, log=None,
+                  verbose: bool = False) -> tuple[subprocess.Popen, str]:
+    """A server on a free loopback port; its log goes to `log` (a file) if given. verbose:
+    `nanorun -v serve` (INFO logging)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "nanorun.cli", "serve", str(model_dir), "--port", str(port),
-           "--served-model-name", MODEL, "--kv-cache-tokens", str(KV_TOKENS),
-           "--page-size", str(PAGE_SIZE), *extra]
+    cmd = [sys.executable, "-m", "nanorun.cli", *(["-v"] if verbose else []), "serve",
+           str(model_dir), "--port", str(port), "--served-model-name", MODEL,
+           "--kv-cache-tokens", str(KV_TOKENS), "--page-size", str(PAGE_SIZE), *extra]
     # Its log goes to a file: an unread pipe fills up with enough logging and blocks the server.
-    log = tempfile.TemporaryFile(mode="w+")
+    if log is None:
+        log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -111,8 +115,16 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    proc, url = _start_server(model_dir, "--max-queued-requests", "256")
+def server_log():
+    """The module server's log (appended to: the server writes while a test reads)."""
+    with tempfile.TemporaryFile(mode="a+") as log:
+        yield log
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, server_log):
+    proc, url = _start_server(model_dir, "--max-queued-requests", "256", log=server_log,
+                              verbose=True)
     yield url
     _stop(proc)
 
@@ -395,6 +407,17 @@ def test_bad_request_is_a_400_and_the_next_is_served(server, endpoint, body, par
     status, ok = _post(f"{server}/v1/completions", {"model": MODEL, "prompt": "hello",
                                                     "max_tokens": 2})
     assert status == 200 and ok["usage"]["completion_tokens"] >= 1
+
+
+def test_the_start_log_says_what_the_engine_was_built_with(server, server_log):
+    """`nanorun -v serve` logs the engine's build at start (the module's server runs so)."""
+    server_log.seek(0)
+    text = server_log.read()
+    for part in (f"served_model_name={MODEL}", "dtype=float32", "device=cpu",
+                 "async_scheduling=False", "layout=sequential", "max_batch_tokens=512",
+                 f"{KV_TOKENS // PAGE_SIZE} pages x {PAGE_SIZE} tokens = {KV_TOKENS} tokens",
+                 "max_model_len=512"):
+        assert part in text, (part, text)
 
 
 def test_models_health_and_metric_names(server):

@@ -176,11 +176,13 @@ class AsyncEngine:
               timeout: float | None = None) -> tuple[AsyncEngine, dict]:
         """An AsyncEngine over a TextEngine.from_model(model, **engine_kwargs) built in a
         fresh engine process (spawned: no threads or CUDA state of this one are inherited),
-        and the process's info ({"max_model_len": ...}). Returns once the model is loaded;
-        raises RuntimeError with the engine's error if it cannot be built."""
+        and the process's info (engine_core.engine_info: what it was built with). Returns
+        once the model is loaded; raises RuntimeError with the engine's error if it cannot be
+        built. The engine process logs at this process's level."""
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe()
         process = ctx.Process(target=engine_process_main, args=(theirs, model, engine_kwargs),
+                              kwargs={"log_level": logging.getLogger().getEffectiveLevel()},
                               name="nanorun-engine", daemon=True)
         process.start()
         theirs.close()

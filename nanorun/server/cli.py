@@ -132,6 +132,7 @@ def run(args) -> int:
         timeout_graceful_shutdown=args.shutdown_timeout))
     engine.on_dead = lambda error: _exit_soon(server, error)
     freeze_heap()
+    log_engine(info, name)
     print(f"nanorun serve: {args.model} as {name!r} on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
     try:
@@ -152,3 +153,19 @@ def _exit_soon(server, error: BaseException) -> None:
     logger.error("%s; the server exits in %.0f s", error, ENGINE_DEAD_EXIT_S)
     asyncio.get_running_loop().call_later(ENGINE_DEAD_EXIT_S, setattr, server,
                                           "should_exit", True)
+
+
+def log_engine(info: dict, served_model_name: str) -> None:
+    """What the engine was built with (the engine process's "ready" info), as vLLM logs at
+    start: shown with `nanorun -v serve`."""
+    if "model" not in info:
+        return
+    logger.info("engine: model=%s, served_model_name=%s, dtype=%s, device=%s, "
+                "tensor_parallel_size=%d, async_scheduling=%s",
+                info["model"], served_model_name, info["dtype"], info["device"],
+                info["tensor_parallel_size"], info["async_scheduling"])
+    logger.info("engine: layout=%s, max_batch_tokens=%d (dense batch tokens per iteration)",
+                info["layout"], info["max_batch_tokens"])
+    logger.info("engine: KV cache of %d pages x %d tokens = %d tokens; max_model_len=%d "
+                "(model context %d)", info["kv_pages"], info["page_size"], info["kv_tokens"],
+                info["max_model_len"], info["model_context"])

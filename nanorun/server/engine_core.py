@@ -70,6 +70,23 @@ class EngineStats:
     num_free_pages: int = 0
 
 
+def engine_info(core) -> dict:
+    """What the engine process says in its "ready": max_model_len (the longest prompt + output
+    a request may have: the model's context, capped by the KV cache), its stats, and what the
+    engine was built with, which the server logs at start (as vLLM does)."""
+    kv = core.kv_cache
+    info = {"max_model_len": min(core.max_model_len, kv.capacity_tokens),
+            "kv_pages": kv.num_pages, "kv_tokens": kv.capacity_tokens}
+    cfg = getattr(core, "config", None)     # (a stand-in engine in tests has none)
+    if cfg is not None:
+        info |= {"model": cfg.model, "dtype": str(core.dtype).removeprefix("torch."),
+                 "device": str(core.device), "layout": core.executor.layout_name,
+                 "max_batch_tokens": cfg.max_batch_tokens, "page_size": cfg.page_size,
+                 "model_context": core.max_model_len, "async_scheduling": cfg.async_scheduling,
+                 "tensor_parallel_size": core.tensor_parallel.size}
+    return info
+
+
 def engine_stats(text_engine) -> EngineStats:
     engine = text_engine.engine
     scheduler, kv = engine.scheduler, engine.kv_cache
@@ -228,7 +245,8 @@ class OutputDecoder:
 
 
 # -- the engine process -------------------------------------------------------------------------
-def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
+def engine_process_main(conn, model: str, engine_kwargs: dict, *,
+                        log_level: int = logging.WARNING) -> None:
     """The engine process: build the TextEngine, say "ready" (or "failed"), serve commands
     from `conn` until "stop" or until the API process goes away (conn closes).
 
@@ -237,7 +255,7 @@ def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
     process), there until this loop takes the commands, which it does between steps, at most
     MAX_COMMANDS at a time. An API process that exits closes the pipe, which ends the wait of
     either (EOF: stop; a broken pipe: the loop ends)."""
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=log_level, format="%(name)s: %(message)s")
     from ..text_engine import TextEngine
 
     try:
@@ -249,9 +267,7 @@ def engine_process_main(conn, model: str, engine_kwargs: dict) -> None:
     watch = None
     try:
         control = ControlGroup.of(core)
-        conn.send(("ready", {"max_model_len": min(core.max_model_len,
-                                                  core.kv_cache.capacity_tokens),
-                             "stats": engine_stats(text_engine)}))
+        conn.send(("ready", {**engine_info(core), "stats": engine_stats(text_engine)}))
         sending = threading.Lock()        # the loop and FollowerWatch both send
 
         def send(message: tuple) -> None:
