@@ -392,6 +392,18 @@ BAD_REQUESTS = [
     ("chat/completions", {"model": MODEL, "messages": CHAT, "max_completion_tokens": -3},
      "max_tokens"),
     ("completions", "{not json", None),
+    # Fields nanorun does not know are refused by name, never ignored.
+    ("completions", {"model": MODEL, "prompt": "hi", "no_such_field": 1}, "no_such_field"),
+    ("chat/completions", {"model": MODEL, "messages": CHAT, "no_such_field": 1},
+     "no_such_field"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stream": True,
+                     "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+    ("completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of"),
+    ("chat/completions", {"model": MODEL, "messages": CHAT, "tool_choice": "auto"},
+     "tool_choice"),
+    ("chat/completions", {"model": MODEL, "messages": CHAT, "tool_choice": "auto",
+                          "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
 ]
 
 
@@ -407,6 +419,80 @@ def test_bad_request_is_a_400_and_the_next_is_served(server, endpoint, body, par
     status, ok = _post(f"{server}/v1/completions", {"model": MODEL, "prompt": "hello",
                                                     "max_tokens": 2})
     assert status == 200 and ok["usage"]["completion_tokens"] >= 1
+
+
+def _fields(what: type) -> list[tuple[str, str, object]]:
+    """(endpoint, field, its disposition) for every declared field of the request models
+    whose disposition is of type `what`."""
+    from nanorun.server.protocol import (ChatCompletionRequest, CompletionRequest,
+                                         field_dispositions)
+
+    return [(endpoint, name, d)
+            for endpoint, model in (("completions", CompletionRequest),
+                                    ("chat/completions", ChatCompletionRequest))
+            for name, d in field_dispositions(model).items() if isinstance(d, what)]
+
+
+def _refused() -> list:
+    from nanorun.server.protocol import Refused
+
+    return _fields(Refused)
+
+
+_BASE = {"completions": {"model": MODEL, "prompt": "hi", "max_tokens": 2},
+         "chat/completions": {"model": MODEL, "messages": CHAT, "max_tokens": 2}}
+
+
+@pytest.mark.parametrize("endpoint,field,refused", _refused(),
+                         ids=[f"{e}-{f}" for e, f, _ in _refused()])
+def test_every_field_nanorun_does_not_act_on_is_a_400_naming_it(server, endpoint, field,
+                                                                 refused):
+    """Walks the request models: every field declared Refused, sent with a value a client
+    sends to ask for it, is refused by name (structured_outputs, response_format, echo,
+    continue_final_message, ...)."""
+    status, reply = _post(f"{server}/v1/{endpoint}", {**_BASE[endpoint],
+                                                      field: refused.example})
+    assert status == 400, reply
+    assert reply["error"]["param"] == field and field in reply["error"]["message"], reply
+
+
+def test_a_refused_fields_values_that_ask_for_nothing_are_served(server):
+    """echo: false, response_format {"type": "text"}, logit_bias {}: what a client library
+    sends by default changes nothing, so it is served."""
+    sent = 0
+    for endpoint, field, refused in _refused():
+        for value in refused.noop:
+            if value is not None:
+                status, reply = _post(f"{server}/v1/{endpoint}", {**_BASE[endpoint],
+                                                                  field: value})
+                assert status == 200, (field, value, reply)
+                sent += 1
+    assert sent >= 10
+
+
+def test_every_request_field_says_what_happens_to_it():
+    """Each declared field is passed to SamplingParams (a field it has), served, or refused:
+    field_dispositions raises for a field that says none, or two."""
+    from nanorun.sampling_params import SamplingParams
+    from nanorun.server.protocol import Sampling
+
+    names = {f for _, f, _ in _fields(Sampling)}
+    assert names and names <= set(SamplingParams.__dataclass_fields__)
+
+
+def test_add_generation_prompt_and_tools_reach_the_chat_template(client, server):
+    """Fields the server acts on itself: add_generation_prompt false leaves the template's
+    assistant header out; tools with tool_choice "none" are given to the template (this one
+    ignores them) and served."""
+    with_prompt = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
+    without = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1,
+                                             extra_body={"add_generation_prompt": False})
+    assert without.usage.prompt_tokens < with_prompt.usage.prompt_tokens
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    status, reply = _post(f"{server}/v1/chat/completions", {**_BASE["chat/completions"],
+                                                            "tools": tools,
+                                                            "tool_choice": "none"})
+    assert status == 200, reply
 
 
 def test_the_start_log_says_what_the_engine_was_built_with(server, server_log):

@@ -99,6 +99,10 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
             return _error(400, f"the body is not valid JSON: {first.get('msg')}",
                           "BadRequestError")
         param = ".".join(loc) or None
+        if first.get("type") == "extra_forbidden":     # refused, never ignored
+            return _error(400, f"{param} is not a field nanorun knows, so it is refused rather "
+                               f"than ignored (docs/serving.md lists the fields)",
+                          "BadRequestError", param)
         return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}",
                       "BadRequestError", param)
 
@@ -148,19 +152,30 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
+        _check(state, body)
         prompts = [_token_ids(state, p) for p in _prompt_list(body.prompt)]
         return await _serve(state, body, raw, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
+        _check(state, body)
         if state.tokenizer is None:
             raise BadRequest("this model has no tokenizer, so it cannot chat", "messages")
         try:       # templates write their own BOS: encoded without special tokens, as vLLM does
             ids = state.tokenizer.apply_chat_template(
-                body.messages, add_generation_prompt=body.add_generation_prompt, tokenize=True)
+                body.messages, add_generation_prompt=body.add_generation_prompt, tokenize=True,
+                tools=body.tools)
         except ValueError as e:
             raise BadRequest(str(e), "messages") from None
         return await _serve(state, body, raw, [_nonempty(ids)], chat=True)
+
+
+def _check(state: ServerState, body) -> None:
+    """Refuse an unknown model or a field nanorun does not act on, before any work."""
+    if body.model is not None and body.model != state.model_name:
+        raise BadRequest(f"the model `{body.model}` does not exist; this server serves "
+                         f"`{state.model_name}`", "model")
+    check_unsupported(body)
 
 
 def _prompt_list(prompt: Any) -> list:
@@ -190,11 +205,7 @@ def _nonempty(ids: list[int]) -> list[int]:
 
 async def _serve(state: ServerState, body, raw: Request, prompts: list[list[int]], *,
                  chat: bool):
-    """Validate, queue every prompt, then stream or answer once all have finished."""
-    if body.model is not None and body.model != state.model_name:
-        raise BadRequest(f"the model `{body.model}` does not exist; this server serves "
-                         f"`{state.model_name}`", "model")
-    check_unsupported(body)
+    """Queue every prompt, then stream or answer once all have finished."""
     params = [sampling_params(body, _max_tokens(state, body, len(p), chat)) for p in prompts]
     request_id = new_id("chatcmpl" if chat else "cmpl")
     # A request that is not streamed has nothing to send before its end: its stream wakes

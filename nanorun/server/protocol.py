@@ -3,26 +3,55 @@
 The bodies are pydantic models for their shape only (which fields, a prompt is a string or
 ids); the sampling values pass through untouched to SamplingParams, which checks every one and
 names the field it refuses, so the server and the Python API accept and refuse the same
-values. Fields nanorun cannot honour are refused with a 400 naming them, never ignored
-silently; fields that change nothing here (user, metadata) are accepted.
+values.
+
+No field is ignored silently. A body with a field the models do not declare is a 400 naming
+it (extra="forbid"), and every declared field says, in its annotation, what happens to it:
+Sampling (passed to SamplingParams under its name), Served (the server acts on it itself), or
+Refused (nanorun does not do it yet: any value but one that asks for nothing is a 400 naming
+it). A field nanorun learns to do moves from Refused to Sampling or Served.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from ..sampling_params import SamplingParams
 
-# Request fields passed to SamplingParams under the same name (OpenAI's and vLLM's extras).
-SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                   "stop_token_ids", "ignore_eos", "min_tokens", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "skip_special_tokens",
-                   "include_stop_str_in_output", "prompt_logprobs")
+
+@dataclass(frozen=True)
+class Sampling:
+    """A field passed to SamplingParams under its own name (which checks the value)."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """A field the server acts on itself: `how`."""
+
+    how: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A field nanorun does not act on: any value but those in `noop` (they ask for nothing
+    it does not do) is refused with a 400 naming the field. `example`: a value a client sends
+    to ask for it."""
+
+    why: str
+    example: Any
+    noop: tuple = (None,)
+
+
+SAMPLING = Sampling()
+_NO_GRAMMAR = "structured output (a grammar, JSON schema, regex or choice) is not supported"
+_NO_TOOLS = "nanorun does not parse tool calls"
 
 
 class BadRequest(ValueError):
@@ -33,92 +62,175 @@ class BadRequest(ValueError):
         self.param = param
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+
+
 class _Body(BaseModel):
     """Fields both endpoints share. Sampling values are Any: SamplingParams checks them."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    max_tokens: Any = None
-    n: Any = None
-    temperature: Any = None
-    top_p: Any = None
-    top_k: Any = None
-    min_p: Any = None
-    seed: Any = None
-    stop: Any = None
-    stop_token_ids: Any = None
-    ignore_eos: Any = None
-    min_tokens: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    repetition_penalty: Any = None
-    skip_special_tokens: Any = None
-    include_stop_str_in_output: Any = None
-    prompt_logprobs: Any = None
-    user: str | None = None
+    model: Annotated[str | None, Served("checked against the served model's name")] = None
+    stream: Annotated[bool, Served("server-sent events")] = False
+    stream_options: Annotated[StreamOptions | None, Served("include_usage: a last chunk with "
+                                                           "the usage")] = None
+    max_tokens: Annotated[Any, Served("SamplingParams.max_tokens, defaulted per endpoint")] \
+        = None
+    n: Annotated[Any, SAMPLING] = None
+    temperature: Annotated[Any, SAMPLING] = None
+    top_p: Annotated[Any, SAMPLING] = None
+    top_k: Annotated[Any, SAMPLING] = None
+    min_p: Annotated[Any, SAMPLING] = None
+    seed: Annotated[Any, SAMPLING] = None
+    stop: Annotated[Any, SAMPLING] = None
+    stop_token_ids: Annotated[Any, SAMPLING] = None
+    ignore_eos: Annotated[Any, SAMPLING] = None
+    min_tokens: Annotated[Any, SAMPLING] = None
+    presence_penalty: Annotated[Any, SAMPLING] = None
+    frequency_penalty: Annotated[Any, SAMPLING] = None
+    repetition_penalty: Annotated[Any, SAMPLING] = None
+    skip_special_tokens: Annotated[Any, SAMPLING] = None
+    include_stop_str_in_output: Annotated[Any, SAMPLING] = None
+    prompt_logprobs: Annotated[Any, SAMPLING] = None
+    user: Annotated[str | None, Served("nothing to do: OpenAI's end-user id for its abuse "
+                                       "monitoring (vLLM ignores it too)")] = None
+
+    logit_bias: Annotated[Any, Refused("logit_bias is not supported", {"1": 5},
+                                       (None, {}))] = None
+    response_format: Annotated[Any, Refused(_NO_GRAMMAR, {"type": "json_object"},
+                                            (None, {"type": "text"}))] = None
+    structured_outputs: Annotated[Any, Refused(_NO_GRAMMAR, {"regex": "[.*"})] = None
+    guided_json: Annotated[Any, Refused(_NO_GRAMMAR, {"type": "object"})] = None
+    guided_regex: Annotated[Any, Refused(_NO_GRAMMAR, "[a-z]+")] = None
+    guided_choice: Annotated[Any, Refused(_NO_GRAMMAR, ["yes", "no"])] = None
+    guided_grammar: Annotated[Any, Refused(_NO_GRAMMAR, 'root ::= "a"')] = None
+    use_beam_search: Annotated[Any, Refused("beam search is not supported", True,
+                                            (None, False))] = None
+    length_penalty: Annotated[Any, Refused("beam search is not supported", 0.5,
+                                           (None, 1.0))] = None
+    allowed_token_ids: Annotated[Any, Refused("allowed_token_ids is not supported",
+                                              [1, 2])] = None
+    bad_words: Annotated[Any, Refused("bad_words is not supported", ["no"], (None, []))] = None
+    truncate_prompt_tokens: Annotated[Any, Refused("prompts are never truncated", 8)] = None
+    spaces_between_special_tokens: Annotated[Any, Refused(
+        "the detokenizer has no such switch", False)] = None
+    logits_processors: Annotated[Any, Refused("logits processors are not supported",
+                                              ["my.Processor"], (None, []))] = None
+    priority: Annotated[Any, Refused("there is no priority scheduling", 1, (None, 0))] = None
+    request_id: Annotated[Any, Refused("the server names each request itself", "mine")] = None
+    return_tokens_as_token_ids: Annotated[Any, Refused(
+        "return_tokens_as_token_ids is not supported", True, (None, False))] = None
+    cache_salt: Annotated[Any, Refused("there is no prefix cache to salt", "salt")] = None
+    kv_transfer_params: Annotated[Any, Refused("KV transfer is not served over HTTP",
+                                               {"do_remote_decode": True})] = None
+    vllm_xargs: Annotated[Any, Refused("vllm_xargs is not supported", {"k": 1},
+                                       (None, {}))] = None
 
 
 class CompletionRequest(_Body):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: Any = None           # int: top-k per token
-    echo: bool = False
-    suffix: str | None = None
-    best_of: Any = None
+    prompt: Annotated[str | list[int] | list[str] | list[list[int]],
+                      Served("tokenized here (or token ids as they are)")]
+    logprobs: Annotated[Any, Served("SamplingParams.logprobs: top-k per token")] = None
+    best_of: Annotated[Any, Served("accepted equal to n (it then changes nothing); any other "
+                                   "value is refused")] = None
+    echo: Annotated[Any, Refused("echo is not supported", True, (None, False))] = None
+    suffix: Annotated[Any, Refused("suffix is not supported", "x", (None, ""))] = None
+    add_special_tokens: Annotated[Any, Refused(
+        "prompts are always encoded with the tokenizer's special tokens", False,
+        (None, True))] = None
+    prompt_embeds: Annotated[Any, Refused("prompt_embeds is not supported", "AAAA")] = None
 
 
 class ChatCompletionRequest(_Body):
-    messages: list[dict[str, Any]]
-    max_completion_tokens: Any = None
-    logprobs: bool = False
-    top_logprobs: Any = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
+    messages: Annotated[list[dict[str, Any]], Served("rendered by the chat template")]
+    max_completion_tokens: Annotated[Any, Served("wins over max_tokens")] = None
+    logprobs: Annotated[bool, Served("SamplingParams.logprobs, with top_logprobs")] = False
+    top_logprobs: Annotated[Any, Served("SamplingParams.logprobs")] = None
+    tools: Annotated[list[Any] | None, Served(f"given to the chat template with tool_choice "
+                                              f"'none'; otherwise refused: {_NO_TOOLS}")] = None
+    tool_choice: Annotated[Any, Served("'none' (or no tools) only")] = None
+    add_generation_prompt: Annotated[bool, Served("given to the chat template")] = True
+    continue_final_message: Annotated[Any, Refused(
+        "continue_final_message is not supported", True, (None, False))] = None
+    echo: Annotated[Any, Refused("echo is not supported", True, (None, False))] = None
+    add_special_tokens: Annotated[Any, Refused(
+        "chat prompts are encoded without special tokens (the template writes them)", True,
+        (None, False))] = None
+    chat_template: Annotated[Any, Refused("a request's own chat template is not supported",
+                                          "{{ messages }}")] = None
+    chat_template_kwargs: Annotated[Any, Refused("chat_template_kwargs is not supported",
+                                                 {"enable_thinking": False}, (None, {}))] = None
+    documents: Annotated[Any, Refused("documents are not supported",
+                                      [{"title": "a", "text": "b"}])] = None
+    functions: Annotated[Any, Refused(_NO_TOOLS, [{"name": "f"}], (None, []))] = None
+    function_call: Annotated[Any, Refused(_NO_TOOLS, "auto", (None, "none"))] = None
+    parallel_tool_calls: Annotated[Any, Refused(_NO_TOOLS, True)] = None
+    reasoning_effort: Annotated[Any, Refused("there is no reasoning control", "low")] = None
+    modalities: Annotated[Any, Refused("text is the only modality", ["audio"],
+                                       (None, ["text"]))] = None
+    audio: Annotated[Any, Refused("text is the only modality", {"voice": "alloy"})] = None
+    prediction: Annotated[Any, Refused("predicted outputs are not supported",
+                                       {"type": "content", "content": "x"})] = None
+    store: Annotated[Any, Refused("completions are not stored", True, (None, False))] = None
+    metadata: Annotated[Any, Refused("completions are not stored (metadata is for stored "
+                                     "ones)", {"k": "v"}, (None, {}))] = None
+    service_tier: Annotated[Any, Refused("there are no service tiers", "flex",
+                                         (None, "auto", "default"))] = None
+    web_search_options: Annotated[Any, Refused("there is no web search", {})] = None
+
+
+Disposition = Sampling | Served | Refused
+
+
+@functools.cache
+def field_dispositions(model: type[BaseModel]) -> dict[str, Disposition]:
+    """Each declared field of a request model and what happens to it (its annotation's
+    Sampling, Served or Refused; a field with none, or two, is a bug the tests catch)."""
+    out = {}
+    for name, info in model.model_fields.items():
+        marks = [m for m in info.metadata if isinstance(m, (Sampling, Served, Refused))]
+        if len(marks) != 1:
+            raise TypeError(f"{model.__name__}.{name} must say once what happens to it "
+                            f"(Sampling, Served or Refused), got {marks}")
+        out[name] = marks[0]
+    return out
 
 
 def include_usage(body: _Body) -> bool:
     """stream_options.include_usage (only meaningful with stream: true)."""
-    return bool(body.stream_options and body.stream_options.get("include_usage"))
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 def check_unsupported(body: _Body) -> None:
     """Refuse, naming it, a field nanorun would otherwise have to ignore."""
-    unsupported = {"logit_bias", "functions", "function_call", "guided_json", "guided_regex",
-                   "guided_choice", "guided_grammar", "use_beam_search",
-                   "length_penalty"}
-    extra = set(body.model_extra or {}) & unsupported
-    if extra:
-        name = sorted(extra)[0]
-        raise BadRequest(f"{name} is not supported by nanorun", name)
+    for name, what in field_dispositions(type(body)).items():
+        if isinstance(what, Refused) and getattr(body, name) not in what.noop:
+            raise BadRequest(f"{name} is not supported by nanorun: {what.why}", name)
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
     if body.prompt_logprobs is not None and body.stream:
         raise BadRequest("prompt_logprobs is only returned without stream: true",
                          "prompt_logprobs")
     if isinstance(body, CompletionRequest):
-        if body.echo:
-            raise BadRequest("echo is not supported by nanorun", "echo")
-        if body.suffix:
-            raise BadRequest("suffix is not supported by nanorun", "suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise BadRequest("best_of other than n is not supported by nanorun", "best_of")
     if isinstance(body, ChatCompletionRequest):
         if body.tools and body.tool_choice != "none":
-            raise BadRequest("tools (function calling) are not supported by nanorun", "tools")
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise BadRequest("response_format other than text is not supported by nanorun",
-                             "response_format")
+            raise BadRequest(f"tools (function calling) are not supported by nanorun: "
+                             f"{_NO_TOOLS} (tool_choice 'none' is)", "tools")
+        if body.tool_choice not in (None, "none"):
+            raise BadRequest(f"tool_choice other than 'none' is not supported: {_NO_TOOLS}",
+                             "tool_choice")
 
 
 def sampling_params(body: _Body, max_tokens: int) -> SamplingParams:
     """The request's SamplingParams; SamplingParams' own TypeError/ValueError become a
     BadRequest naming the field."""
-    kwargs = {name: getattr(body, name) for name in SAMPLING_FIELDS
-              if getattr(body, name) is not None}
+    kwargs = {name: getattr(body, name) for name, what in field_dispositions(type(body)).items()
+              if isinstance(what, Sampling) and getattr(body, name) is not None}
     if isinstance(kwargs.get("stop"), list):
         kwargs["stop"] = tuple(kwargs["stop"])
     logprobs = _logprobs_k(body)
