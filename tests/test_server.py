@@ -247,7 +247,9 @@ def test_n_stop_and_logprobs(client, llm):
         assert len(lp.tokens) == len(out.token_ids) == len(lp.token_logprobs)
         want = [out.logprobs[i][t].logprob for i, t in enumerate(out.token_ids)]
         assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
-        assert all(len(top) <= 2 for top in lp.top_logprobs)
+        # The sampled token and the 2 best (OpenAI's "up to logprobs + 1").
+        assert all(len(top) <= 3 and token in top
+                   for token, top in zip(lp.tokens, lp.top_logprobs))
     # A stop string taken from the greedy text ends the output just before it.
     greedy = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12,
                                        temperature=0, extra_body={"ignore_eos": True})
@@ -300,6 +302,27 @@ def test_prompt_logprobs_as_vllm_returns_them(client, llm):
     for token, entry, want in zip(ref.prompt_token_ids[1:], plp[1:], ref.prompt_logprobs[1:]):
         assert entry[str(token)]["logprob"] == pytest.approx(want[token].logprob, abs=1e-4)
         assert entry[str(token)]["rank"] == want[token].rank
+
+
+def test_logprobs_0_and_top_logprobs_0_as_openai_and_vllm_return_them(client):
+    """Completions: logprobs k gives each token's top_logprobs the sampled token and the k best
+    (OpenAI's "up to logprobs + 1"), so 0 gives the sampled token alone. Chat: top_logprobs k
+    lists the k best, none for 0 (OpenAI's and vLLM's). prompt_logprobs not asked for is
+    null, never absent, so the openai client's attribute reads None."""
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5,
+                                    temperature=0, logprobs=0)
+    choice = got.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == 5
+    assert [list(top) for top in lp.top_logprobs] == [[t] for t in lp.tokens]
+    assert [top[t] for t, top in zip(lp.tokens, lp.top_logprobs)] == lp.token_logprobs
+    assert choice.prompt_logprobs is None
+    for k in (0, 2):
+        chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4,
+                                              temperature=0, logprobs=True, top_logprobs=k)
+        content = chat.choices[0].logprobs.content
+        assert len(content) == 4 and all(len(c.top_logprobs) == k for c in content)
+        assert chat.prompt_logprobs is None
 
 
 def test_32_concurrent_streaming_clients_all_finish(server):

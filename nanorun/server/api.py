@@ -393,7 +393,7 @@ class _ChunkWriter:
         choices.sort(key=lambda ch: ch["index"])
         body = {**self._head(False), "choices": choices,
                 "usage": usage(self.prompt_tokens, produced)}
-        if self.chat and self.body.prompt_logprobs is not None:    # vLLM: on the response
+        if self.chat:       # vLLM: on the response, null when not asked for (never absent)
             body["prompt_logprobs"] = prompt_logprobs_json(finals[0].prompt_logprobs)
         return JSONResponse(body)
 
@@ -405,7 +405,7 @@ class _ChunkWriter:
             choice["text"] = c.text
         choice |= {"logprobs": self._logprobs(c, 0, 0), "finish_reason": c.finish_reason,
                    "stop_reason": c.stop_reason}
-        if not self.chat and self.body.prompt_logprobs is not None:  # vLLM: on the choice
+        if not self.chat:   # vLLM: on the choice, null when not asked for (never absent)
             choice["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
         return choice
 

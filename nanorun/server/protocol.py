@@ -290,7 +290,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 # -- logprobs -------------------------------------------------------------------------------
 def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict] | None,
                         decode, top_k: int, text_offset: int) -> dict | None:
-    """The legacy completions logprobs object for these tokens; text_offset where they start."""
+    """The legacy completions logprobs object for these tokens; text_offset where they start.
+    Each top_logprobs entry holds the sampled token and the top_k best (so up to top_k + 1
+    entries, one with top_k 0), as OpenAI and vLLM return them."""
     if logprobs is None:
         return None
     tokens, token_lps, tops, offsets = [], [], [], []
@@ -298,8 +300,10 @@ def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict] | Non
         text = _token_text(tid, per_token, decode)
         tokens.append(text)
         token_lps.append(_lp(per_token, tid))
-        tops.append({_token_text(t, per_token, decode): lp.logprob
-                     for t, lp in _top(per_token, top_k)})
+        top = {} if tid not in per_token else {text: per_token[tid].logprob}
+        top.update((_token_text(t, per_token, decode), lp.logprob)
+                   for t, lp in _top(per_token, top_k))
+        tops.append(top)
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
