@@ -539,7 +539,8 @@ def test_models_health_and_metric_names(server):
                  "vllm:generation_tokens_total", "vllm:num_preemptions_total",
                  "vllm:time_to_first_token_seconds_bucket",
                  "vllm:inter_token_latency_seconds_bucket",
-                 "vllm:e2e_request_latency_seconds_bucket", "nanorun:kv_cache_free_pages"):
+                 "vllm:e2e_request_latency_seconds_bucket", "nanorun:kv_cache_free_pages",
+                 "nanorun:recomputed_tokens_total"):
         assert name in names, name
     # Counted per step, every token once, whichever tests ran before this one.
     before = _metric(server, "vllm:generation_tokens_total")
@@ -780,3 +781,26 @@ def test_a_broadcast_that_fails_ends_the_engine_loop_as_dead():
     assert EngineLoop(Idle(), messages.append).run(next_commands) is False
     assert messages == [("dead", "could not get the engine's commands: RuntimeError: "
                                  "Connection closed by peer")]
+
+
+def test_recomputed_tokens_cross_the_pipe_into_metrics():
+    """An ended request's num_recomputed_tokens goes through OutputEncoder, the pipe (a
+    pickle) and OutputDecoder into nanorun:recomputed_tokens_total, beside
+    vllm:num_preemptions_total."""
+    import pickle
+
+    from nanorun.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from nanorun.server.engine_core import EngineStats, OutputDecoder, OutputEncoder
+    from nanorun.server.metrics import ServerMetrics
+
+    metrics = RequestMetrics(arrival_time=0.0, finished_time=1.0, num_preemptions=2)
+    metrics.num_recomputed_tokens = 37
+    out = RequestOutput("r", None, [1, 2], None,
+                        [CompletionOutput(0, "ab", [5, 6], None, None, "length")], True, metrics)
+    decoded = OutputDecoder()(pickle.loads(pickle.dumps(OutputEncoder()([out]))))
+    registry = ServerMetrics(MODEL)
+    registry.observe(decoded)
+    text = registry.render(EngineStats()).decode()
+    label = '{model_name="%s"}' % MODEL
+    assert f"nanorun:recomputed_tokens_total{label} 37.0" in text, text
+    assert f"vllm:num_preemptions_total{label} 2.0" in text

@@ -55,6 +55,9 @@ class ServerMetrics:
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of ended requests.")
         self.generation_tokens = counter("vllm:generation_tokens", "Output tokens generated.")
         self.preemptions = counter("vllm:num_preemptions", "Preemptions of ended requests.")
+        self.recomputed = counter("nanorun:recomputed_tokens",
+                                  "Prompt and context tokens of ended requests computed again "
+                                  "after a preemption had freed their KV.")
         self.rejected = counter("nanorun:requests_rejected",
                                 "Requests answered 503: past --max-queued-requests.")
         self.ttft = histogram("vllm:time_to_first_token_seconds",
@@ -85,6 +88,7 @@ class ServerMetrics:
         m = out.metrics
         self.prompt_tokens.inc(len(out.prompt_token_ids or ()))
         self.preemptions.inc(m.num_preemptions)
+        self.recomputed.inc(getattr(m, "num_recomputed_tokens", 0))
         reason = next((c.finish_reason for c in out.outputs if c.finish_reason), "abort")
         self._success.labels(self.model_name, reason).inc()
         if m.first_token_time is not None:
