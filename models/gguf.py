@@ -59,13 +59,33 @@ def is_gguf(path: str | os.PathLike) -> bool:
 # ---- reading ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class GGUFTensor:
+    """Where one tensor's bytes are: `shape` outermost first (torch's order, not ggml's)."""
+
+    name: str
+    tensor_type: Any            # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    offset: int                 # from the start of the file
+    n_bytes: int
+
+    def data(self, path: str) -> np.ndarray:
+        """The raw bytes, mapped from the file for as long as the array lives, shaped as
+        gguf.dequantize takes them. (The cached GGUFFile keeps no mapping: a model's pages
+        are not held after its weights are loaded.)"""
+        import gguf
+
+        shape = gguf.quant_shape_to_byte_shape(self.shape, self.tensor_type)
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=self.offset, shape=shape)
+
+
+@dataclass(frozen=True)
 class GGUFFile:
     """A parsed GGUF file: `metadata` key -> Python value (str, int, float, bool or a list of
-    them), `tensors` name -> gguf.ReaderTensor (its `data` still memory-mapped)."""
+    them), `tensors` name -> GGUFTensor, in file order."""
 
     path: str
     metadata: dict[str, Any]
-    tensors: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
 
     @property
     def architecture(self) -> str:
@@ -92,7 +112,9 @@ def _read(path: str, size: int, mtime_ns: int) -> GGUFFile:
     except (ValueError, KeyError, IndexError) as e:
         raise ModelConfigError(f"{path} is not a GGUF file nanorun can read: {e}") from e
     metadata = {name: field.contents() for name, field in reader.fields.items()}
-    return GGUFFile(path, metadata, {t.name: t for t in reader.tensors})
+    tensors = {t.name: GGUFTensor(t.name, t.tensor_type, tuple(int(n) for n in reversed(
+        t.shape.tolist())), int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
+    return GGUFFile(path, metadata, tensors)
 
 
 @lru_cache(maxsize=1)
@@ -196,7 +218,7 @@ def _uniform(f: GGUFFile, key: str, default: int | None = None) -> int:
 def _rows(f: GGUFFile, tensor: str) -> int:
     if tensor not in f.tensors:
         raise ModelConfigError(f"{f.path}: GGUF file has no tensor {tensor!r}")
-    return int(f.tensors[tensor].shape[-1])     # ggml lists dimensions innermost first
+    return f.tensors[tensor].shape[0]
 
 
 def _check_attention_dims(f: GGUFFile, arch: str, head_dim: int) -> None:
@@ -230,7 +252,7 @@ def _llama3_rope_scaling(f: GGUFFile, arch: str, head_dim: int) -> dict[str, Any
     import gguf
 
     t = f.tensors["rope_freqs.weight"]
-    stored = gguf.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+    stored = gguf.dequantize(t.data(f.path), t.tensor_type).astype(np.float64).reshape(-1)
     original = f.metadata.get(f"{arch}.rope.scaling.original_context_length", 8192)
     params = {"rope_type": "llama3", "factor": float(stored.max()), "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": original}
@@ -280,34 +302,34 @@ def hf_tensors(config: ModelConfig, path: str | os.PathLike
     for gguf_name, t in f.tensors.items():
         if gguf_name == "rope_freqs.weight":
             continue                           # read into the config's rope scaling
-        read = _reader(t, config, llama_rows)
+        read = _reader(f.path, t, config, llama_rows)
         yield from _hf_entries(config, gguf_name, read)
 
 
-def _reader(t, config: ModelConfig, llama_rows: bool) -> Callable[[], torch.Tensor]:
+def _reader(path: str, t: GGUFTensor, config: ModelConfig,
+            llama_rows: bool) -> Callable[[], torch.Tensor]:
     """Dequantize `t` once, on first use."""
     cache: list[torch.Tensor] = []
 
     def read() -> torch.Tensor:
         if not cache:
-            cache.append(_dequantize(t, config, llama_rows))
+            cache.append(_dequantize(path, t, config, llama_rows))
         return cache[0]
     return read
 
 
-def _dequantize(t, config: ModelConfig, llama_rows: bool) -> torch.Tensor:
+def _dequantize(path: str, t: GGUFTensor, config: ModelConfig, llama_rows: bool) -> torch.Tensor:
     import gguf
 
     try:
-        data = gguf.dequantize(t.data, t.tensor_type)
+        data = gguf.dequantize(t.data(path), t.tensor_type)
     except NotImplementedError as e:
         raise UnsupportedModelError(f"tensor {t.name!r} is of GGUF type {t.tensor_type.name}, "
                                     f"which the gguf package cannot dequantize: {e}") from e
-    shape = tuple(int(n) for n in reversed(t.shape.tolist()))    # ggml: innermost first
     data = np.asarray(data, dtype=np.float32)
     if not data.flags.writeable:               # an F32 tensor is a view of the read-only map
         data = data.copy()
-    w = torch.from_numpy(data.reshape(shape))
+    w = torch.from_numpy(data.reshape(t.shape))
     if llama_rows and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
         heads = config.num_heads if ".attn_q." in t.name else config.num_kv_heads
         w = _unpermute_rows(w, heads)
