@@ -84,7 +84,7 @@ def _offline() -> bool:
 def _download_error(repo_id: str, revision: str | None, e: Exception) -> str:
     kind = type(e).__name__
     where = _at(repo_id, revision)
-    if kind == "IncompleteSnapshotError":     # huggingface_hub >= 1.0 checks the cached listing
+    if kind == "IncompleteSnapshotError":     # recent huggingface_hub checks the cached listing
         return f"the cached snapshot of {where} is incomplete: {e}"
     if kind == "LocalEntryNotFoundError" or (_offline() and isinstance(e, OSError)):
         from huggingface_hub import constants
