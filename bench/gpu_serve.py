@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     # its own lengths); one filter for every workload, as each `nanorun bench` would apply.
     filt = parse_length_filter(args.filter or (CPU_FILTER if args.device == "cpu" else
                                                "nanoflow"))
-    config = BenchConfig(model=args.model, device=args.device, weights="random",
+    config = BenchConfig(model=args.model,
+                         engine_options={"device": args.device, "weights": "random"},
                          max_batch_tokens=batch, layouts=tuple(args.layouts),
                          length_filter=filt, repeats=args.repeats, show_progress=False)
     measurements = run_traces(config, tuple(args.workloads),

@@ -39,7 +39,7 @@ LATENCIES = ("ttft", "tpot", "e2el")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = BenchConfig(
-        model=args.model, device=args.device, weights="random",
+        model=args.model, engine_options={"device": args.device, "weights": "random"},
         max_batch_tokens=args.max_batch_tokens, trace=args.trace,
         num_requests=args.num_requests, length_filter=length_filter(args),
         layouts=(args.layout,), seed=args.seed, show_progress=False)

@@ -9,7 +9,12 @@ import time
 
 from .benchmark.cli import add_parser as _add_bench
 from .search import cli as _search_cli
+from .options import add_engine_arguments, check_vllm_flags, engine_kwargs
 from .server.cli import add_parser as _add_serve
+
+# EngineConfig fields `nanorun generate` does not take, and why.
+GENERATE_ABSENT = {"role": "a prefill or decode engine needs a KV connector: "
+                           "`python -m nanorun.disagg` runs such pairs"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     _search_cli.add_parsers(sub)
     _add_bench(sub)
     _add_serve(sub)
+    check_vllm_flags(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
@@ -58,23 +64,12 @@ def _add_generate(sub) -> None:
                    help="directory, GGUF file or Hub id whose tokenizer to use instead")
     p.add_argument("--prompt-token-ids", default=None, metavar="IDS",
                    help="one prompt as comma-separated token ids, instead of random prompts")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--layout", default="sequential",
-                   help="sequential, overlap, auto (a tuned layout) or a layout JSON file")
     p.add_argument("--num-prompts", type=int, default=32, help="random prompts to run")
     p.add_argument("--prompt-len", type=int, default=128, help="tokens per random prompt")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt")
-    p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="dense batch size (default: the layout's own, e.g. a tuned one that "
-                        "--layout auto finds, else 512)")
-    p.add_argument("--weights", default="auto", choices=["auto", "random"],
-                   help="auto: the directory's safetensors (random for a preset)")
-    p.add_argument("--seed", type=int, default=0, help="seeds random weights and prompts")
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
-                   help="split the model over this many processes; launch with "
-                        "`torchrun --nproc-per-node N -m nanorun.cli generate --tp N`")
+    engine = p.add_argument_group("engine options (EngineConfig's fields; --seed also seeds "
+                                  "the random prompts)")
+    add_engine_arguments(engine, absent=GENERATE_ABSENT)
     p.set_defaults(func=_generate)
 
 
@@ -82,9 +77,7 @@ def _generate(args) -> int:
     from . import LLM
 
     llm = LLM(args.model_flag or args.model, tokenizer=args.tokenizer, revision=args.revision,
-              device=args.device, dtype=args.dtype, layout=args.layout,
-              max_batch_tokens=args.max_batch_tokens, weights=args.weights, seed=args.seed,
-              tensor_parallel_size=args.tp)
+              **engine_kwargs(args, absent=GENERATE_ABSENT))
     try:
         return _report(llm, args)
     finally:

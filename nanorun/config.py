@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,9 +26,19 @@ _DTYPES = {
 }
 
 
+def _option(default: Any, help: str, **cli: Any) -> Any:
+    """An EngineConfig field: its default, its help text (LLM's docstring and every command's
+    flag show it), and what the command line needs beyond that (nanorun.options): `type`
+    (argparse's, str by default), `choices`, `flag` (else --field-name), `aliases`, `cli`
+    ("flag": an on/off switch)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything an Engine is built from. See LLM for what each field means.
+    """Everything an Engine is built from; each field's help says what it means. LLM takes
+    them as keyword arguments and `nanorun serve`, `bench` and `generate` as flags, all
+    derived from these fields (nanorun.options).
 
     max_batch_tokens None: not chosen by the user, so the layout's own dense batch size where
     the layout has one (a Layout, a layout JSON, or the tuned layout "auto" finds), else
@@ -36,22 +46,51 @@ class EngineConfig:
     """
 
     model: str
-    device: str = "cpu"
-    dtype: str | torch.dtype | None = None
-    layout: Any = "sequential"
-    max_batch_tokens: int | None = None
-    kv_cache_tokens: int | None = None
-    page_size: int = 16
-    seed: int = 0
-    weights: str = "auto"
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    scheduling_policy: str = "fcfs"
-    length_predictor: Any = None
-    kv_reservation: str = "none"
-    role: str = "both"
-    async_scheduling: bool = False
-    cpu_threads: int | None = None
+    device: str = _option("cpu", "cpu, cuda or cuda:N")
+    dtype: str | torch.dtype | None = _option(
+        None, "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
+    layout: Any = _option(
+        "sequential", "how each iteration is split into nano-batches: sequential (whole), "
+        "overlap, auto (the layout `nanorun tune` stored for this model, device and "
+        "tensor-parallel size, else overlap), a layout JSON file, or (from Python) a Layout")
+    max_batch_tokens: int | None = _option(
+        None, "the dense batch size, tokens per iteration (the Dynamic SplitFuse budget; "
+        f"default: the layout's own, else {DEFAULT_MAX_BATCH_TOKENS})", type=int)
+    kv_cache_tokens: int | None = _option(
+        None, "KV cache capacity in tokens (default: sized from free memory)", type=int)
+    page_size: int = _option(16, "tokens per KV page (vLLM's --block-size)", type=int)
+    seed: int = _option(0, "seeds random weights and unseeded requests' sampling", type=int)
+    weights: str = _option("auto", "auto loads the model's weights (random for a preset); "
+                           "random skips loading", choices=("auto", "random"))
+    max_model_len: int | None = _option(
+        None, "longest prompt + output (default: the model's context)", type=int)
+    tensor_parallel_size: int = _option(
+        1, "split the model over this many processes, one per device (Megatron-style); N > 1 "
+        "runs under `torchrun --nproc-per-node N`, every rank running the same code",
+        type=int, aliases=("-tp", "--tp"))
+    max_num_seqs: int | None = _option(
+        None, "the most sequences running at once (default: as many as the KV cache holds)",
+        type=int)
+    scheduling_policy: str = _option(
+        "fcfs", "which waiting requests start first: fcfs (arrival order) or hrrn (highest "
+        "response ratio next by predicted output length: Magnus)", choices=("fcfs", "hrrn"))
+    length_predictor: Any = _option(
+        None, "what hrrn and kv_reservation=predicted predict output lengths with: "
+        "max_tokens (the default), a trace name or request-log CSV to fit a prompt-length "
+        "model on, or (from Python) an object with predict(prompt_token_ids, sampling_params)")
+    kv_reservation: str = _option(
+        "none", "none admits a request when its first chunk's KV pages are free; predicted "
+        "also keeps back the pages running requests are forecast to need, so that none is "
+        "preempted", choices=("none", "predicted"))
+    role: str = _option(
+        "both", "both runs requests whole; prefill and decode split them between two engines "
+        "(Splitwise: nanorun.disagg builds such pairs)", choices=ROLES)
+    async_scheduling: bool = _option(
+        False, "form and launch each iteration while the previous one runs on the device; "
+        "the same tokens, the host's work hidden", cli="flag")
+    cpu_threads: int | None = _option(
+        None, "threads the CPU kernels use (default: every core); fewer leaves cores to other "
+        "work, such as a server's HTTP process", type=int)
 
     def __post_init__(self) -> None:
         from .scheduler import KV_RESERVATIONS, POLICIES
@@ -82,6 +121,8 @@ class EngineConfig:
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         if self.cpu_threads is not None:
             _positive("cpu_threads", self.cpu_threads)
+        if self.max_num_seqs is not None:
+            _positive("max_num_seqs", self.max_num_seqs)
         _positive("page_size", self.page_size)
         if self.page_size > MAX_PAGE_SIZE:
             raise ValueError(f"page_size={self.page_size} tokens per KV page is more than the "

@@ -118,7 +118,7 @@ class Engine:
             predictor = self.tensor_parallel.on_driver(lambda: get_length_predictor(
                 cfg.length_predictor))
         self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens, cfg.scheduling_policy,
-                                   predictor, cfg.kv_reservation)
+                                   predictor, cfg.kv_reservation, cfg.max_num_seqs)
         # kv_send calls the transport from the host with each iteration's requests: no graphs.
         self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
                                  spec, kernels=(attention_fn, kv_append_fn),

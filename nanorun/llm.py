@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import textwrap
 import numbers
 from collections.abc import Mapping, Sequence
 
@@ -10,11 +12,18 @@ import numpy as np
 import torch
 
 from .engine import Engine
+from .options import engine_fields
 from .models.hub import model_path
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .text_engine import Prompt, TextEngine, TextRequest, tokenizer_of
 from .tokenizer import Message, Tokenizer
+
+
+# EngineConfig fields that LLM does not take, and why.
+LLM_ABSENT = {"role": "a prefill or decode engine needs a KV connector: build such pairs "
+                      "with nanorun.disagg"}
+ENGINE_OPTIONS = {f.name: f for f in engine_fields() if f.name not in LLM_ABSENT}
 
 
 class LLM:
@@ -35,75 +44,24 @@ class LLM:
         tokenizer: a directory, GGUF file or Hub id whose tokenizer to use instead of the
             model's (as vLLM's `tokenizer`).
         revision: the branch, tag or commit of a Hub id (default: main).
-        device: "cpu" or "cuda".
-        dtype: None picks float32 on CPU and bfloat16 on GPU.
-        layout: how each iteration is split into nano-batches: "sequential" (runs it whole),
-            "overlap", "auto" (the layout `nanorun tune` stored for this model, device and
-            tensor_parallel_size, else "overlap"; see docs/layout.md), a Layout, or the path
-            of a layout JSON.
-        max_batch_tokens: the dense batch size: tokens per iteration (Dynamic SplitFuse budget).
-            None: the layout's own (a tuned or loaded layout's), else 512.
-        kv_cache_tokens: KV cache capacity in tokens; None sizes it from free memory.
-        page_size: tokens per KV page.
-        seed: seeds random weights and the shared sampling generator.
-        weights: "auto" loads the directory's safetensors (random for a preset); "random"
-            skips loading.
-        max_model_len: longest prompt + output; defaults to the model's context length.
-        tensor_parallel_size: split the model over this many processes, one per device
-            (Megatron-style; see nanorun.distributed). N > 1 needs N processes started by
+        process_group: with tensor_parallel_size N > 1, a torch.distributed group of N ranks
+            to use instead of the default group. N > 1 needs N processes started by
             `torchrun --nproc-per-node N`, each running this same code on the same prompts;
             every rank returns the same outputs, `is_driver` (rank 0) says which reports them.
-        process_group: a torch.distributed group of tensor_parallel_size ranks to use instead
-            of the default group.
-        scheduling_policy: which waiting requests start first: "fcfs" (arrival order) or
-            "hrrn" (highest response ratio next, by predicted output length: Magnus).
-        length_predictor: what "hrrn" and kv_reservation="predicted" predict output lengths
-            with: None (each request's max_tokens), a trace to fit a prompt-length model on
-            (see nanorun.lengths), or an object with predict(prompt_token_ids, sampling_params).
-        kv_reservation: "none" admits a request when its first chunk's KV pages are free;
-            "predicted" also keeps back the pages running requests are forecast to need, so
-            that none is preempted (its stream stalled while it is recomputed). Worth it when
-            predictions are good; over-predictions (max_tokens as a loose bound) admit too few.
-        async_scheduling: form and launch each iteration while the previous one still runs
-            on the device (see Engine.step); the same tokens, the host's work hidden.
-        cpu_threads: threads the CPU kernels use (torch's intra-op pool, process-wide, and
-            numba's attention kernel); None leaves torch's default, every core. Fewer than
-            the cores leaves the rest to other work on the machine, such as a server's HTTP
-            process (see nanorun.backends.cpu).
+        **options: the engine's options, EngineConfig's fields (the same as the flags of
+            `nanorun serve`, `bench` and `generate`), listed below.
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        tokenizer: str | None = None,
-        revision: str | None = None,
-        device: str = "cpu",
-        dtype=None,
-        layout="sequential",
-        max_batch_tokens: int | None = None,
-        kv_cache_tokens: int | None = None,
-        page_size: int = 16,
-        seed: int = 0,
-        weights: str = "auto",
-        max_model_len: int | None = None,
-        tensor_parallel_size: int = 1,
-        process_group=None,
-        scheduling_policy: str = "fcfs",
-        length_predictor=None,
-        kv_reservation: str = "none",
-        async_scheduling: bool = False,
-        cpu_threads: int | None = None,
-    ) -> None:
+    def __init__(self, model: str, *, tokenizer: str | None = None, revision: str | None = None,
+                 process_group=None, **options) -> None:
+        unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+        if unknown:
+            absent = [f"{name} ({LLM_ABSENT[name]})" for name in unknown if name in LLM_ABSENT]
+            raise TypeError(f"LLM() got unknown options {unknown}"
+                            + (f": {'; '.join(absent)}" if absent else "")
+                            + f"; its options are {sorted(ENGINE_OPTIONS)}")
         path = model_path(model, revision)      # a Hub id's snapshot, else `model` itself
-        self.engine = Engine(
-            path, device=device, dtype=dtype, layout=layout,
-            max_batch_tokens=max_batch_tokens, kv_cache_tokens=kv_cache_tokens,
-            page_size=page_size, seed=seed, weights=weights, max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size, process_group=process_group,
-            scheduling_policy=scheduling_policy, length_predictor=length_predictor,
-            kv_reservation=kv_reservation, async_scheduling=async_scheduling,
-            cpu_threads=cpu_threads)
+        self.engine = Engine(path, process_group=process_group, **options)
         tok, reason = tokenizer_of(tokenizer or path)
         self.text_engine = TextEngine(self.engine, tok, no_tokenizer_reason=reason)
         self._ids = itertools.count()
@@ -205,6 +163,20 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {n} prompts; give one, "
                              f"or one per prompt")
         return params
+
+
+def _document_options(cls: type) -> None:
+    """LLM's signature and docstring list the engine's options, from EngineConfig's fields."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[:-1]   # less **options
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                 annotation=f.type) for name, f in ENGINE_OPTIONS.items()]
+    cls.__init__.__signature__ = inspect.Signature(params)
+    lines = [textwrap.fill(f"{name}: {f.metadata['help']}", 92, initial_indent=" " * 8,
+                           subsequent_indent=" " * 12) for name, f in ENGINE_OPTIONS.items()]
+    cls.__doc__ += "\n    Engine options:\n" + "\n".join(lines) + "\n"
+
+
+_document_options(LLM)
 
 
 def _progress(total: int):

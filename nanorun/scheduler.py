@@ -130,11 +130,12 @@ class SchedulerOutput:
 class Scheduler:
     """policy: "fcfs" or "hrrn"; kv_reservation: "none" or "predicted" (see the module's
     docstring). predictor: what get_length_predictor takes (None: the request's max_tokens);
-    used by "hrrn" and "predicted" only."""
+    used by "hrrn" and "predicted" only. max_num_seqs: the most requests running at once
+    (vLLM's max_num_seqs; a request of n sequences counts n)."""
 
     def __init__(self, kv_cache: KVCache, max_batch_tokens: int, policy: str = "fcfs",
                  predictor: LengthPredictor | str | None = None,
-                 kv_reservation: str = "none") -> None:
+                 kv_reservation: str = "none", max_num_seqs: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}: use one of {POLICIES}")
         if kv_reservation not in KV_RESERVATIONS:
@@ -144,6 +145,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.policy = policy
         self.kv_reservation = kv_reservation
+        self.max_num_seqs = max_num_seqs          # None: as many as the KV cache holds
         self.predictor = (get_length_predictor(predictor)
                           if uses_predictions(policy, kv_reservation) else None)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -352,6 +354,8 @@ class Scheduler:
         forecast = None     # built when first needed: most iterations admit no one
         passed: list[Request] = []     # forks waiting for their parent: they keep their place
         while self.waiting and budget > 0:
+            if self.max_num_seqs is not None and len(self.running) >= self.max_num_seqs:
+                break
             request = self.waiting[0]
             if self._waits_for_parent(request):
                 passed.append(self.waiting.popleft())

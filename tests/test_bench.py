@@ -468,8 +468,9 @@ def test_one_dense_batch_size_for_every_layout(tmp_path, monkeypatch):
 def test_bench_engines_take_the_scheduling_policy():
     from nanorun.benchmark.runner import BenchConfig, engine_facts
 
-    engine = BenchConfig(scheduling_policy="hrrn", length_predictor="azure-code",
-                         kv_reservation="predicted", kv_cache_tokens=1024).engine("sequential", 64)
+    engine = BenchConfig(engine_options=dict(
+        scheduling_policy="hrrn", length_predictor="azure-code", kv_reservation="predicted",
+        kv_cache_tokens=1024)).engine("sequential", 64)
     facts = engine_facts(engine)
     assert facts["scheduling_policy"] == "hrrn" and facts["kv_reservation"] == "predicted"
     assert facts["length_predictor"] == "bucketed:azure-code"
@@ -513,7 +514,8 @@ def repeated(tmp_path_factory):
     mp.setattr(ceilings, "measure", measure)
     try:
         config = runner.BenchConfig(layouts=("overlap",), max_batch_tokens=64,
-                                    kv_cache_tokens=4096, repeats=3, show_progress=False,
+                                    engine_options={"kv_cache_tokens": 4096}, repeats=3,
+                                    show_progress=False,
                                     length_filter=LengthFilter(40, 6, 48))
         ms = runner.run_traces(config, ("const:24x4", "sharegpt"), num_requests=(3, 3))
     finally:

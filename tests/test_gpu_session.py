@@ -201,7 +201,8 @@ def _report(**header) -> dict:
 
 def test_the_latency_curve_takes_its_peak_only_from_the_same_workload(tmp_path):
     curve = _bench_module("latency_curve")
-    config = curve.BenchConfig(model="llama-3-8b", device="cuda", max_batch_tokens=1024,
+    config = curve.BenchConfig(model="llama-3-8b", engine_options={"device": "cuda"},
+                               max_batch_tokens=1024,
                                trace="sharegpt", num_requests=200, length_filter=None)
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(_report()))

@@ -11,7 +11,18 @@ import json
 import math
 import os
 
+from ..options import add_engine_arguments, engine_kwargs
+
 CPU_FILTER = "256,128,384"
+# EngineConfig fields that are not engine flags of `nanorun bench`, and why.
+BENCH_ABSENT = {
+    "layout": "bench compares several: its own --layout takes a list",
+    "seed": "bench's own --seed seeds the engine too, with the trace window and arrivals",
+    "role": "a prefill or decode engine needs a KV connector: `python -m nanorun.disagg` "
+            "benchmarks such pairs",
+    "tensor_parallel_size": "bench drives one engine in its process; benchmark a "
+                            "tensor-parallel `nanorun serve` with bench --base-url",
+}
 # Passes by default: one pass cannot tell a layout's gain from a neighbour's load (a busy
 # machine once gave overlap 3.53x sequential in one pass and 0.79x in the next). Three is the
 # fewest with a middle pass to report and a range to judge it by, at three times the cost.
@@ -29,36 +40,9 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default="tiny-llama",
                    help="preset name or Hugging Face model directory (default: tiny-llama)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default=None,
-                   help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--weights", default="auto", choices=["auto", "random"],
-                   help="auto: load a directory's safetensors, random for a preset")
     p.add_argument("--layout", nargs="+", default=["sequential", "overlap"],
                    help="layouts to compare: sequential, overlap, auto or a layout JSON file "
                         "(sequential always runs too, first)")
-    p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="dense batch size, tokens per iteration, for every layout (default: "
-                        "the size of the first --layout that has one, such as a tuned 'auto' "
-                        "layout or a layout JSON, else 512)")
-    p.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV cache capacity in tokens (default: sized from free memory)")
-    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "hrrn"],
-                   help="which waiting requests start first: fcfs, or hrrn (highest response "
-                        "ratio next by predicted output length, Magnus) (default: fcfs)")
-    p.add_argument("--length-predictor", default=None,
-                   help="what hrrn and --kv-reservation predicted predict output lengths "
-                        "with: max_tokens, or a trace name or CSV to fit a prompt-length model "
-                        "on (default: max_tokens). Both know the answer here: each request's "
-                        "max_tokens is its trace length, and the model's prediction is capped "
-                        "at it; bench/scheduling.py compares policies without that leak")
-    p.add_argument("--kv-reservation", default="none", choices=["none", "predicted"],
-                   help="predicted: admit a request only when the KV pages running requests "
-                        "are predicted to need are left over (default: none)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="form each iteration while the previous one runs (see Engine.step)")
-    p.add_argument("--cpu-threads", type=int, default=None,
-                   help="threads the CPU kernels use (default: every core)")
     p.add_argument("--trace", default="sharegpt",
                    help="azure-conv, azure-code, sharegpt, lmsys, a CSV path "
                         "(TIMESTAMP,ContextTokens,GeneratedTokens) or const:PxO "
@@ -86,6 +70,9 @@ def add_parser(sub) -> None:
                    help="comma-separated percentiles reported as p<N>_*_ms (default: 99)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the trace window, prompts, arrivals and random weights")
+    engine = p.add_argument_group(
+        "engine options (EngineConfig's fields; each layout's engine takes them)")
+    add_engine_arguments(engine, absent=BENCH_ABSENT)
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                    help="passes over every layout, interleaved (sequential, A, B, sequential, "
                         "A, B, ...); each row is the median pass with the min-max over "
@@ -119,18 +106,15 @@ def run(args) -> int:
     from .runner import BenchConfig, run_benchmark
     from .summary import format_summary
 
+    options = engine_kwargs(args, absent=BENCH_ABSENT)
     config = BenchConfig(
-        model=args.model, device=args.device, dtype=args.dtype,
-        max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
-        weights=args.weights, trace=args.trace, num_requests=args.num_requests or None,
+        model=args.model, max_batch_tokens=options.pop("max_batch_tokens"),
+        engine_options=options, trace=args.trace, num_requests=args.num_requests or None,
         length_filter=_length_filter(args), layouts=tuple(args.layout),
         request_rates=tuple(args.request_rate), burstiness=args.burstiness,
         goodput=tuple(parse_goodput(args.goodput).items()),
         percentiles=_percentiles(args.metric_percentiles), seed=args.seed,
-        show_progress=not args.no_progress, scheduling_policy=args.scheduling_policy,
-        length_predictor=args.length_predictor, kv_reservation=args.kv_reservation,
-        async_scheduling=args.async_scheduling, cpu_threads=args.cpu_threads,
-        repeats=args.repeats)
+        show_progress=not args.no_progress, repeats=args.repeats)
     report = build_report(run_benchmark(config))
     print(format_summary(report))
     _write(report, args)

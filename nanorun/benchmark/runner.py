@@ -30,6 +30,7 @@ import gc
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,11 +60,10 @@ class BenchConfig:
     """Everything one `nanorun bench` invocation measures. See `nanorun bench --help`."""
 
     model: str = "tiny-llama"
-    device: str = "cpu"
-    dtype: str | None = None
     max_batch_tokens: int | None = None     # None: see dense_batch_tokens()
-    kv_cache_tokens: int | None = None
-    weights: str = "auto"
+    # Every layout's engine takes these EngineConfig keywords (device, dtype, kv_cache_tokens,
+    # scheduling_policy, ...); the layout, the dense batch size and the seed are the bench's.
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
     trace: str = "sharegpt"
     num_requests: int | None = 32
     length_filter: LengthFilter | None = None
@@ -72,18 +72,18 @@ class BenchConfig:
     burstiness: float = 1.0
     goodput: tuple[tuple[str, float], ...] = ()     # (metric, ms) objectives
     percentiles: tuple[float, ...] = (99.0,)
-    seed: int = 0
+    seed: int = 0                           # the trace window, prompts, arrivals, weights
     show_progress: bool = True
-    scheduling_policy: str = "fcfs"
-    length_predictor: Any = None            # for "hrrn" and "predicted": nanorun.lengths
-    kv_reservation: str = "none"
-    async_scheduling: bool = False
-    cpu_threads: int | None = None          # None: torch's default (every core)
     # Interleaved passes over every layout. 1 here, so that a script's budget stays its own;
     # the command's default is cli.DEFAULT_REPEATS.
     repeats: int = 1
 
     def __post_init__(self) -> None:
+        own = {"model", "layout", "max_batch_tokens", "seed"} & set(self.engine_options)
+        if own:
+            raise ValueError(f"engine_options cannot set {sorted(own)}: BenchConfig's own "
+                             f"fields (and layouts) set them for every engine")
+        EngineConfig(model=self.model, **self.engine_options)     # validates, names the field
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {self.repeats}")
         if not self.layouts:
@@ -114,15 +114,13 @@ class BenchConfig:
                 return resolved.batch_tokens
         return DEFAULT_MAX_BATCH_TOKENS
 
+    @property
+    def device(self) -> str:
+        return self.engine_options.get("device", "cpu")
+
     def engine(self, layout: str, max_batch_tokens: int) -> Engine:
-        return Engine(self.model, device=self.device, dtype=self.dtype, layout=layout,
-                      max_batch_tokens=max_batch_tokens,
-                      kv_cache_tokens=self.kv_cache_tokens, seed=self.seed,
-                      weights=self.weights, scheduling_policy=self.scheduling_policy,
-                      length_predictor=self.length_predictor,
-                      kv_reservation=self.kv_reservation,
-                      async_scheduling=self.async_scheduling,
-                      cpu_threads=self.cpu_threads)
+        return Engine(self.model, layout=layout, max_batch_tokens=max_batch_tokens,
+                      seed=self.seed, **self.engine_options)
 
 
 @dataclass(frozen=True)
@@ -213,9 +211,12 @@ def run_traces(config: BenchConfig, traces: tuple[str, ...], *,
     """run_benchmark over several traces, one Measurement each, with one measurement of the
     ceilings and one engine per (repeat, layout) serving every trace in turn. num_requests:
     one per trace (default: config.num_requests for each)."""
-    if uses_predictions(config.scheduling_policy, config.kv_reservation):
+    options = EngineConfig(model=config.model, **config.engine_options)
+    if uses_predictions(options.scheduling_policy, options.kv_reservation):
         # Fit (or fail) once, before anything is built.
-        config = replace(config, length_predictor=get_length_predictor(config.length_predictor))
+        config = replace(config, engine_options={
+            **config.engine_options,
+            "length_predictor": get_length_predictor(options.length_predictor)})
     counts = num_requests or (config.num_requests,) * len(traces)
     if len(counts) != len(traces):
         raise ValueError(f"{len(traces)} traces but {len(counts)} request counts")
@@ -225,7 +226,7 @@ def run_traces(config: BenchConfig, traces: tuple[str, ...], *,
         for rate in config.request_rates:
             # A bad rate or burstiness fails here, before anything is built.
             arrival_process.schedule(trace, rate, burstiness=config.burstiness)
-    engine_config = EngineConfig(model=config.model, device=config.device, dtype=config.dtype)
+    engine_config = options
     device = engine_config.torch_device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={config.device!r} but torch sees no CUDA device; use "
