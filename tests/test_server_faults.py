@@ -18,10 +18,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("sse_starlette")
 
-from test_server import _get, _metrics, _post, _start_server, _stop  # noqa: E402
+from test_server import MODEL, _get, _metrics, _post, _start_server, _stop  # noqa: E402
 
 PRESET = "tiny-llama"           # 4096 tokens of context; the server's KV cache holds 4096
-MODEL = "tiny-text"             # the served name _start_server gives it
 
 
 async def _abandon(url: str, n: int, max_tokens: int, after_s: float) -> int:
