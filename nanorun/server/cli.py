@@ -11,6 +11,9 @@ import logging
 import os
 import sys
 
+from .. import options
+from ..options import add_engine_arguments
+
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10     # well inside Kubernetes' default 30 s grace period
 # Once the engine has died, the server answers 503 for this long, then exits 1 (a supervisor
@@ -22,6 +25,10 @@ EXIT_STARTUP_FAILURE = 3            # uvicorn's, when it could not listen
 
 logger = logging.getLogger("nanorun.server")
 
+# EngineConfig fields that are not flags of `nanorun serve`, and why.
+SERVE_ABSENT = {"role": "a prefill or decode engine needs a KV connector: "
+                        "`python -m nanorun.disagg` runs such pairs"}
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -30,7 +37,8 @@ def add_parser(sub) -> None:
         description="Serve MODEL on /v1/completions, /v1/chat/completions, /v1/models, /health "
                     "and /metrics (see docs/serving.md). Install with pip install -e '.[serve]'.")
     p.add_argument("model", help="a Hugging Face model directory (its tokenizer.json and chat "
-                                 "template are used) or a preset name (token-id prompts only)")
+                                 "template are used), a GGUF file, a Hugging Face Hub id "
+                                 "(org/name), or a preset name (token-id prompts only)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", default=None,
@@ -46,31 +54,16 @@ def add_parser(sub) -> None:
     p.add_argument("--shutdown-timeout", type=int, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
                    help="on SIGTERM, seconds the running requests may go on before they are "
                         "cancelled (new connections are refused at once)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--layout", default="sequential",
-                   help="sequential, overlap, auto (a tuned layout) or a layout JSON file")
-    p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="dense batch size, tokens per iteration (default: the layout's, else 512)")
-    p.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV cache capacity in tokens (default: sized from free memory)")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output (default: the model's context)")
-    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "hrrn"],
-                   help="which waiting requests start first")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="form each iteration while the previous one runs (see Engine.step)")
-    p.add_argument("--cpu-threads", type=int, default=None,
-                   help="threads the engine's CPU kernels use (default: every core); fewer "
-                        "leaves cores to the HTTP side (docs/serving.md)")
-    p.add_argument("--weights", default="auto", choices=["auto", "random"],
-                   help="auto: the directory's safetensors (random for a preset)")
-    p.add_argument("--seed", type=int, default=0, help="seeds random weights and sampling")
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
-                   help="tensor-parallel ranks: launch N of `nanorun serve` under `torchrun "
-                        "--nproc-per-node N`; rank 0 serves HTTP, every rank steps alike")
+    p.add_argument("--tokenizer", default=None,
+                   help="a directory, GGUF file or Hub id whose tokenizer to use instead of "
+                        "MODEL's")
+    p.add_argument("--revision", default=None,
+                   help="the branch, tag or commit of a Hub id (default: main)")
+    engine = p.add_argument_group(
+        "engine options (EngineConfig's fields; --tensor-parallel-size N runs N of `nanorun "
+        "serve` under `torchrun --nproc-per-node N`: rank 0 serves HTTP, every rank steps "
+        "alike)")
+    add_engine_arguments(engine, absent=SERVE_ABSENT)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -98,14 +91,9 @@ def run(args) -> int:
         raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    engine_kwargs = dict(
-        device=args.device, dtype=args.dtype, layout=args.layout,
-        max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
-        page_size=args.page_size, max_model_len=args.max_model_len, seed=args.seed,
-        weights=args.weights, scheduling_policy=args.scheduling_policy,
-        tensor_parallel_size=args.tp, async_scheduling=args.async_scheduling,
-        cpu_threads=args.cpu_threads)
-    if args.tp > 1 and int(os.environ.get("RANK", "0")) > 0:
+    engine_kwargs = dict(options.engine_kwargs(args, absent=SERVE_ABSENT),
+                         tokenizer=args.tokenizer, revision=args.revision)
+    if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:
         # No HTTP here: this rank steps on the commands rank 0's engine broadcasts.
         from .engine_core import follower_main
 
@@ -117,6 +105,7 @@ def run(args) -> int:
     except ImportError as e:
         raise RuntimeError(f"nanorun serve needs the [serve] extra ({e.name} is missing): "
                            f"pip install -e '.[serve]'") from None
+    from ..models.hub import model_path
     from ..text_engine import tokenizer_of
     from .async_engine import AsyncEngine
 
@@ -125,7 +114,8 @@ def run(args) -> int:
     engine, info = AsyncEngine.spawn(args.model, engine_kwargs,
                                      max_queued_requests=args.max_queued_requests)
     name = args.served_model_name or served_name(args.model)
-    app = build_app(engine, model_name=name, tokenizer=tokenizer_of(args.model)[0],
+    tokenizer = tokenizer_of(args.tokenizer or model_path(args.model, args.revision))[0]
+    app = build_app(engine, model_name=name, tokenizer=tokenizer,
                     max_model_len=info["max_model_len"], stream_interval=args.stream_interval)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
