@@ -130,7 +130,7 @@ def summary(rows: list[dict]) -> dict:
 
 def tuned(trials: int) -> list[dict]:
     from nanorun.benchmark.traces import NANOFLOW_FILTER
-    from nanorun.models import get_preset
+    from nanorun.models import GEMM, NETWORK, get_preset
     from nanorun.search import CostModel, Predictor, Workload, get_device
     from nanorun.search.tune import Tuner, tune
 
@@ -144,6 +144,11 @@ def tuned(trials: int) -> list[dict]:
         elapsed = time.perf_counter() - start
         layout = result.layout
         parts = {p.name: p.sm_count for p in layout.partitions}
+        # Where the collectives went and how the GEMMs were split, read off the ops' kinds.
+        placed = dict(layout.ops)
+        ops = tuner.predictor.ops
+        network = next(op.name for op in ops if op.kind == NETWORK)
+        gemm = next(op.name for op in ops if op.kind == GEMM)
         p = result.predicted()
         out.append({
             "command": f"nanorun tune llama-2-70b --gpu {gpu} --tp 8 --trials {trials}",
@@ -154,8 +159,8 @@ def tuned(trials: int) -> list[dict]:
             "speedup_vs_sequential": p["speedup_vs_sequential"],
             "percent_of_optimal": p["percent_of_optimal"],
             "batch_tokens": layout.batch_tokens, "partitions": parts,
-            "collectives_on": dict(layout.ops)["attn_allreduce"].partition,
-            "gemm_splits": len(dict(layout.ops)["qkv"].splits),
+            "collectives_on": placed[network].partition,
+            "gemm_splits": len(placed[gemm].splits),
             "pipelined": any(len(e) > 2 and e[2] for e in layout.order)})
     return out
 

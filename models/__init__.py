@@ -13,9 +13,11 @@ from .presets import PRESETS, get_preset, list_presets, suggest_preset
 from .gguf import gguf_config, is_gguf
 from .hub import model_path, repo_id_of
 
-from .llama import LAYER_OPS, TP_LAYER_OPS, LlamaModel, OpSpec, TPWorkspace, Workspace, layer_ops
+from .op import ATTENTION, GEMM, KINDS, MEMORY, NETWORK, SIDES, OpSpec, OpWork, Shapes
+from .llama import LAYER_OPS, TP_LAYER_OPS, LlamaModel, TPWorkspace, Workspace, layer_ops
 from .moe import MoEModel, MoEWorkspace, moe_layer_ops
-from .registry import MODEL_CLASSES, build_model, model_layer_ops
+from .registry import (MODEL_CLASSES, NETWORK_OPS, build_model, declared_ops, family,
+                       model_frame_ops, model_layer_ops, op_spec)
 
 
 def resolve_model(model: str, revision: str | None = None) -> tuple[ModelConfig, str | None]:
@@ -44,7 +46,8 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[ModelConfig,
 __all__ = [
     "LAYER_OPS", "TP_LAYER_OPS", "MODEL_CLASSES", "LlamaModel", "OpSpec", "TPWorkspace",
     "Workspace", "build_model", "layer_ops", "MoEModel", "MoEWorkspace", "moe_layer_ops",
-    "model_layer_ops",
+    "model_layer_ops", "model_frame_ops", "declared_ops", "family", "op_spec", "NETWORK_OPS",
+    "OpWork", "Shapes", "KINDS", "SIDES", "GEMM", "MEMORY", "ATTENTION", "NETWORK",
     "PRESETS", "SUPPORTED_ARCHITECTURES", "ModelConfig", "ModelConfigError", "RopeScaling",
     "UnknownModelError", "UnsupportedModelError", "WeightLoadError", "get_preset", "list_presets",
     "load_weights", "random_weights", "resolve_model", "weight_shapes", "check_tensor_parallel",

@@ -41,54 +41,111 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .loader import shard_config, weight_shapes
+from .op import (ATTENTION, ATTENTION_SIDE, EMBED, GEMM, LOGITS, MEMORY, NETWORK, OpSpec, OpWork,
+                 Shapes)
 
 
-@dataclass(frozen=True)
-class OpSpec:
-    """A named op of a layer. kind tells the planner and cost model what bounds it."""
-
-    name: str
-    kind: str               # "gemm" (compute-bound), "memory", "attention", "network"
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
+# -- the ops of a layer, and what each costs (models/op.py says what the facts mean) -----------
+# Per-token work on one rank as a function of the model's shapes (s: models.op.Shapes).
+def norm_work(s: Shapes) -> OpWork:            # RMSNorm: read the residual row, write x
+    return OpWork(flops_per_token=4.0 * s.d, bytes_per_token=2 * s.d * s.dtype_bytes)
 
 
-LAYER_OPS: tuple[OpSpec, ...] = (
-    OpSpec("attn_norm", "memory", ("hidden",), ("x",)),
-    OpSpec("qkv", "gemm", ("x",), ("qkv",)),
-    OpSpec("rope", "memory", ("qkv",), ("qkv",)),
-    OpSpec("kv_append", "memory", ("qkv",), ("kv_cache",)),
-    OpSpec("attention", "attention", ("qkv", "kv_cache"), ("attn",)),
-    OpSpec("o_proj", "gemm", ("attn", "hidden"), ("hidden",)),
-    OpSpec("mlp_norm", "memory", ("hidden",), ("x",)),
-    OpSpec("gate_up", "gemm", ("x",), ("gate_up",)),
-    OpSpec("act", "memory", ("gate_up",), ("act",)),
-    OpSpec("down", "gemm", ("act", "hidden"), ("hidden",)),
-)
+def _rope_work(s: Shapes) -> OpWork:            # rotate q and k in place
+    return OpWork(flops_per_token=6.0 * (s.q + s.kv),
+                  bytes_per_token=2 * (s.q + s.kv) * s.dtype_bytes)
 
-# The layer on tp > 1 ranks. A collective must be issued in the same order on every rank, and
-# every rank runs the same plan: the executor's launch order (issue order, or the race
-# detector's order_seed order, which is a function of the plan and the seed only) is therefore
-# the same everywhere, as long as every rank uses the same layout and the same order_seed.
-TP_LAYER_OPS: tuple[OpSpec, ...] = (
-    OpSpec("attn_norm", "memory", ("hidden",), ("x",)),
-    OpSpec("qkv", "gemm", ("x",), ("qkv",)),                      # column-parallel: local heads
-    OpSpec("rope", "memory", ("qkv",), ("qkv",)),
-    OpSpec("kv_append", "memory", ("qkv",), ("kv_cache",)),
-    OpSpec("attention", "attention", ("qkv", "kv_cache"), ("attn",)),
-    OpSpec("o_proj", "gemm", ("attn",), ("o_out",)),              # row-parallel: a partial sum
-    OpSpec("attn_allreduce", "network", ("o_out", "hidden"), ("o_out", "hidden")),
-    OpSpec("mlp_norm", "memory", ("hidden",), ("x",)),
-    OpSpec("gate_up", "gemm", ("x",), ("gate_up",)),              # column-parallel
-    OpSpec("act", "memory", ("gate_up",), ("act",)),
-    OpSpec("down", "gemm", ("act",), ("mlp_out",)),               # row-parallel: a partial sum
-    OpSpec("mlp_allreduce", "network", ("mlp_out", "hidden"), ("mlp_out", "hidden")),
-)
+
+def _kv_append_work(s: Shapes) -> OpWork:       # read k and v, write them to their pages
+    return OpWork(flops_per_token=0.0, bytes_per_token=4 * s.kv * s.dtype_bytes)
+
+
+def _attention_work(s: Shapes) -> OpWork:
+    # q read and the output written per token; per token of context, QK^T and PV (2 FLOPs a
+    # multiply-add) and that token's K and V read (the cost model shares a read among the
+    # query rows of a prompt chunk's tile).
+    b = s.dtype_bytes
+    return OpWork(flops_per_token=0.0, bytes_per_token=2 * s.q * b,
+                  context_flops=4.0 * s.heads_dim, context_bytes=2 * s.kv * b)
+
+
+def _act_work(s: Shapes) -> OpWork:             # silu(gate) * up
+    return OpWork(flops_per_token=4.0 * s.inter, bytes_per_token=3 * s.inter * s.dtype_bytes)
+
+
+def all_reduce_work(s: Shapes) -> OpWork:
+    # The all-reduce of d partial sums per token; bytes_per_token: the add of the reduced rows
+    # into the residual (reading both, writing one); each rank sends and receives
+    # 2 (tp - 1) / tp of the message.
+    d, b, tp = s.d, s.dtype_bytes, s.tp
+    return OpWork(flops_per_token=0.0, bytes_per_token=3 * d * b,
+                  network_bytes_per_token=2.0 * (tp - 1) / tp * d * b,
+                  message_bytes_per_token=d * b, collective="all_reduce")
+
+
+def _qkv_work(s: Shapes) -> OpWork:
+    return s.gemm(s.d, s.q + 2 * s.kv)
+
+
+def _o_proj_work(s: Shapes) -> OpWork:          # reads and writes the residual too
+    return s.gemm(s.q, s.d, extra_rows=s.d)
+
+
+def _gate_up_work(s: Shapes) -> OpWork:
+    return s.gemm(s.d, 2 * s.inter)
+
+
+def _down_work(s: Shapes) -> OpWork:            # reads and writes the residual too
+    return s.gemm(s.inter, s.d, extra_rows=s.d)
+
+
+ATTN_NORM = OpSpec("attn_norm", MEMORY, ("hidden",), ("x",), cost=norm_work)
+QKV = OpSpec("qkv", GEMM, ("x",), ("qkv",), cost=_qkv_work)
+# rope, the KV append and attention are the memory-bound side of a partitioned layout
+# (NanoFlow's): the GEMMs of one nano-batch run beside the attention of another.
+ROPE = OpSpec("rope", MEMORY, ("qkv",), ("qkv",), side=ATTENTION_SIDE, cost=_rope_work)
+KV_APPEND = OpSpec("kv_append", MEMORY, ("qkv",), ("kv_cache",), side=ATTENTION_SIDE,
+                   cost=_kv_append_work)
+ATTENTION_OP = OpSpec("attention", ATTENTION, ("qkv", "kv_cache"), ("attn",),
+                      side=ATTENTION_SIDE, history=("kv_cache",), cost=_attention_work)
+O_PROJ = OpSpec("o_proj", GEMM, ("attn", "hidden"), ("hidden",), cost=_o_proj_work)
+MLP_NORM = OpSpec("mlp_norm", MEMORY, ("hidden",), ("x",), cost=norm_work)
+GATE_UP = OpSpec("gate_up", GEMM, ("x",), ("gate_up",), cost=_gate_up_work)
+ACT = OpSpec("act", MEMORY, ("gate_up",), ("act",), cost=_act_work)
+DOWN = OpSpec("down", GEMM, ("act", "hidden"), ("hidden",), cost=_down_work)
+
+LAYER_OPS: tuple[OpSpec, ...] = (ATTN_NORM, QKV, ROPE, KV_APPEND, ATTENTION_OP, O_PROJ, MLP_NORM,
+                                 GATE_UP, ACT, DOWN)
+
+# The layer on tp > 1 ranks. qkv and gate_up are column-parallel (local heads and units); o_proj
+# and down are row-parallel, writing partial sums that the all-reduces add into the residual.
+# A collective must be issued in the same order on every rank, and every rank runs the same
+# plan: the executor's launch order (issue order, or the race detector's order_seed order, which
+# is a function of the plan and the seed only) is therefore the same everywhere, as long as
+# every rank uses the same layout and the same order_seed.
+O_PROJ_PARTIAL = OpSpec("o_proj", GEMM, ("attn",), ("o_out",), cost=_o_proj_work)
+ATTN_ALLREDUCE = OpSpec("attn_allreduce", NETWORK, ("o_out", "hidden"), ("o_out", "hidden"),
+                        cost=all_reduce_work)
+DOWN_PARTIAL = OpSpec("down", GEMM, ("act",), ("mlp_out",), cost=_down_work)
+MLP_ALLREDUCE = OpSpec("mlp_allreduce", NETWORK, ("mlp_out", "hidden"), ("mlp_out", "hidden"),
+                       cost=all_reduce_work)
+
+TP_LAYER_OPS: tuple[OpSpec, ...] = (ATTN_NORM, QKV, ROPE, KV_APPEND, ATTENTION_OP, O_PROJ_PARTIAL,
+                                    ATTN_ALLREDUCE, MLP_NORM, GATE_UP, ACT, DOWN_PARTIAL,
+                                    MLP_ALLREDUCE)
 
 
 # The KV handoff of a prefill engine: it reads what kv_append wrote and writes no buffer, so
-# the planner orders it after kv_append of its rows and nothing waits for it.
-KV_SEND = OpSpec("kv_send", "network", ("kv_cache",), ())
+# the planner orders it after kv_append of its rows and nothing waits for it. No cost: the
+# cost model does not price KV transfers.
+KV_SEND = OpSpec("kv_send", NETWORK, ("kv_cache",), ())
+
+# The iteration's frame (the planner's embed and logits launches).
+EMBED_OP = OpSpec(EMBED, MEMORY, ("token_ids",), ("hidden",),
+                  cost=lambda s: OpWork(flops_per_token=0.0,
+                                        bytes_per_token=2 * s.d * s.dtype_bytes))
+LOGITS_OP = OpSpec(LOGITS, GEMM, ("hidden",), ("logits",),       # per sampled token
+                   cost=lambda s: s.gemm(s.d, s.config.vocab_size))
 
 
 def layer_ops(tp: int, kv_send: bool = False) -> tuple[OpSpec, ...]:
@@ -101,7 +158,7 @@ def layer_ops(tp: int, kv_send: bool = False) -> tuple[OpSpec, ...]:
     ops = LAYER_OPS if tp == 1 else TP_LAYER_OPS
     if not kv_send:
         return ops
-    at = [op.name for op in ops].index("kv_append") + 1
+    at = ops.index(KV_APPEND) + 1
     return ops[:at] + (KV_SEND,) + ops[at:]
 
 
@@ -181,6 +238,25 @@ class LlamaModel:
     With `kv_sink` the layers gain the kv_send op (see the module docstring), whose launch on
     rows [t0, t1) of layer i calls kv_sink(i, batch, kv, t0, t1).
     """
+
+    # Every op this family declares (models.registry reads them; tests/test_op_facts.py holds
+    # them to their facts), and the costs of the iteration's frame.
+    OPS: tuple[OpSpec, ...] = tuple(dict.fromkeys(LAYER_OPS + TP_LAYER_OPS + (KV_SEND,)))
+    FRAME_OPS: tuple[OpSpec, ...] = (EMBED_OP, LOGITS_OP)
+
+    @classmethod
+    def layer_ops_for(cls, config: ModelConfig, tp: int = 1,
+                      kv_send: bool = False) -> tuple[OpSpec, ...]:
+        """The ops of one layer of `config`'s model on `tp` ranks, without building it."""
+        return layer_ops(tp, kv_send)
+
+    @classmethod
+    def workspace_bytes_per_token(cls, local: ModelConfig, elt: int) -> int:
+        """Bytes per token row of new_workspace's buffers for a rank of config `local`, in
+        elements of `elt` bytes (what nanorun.memory estimates before allocating): hidden, x,
+        qkv, attn, gate_up, act (a tp > 1 rank's partial sums are left out)."""
+        d, q, kv = local.hidden_size, local.q_size, local.kv_size
+        return elt * (2 * d + q + 2 * kv + q + 3 * local.intermediate_size)
 
     def __init__(
         self,

@@ -45,11 +45,94 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .llama import KV_SEND, LlamaModel, OpSpec, TORCH_POINTWISE, PointwiseOps, rms_norm
+from .llama import (ATTENTION_OP, ATTN_ALLREDUCE, ATTN_NORM, KV_APPEND, KV_SEND, O_PROJ,
+                    O_PROJ_PARTIAL, QKV, ROPE, TORCH_POINTWISE, LlamaModel, PointwiseOps,
+                    all_reduce_work, norm_work, rms_norm)
+from .op import GEMM, MEMORY, NETWORK, OpSpec, OpWork, Shapes
 
 # dtypes torch's grouped_mm runs, per device type (torch 2.13: CUDA bf16 on SM >= 80 only).
 GROUPED_MM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
                      "cuda": (torch.bfloat16,)}
+
+
+# -- the ops of a layer, and what each costs (models/op.py says what the facts mean) -----------
+def _qk_norm_work(s: Shapes) -> OpWork:         # RMSNorm of each q and k head, in place
+    return OpWork(flops_per_token=4.0 * (s.q + s.kv),
+                  bytes_per_token=2 * (s.q + s.kv) * s.dtype_bytes)
+
+
+def _router_work(s: Shapes) -> OpWork:          # replicated on every rank: E outputs
+    return s.gemm(s.d, s.config.num_experts)
+
+
+def _topk_work(s: Shapes) -> OpWork:
+    # softmax + top-k over the E logits; k fp32 weights and k ids written
+    e, k = s.config.num_experts, s.config.num_experts_per_tok
+    return OpWork(flops_per_token=5.0 * e, bytes_per_token=e * s.dtype_bytes + 2 * k * 4)
+
+
+def _experts_work(s: Shapes) -> OpWork:
+    # The grouped expert GEMM (search/costmodel.py prices it on each expert's share of the
+    # tokens). Its own activation traffic, per assignment: the gathered input row, the gate/up
+    # outputs written and read back, the activation, and the output row scattered.
+    d, b, inter = s.d, s.dtype_bytes, s.inter
+    e, k = s.config.num_experts, s.config.num_experts_per_tok
+    per_assignment = (d + 2 * inter + 2 * inter + inter + d) * b
+    return OpWork(GEMM, 2.0 * k * 3 * d * inter, k * per_assignment + 8 * k,
+                  e * 3 * d * inter * b, k=d, n=2 * inter, experts=e, top_k=k,
+                  expert_n=(2 * inter, d, d, inter))
+
+
+def _shared_gate_up_work(s: Shapes) -> OpWork:
+    return s.gemm(s.d, 2 * s.shared)
+
+
+def _shared_act_work(s: Shapes) -> OpWork:
+    return OpWork(flops_per_token=4.0 * s.shared, bytes_per_token=3 * s.shared * s.dtype_bytes)
+
+
+def _shared_down_work(s: Shapes) -> OpWork:
+    return s.gemm(s.shared, s.d)
+
+
+def _combine_work(s: Shapes) -> OpWork:
+    # k expert rows and weights read, the residual read and written; with a shared expert,
+    # plus its output and x for the sigmoid gate
+    d, b, k = s.d, s.dtype_bytes, s.config.num_experts_per_tok
+    flops, nbytes = 2.0 * k * d, (k * d + 2 * d) * b + 4 * k
+    if s.shared:
+        flops, nbytes = flops + 4.0 * d, nbytes + 2 * d * b
+    return OpWork(flops_per_token=flops, bytes_per_token=nbytes)
+
+
+QK_NORM = OpSpec("qk_norm", MEMORY, ("qkv",), ("qkv",), cost=_qk_norm_work)
+MOE_NORM = OpSpec("moe_norm", MEMORY, ("hidden",), ("x",), cost=norm_work)
+ROUTER = OpSpec("router", GEMM, ("x",), ("router_logits",), cost=_router_work)
+TOPK = OpSpec("topk", MEMORY, ("router_logits",), ("topk",), cost=_topk_work)
+# What the expert GEMM does and costs depends on the routing in `topk`, not only its shape.
+EXPERTS = OpSpec("experts", GEMM, ("x", "topk"), ("expert_out",), indexed_by=("topk",),
+                 cost=_experts_work)
+SHARED_GATE_UP = OpSpec("shared_gate_up", GEMM, ("x",), ("shared_gate_up",),
+                        cost=_shared_gate_up_work)
+SHARED_ACT = OpSpec("shared_act", MEMORY, ("shared_gate_up",), ("shared_act",),
+                    cost=_shared_act_work)
+SHARED_DOWN = OpSpec("shared_down", GEMM, ("shared_act",), ("shared_out",),
+                     cost=_shared_down_work)
+MOE_ALLREDUCE = OpSpec("moe_allreduce", NETWORK, ("moe_out", "hidden"), ("moe_out", "hidden"),
+                       cost=all_reduce_work)
+
+
+def _combine(shared: bool, par: bool) -> OpSpec:
+    """combine with (Qwen2-MoE) or without a shared expert; on tp > 1 ranks a partial sum into
+    moe_out, which moe_allreduce adds into hidden, else added into hidden directly."""
+    reads = ("expert_out", "topk") + (("shared_out", "x") if shared else ())
+    if par:
+        return OpSpec("combine", MEMORY, reads, ("moe_out",), cost=_combine_work)
+    return OpSpec("combine", MEMORY, reads + ("hidden",), ("hidden",), cost=_combine_work)
+
+
+COMBINES = {(shared, par): _combine(shared, par) for shared in (False, True)
+            for par in (False, True)}
 
 
 def moe_layer_ops(config: ModelConfig, tp: int, kv_send: bool = False) -> tuple[OpSpec, ...]:
@@ -58,35 +141,13 @@ def moe_layer_ops(config: ModelConfig, tp: int, kv_send: bool = False) -> tuple[
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor parallel size must be a positive int, got {tp!r}")
     par = tp > 1
-    ops = [OpSpec("attn_norm", "memory", ("hidden",), ("x",)),
-           OpSpec("qkv", "gemm", ("x",), ("qkv",))]
-    if config.qk_norm:
-        ops.append(OpSpec("qk_norm", "memory", ("qkv",), ("qkv",)))
-    ops += [OpSpec("rope", "memory", ("qkv",), ("qkv",)),
-            OpSpec("kv_append", "memory", ("qkv",), ("kv_cache",))]
-    if kv_send:
-        ops.append(KV_SEND)
-    ops.append(OpSpec("attention", "attention", ("qkv", "kv_cache"), ("attn",)))
-    if par:
-        ops += [OpSpec("o_proj", "gemm", ("attn",), ("o_out",)),
-                OpSpec("attn_allreduce", "network", ("o_out", "hidden"), ("o_out", "hidden"))]
-    else:
-        ops.append(OpSpec("o_proj", "gemm", ("attn", "hidden"), ("hidden",)))
-    ops += [OpSpec("moe_norm", "memory", ("hidden",), ("x",)),
-            OpSpec("router", "gemm", ("x",), ("router_logits",)),
-            OpSpec("topk", "memory", ("router_logits",), ("topk",)),
-            OpSpec("experts", "gemm", ("x", "topk"), ("expert_out",))]
-    combine_reads: tuple[str, ...] = ("expert_out", "topk")
-    if config.shared_expert_intermediate_size:
-        ops += [OpSpec("shared_gate_up", "gemm", ("x",), ("shared_gate_up",)),
-                OpSpec("shared_act", "memory", ("shared_gate_up",), ("shared_act",)),
-                OpSpec("shared_down", "gemm", ("shared_act",), ("shared_out",))]
-        combine_reads += ("shared_out", "x")
-    if par:
-        ops += [OpSpec("combine", "memory", combine_reads, ("moe_out",)),
-                OpSpec("moe_allreduce", "network", ("moe_out", "hidden"), ("moe_out", "hidden"))]
-    else:
-        ops.append(OpSpec("combine", "memory", combine_reads + ("hidden",), ("hidden",)))
+    shared = bool(config.shared_expert_intermediate_size)
+    ops = [ATTN_NORM, QKV] + [QK_NORM] * bool(config.qk_norm) + [ROPE, KV_APPEND]
+    ops += [KV_SEND] * kv_send + [ATTENTION_OP]
+    ops += [O_PROJ_PARTIAL, ATTN_ALLREDUCE] if par else [O_PROJ]
+    ops += [MOE_NORM, ROUTER, TOPK, EXPERTS]
+    ops += [SHARED_GATE_UP, SHARED_ACT, SHARED_DOWN] * shared
+    ops += [COMBINES[shared, par]] + [MOE_ALLREDUCE] * par
     return tuple(ops)
 
 
@@ -116,6 +177,25 @@ class MoEWorkspace:
 
 class MoEModel(LlamaModel):
     """LlamaModel with its MLP replaced by a mixture of experts; same constructor."""
+
+    OPS: tuple[OpSpec, ...] = tuple(dict.fromkeys(
+        (ATTN_NORM, QKV, QK_NORM, ROPE, KV_APPEND, KV_SEND, ATTENTION_OP, O_PROJ, O_PROJ_PARTIAL,
+         ATTN_ALLREDUCE, MOE_NORM, ROUTER, TOPK, EXPERTS, SHARED_GATE_UP, SHARED_ACT, SHARED_DOWN)
+        + tuple(COMBINES.values()) + (MOE_ALLREDUCE,)))
+
+    @classmethod
+    def layer_ops_for(cls, config: ModelConfig, tp: int = 1,
+                      kv_send: bool = False) -> tuple[OpSpec, ...]:
+        return moe_layer_ops(config, tp, kv_send)
+
+    @classmethod
+    def workspace_bytes_per_token(cls, local: ModelConfig, elt: int) -> int:
+        """As LlamaModel's, for MoEWorkspace: the attention half's buffers, then router logits,
+        fp32 top-k, k expert rows and the shared expert's (o_out and moe_out left out)."""
+        d, q, kv = local.hidden_size, local.q_size, local.kv_size
+        k, shared = local.num_experts_per_tok, local.shared_expert_intermediate_size
+        mlp = local.num_experts + 8 * k // elt + k * d + 3 * shared + (d if shared else 0)
+        return elt * (2 * d + q + 2 * kv + q + mlp)
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], *,
                  max_model_len: int, attention_fn, kv_append_fn,

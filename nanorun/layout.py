@@ -23,7 +23,11 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from .models import MEMORY, OpSpec, op_spec
+from .models import NETWORK_OPS  # noqa: F401  (moved to nanorun.models; old imports name it here)
+from .models.op import NETWORK_SIDE
 
 LAYOUT_VERSION = 1
 logger = logging.getLogger("nanorun")
@@ -92,18 +96,24 @@ class Layout:
         return tuple((e[0], e[1], e[2] if len(e) > 2 else 0) for e in self.issue_order())
 
     # -- checks against a model and a device ---------------------------------------------------
-    def validate(self, model_ops: tuple[str, ...], device) -> None:
-        """Raise LayoutError unless this layout fits the model's ops and the device's SMs."""
+    def validate(self, model_ops: "Sequence[OpSpec | str]", device) -> None:
+        """Raise LayoutError unless this layout fits the model's ops (their declarations, or
+        their names: see op_specs) and the device's SMs."""
+        specs = op_specs(model_ops)
+        names = tuple(op.name for op in specs)
         given = [op for op, _ in self.ops]
-        if set(given) != set(model_ops) or len(given) != len(model_ops):
-            missing = [o for o in model_ops if o not in given]
-            unknown = [o for o in given if o not in model_ops]
-            raise LayoutError(f"layout ops must be exactly the model's ops {list(model_ops)}: "
+        if set(given) != set(names) or len(given) != len(names):
+            missing = [o for o in names if o not in given]
+            unknown = [o for o in given if o not in names]
+            raise LayoutError(f"layout ops must be exactly the model's ops {list(names)}: "
                               f"missing {missing}, unknown {unknown}")
-        self._validate_order(model_ops)
+        self._validate_order(specs)
         self._validate_sms(device)
 
-    def _validate_order(self, model_ops: tuple[str, ...]) -> None:
+    def _validate_order(self, model_ops: "Sequence[OpSpec | str]") -> None:
+        specs = op_specs(model_ops)
+        model_ops = tuple(op.name for op in specs)
+        spec = {op.name: op for op in specs}
         wanted = {(op, i) for op, ol in self.ops for i in range(len(ol.splits))}
         slots = self.issue_slots()
         order = [(op, i) for op, i, _ in slots]
@@ -117,9 +127,10 @@ class Layout:
         bounds = {op: _bounds(ol.splits) for op, ol in self.ops}
         for a, i in order:
             for b, j in order:
-                # attention reads the KV that kv_append wrote for every earlier token of its
-                # sequences, so it conflicts with kv_append of any earlier rows.
-                rb = (0, bounds[b][j][1]) if (a, b) == ("kv_append", "attention") else bounds[b][j]
+                # An op reading the history of what another writes (attention, the KV that
+                # kv_append wrote for every earlier token of its sequences) conflicts with
+                # that op's launches over any earlier rows.
+                rb = (0, bounds[b][j][1]) if spec[b].reads_history_of(spec[a]) else bounds[b][j]
                 if rank[a] < rank[b] and position[(b, j)] < position[(a, i)] \
                         and _overlap(bounds[a][i], rb):
                     raise LayoutError(
@@ -277,41 +288,47 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
+# -- a model's ops ------------------------------------------------------------------------------
+def op_specs(model_ops: "Sequence[OpSpec | str]") -> tuple[OpSpec, ...]:
+    """The declarations of a model's ops (nanorun.models), given as OpSpecs or by name. A name
+    is looked up among the registered families' declarations (nanorun.models.op_spec), whose
+    placement facts agree for every declaration of a name; a name no family declares stands
+    for an op with no facts (a memory op on the GEMM side, reading no one's history)."""
+    out = []
+    for op in model_ops:
+        if isinstance(op, str):
+            op = op_spec(op) or OpSpec(op, MEMORY, (), ())
+        out.append(op)
+    return tuple(out)
+
+
 # -- built-in layouts ----------------------------------------------------------------------------
-GEMM_OPS = ("qkv", "o_proj", "gate_up", "down")
-# The collectives of a tensor-parallel layer (models.llama.TP_LAYER_OPS, kind "network"; a
-# mixture of experts' moe_allreduce, models/moe.py, in place of mlp_allreduce).
-NETWORK_OPS = ("attn_allreduce", "mlp_allreduce", "moe_allreduce")
-# A prefill engine's point-to-point KV handoff (models.llama.KV_SEND, kind "network").
-KV_TRANSFER_OPS = ("kv_send",)
-
-
-def sequential(model_ops: tuple[str, ...], batch_tokens: int) -> Layout:
+def sequential(model_ops: "Sequence[OpSpec | str]", batch_tokens: int) -> Layout:
     """One nano-batch on one full-device partition: the baseline."""
     whole = OpLayout((batch_tokens,), "device")
     return Layout("sequential", batch_tokens, (Partition("device"),),
-                  tuple((op, whole) for op in model_ops))
+                  tuple((op.name, whole) for op in op_specs(model_ops)))
 
 
-def overlap(model_ops: tuple[str, ...], batch_tokens: int, device) -> Layout:
-    """NanoFlow-style: two nano-batches; GEMMs (with the norms and activation feeding them) on
-    one partition, rope + KV append + attention on the other, so the GEMMs of one nano-batch
-    run while the other's attention streams the KV cache. SMs: three quarters to the GEMMs.
+def overlap(model_ops: "Sequence[OpSpec | str]", batch_tokens: int, device) -> Layout:
+    """NanoFlow-style: two nano-batches; each op on the partition of the side it prefers
+    (OpSpec.side): the GEMMs (with the norms and activation feeding them) on "gemm", rope + KV
+    append + attention on "attn", so the GEMMs of one nano-batch run while the other's
+    attention streams the KV cache. SMs: three quarters to the GEMMs.
 
-    A tensor-parallel model's all-reduces go on a third partition, "net": its stream stands for
-    NCCL's own, and its SMs (NCCL's bounded CTA count rounded up to whole granules, taken from
-    the GEMMs' share) for what the collectives occupy. Op by op, the all-reduce of nano-batch
-    0 then runs while nano-batch 1's o_proj or down still computes.
+    A tensor-parallel model's all-reduces (network ops) go on a third partition, "net": its
+    stream stands for NCCL's own, and its SMs (NCCL's bounded CTA count rounded up to whole
+    granules, taken from the GEMMs' share) for what the collectives occupy. Op by op, the
+    all-reduce of nano-batch 0 then runs while nano-batch 1's o_proj or down still computes.
 
     A prefill engine's kv_send (a point-to-point send, NCCL's on a GPU) goes on "net" too: layer
     l's KV leaves while layer l + 1's GEMMs and attention compute."""
+    specs = op_specs(model_ops)
     if batch_tokens < 2:
-        return sequential(model_ops, batch_tokens)
+        return sequential(specs, batch_tokens)
     half = batch_tokens // 2
     splits = (half, batch_tokens - half)
-    attn_side = ("rope", "kv_append", "attention")
-    network_ops = NETWORK_OPS + KV_TRANSFER_OPS
-    networked = any(op in network_ops for op in model_ops)
+    networked = any(op.side == NETWORK_SIDE for op in specs)
     if device.sm_count is None:
         gemm_sms = attn_sms = net_sms = None
     else:
@@ -329,11 +346,8 @@ def overlap(model_ops: tuple[str, ...], batch_tokens: int, device) -> Layout:
     parts = (Partition("gemm", gemm_sms), Partition("attn", attn_sms))
     if networked:
         parts += (Partition("net", net_sms),)
-
-    def partition(op: str) -> str:
-        return "attn" if op in attn_side else "net" if op in network_ops else "gemm"
-
-    ops = tuple((op, OpLayout(splits, partition(op))) for op in model_ops)
+    # The partitions are named as the sides (models.op.SIDES: "gemm", "attn", "net").
+    ops = tuple((op.name, OpLayout(splits, op.side)) for op in specs)
     return Layout("overlap", batch_tokens, parts, ops)
 
 
@@ -428,7 +442,7 @@ def is_layout_file(layout) -> bool:
     return isinstance(layout, (str, Path)) and Path(layout).suffix == ".json"
 
 
-def resolve_layout(layout, model_ops: tuple[str, ...], batch_tokens: int, device,
+def resolve_layout(layout, model_ops: "Sequence[OpSpec | str]", batch_tokens: int, device,
                    model_name: str = "", tp: int = 1) -> Layout:
     """A Layout from what a user passed: a Layout, a built-in name, "auto" (the tuned layout for
     this model, device, tp and batch size, else "overlap"), or a JSON path."""

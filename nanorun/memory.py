@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import ModelConfig
+from .models import ModelConfig, family
 
 # Page ids are int32 in the C++ allocator and in the page tables the kernels read.
 MAX_KV_PAGES = (1 << 31) - 1
@@ -44,14 +44,9 @@ def estimate(mc: ModelConfig, dtype: torch.dtype, *, max_batch_tokens: int, kv_t
              max_model_len: int) -> MemoryEstimate:
     """mc: the rank's own (sharded) config. kv_tokens: KV cache capacity in tokens."""
     elt = torch.empty((), dtype=dtype).element_size()
-    d, i, v = mc.hidden_size, mc.intermediate_size, mc.vocab_size
-    # models.llama.Workspace (hidden, x, qkv, attn, gate_up, act) plus fp32 logits, which a
-    # prompt_logits call takes for every row of the batch.
-    mlp = 3 * i
-    if mc.is_moe:   # models.moe.MoEWorkspace: router logits, fp32 top-k, k expert rows, shared
-        k, shared = mc.num_experts_per_tok, mc.shared_expert_intermediate_size
-        mlp = mc.num_experts + 8 * k // elt + k * d + 3 * shared + (d if shared else 0)
-    per_token = elt * (2 * d + mc.q_size + 2 * mc.kv_size + mc.q_size + mlp) + 4 * v
+    # The family's workspace rows (its model class says what they hold) plus fp32 logits,
+    # which a prompt_logits call takes for every row of the batch.
+    per_token = family(mc).workspace_bytes_per_token(mc, elt) + 4 * mc.vocab_size
     rope_tables = 2 * max_model_len * (mc.head_dim // 2) * 4
     return MemoryEstimate(
         weights=mc.num_params * elt,

@@ -356,9 +356,11 @@ def _busy(schedule, layout) -> None:
 
 
 def _kinds(predictor) -> dict[str, str]:
-    kinds = {op.name: op.kind for op in predictor.ops}
-    kinds.update(embed="memory", logits="gemm")
-    return kinds
+    """Each launch's kind, for the Gantt chart's colours: the layer's ops and the frame."""
+    from nanorun.models import model_frame_ops
+
+    ops = predictor.ops + model_frame_ops(predictor.cost.config)
+    return {op.name: op.kind for op in ops}
 
 
 def _spec_line(dev, args) -> str:

@@ -20,15 +20,16 @@ The model is a roofline with three corrections, each a named term of `CostParams
   running launches sum above 1, each slows by its memory-bound share of the excess, and any
   launch running beside another pays `interference` on top. The simulator applies this term.
 
-Collectives (tp > 1) are priced from measured NCCL tables (search/hardware.py: time against
+Collectives (tp > 1) are priced from measured NCCL tables (nanorun/device.py: time against
 message size and tp, log-log, with the small-message latency floor), under the CTA bound
 nanorun gives NCCL (nanorun.distributed.NCCL_MAX_CTAS), plus the add of the reduced rows into
 the residual stream as its own launch. While it runs, NCCL pulls HBM bandwidth (its ring reads
 and writes about 3 x the bytes it sends), which slows memory-bound launches beside it.
 
-Work per op comes from the model's shapes (per tensor-parallel rank). Attention costs depend on
-the batch's contexts: decode tokens stream their sequence's whole KV; prompt chunks read each
-KV page once per query tile and are compute-bound for long chunks.
+Work per op is what the op declares (nanorun.models: OpSpec.cost, a function of the model's
+shapes per tensor-parallel rank); this module names no op. An op whose work reads its context
+(attention) costs what the batch's contexts say: decode tokens stream their sequence's whole
+KV; prompt chunks read each KV page once per query tile and are compute-bound for long chunks.
 
 Mixture-of-experts layers (models/moe.py) add the router (a small GEMM), top-k (memory), the
 grouped expert GEMM, the combine (memory) and, for Qwen2-MoE, a dense shared expert. The expert
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nanorun.device import DeviceSpec, collective_seconds
+from nanorun.models import GEMM, NETWORK, OpWork, model_frame_ops, model_layer_ops
 
 logger = logging.getLogger("nanorun")
 
@@ -87,22 +89,6 @@ class CostParams:
 
 
 @dataclass(frozen=True)
-class OpWork:
-    """Per-token work of one op on one rank; weights are read once per launch."""
-
-    kind: str                 # "gemm", "memory", "attention", "network"
-    flops_per_token: float
-    bytes_per_token: float    # activations read + written
-    weight_bytes: float = 0.0
-    network_bytes_per_token: float = 0.0
-    k: int = 0                # GEMM: inputs per token (per rank)
-    n: int = 0                # GEMM: outputs per token (per rank)
-    experts: int = 0          # grouped expert GEMM: number of experts (0: an ordinary op)
-    top_k: int = 0            # grouped expert GEMM: experts per token
-    expert_n: tuple[int, ...] = ()   # grouped expert GEMM: (N, K) of its GEMMs, flattened
-
-
-@dataclass(frozen=True)
 class LaunchCost:
     seconds: float            # alone on its partition
     memory_share: float       # share of `seconds` bound by memory (0..1)
@@ -120,8 +106,14 @@ class TokenStats:
     prompt_context: int = 0
 
 
-# The profile entry of attention over prompt chunks (the decode part is "attention").
-ATTENTION_PREFILL = "attention_prefill"
+# A context-reading op's profile entry over prompt chunks is its name + PREFILL (attention's:
+# "attention_prefill"); its own entry is over decode tokens.
+PREFILL = "_prefill"
+
+
+def prefill_entry(op: str) -> str:
+    """The profile entry of `op` (an op whose cost reads its context) over prompt chunks."""
+    return op + PREFILL
 
 
 def prefill_context(tokens: int) -> int:
@@ -130,74 +122,11 @@ def prefill_context(tokens: int) -> int:
 
 
 def op_work(config: "ModelConfig", tp: int = 1, dtype_bytes: int = 2) -> dict[str, OpWork]:
-    """The work of every layer op (and embed/logits) for one tensor-parallel rank."""
-    d, b = config.hidden_size, dtype_bytes
-    q, kv, inter = config.q_size // tp, config.kv_size // tp, config.intermediate_size // tp
-    qkv_out = q + 2 * kv
-
-    def gemm(k: int, n: int, extra_rows: int = 0) -> OpWork:
-        return OpWork("gemm", 2.0 * k * n, (k + n + extra_rows) * b, k * n * b, k=k, n=n)
-
-    work = {
-        "attn_norm": OpWork("memory", 4.0 * d, 2 * d * b),
-        "qkv": gemm(d, qkv_out),
-        "rope": OpWork("memory", 6.0 * (q + kv), 2 * (q + kv) * b),
-        "kv_append": OpWork("memory", 0.0, 4 * kv * b),
-        "attention": OpWork("attention", 0.0, 2 * q * b),   # + the KV it reads, per context
-        "o_proj": gemm(q, d, extra_rows=d),                  # reads and writes the residual
-        "mlp_norm": OpWork("memory", 4.0 * d, 2 * d * b),
-        "gate_up": gemm(d, 2 * inter),
-        "act": OpWork("memory", 4.0 * inter, 3 * inter * b),
-        "down": gemm(inter, d, extra_rows=d),
-        "embed": OpWork("memory", 0.0, 2 * d * b),
-        "logits": gemm(d, config.vocab_size),                # per sampled token
-    }
-    if config.is_moe:
-        work.update(_moe_work(config, tp, b))
-    if tp > 1:
-        for name in ("attn_allreduce", "mlp_allreduce", "moe_allreduce"):
-            # The all-reduce of d partial sums per token (bytes_per_token: the add of the
-            # reduced rows into the residual, reading both and writing one); each rank sends and
-            # receives 2 (tp - 1) / tp of the rows.
-            work[name] = OpWork("network", 0.0, 3 * d * b,
-                                network_bytes_per_token=2.0 * (tp - 1) / tp * d * b)
-    return work
-
-
-def _moe_work(config: "ModelConfig", tp: int, b: int) -> dict[str, OpWork]:
-    """The mixture-of-experts ops of models/moe.py, per rank (every rank holds 1/tp of every
-    expert's and of the shared expert's units; router and top-k are replicated)."""
-    d, e, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
-    inter, shared = config.intermediate_size // tp, config.shared_expert_intermediate_size // tp
-    q, kv = config.q_size // tp, config.kv_size // tp
-
-    def gemm(k_: int, n: int, extra_rows: int = 0) -> OpWork:
-        return OpWork("gemm", 2.0 * k_ * n, (k_ + n + extra_rows) * b, k_ * n * b, k=k_, n=n)
-
-    # The expert GEMM's own activation traffic: per assignment, the gathered input row, the
-    # gate/up outputs written and read back, the activation, and the output row scattered.
-    per_assignment = (d + 2 * inter + 2 * inter + inter + d) * b
-    work = {
-        "moe_norm": OpWork("memory", 4.0 * d, 2 * d * b),
-        "router": gemm(d, e),
-        # softmax + top-k over the E logits; k fp32 weights and k ids written
-        "topk": OpWork("memory", 5.0 * e, e * b + 2 * k * 4),
-        "experts": OpWork("gemm", 2.0 * k * 3 * d * inter, k * per_assignment + 8 * k,
-                          e * 3 * d * inter * b, k=d, n=2 * inter, experts=e, top_k=k,
-                          expert_n=(2 * inter, d, d, inter)),
-        # k expert rows and weights read, the residual read and written
-        "combine": OpWork("memory", 2.0 * k * d, (k * d + 2 * d) * b + 4 * k),
-    }
-    if config.qk_norm:
-        work["qk_norm"] = OpWork("memory", 4.0 * (q + kv), 2 * (q + kv) * b)
-    if shared:
-        work["shared_gate_up"] = gemm(d, 2 * shared)
-        work["shared_act"] = OpWork("memory", 4.0 * shared, 3 * shared * b)
-        work["shared_down"] = gemm(shared, d)
-        combine = work["combine"]   # plus the shared output and x for the sigmoid gate
-        work["combine"] = replace(combine, flops_per_token=combine.flops_per_token + 4.0 * d,
-                                  bytes_per_token=combine.bytes_per_token + 2 * d * b)
-    return work
+    """The work of every layer op of `config`'s model (and of the frame: embed, logits) on one
+    tensor-parallel rank, as the ops declare it (nanorun.models: OpSpec.cost)."""
+    ops = model_layer_ops(config, tp, kv_send=True) + model_frame_ops(config)
+    work = {op.name: op.work(config, tp, dtype_bytes) for op in ops}
+    return {name: w for name, w in work.items() if w is not None}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -233,7 +162,8 @@ class CostModel:
         self.work = op_work(config, tp, dtype_bytes)
         self.peak_flops = device.bf16_tflops * 1e12
         self.bandwidth = device.hbm_gbps * 1e9 * self.params.bandwidth_efficiency
-        self.kv_bytes_per_context_token = 2 * (config.kv_size // tp) * dtype_bytes
+        # The ops whose cost reads their tokens' contexts (attention): priced on TokenStats.
+        self.context_ops = frozenset(op for op, w in self.work.items() if w.reads_context)
         ctas = self.params.nccl_ctas
         if ctas is None:
             from nanorun.distributed import nccl_max_ctas
@@ -258,12 +188,14 @@ class CostModel:
         if tables:   # measured collectives replace the spec's published tables
             self.device = replace(self.device, collectives=tables)
 
+        prefill = {prefill_entry(op): op for op in self.context_ops}
+
         def predict(op: str, tokens: int, sms: int, context: int | None) -> float:
             stats = None
-            if op == "attention" and context:           # decode tokens at `context`
+            if op in self.context_ops and context:      # decode tokens at `context`
                 stats = TokenStats(tokens, tokens * context)
-            elif op == ATTENTION_PREFILL:               # a prompt's first chunk of `tokens`
-                op, stats = "attention", TokenStats(prompt_tokens=tokens,
+            elif op in prefill:                         # a prompt's first chunk of `tokens`
+                op, stats = prefill[op], TokenStats(prompt_tokens=tokens,
                                                     prompt_context=prefill_context(tokens))
             return self.launch(op, tokens, sms, stats).seconds
 
@@ -296,17 +228,18 @@ class CostModel:
     def launch(self, op: str, tokens: int, sms: int | None,
                stats: TokenStats | None = None) -> LaunchCost:
         """Cost of `op` on `tokens` tokens on a partition of `sms` SMs (None: whole device).
-        Attention needs the range's TokenStats; logits takes the number of sampled tokens.
+        An op whose cost reads its context (attention: self.context_ops) needs the range's
+        TokenStats; logits takes the number of sampled tokens.
 
-        Attention over a mixed range is its decode part plus its prompt-chunk part, each priced
-        (and calibrated: profile entries "attention" and "attention_prefill") on its own: one
-        kernel launch does both kinds of work item, one after another per CTA."""
+        Such an op over a mixed range is its decode part plus its prompt-chunk part, each
+        priced (and calibrated: profile entries "attention" and "attention_prefill") on its
+        own: one kernel launch does both kinds of work item, one after another per CTA."""
         try:
             w = self.work[op]
         except KeyError:
             raise ValueError(f"the cost model has no formula for op {op!r}; known ops: "
                              f"{sorted(self.work)}") from None
-        if w.kind != "attention":
+        if not w.reads_context:
             return self._cost(op, w, tokens, sms, None)
         stats = stats or TokenStats(decode_tokens=tokens, decode_context=tokens)
         decode = TokenStats(stats.decode_tokens, stats.decode_context)
@@ -315,9 +248,9 @@ class CostModel:
         if not stats.prompt_tokens:
             return self._cost(op, w, tokens, sms, decode)
         if not stats.decode_tokens:
-            return self._cost(ATTENTION_PREFILL, w, tokens, sms, prompt)
+            return self._cost(prefill_entry(op), w, tokens, sms, prompt)
         costs = (self._cost(op, w, stats.decode_tokens, sms, decode),
-                 self._cost(ATTENTION_PREFILL, w, stats.prompt_tokens, sms, prompt))
+                 self._cost(prefill_entry(op), w, stats.prompt_tokens, sms, prompt))
         seconds = sum(c.seconds for c in costs)
         memory = sum(c.memory_share * c.seconds for c in costs)
         demand = sum(c.demand * c.seconds for c in costs)
@@ -334,21 +267,21 @@ class CostModel:
         busy = f                     # the share of the device's SMs the launch keeps busy
         if w.experts:
             flops, nbytes, efficiency, busy = self._experts(w, tokens, sms, f)
-        elif w.kind == "gemm" and w.k and p.per_rank_shapes:
+        elif w.kind == GEMM and w.k and p.per_rank_shapes:
             fill = self._gemm_fill(w, tokens, sms)
             busy = f * fill
             efficiency *= fill * w.k / (w.k + p.gemm_k_overhead)
             # The fill is already in `efficiency`: compute divides by the partition's SMs.
-        if w.kind == "attention":
-            flops, nbytes, efficiency = self._attention(stats, nbytes)
+        if w.reads_context:
+            flops, nbytes, efficiency = self._attention(w, stats, nbytes)
         compute = flops / (self.peak_flops * max(efficiency, 1e-6) * f) if flops else 0.0
         memory = nbytes / (self.bandwidth * self._bandwidth_share(busy))
-        if w.kind == "network":
-            message = tokens * self.config.hidden_size * self.dtype_bytes
+        if w.kind == NETWORK:
+            message = tokens * w.message_bytes_per_token
             # NCCL's CTAs are bounded by nanorun's NCCL_MAX_CTAS and by the SMs of the
             # partition the layout gives the collective.
             ctas = self.nccl_ctas if sms is None else max(1, min(self.nccl_ctas, sms))
-            nccl = collective_seconds(self.device, "all_reduce", message, self.tp, ctas=ctas)
+            nccl = collective_seconds(self.device, w.collective, message, self.tp, ctas=ctas)
             if nccl is None:   # no measured tables (the CPU spec): latency + ring formula
                 wire = w.network_bytes_per_token * tokens / (self.device.interconnect_gbps * 1e9)
                 seconds = p.network_latency_s + max(wire, memory)
@@ -406,13 +339,16 @@ class CostModel:
             fill = sum(fills) / len(fills)
         return flops, nbytes, efficiency * fill, f * fill
 
-    def _attention(self, s: TokenStats, q_bytes: float) -> tuple[float, float, float]:
-        c, p = self.config, self.params
-        heads_dim = (c.num_heads // self.tp) * c.head_dim
+    def _attention(self, w: OpWork, s: TokenStats, q_bytes: float
+                   ) -> tuple[float, float, float]:
+        """(flops, bytes, efficiency) of an op whose cost reads its context: per token of
+        context, w.context_flops and a read of w.context_bytes, which the query rows of a
+        prompt chunk's tile share."""
+        p = self.params
         context = s.decode_context + s.prompt_context
-        flops = 4.0 * heads_dim * context          # QK^T and PV, 2 FLOPs per multiply-add
+        flops = w.context_flops * context
         kv_reads = s.decode_context + s.prompt_context / p.attention_query_tile
-        nbytes = q_bytes + kv_reads * self.kv_bytes_per_context_token
+        nbytes = q_bytes + kv_reads * w.context_bytes
         # Decode attention is a matrix-vector product per head group, on CUDA cores; prompt
         # chunks are tiled matrix products reaching attention_efficiency of the tensor peak.
         tokens = s.decode_tokens + s.prompt_tokens

@@ -31,7 +31,7 @@ class Predictor:
         return self.cost.device
 
     def resolve(self, layout, batch_tokens: int) -> Layout:
-        return resolve_layout(layout, self.op_names, batch_tokens, self.device,
+        return resolve_layout(layout, self.ops, batch_tokens, self.device,
                               self.cost.config.name, tp=self.cost.tp)
 
     def schedule(self, layout: Layout, mix: IterationMix) -> Schedule:

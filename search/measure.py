@@ -37,16 +37,15 @@ import torch
 
 from nanorun.benchmark.ceilings import measure as measure_ceilings, median_seconds
 from nanorun.layout import Layout, Partition
-from nanorun.models import ModelConfig, resolve_model
+from nanorun.models import GEMM, NETWORK, ModelConfig, OpSpec, resolve_model
+from nanorun.planner import LOGITS
 
-from .costmodel import ATTENTION_PREFILL
+from .costmodel import prefill_entry
 from .profile import OpProfile, Profile
 from .workload import IterationMix
 
 DEFAULT_TOKENS = (16, 64, 256, 1024, 4096)
 DEFAULT_CONTEXT = 1024
-# The pairs NanoFlow overlaps: a compute-bound GEMM beside memory-bound decode attention.
-DEFAULT_PAIRS = (("gate_up", "attention"), ("o_proj", "attention"))
 PAGE_SIZE = 16
 # Message sizes of the collective sweep at tp > 1: 4 KiB (a decode batch's all-reduce is tens
 # of KiB) to 64 MiB (a 4096-token prefill chunk of an 8192-wide model), every factor of 4.
@@ -134,9 +133,10 @@ class Rig:
         self.ws = self.model.new_workspace(max_tokens)
         for f in dataclasses.fields(self.ws):       # every activation buffer, dense or MoE
             getattr(self.ws, f.name).normal_(0.0, 1.0)
-        if hasattr(self.ws, "topk"):   # a mixture of experts: real routing for `experts` to time
-            for op in ("router", "topk"):
-                self.model.run_op(op, 0, self.ws, None, None, 0, max_tokens)
+        # What an op's cost depends on by value (a mixture's routing, which `experts` reads)
+        # is computed as the model computes it, not left as noise.
+        for op in value_inputs(self.model.layer_ops):
+            self.model.run_op(op.name, 0, self.ws, None, None, 0, max_tokens)
         self._streams: dict[tuple[int | None, ...], object] = {}
         self.partitions_how = "no SM partitions (CPU)" if self.device.type != "cuda" else \
             "whole device only"
@@ -321,11 +321,11 @@ class Rig:
 
     def _op(self, op: str, batch, tokens: int) -> Callable[[], None]:
         model, ws, kv = self.model, self.ws, self.kv
-        if op == "logits":
+        if op == LOGITS:
             return lambda: model.logits(ws, batch)
         if op not in model._ops:
             raise ValueError(f"{self.config.name} has no op {op!r}; its ops: "
-                             f"{[o.name for o in model.layer_ops]} and 'logits'")
+                             f"{[o.name for o in model.layer_ops]} and {LOGITS!r}")
         return lambda: model.run_op(op, 0, ws, batch, kv, 0, tokens)
 
     def _cuda_times(self, launches, timing: Timing, shares=None, slots=None) -> list[float]:
@@ -359,6 +359,42 @@ class Rig:
             for i, ((_, _, reps), end) in enumerate(zip(launches, ends)):
                 samples[i].append(start.elapsed_time(end) * 1e-3 / reps)
         return [statistics.median(s) for s in samples]
+
+
+def value_inputs(ops: tuple[OpSpec, ...]) -> list[OpSpec]:
+    """The ops, in layer order, that compute the buffers some op's cost depends on by value
+    (OpSpec.indexed_by: the expert GEMM's routing in `topk`), back to that op's own inputs
+    (router from x, then topk): run once over the workspace, they make the routing the model's
+    own function of the (random) inputs, as in a real layer."""
+    chosen: set[int] = set()
+    for at, op in enumerate(ops):
+        if not op.indexed_by:
+            continue
+        inputs = set(op.reads) - set(op.indexed_by)     # what the op gets as it is (noise)
+        todo = list(op.indexed_by)
+        while todo:
+            buf = todo.pop()
+            writers = [i for i in range(at) if buf in ops[i].writes]
+            if not writers or writers[-1] in chosen:
+                continue
+            chosen.add(writers[-1])
+            todo += [r for r in ops[writers[-1]].reads if r not in inputs]
+    return [ops[i] for i in sorted(chosen)]
+
+
+def default_pairs(ops: tuple[OpSpec, ...], config: ModelConfig, tp: int = 1
+                  ) -> tuple[tuple[str, str], ...]:
+    """The pairs NanoFlow overlaps: a compute-bound GEMM beside memory-bound decode attention
+    (each op whose cost reads its context), with the layer's GEMMs of most and of fewest FLOPs
+    per token (Llama: gate_up and o_proj), so interference is measured at both ends."""
+    flops = {op.name: op.work(config, tp).flops_per_token for op in ops
+             if op.kind == GEMM and op.cost is not None}
+    context = [op.name for op in ops if op.cost is not None
+               and op.work(config, tp).reads_context]
+    if not flops or not context:
+        return ()
+    gemms = dict.fromkeys((max(flops, key=flops.get), min(flops, key=flops.get)))
+    return tuple((g, a) for g in gemms for a in context)
 
 
 def _cpu_time(fn: Callable[[], object], timing: Timing) -> float:
@@ -438,7 +474,7 @@ def time_collectives(rig: Rig, nbytes: Iterable[int] = DEFAULT_COLLECTIVE_BYTES,
 
 def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
             sms: Iterable[int] | None = None, context: int = DEFAULT_CONTEXT,
-            pairs: Iterable[tuple[str, str]] = DEFAULT_PAIRS, timing: Timing = Timing(),
+            pairs: Iterable[tuple[str, str]] | None = None, timing: Timing = Timing(),
             collective_bytes: Iterable[int] = DEFAULT_COLLECTIVE_BYTES,
             log: Callable[[str], None] = print) -> Profile:
     """Measure `rig`'s model on its device: every layer op (and the LM head) over `tokens` x
@@ -455,18 +491,26 @@ def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
     else:
         sms = (1,)    # the CPU has no SM partitions: one column
     ops = {}
-    network = {o.name for o in rig.model.layer_ops if o.kind == "network"}
-    for op in [o.name for o in rig.model.layer_ops] + ["logits", ATTENTION_PREFILL]:
-        prefill = op == ATTENTION_PREFILL       # a prompt's first chunk of n tokens
-        timed = "attention" if prefill else op
+    layer_ops = rig.model.layer_ops
+    tp = getattr(rig, "tp", 1)
+    network = {o.name for o in layer_ops if o.kind == NETWORK}
+    # Ops whose cost reads their context are timed over decode tokens at `context`, and again
+    # over a prompt's first chunk of n tokens (their prefill entry).
+    context_ops = [o.name for o in layer_ops if o.cost is not None
+                   and o.work(rig.config, tp).reads_context]
+    entries = [(o.name, o.name, False) for o in layer_ops] + [(LOGITS, LOGITS, False)] + \
+        [(prefill_entry(op), op, True) for op in context_ops]
+    for op, timed, prefill in entries:
         columns = sms[-1:] if op in network else sms
         grid = [tuple(_sig(rig.time_op(timed, n, _limit(s, rig), context, timing, prefill))
                       for s in columns) for n in tokens]
         ops[op] = OpProfile(tokens, columns, tuple(grid),
-                            context if op == "attention" else None)
+                            context if op in context_ops else None)
         log(f"  {op:17s} " + "  ".join(f"{n}:{grid[i][-1] * 1e6:.1f}us"
                                        for i, n in enumerate(tokens)))
     measured_pairs, interference = [], None
+    if pairs is None:
+        pairs = default_pairs(layer_ops, rig.config, tp)
     if rig.is_cuda:
         gemm_tokens, attn_tokens = tokens[-1], tokens[len(tokens) // 2]
         g = rig.spec.sm_granularity
@@ -481,7 +525,6 @@ def profile(rig: Rig, gpu: str, *, tokens: Iterable[int] = DEFAULT_TOKENS,
         slowdowns = [t / s - 1.0 for p in measured_pairs
                      for t, s in zip(p["together_s"], p["alone_s"])]
         interference = max(0.0, statistics.mean(slowdowns)) if slowdowns else None
-    tp = getattr(rig, "tp", 1)
     collectives = time_collectives(rig, collective_bytes, timing, log=log) if tp > 1 else []
     ceilings = measure_ceilings(rig.device, rig.dtype)   # as `nanorun bench` measures them
     gemm, copy = ceilings.gemm_tflops, ceilings.copy_gbps

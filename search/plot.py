@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from nanorun.layout import Layout
+from nanorun.models import ATTENTION, GEMM, MEMORY, NETWORK
 
 from .simulate import Schedule
 
-KIND_COLOURS = {"gemm": "#4C72B0", "attention": "#DD8452", "memory": "#8C8C8C",
-                "network": "#55A868"}
+KIND_COLOURS = {GEMM: "#4C72B0", ATTENTION: "#DD8452", MEMORY: "#8C8C8C", NETWORK: "#55A868"}
 
 
 def gantt(schedule: Schedule, layout: Layout, kinds: dict[str, str], path: str | Path, *,
@@ -37,7 +37,7 @@ def gantt(schedule: Schedule, layout: Layout, kinds: dict[str, str], path: str |
         if e < t0 or s > t1:
             continue
         ours = launch.layer == layer
-        colour = KIND_COLOURS.get(kinds.get(launch.op, "memory"), "#8C8C8C")
+        colour = KIND_COLOURS.get(kinds.get(launch.op, MEMORY), "#8C8C8C")
         ax.barh(launch.stream, (e - s) * 1e6, left=(s - t0) * 1e6, height=0.6,
                 color=colour if ours else "#DDDDDD", edgecolor="black", linewidth=0.4)
         if ours:

@@ -47,10 +47,11 @@ def launch_costs(plan: Plan, batch, layout, cost: CostModel) -> list[LaunchCost]
     out = []
     for launch in plan.launches:
         n = launch.t1 - launch.t0
+        reads_context = launch.op in cost.context_ops   # its cost depends on the rows' contexts
         if launch.op == LOGITS:
             key = (LOGITS, batch.num_sampled, launch.stream)
-        elif launch.op == "attention":
-            key = ("attention", launch.t0, launch.t1, launch.stream)
+        elif reads_context:
+            key = (launch.op, launch.t0, launch.t1, launch.stream)
         else:
             key = (launch.op, n, launch.stream)
         c = memo.get(key)
@@ -61,7 +62,7 @@ def launch_costs(plan: Plan, batch, layout, cost: CostModel) -> list[LaunchCost]
                 c = cost.launch(EMBED, n, sms[launch.stream])
             else:
                 c = cost.launch(launch.op, n, sms[launch.stream],
-                                stats(launch.t0, launch.t1) if launch.op == "attention" else None)
+                                stats(launch.t0, launch.t1) if reads_context else None)
             memo[key] = c
         out.append(c)
     return out

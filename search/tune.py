@@ -24,13 +24,13 @@ from typing import Any, Iterable
 import numpy as np
 
 from nanorun.layout import Layout, LayoutError, OpLayout, Partition, sequential
+from nanorun.models.op import ATTENTION_SIDE, NETWORK_SIDE
 from nanorun.planner import Planner
 
 from .costmodel import CostModel
 from .evaluate import Predictor
 from .workload import IterationMix, Workload
 
-ATTENTION_SIDE = ("rope", "kv_append", "attention")   # as nanorun.layout.overlap
 SKEWS = (0.0, 0.25, 0.5, 1.0, 2.0)
 MEMORY_UTILIZATION = 0.9                               # of device memory for weights + KV
 
@@ -172,7 +172,8 @@ def build_layout(ops, device, c: Candidate, mix: IterationMix | None = None,
     """The Layout of a search point for a model's ops on a device. `mix` is the iteration that
     "cost" balancing equalises attention work over."""
     names = [op.name for op in ops]
-    network = {op.name for op in ops if op.kind == "network"}
+    network = {op.name for op in ops if op.side == NETWORK_SIDE}
+    attention_side = {op.name for op in ops if op.side == ATTENTION_SIDE}
     b = c.batch_tokens
     net = c.net_sms if network else None   # None: collectives share the GEMM stream
     partitions: list[Partition] = []
@@ -204,14 +205,14 @@ def build_layout(ops, device, c: Candidate, mix: IterationMix | None = None,
     for op in names:
         if op in network:
             layout_ops.append((op, OpLayout(gemm, "net" if net else "gemm")))
-        elif op in ATTENTION_SIDE:
+        elif op in attention_side:
             layout_ops.append((op, OpLayout(attn, "attn" if "attn" in part_names else "gemm")))
         else:
             layout_ops.append((op, OpLayout(gemm, "gemm")))
-    order = _skewed_order(names, layout_ops, b, c.skew)
+    order = _skewed_order(ops, layout_ops, b, c.skew)
     if c.pipeline:
         op_major = tuple((op, i) for op, ol in layout_ops for i in range(len(ol.splits)))
-        order = _pipelined(names, order or op_major, len(gemm))
+        order = _pipelined(ops, order or op_major, len(gemm))
     layout = Layout(name, b, tuple(partitions), tuple(layout_ops), order)
     Planner(ops, 2, layout)   # raises LayoutError if the shifts break a dependency
     return layout
@@ -238,30 +239,34 @@ def _cost_balanced(total: int, k: int, mix: IterationMix) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip(edges[:-1], edges[1:]))
 
 
-def _pipelined(names, order, gemm_splits: int):
-    """NanoFlow's cross-layer pipeline: the ops after attention of the later half of the GEMM
-    nano-batches are shifted into the next layer's slot, issued there right after the earlier
-    nano-batches' ops before attention (attn_norm, qkv). So while layer l + 1's first
-    nano-batches run their attention, the GEMM partition finishes layer l's later ones."""
+def _pipelined(ops, order, gemm_splits: int):
+    """NanoFlow's cross-layer pipeline: the ops after the attention side (OpSpec.side) of the
+    later half of the GEMM nano-batches are shifted into the next layer's slot, issued there
+    right after the earlier nano-batches' ops before the attention side (attn_norm, qkv). So
+    while layer l + 1's first nano-batches run their attention, the GEMM partition finishes
+    layer l's later ones."""
     if gemm_splits < 2:
         raise LayoutError("a pipelined order needs at least two GEMM nano-batches")
     half = (gemm_splits + 1) // 2
-    first_attention_side = min(names.index(op) for op in ATTENTION_SIDE if op in names)
-    before = set(names[:first_attention_side])
-    after = set(names[names.index("attention") + 1:])
+    names = [op.name for op in ops]
+    sided = [i for i, op in enumerate(ops) if op.side == ATTENTION_SIDE]
+    before = set(names[:sided[0]])
+    after = set(names[sided[-1] + 1:])
     late = [(op, i) for op, i in order if op in after and i >= half]
     early = [(op, i) for op, i in order if op in before and i < half]
     rest = [k for k in order if k not in late and k not in early]
     return tuple(early) + tuple((op, i, 1) for op, i in late) + tuple(rest)
 
 
-def _skewed_order(names, layout_ops, batch_tokens: int, skew: float):
+def _skewed_order(ops, layout_ops, batch_tokens: int, skew: float):
     """Issue order of one layer's (op, nano-batch) launches: by op rank plus `skew` x (op count)
     x (where the nano-batch starts in the batch), repaired to respect the dependencies (an op's
-    launch after the earlier ops' launches of overlapping tokens; attention after kv_append of
-    every earlier token)."""
+    launch after the earlier ops' launches of overlapping tokens; an op reading the history of
+    another's writes, attention of kv_append's, after its launches over every earlier token)."""
     if skew == 0.0:
         return ()
+    names = [op.name for op in ops]
+    spec = {op.name: op for op in ops}
     rank = {op: i for i, op in enumerate(names)}
     bounds = {}
     for op, ol in layout_ops:
@@ -277,7 +282,7 @@ def _skewed_order(names, layout_ops, batch_tokens: int, skew: float):
         if rank[a] >= rank[b]:
             return False
         lo, hi = bounds[later]
-        if (a, b) == ("kv_append", "attention"):
+        if spec[b].reads_history_of(spec[a]):
             lo = 0
         return bounds[earlier][0] < hi and lo < bounds[earlier][1]
 
