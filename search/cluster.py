@@ -38,7 +38,7 @@ ROLES = ("mixed", "prompt", "token")
 class MachineKind:
     """One kind of machine: its GPUs, what it costs and draws, how fast it ships KV."""
 
-    gpu: str                    # device spec name (search/hardware.py)
+    gpu: str                    # device spec name (nanorun/device.py)
     gpus: int                   # GPUs per machine; the engine runs tp = gpus
     cost_per_hour: float        # $ per machine-hour
     power_kw: float             # provisioned power per machine

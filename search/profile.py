@@ -22,7 +22,7 @@ Format (version 1):
 A profile taken at tp > 1 (`nanorun profile --tp N` under torchrun) times each rank's own shard
 of every op, the all-reduce ops included (their per-op factors calibrate them like any op), and
 sweeps the collectives over message sizes under the CTA bound the engine runs with: those
-tables replace the device spec's published ones (search/hardware.py) in the cost model.
+tables replace the device spec's published ones (nanorun/device.py) in the cost model.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Derive the all-reduce tables of search/hardware.py from Vidur's published NCCL measurements.
+"""Derive the all-reduce tables of nanorun/device.py from Vidur's published NCCL measurements.
 
     python bench/data/derive_collectives.py PATH/TO/vidur/data/profiling/network
 
@@ -15,7 +15,7 @@ rank to arrive), so each table point is the median of the measured times within 
 of a power-of-two size (2 KiB to 64 MiB; bins of fewer than three measurements are dropped,
 which leaves 32 KiB to 64 MiB, the smaller sizes each having one), and the points are then made non-decreasing in size by
 weighted pool-adjacent-violators (a larger message is never faster; the weights are the number
-of measurements pooled). Prints the Python literal pasted into search/hardware.py; there, the
+of measurements pooled). Prints the Python literal pasted into nanorun/device.py; there, the
 H100 tables at tp 4 and 8 take vLLM's CUDA-graph-captured NCCL times below 8 MiB instead
 (vllm-project/vllm#24111; the comment at _H100_AR says why).
 """
@@ -27,7 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from nanorun.search.hardware import isotonic   # the same fit the profiler applies
+from nanorun.device import isotonic   # the same fit the profiler applies
 
 SIZES = tuple(2048 * 2**k for k in range(16))          # 2 KiB .. 64 MiB
 MIN_POINTS = 3   # a bin of fewer measurements is dropped: below 32 KiB each bin holds one
