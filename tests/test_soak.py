@@ -2,13 +2,20 @@
 (while running, after they finished, or never existed), bad requests are interleaved, and the KV
 cache is small enough that requests preempt each other. Under both built-in layouts and both
 admission policies, every accepted request must end exactly once, with its solo run's tokens and
-finish reason, and no KV page may leak."""
+finish reason, and no KV page may leak.
+
+The solo runs (max_batch_tokens 128, one request at a time) and the soak (32, batched) do not do
+the same arithmetic: a request's tokens are its solo run's, or differ first at a near-tie of the
+solo engine's logits (tests/tokens.py), after which its tokens and finish reason are not
+compared."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+
+from tokens import first_divergence
 
 from nanorun import Engine, SamplingParams
 
@@ -43,7 +50,9 @@ BAD_REQUESTS = [
 ]
 
 
-def _solo_runs(pool) -> list[tuple[list[int], str]]:
+def _solo_runs(pool) -> tuple[Engine, list[tuple[list[int], str]]]:
+    """The solo engine (idle again, for the reference logits) and each request's tokens and
+    finish reason run alone."""
     engine = Engine(MODEL, weights="random", kv_cache_tokens=KV_TOKENS, max_batch_tokens=128)
     results = []
     for i, (prompt, params) in enumerate(pool):
@@ -52,20 +61,20 @@ def _solo_runs(pool) -> list[tuple[list[int], str]]:
         while engine.has_unfinished_requests():
             out = next((o for o in engine.step() if o.finished), out)
         results.append((out.token_ids, out.finish_reason))
-    return results
+    return engine, results
 
 
 @pytest.fixture(scope="module")
 def pool_and_reference():
     pool = _pool(random.Random(1234), 30)
-    return pool, _solo_runs(pool)
+    return pool, *_solo_runs(pool)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["sequential", "overlap"])
 @pytest.mark.parametrize("policy", ["fcfs", "hrrn"])
 def test_soak(pool_and_reference, layout, policy):
-    pool, reference = pool_and_reference
+    pool, solo, reference = pool_and_reference
     rng = random.Random(f"{layout}-{policy}")
     engine = Engine(MODEL, weights="random", layout=layout, scheduling_policy=policy,
                     max_batch_tokens=32, kv_cache_tokens=KV_TOKENS, page_size=16)
@@ -104,10 +113,14 @@ def test_soak(pool_and_reference, layout, policy):
     assert set(ended) == set(accepted), "a request was lost or one never sent came back"
     for rid, i in accepted.items():
         out, (tokens, reason) = ended[rid], reference[i]
+        prompt, params = pool[i]
+        diverged = first_divergence(out.token_ids, tokens, prompt=prompt, params=params,
+                                    logits_of=solo.prompt_logits,
+                                    eos_token_ids=solo.eos_token_ids, what=rid)
         if out.finish_reason == "abort":
             assert rid in aborted
-            assert out.token_ids == tokens[:len(out.token_ids)]
-        else:
+            assert diverged is not None or len(out.token_ids) <= len(tokens), rid
+        elif diverged is None:
             assert (out.token_ids, out.finish_reason) == (tokens, reason), rid
     assert engine.kv_cache.num_free_pages == engine.kv_cache.num_pages, "KV pages leaked"
     assert preemptions > 0, "the KV cache was not small enough to preempt anything"
