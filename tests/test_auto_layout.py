@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from tokens import assert_same_tokens
 
 from nanorun import LLM, SamplingParams
 from nanorun.cli import main
@@ -73,9 +74,13 @@ def test_auto_takes_what_tune_wrote_at_its_batch_size(workdir, caplog):
     assert engine.executor.layout.ops == tuned.ops
     assert f"using the tuned layout {written.name}" in caplog.text
     assert str(workdir) not in caplog.text
-    want = LLM(MODEL, layout="sequential", weights="random", kv_cache_tokens=4096,
-               max_batch_tokens=tuned.batch_tokens).generate(PROMPTS, GREEDY)
-    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == [o.token_ids for o in want]
+    reference = LLM(MODEL, layout="sequential", weights="random", kv_cache_tokens=4096,
+                    max_batch_tokens=tuned.batch_tokens)
+    want = reference.generate(PROMPTS, GREEDY)
+    # The tuned layout's nano-batches cut the GEMMs otherwise: up to a near-tie (tests/tokens.py)
+    for prompt, got, ref in zip(PROMPTS, llm.generate(PROMPTS, GREEDY), want, strict=True):
+        assert_same_tokens(got.token_ids, ref.token_ids, prompt=prompt, params=GREEDY,
+                           logits_of=reference.engine.prompt_logits)
 
 
 def test_tune_writes_to_and_auto_reads_from_the_env_dir_first(workdir, monkeypatch):
