@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `nanorun` command's parser, every subcommand in it."""
     from . import __version__
 
     parser = _Parser(prog="nanorun", description=__doc__)
@@ -36,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     _search_cli.add_parsers(sub)
     _add_bench(sub)
     _add_serve(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     check_vllm_flags(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     try:
