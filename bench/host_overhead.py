@@ -230,6 +230,8 @@ def _engine(layout, batch_tokens: int, running: int, sampled: bool, vocab: int, 
         kv.grow(r, r.num_tokens)
         r.num_computed_tokens = len(r.prompt_token_ids)
         r.status = RequestStatus.RUNNING
+        sched.add(r)                # queued in arrival order, then moved to the running batch
+        sched.waiting.remove(r)
         sched.running.append(r)
     for r in queued:
         sched.add(r)

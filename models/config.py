@@ -38,6 +38,10 @@ class UnknownModelError(ModelConfigError):
     """A model name is neither a preset nor a directory holding a config.json."""
 
 
+class WeightLoadError(ValueError):
+    """A checkpoint is missing a tensor, has a wrong shape, or needs an unsupported feature."""
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling. "linear" divides positions by `factor`; "llama3" rescales the

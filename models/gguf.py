@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ModelConfig, ModelConfigError, UnsupportedModelError
+from .config import ModelConfig, ModelConfigError, UnsupportedModelError, WeightLoadError
 
 GGUF_MAGIC = b"GGUF"
 # general.architecture -> the HF architecture nanorun runs it as. "llama" with experts is Mixtral.
@@ -356,7 +356,6 @@ def _hf_entries(config: ModelConfig, gguf_name: str, read):
         entries = ([(f"{p}{_LAYER_TENSORS[kind]}.{suffix}", read)] if kind in _LAYER_TENSORS
                    else _moe_entries(config, p, kind, suffix, read))
     if entries is None:
-        from .loader import WeightLoadError
 
         raise WeightLoadError(f"tensor {gguf_name!r} is not one nanorun reads for "
                               f"{config.architecture}; this variant is not supported")

@@ -55,11 +55,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from .config import ModelConfig, ModelConfigError
-
-
-class WeightLoadError(ValueError):
-    """A checkpoint is missing a tensor, has a wrong shape, or needs an unsupported feature."""
+from .config import ModelConfig, ModelConfigError, WeightLoadError
 
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

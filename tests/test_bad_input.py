@@ -4,6 +4,7 @@ failure never stalls the others. Everything here goes through the public API."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -274,8 +275,14 @@ def test_a_70b_model_is_refused_on_any_cpu():
 
 
 # -- models ---------------------------------------------------------------------------------------
-def test_a_hub_id_says_nanorun_does_not_download():
-    with pytest.raises(UnknownModelError, match="does not download .*--local-dir DIR"):
+def test_a_hub_id_that_cannot_be_had_names_itself_and_what_to_do(monkeypatch):
+    """Hub ids are resolved now (tests/test_hub.py); one neither cached nor reachable is
+    refused at once, naming the id, why, and what to do."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UnknownModelError,
+                       match=r"'meta-llama/Llama-3.2-1B'.*HF_HUB_OFFLINE=1.*local directory"):
         LLM("meta-llama/Llama-3.2-1B")
 
 
@@ -299,9 +306,9 @@ def test_an_eos_from_generation_config_stops_generation(tmp_path):
 
 
 # -- the command line -----------------------------------------------------------------------------
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nanorun.cli", *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 def test_cli_version_and_generate_with_a_positional_model():
@@ -313,9 +320,9 @@ def test_cli_version_and_generate_with_a_positional_model():
 
 
 def test_cli_errors_are_one_line():
-    run = _cli("generate", "meta-llama/Llama-3.2-1B")
+    run = _cli("generate", "meta-llama/Llama-3.2-1B", env={"HF_HUB_OFFLINE": "1"})
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
-    assert "does not download" in run.stderr
+    assert "'meta-llama/Llama-3.2-1B' is not in the Hugging Face cache" in run.stderr
 
 
 def test_bench_names_a_missing_trace_file_and_bad_rates_in_one_line(tmp_path):
