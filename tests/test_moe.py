@@ -25,7 +25,7 @@ import torch
 from nanorun import LLM, SamplingParams
 from nanorun.layout import Layout, OpLayout, Partition
 from nanorun.models import (ModelConfig, UnsupportedModelError, build_model, get_preset,
-                            model_layer_ops, random_weights, shard_weights)
+                            model_layer_ops, random_weights)
 from nanorun.ops import kv_append, paged_attention
 from ranks import join_ranks, start_ranks
 from tokens import assert_same_tokens, hf_logits_of
