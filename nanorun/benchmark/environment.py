@@ -23,12 +23,23 @@ import torch
 import nanorun
 
 
-def write_result(doc: dict, out: str | os.PathLike, *, indent: int = 1) -> None:
-    """A benchmark's result as JSON at `out` (its folder made if need be). NaN and infinity are
-    refused: a committed result must be JSON that every reader parses."""
+def write_result(doc: dict, out: str | os.PathLike, *, device: torch.device | str | None = None,
+                 argv: list[str] | None = None, indent: int = 1) -> dict:
+    """A benchmark's result as JSON at `out` (its folder made if need be), with provenance.
+
+    Unless `doc` has them already, "command" (the command line that made it, as command_line
+    writes it: no path of this machine) and "environment" (describe(device): the device, the
+    versions, the commit and the date; device defaults to the CPU) go first. NaN and infinity
+    are refused: a committed result must be JSON that every reader parses. Returns what was
+    written.
+    """
+    stamped = {"command": doc.get("command") or command_line(argv),
+               "environment": doc.get("environment") or describe(torch.device(device or "cpu")),
+               **doc}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=indent, allow_nan=False) + "\n")
+    path.write_text(json.dumps(stamped, indent=indent, allow_nan=False) + "\n")
+    return stamped
 
 
 def describe(device: torch.device) -> dict:
@@ -37,7 +48,7 @@ def describe(device: torch.device) -> dict:
     return {
         "device": device_name(device),
         "device_type": device.type,
-        "driver_version": _driver_version() if device.type == "cuda" else None,
+        "driver_version": driver_version() if device.type == "cuda" else None,
         "cuda_version": torch.version.cuda,
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,
@@ -117,7 +128,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _driver_version() -> str | None:
+def driver_version() -> str | None:
     """The NVIDIA driver version, from nvidia-smi (torch does not expose it)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

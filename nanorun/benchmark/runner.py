@@ -12,7 +12,7 @@ a layout is paired with repeat r of sequential for its ratio. The device's ceili
 measured once per run, before any engine, not per layout or repeat. Several traces can share
 the engines (run_traces): each (repeat, layout) engine is built once and serves every trace.
 
-The loop drives Engine.step() itself: a request is added once its arrival time has passed, and
+The step loop is loop.run_requests, the one every benchmark uses: a request is added once its arrival time has passed, and
 its arrival time is the scheduled one, so time spent waiting for a busy step counts in its
 TTFT. Outputs run to the trace's length (ignore EOS, greedy). A request that cannot be added,
 or ends with any other number of tokens, is recorded as failed with the reason, and the run
@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,7 +37,9 @@ import numpy as np
 import torch
 
 from ..config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
-from ..engine import Engine, choose_layout, device_spec
+from ..device import device_spec
+from ..engine import Engine
+from ..engine_builder import choose_layout
 from ..layout import Layout
 from ..lengths import get_length_predictor, predictor_name
 from ..outputs import RequestOutput
@@ -46,6 +47,7 @@ from ..sampling_params import SamplingParams
 from ..scheduler import uses_predictions
 from . import arrivals as arrival_process
 from . import ceilings, environment
+from .loop import ScheduledSource, Submission, run_requests
 from .metrics import RequestResult, compute_metrics
 from .traces import LengthFilter, Trace, load_trace
 
@@ -274,44 +276,23 @@ def warm_up(engine: Engine) -> None:
 def drive(engine: Engine, workload: Workload, arrivals: np.ndarray, *, progress=None) -> Drive:
     """Run the workload with these arrival times (seconds from the start, non-decreasing)."""
     trace, n = workload.trace, len(workload.trace)
-    results: list[RequestResult | None] = [None] * n
-    in_flight: dict[str, int] = {}
-    start, added, steps, preemptions = time.perf_counter(), 0, 0, 0
+    source = ScheduledSource([
+        Submission(str(i), workload.prompts[i].tolist(), greedy(int(trace.output_lens[i])),
+                   float(arrivals[i])) for i in range(n)])
+    done = run_requests(engine, source,
+                        on_end=None if progress is None else (lambda _: progress.update(1)))
+    results = []
+    for i in range(n):
+        out, prompt_len = done.outputs.get(str(i)), int(trace.prompt_lens[i])
+        error = done.errors.get(str(i), done.stopped or "never sent")
+        results.append(request_result(out, int(trace.output_lens[i])) if out is not None
+                       else RequestResult(prompt_len, 0, error=error))
+    return Drive(results, done.wall_s, done.steps, done.preemptions)
 
-    def record(i: int, result: RequestResult) -> None:
-        results[i] = result
-        if progress is not None:
-            progress.update(1)
 
-    while added < n or engine.has_unfinished_requests():
-        while added < n and arrivals[added] <= time.perf_counter() - start:
-            error = _add(engine, workload, added, start + float(arrivals[added]))
-            if error:
-                record(added, RequestResult(int(trace.prompt_lens[added]), 0, error=error))
-            else:
-                in_flight[str(added)] = added
-            added += 1
-        if not engine.has_unfinished_requests():
-            if added < n:
-                time.sleep(max(0.0, float(arrivals[added]) - (time.perf_counter() - start)))
-            continue
-        try:
-            outputs = engine.step()
-        except Exception as e:  # the engine's state is unknown now: end this run, keep the rest
-            reason = f"engine step failed: {type(e).__name__}: {e}"
-            logger.error("%s; failing %d requests in flight and %d not yet added", reason,
-                         len(in_flight), n - added)
-            engine.abort_request(list(in_flight))
-            for i in [*in_flight.values(), *range(added, n)]:
-                record(i, RequestResult(int(trace.prompt_lens[i]), 0, error=reason))
-            break
-        steps += 1
-        for out in outputs:
-            i = in_flight.pop(out.request_id, None) if out.finished else None
-            if i is not None:   # None: still running, or aborted in an earlier failed run
-                preemptions += out.metrics.num_preemptions
-                record(i, request_result(out, int(trace.output_lens[i])))
-    return Drive(results, time.perf_counter() - start, steps, preemptions)
+def greedy(max_tokens: int) -> SamplingParams:
+    """A benchmark request's sampling: greedy, to exactly max_tokens (EOS ignored)."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
 def request_result(out: RequestOutput, expected_len: int) -> RequestResult:
@@ -344,17 +325,6 @@ def engine_facts(engine: Engine) -> dict:
         "max_model_len": engine.max_model_len,
         "weights": "random" if random_weights else "loaded",
     }
-
-
-def _add(engine: Engine, workload: Workload, i: int, arrival_time: float) -> str:
-    """Queue request i; "" on success, else why it could not be added."""
-    params = SamplingParams(max_tokens=int(workload.trace.output_lens[i]), temperature=0.0,
-                            ignore_eos=True)
-    try:
-        engine.add_request(str(i), workload.prompts[i].tolist(), params, arrival_time)
-    except (ValueError, TypeError, RuntimeError) as e:
-        return f"not added: {e}"
-    return ""
 
 
 def _run_one(engine: Engine, workload: Workload, layout: str, rate,
