@@ -56,6 +56,11 @@ def _rope_work(s: Shapes) -> OpWork:            # rotate q and k in place
                   bytes_per_token=2 * (s.q + s.kv) * s.dtype_bytes)
 
 
+def _qk_norm_work(s: Shapes) -> OpWork:         # RMSNorm of each q and k head, in place
+    return OpWork(flops_per_token=4.0 * (s.q + s.kv),
+                  bytes_per_token=2 * (s.q + s.kv) * s.dtype_bytes)
+
+
 def _kv_append_work(s: Shapes) -> OpWork:       # read k and v, write them to their pages
     return OpWork(flops_per_token=0.0, bytes_per_token=4 * s.kv * s.dtype_bytes)
 
@@ -101,6 +106,8 @@ def _down_work(s: Shapes) -> OpWork:            # reads and writes the residual 
 
 ATTN_NORM = OpSpec("attn_norm", MEMORY, ("hidden",), ("x",), cost=norm_work)
 QKV = OpSpec("qkv", GEMM, ("x",), ("qkv",), cost=_qkv_work)
+# Qwen3's (and Qwen3-MoE's) per-head RMSNorm of q and k, between qkv and rope.
+QK_NORM = OpSpec("qk_norm", MEMORY, ("qkv",), ("qkv",), cost=_qk_norm_work)
 # rope, the KV append and attention are the memory-bound side of a partitioned layout
 # (NanoFlow's): the GEMMs of one nano-batch run beside the attention of another.
 ROPE = OpSpec("rope", MEMORY, ("qkv",), ("qkv",), side=ATTENTION_SIDE, cost=_rope_work)
@@ -275,7 +282,7 @@ class LlamaModel:
         self.tp = 1 if tp_group is None else dist.get_world_size(tp_group)
         self.local = shard_config(config, self.tp)
         _check_weights(self.local, weights, self.tp)
-        self.layer_ops = layer_ops(self.tp, kv_send=kv_sink is not None)
+        self.layer_ops = self.layer_ops_for(config, self.tp, kv_send=kv_sink is not None)
         self._kv_sink = kv_sink
         self.w = weights
         self.dtype = weights["embed"].dtype
@@ -284,10 +291,16 @@ class LlamaModel:
         self._attention_kernel = attention_fn
         self._kv_append_kernel = kv_append_fn
         self.pointwise = pointwise
-        self.cos, self.sin = rope_tables(config, max_model_len, self.device)
+        self.cos, self.sin = self.rope_tables(max_model_len)
         self._ops = {op.name: getattr(self, f"_{op.name}") for op in self.layer_ops}
         if self.tp > 1:     # row-parallel: partial sums, for the all-reduces to add up
-            self._ops.update(o_proj=self._o_proj_partial, down=self._down_partial)
+            partial = {"o_proj": self._o_proj_partial, "down": self._down_partial}
+            self._ops.update({n: f for n, f in partial.items() if n in self._ops})
+
+    def rope_tables(self, max_model_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [max_model_len, Dh/2] fp32 tables the rope op reads by position (a family
+        with another rope, e.g. Phi-3's longrope, overrides this)."""
+        return rope_tables(self.config, max_model_len, self.device)
 
     # -- the iteration's frame: embedding in, logits out ------------------------------------
     def new_workspace(self, max_tokens: int) -> Workspace:
@@ -336,6 +349,15 @@ class LlamaModel:
         c = self.local
         qk = ws.qkv[t0:t1, : c.q_size + c.kv_size].unflatten(-1, (-1, c.head_dim))  # [n, Hq+Hkv, Dh]
         self.pointwise.rope(qk, batch.positions[t0:t1], self.cos, self.sin)
+
+    def _qk_norm(self, i, ws, batch, kv, t0, t1):
+        # Per head, over head_dim, before rope (Qwen3). Plain torch: the q and k heads are
+        # strided views into qkv, which the fused RMSNorm kernel does not take.
+        c, eps = self.local, self.config.rms_norm_eps
+        q = ws.qkv[t0:t1, : c.q_size].unflatten(-1, (c.num_heads, c.head_dim))
+        k = ws.qkv[t0:t1, c.q_size: c.q_size + c.kv_size].unflatten(-1, (c.num_kv_heads, c.head_dim))
+        q.copy_(rms_norm(q, self.w[f"layers.{i}.q_norm"], eps))
+        k.copy_(rms_norm(k, self.w[f"layers.{i}.k_norm"], eps))
 
     def _kv_append(self, i, ws, batch, kv, t0, t1):
         k, v = self._kv_views(ws, t0, t1)

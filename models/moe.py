@@ -1,9 +1,9 @@
 """Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE) as plain math over named ops.
 
 The attention half of a layer is LlamaModel's (plus Qwen3's per-head q/k RMSNorm, `qk_norm`,
-before rope). The MLP is replaced by a mixture of experts, split into ops that each work on any
-token rows [t0, t1), so the planner nano-batches it like any other layer and the race detector
-applies unchanged:
+before rope, which models.llama declares for the dense Qwen3 too). The MLP is replaced by a
+mixture of experts, split into ops that each work on any token rows [t0, t1), so the planner
+nano-batches it like any other layer and the race detector applies unchanged:
 
   moe_norm        memory   hidden -> x                   RMSNorm (the weight HF calls
                                                          post_attention_layernorm)
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .llama import (ATTENTION_OP, ATTN_ALLREDUCE, ATTN_NORM, KV_APPEND, KV_SEND, O_PROJ,
-                    O_PROJ_PARTIAL, QKV, ROPE, TORCH_POINTWISE, LlamaModel, PointwiseOps,
-                    all_reduce_work, norm_work, rms_norm)
+                    O_PROJ_PARTIAL, QK_NORM, QKV, ROPE, TORCH_POINTWISE, LlamaModel,
+                    PointwiseOps, all_reduce_work, norm_work)
 from .op import GEMM, MEMORY, NETWORK, OpSpec, OpWork, Shapes
 
 # dtypes torch's grouped_mm runs, per device type (torch 2.13: CUDA bf16 on SM >= 80 only).
@@ -56,11 +56,6 @@ GROUPED_MM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
 
 
 # -- the ops of a layer, and what each costs (models/op.py says what the facts mean) -----------
-def _qk_norm_work(s: Shapes) -> OpWork:         # RMSNorm of each q and k head, in place
-    return OpWork(flops_per_token=4.0 * (s.q + s.kv),
-                  bytes_per_token=2 * (s.q + s.kv) * s.dtype_bytes)
-
-
 def _router_work(s: Shapes) -> OpWork:          # replicated on every rank: E outputs
     return s.gemm(s.d, s.config.num_experts)
 
@@ -105,7 +100,6 @@ def _combine_work(s: Shapes) -> OpWork:
     return OpWork(flops_per_token=flops, bytes_per_token=nbytes)
 
 
-QK_NORM = OpSpec("qk_norm", MEMORY, ("qkv",), ("qkv",), cost=_qk_norm_work)
 MOE_NORM = OpSpec("moe_norm", MEMORY, ("hidden",), ("x",), cost=norm_work)
 ROUTER = OpSpec("router", GEMM, ("x",), ("router_logits",), cost=_router_work)
 TOPK = OpSpec("topk", MEMORY, ("router_logits",), ("topk",), cost=_topk_work)
@@ -229,16 +223,6 @@ class MoEModel(LlamaModel):
             shared_gate_up=empty(max_tokens, 2 * s), shared_act=empty(max_tokens, s),
             shared_out=empty(max_tokens, d if s else 0),
             o_out=empty(max_tokens, par), moe_out=empty(max_tokens, par))
-
-    # -- attention: Qwen3's QK norm ----------------------------------------------------------
-    def _qk_norm(self, i, ws, batch, kv, t0, t1):
-        # Per head, over head_dim, before rope. Plain torch: the q and k heads are strided
-        # views into qkv, which the fused RMSNorm kernel does not take.
-        c, eps = self.local, self.config.rms_norm_eps
-        q = ws.qkv[t0:t1, : c.q_size].unflatten(-1, (c.num_heads, c.head_dim))
-        k = ws.qkv[t0:t1, c.q_size: c.q_size + c.kv_size].unflatten(-1, (c.num_kv_heads, c.head_dim))
-        q.copy_(rms_norm(q, self.w[f"layers.{i}.q_norm"], eps))
-        k.copy_(rms_norm(k, self.w[f"layers.{i}.k_norm"], eps))
 
     # -- the mixture of experts --------------------------------------------------------------
     def _moe_norm(self, i, ws, batch, kv, t0, t1):
