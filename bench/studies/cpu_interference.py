@@ -1,6 +1,6 @@
 """How much work on one core slows an engine on another, on this machine.
 
-    python bench/cpu_interference.py [--passes 5] [--duty 0.15 0.3 1.0]
+    python bench/studies/cpu_interference.py [--passes 5] [--duty 0.15 0.3 1.0]
                                      [--out bench/results/cpu/cpu_interference.json]
 
 `nanorun serve` on a CPU puts its HTTP process (and, in bench/serve_overhead.py, the client)
@@ -28,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")   # as serve_overhead.py
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 SPIN = """

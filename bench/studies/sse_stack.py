@@ -1,6 +1,6 @@
 """What streaming one chunk costs the server, by HTTP stack: the floor under `nanorun serve`.
 
-    python bench/sse_stack.py [--passes 5] [--streams 64] [--chunks 60]
+    python bench/studies/sse_stack.py [--passes 5] [--streams 64] [--chunks 60]
                               [--out bench/results/cpu/sse_stack.json]
 
 `nanorun serve` writes one server-sent event per streamed request per engine step, so on a
@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STEP_S = 0.012          # about serve_overhead.py's small model's step
 CHUNK = {"id": "cmpl-0123456789abcdef0123456789abcdef", "object": "text_completion",
          "created": 1700000000, "model": "bench",

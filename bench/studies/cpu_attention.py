@@ -5,7 +5,7 @@ through paged_attention_numba and paged_attention_torch (float32, the public fun
 validation is included). The smallest run length at which torch wins is the dispatcher's
 PREFILL_RUN_THRESHOLD. Also times whole decode batches, for reference.
 
-    python bench/cpu_attention.py [--out results.json] [--repeats 15]
+    python bench/studies/cpu_attention.py [--out results.json] [--repeats 15]
 
 Prints median milliseconds per call; --out also writes them as JSON.
 """
@@ -13,7 +13,6 @@ Prints median milliseconds per call; --out also writes them as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -93,8 +92,8 @@ def main() -> None:
     results["crossover_run_length"] = crossover
     print(f"\nsmallest run length where torch wins: {crossover}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        from nanorun.benchmark.environment import write_result
+        write_result(results, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -1,7 +1,7 @@
 """Does async scheduling pay on the CPU backend? The same requests through Engine with
 async_scheduling off and on, real model, one machine.
 
-    python bench/async_cpu.py [--model tiny-llama] [--requests 48] [--max-tokens 32]
+    python bench/studies/async_cpu.py [--model tiny-llama] [--requests 48] [--max-tokens 32]
                               [--passes 3] [--threads 1] [--out bench/results/cpu/async_cpu.json]
 
 On the CPU, async scheduling runs each iteration's device work (the executor, the sampler's
@@ -21,38 +21,25 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
-
-
-def step_until_done(engine) -> tuple[dict[str, list[int]], list[float], float]:
-    """Step `engine` until every request has finished: each request's output token ids, the
-    seconds of each step, and the wall time of them all."""
-    tokens, steps = {}, []
-    start = time.perf_counter()
-    while engine.has_unfinished_requests():
-        t = time.perf_counter()
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = out.outputs[0].token_ids
-        steps.append(time.perf_counter() - t)
-    return tokens, steps, time.perf_counter() - start
 
 
 def run(model: str, async_scheduling: bool, requests: int, max_tokens: int,
         batch_tokens: int) -> dict:
     from nanorun import Engine, SamplingParams
+    from nanorun.benchmark.loop import step_until_done
 
     engine = Engine(model, weights="random", max_batch_tokens=batch_tokens,
                     async_scheduling=async_scheduling)
     for i in range(requests):
         engine.add_request(str(i), [1 + i % 50] * (16 + 8 * (i % 8)), SamplingParams(
             max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True))
-    tokens, steps, wall = step_until_done(engine)
+    done = step_until_done(engine)
     engine.shutdown()
-    return {"wall_s": round(wall, 3), "steps": len(steps),
-            "step_ms_median": round(1e3 * statistics.median(steps), 2),
+    tokens, wall = done.token_ids(), done.wall_s
+    return {"wall_s": round(wall, 3), "steps": done.steps,
+            "step_ms_median": round(1e3 * statistics.median(done.step_seconds), 2),
             "tokens_per_s": round(sum(map(len, tokens.values())) / wall, 1), "tokens": tokens}
 
 
@@ -67,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/cpu/async_cpu.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from nanorun.benchmark.environment import command_line, describe, write_result
+    from nanorun.benchmark.environment import write_result
 
     load_before = os.getloadavg()
     run(args.model, False, 4, 4, args.max_batch_tokens)         # warm-up: first-use costs
@@ -82,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         passes.append(pair)
         print(json.dumps(pair), flush=True)
     doc = {
-        "command": command_line(argv if argv is None else ["bench/async_cpu.py", *argv]),
-        "environment": describe(torch.device("cpu")),
         "model": args.model, "requests": args.requests, "max_tokens": args.max_tokens,
         "max_batch_tokens": args.max_batch_tokens, "torch_threads": args.threads,
         "load_average_before": [round(x, 2) for x in load_before],
@@ -93,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             p["step_ratio_async_over_sync"] for p in passes),
         "same_tokens": True,
     }
-    write_result(doc, args.out)
+    write_result(doc, args.out,
+                 argv=None if argv is None else ["bench/studies/async_cpu.py", *argv])
     print(f"wrote {args.out}: async/sync step time {doc['median_step_ratio_async_over_sync']}")
     return 0
 

@@ -3,7 +3,7 @@ requests of n sequences (sharing: the prompt is computed once, see nanorun.sched
 n separate requests per prompt with each sequence's own seed (not sharing: what nanorun did
 before), CPU backend, random weights.
 
-    python bench/n_sharing.py [--model tiny-llama] [--requests 8] [--prompt-len 256]
+    python bench/studies/n_sharing.py [--model tiny-llama] [--requests 8] [--prompt-len 256]
                               [--max-tokens 16] [--ns 1,2,4,8] [--passes 3] [--threads 1]
                               [--out bench/results/cpu/n_sharing.json]
 
@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import replace
 
 import torch
@@ -29,7 +28,7 @@ import torch
 
 def run(model: str, n: int, share: bool, args) -> dict:
     from nanorun import Engine, SamplingParams, TextEngine
-    from nanorun.text_engine import _child_params
+    from nanorun.benchmark.loop import step_until_done
 
     kv_tokens = args.requests * n * (args.prompt_len + args.max_tokens) + 1024
     engine = Engine(model, weights="random", max_batch_tokens=args.max_batch_tokens,
@@ -59,21 +58,24 @@ def run(model: str, n: int, share: bool, args) -> dict:
             te.add_request(str(r), prompt, replace(sp, seed=1000 * r))
         else:
             for i in range(n):
-                te.add_request(f"{r}.{i}", prompt, _child_params(replace(sp, seed=1000 * r), i))
+                te.add_request(f"{r}.{i}", prompt, sequence_params(replace(sp, seed=1000 * r), i))
+    done = step_until_done(te)
     tokens = {}
-    start = time.perf_counter()
-    while te.has_unfinished_requests():
-        for out in te.step():
-            if out.finished:
-                for c in out.outputs:
-                    key = (out.request_id, c.index) if share else (
-                        out.request_id.split(".")[0], int(out.request_id.split(".")[1]))
-                    tokens[f"{key[0]}.{key[1]}"] = c.token_ids
-    wall = time.perf_counter() - start
+    for out in done.outputs.values():
+        for c in out.outputs:
+            key = (out.request_id, c.index) if share else (
+                out.request_id.split(".")[0], int(out.request_id.split(".")[1]))
+            tokens[f"{key[0]}.{key[1]}"] = c.token_ids
+    wall = done.wall_s
     engine.shutdown()
     return {"wall_s": round(wall, 3), "tokens_computed": counts["computed"],
             "prompt_tokens_computed": counts["prompt"], "peak_kv_pages": counts["peak_pages"],
             "preempted": counts["preempted"], "tokens": tokens}
+
+
+def sequence_params(sp, i: int):
+    """What TextEngine gives sequence i of an n > 1 request: one sequence, seed + i."""
+    return replace(sp, n=1, seed=None if sp.seed is None else sp.seed + i)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/cpu/n_sharing.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from nanorun.benchmark.environment import command_line, describe, write_result
+    from nanorun.benchmark.environment import write_result
 
     load_before = os.getloadavg()
     run(args.model, 2, True, argparse.Namespace(**{**vars(args), "requests": 1}))  # warm-up
@@ -112,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     doc = {
-        "command": command_line(argv if argv is None else ["bench/n_sharing.py", *argv]),
-        "environment": describe(torch.device("cpu")),
         "model": args.model, "requests": args.requests, "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "max_batch_tokens": args.max_batch_tokens,
         "passes": args.passes, "torch_threads": args.threads,
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "rows": rows, "same_tokens": True,
     }
-    write_result(doc, args.out)
+    write_result(doc, args.out,
+                 argv=None if argv is None else ["bench/studies/n_sharing.py", *argv])
     print(f"wrote {args.out}")
     return 0
 

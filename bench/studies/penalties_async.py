@@ -2,7 +2,7 @@
 engine over 32 requests with none or one of them penalised, before and after the penalty
 counts moved to the device (nanorun.sampler.TokenCounts), side by side in one run.
 
-    python bench/penalties_async.py [--baseline-python PY] [--model tiny-llama]
+    python bench/studies/penalties_async.py [--baseline-python PY] [--model tiny-llama]
                                     [--requests 32] [--max-tokens 48] [--passes 5]
                                     [--out bench/results/cpu/penalties_async.json]
 
@@ -19,7 +19,7 @@ device: the overlap async scheduling exists for).
 Seeded sampling: each case must give the same tokens in both versions, checked.
 
 On the CPU backend async scheduling overlaps only what releases the GIL (see
-bench/async_cpu.py), so what a forced retire costs here is smaller than on a GPU, where the
+bench/studies/async_cpu.py), so what a forced retire costs here is smaller than on a GPU, where the
 host's whole step hides behind the device's.
 """
 
@@ -41,9 +41,8 @@ def measure(model: str, mode: str, penalised: int, requests: int, max_tokens: in
             batch_tokens: int) -> dict:
     """One run of `requests` seeded requests through an engine; the first `penalised` of
     them have PENALTY."""
-    from async_cpu import step_until_done     # this script's own directory, bench/
-
     from nanorun import Engine, SamplingParams
+    from nanorun.benchmark.loop import step_until_done
 
     engine = Engine(model, weights="random", max_batch_tokens=batch_tokens,
                     async_scheduling=mode == "async")
@@ -60,8 +59,9 @@ def measure(model: str, mode: str, penalised: int, requests: int, max_tokens: in
         engine.add_request(str(i), [1 + i % 50] * (16 + 8 * (i % 8)), SamplingParams(
             max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True,
             **pen))
-    tokens, steps, wall = step_until_done(engine)
+    done = step_until_done(engine)
     engine.shutdown()
+    tokens, steps, wall = done.token_ids(), done.step_seconds, done.wall_s
     digest = hashlib.sha256(json.dumps(sorted(tokens.items())).encode()).hexdigest()[:16]
     return {"steps": len(steps), "overlapped_iterations": sum(overlapped),
             "iterations": len(overlapped), "wall_s": round(wall, 3),
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
-    import torch
-    from nanorun.benchmark.environment import command_line, describe, write_result
+    from nanorun.benchmark.environment import write_result
 
     versions = {"after": sys.executable}
     if args.baseline_python:
@@ -165,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
             cases["async_1"]["tokens_per_s_median"] / cases["async_0"]["tokens_per_s_median"], 3)
     load_after = os.getloadavg()
     doc = {
-        "command": command_line(argv if argv is None else ["bench/penalties_async.py", *argv]),
-        "environment": describe(torch.device("cpu")),
         "what": "async engine, seeded sampling, N requests with 0 or 1 penalised "
                 "(async_0, async_1), and the sync engine with 1 (sync_1) for reference; "
                 "overlapped_iterations: iterations formed before the previous one was read "
@@ -184,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "same_tokens": True,
         "runs": runs,
     }
-    write_result(doc, args.out)
+    write_result(doc, args.out,
+                 argv=None if argv is None else ["bench/studies/penalties_async.py", *argv])
     for v, cases in results.items():
         print(v, {c: (s if not isinstance(s, dict) else s["tokens_per_s_median"])
                   for c, s in cases.items()})
