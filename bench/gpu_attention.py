@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 def cuda_cases() -> dict:
     kernels = _kernels_module()
     from nanorun.backends import CudaStreams
-    from nanorun.engine import device_spec
+    from nanorun.device import device_spec
     from nanorun.layout import overlap
     from nanorun.models import layer_ops
 

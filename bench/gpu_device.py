@@ -103,7 +103,7 @@ def write(out: Path | None, report: dict) -> int:
 def rehearsal_report(model: str, batch_tokens: int) -> dict:
     """The CPU rehearsal's report: the GPU report's fields, GPU-only facts null."""
     from nanorun.benchmark.environment import command_line, device_name
-    from nanorun.engine import device_spec
+    from nanorun.device import device_spec
     from nanorun.layout import overlap
     from nanorun.models import layer_ops
 
@@ -185,7 +185,7 @@ def green_context_facts() -> dict:
     assume for this device (the spec's)."""
     from cuda.bindings import driver
 
-    from nanorun.engine import device_spec
+    from nanorun.device import device_spec
 
     def call(name, *args):
         err, *out = getattr(driver, name)(*args)
@@ -213,7 +213,7 @@ def green_context_facts() -> dict:
 def overlap_partitions(model: str, batch_tokens: int) -> dict:
     """Open the overlap layout's partitions as the executor does and read back their SMs."""
     from nanorun.backends import CudaStreams
-    from nanorun.engine import device_spec
+    from nanorun.device import device_spec
     from nanorun.layout import overlap
     from nanorun.models import layer_ops, resolve_model
 

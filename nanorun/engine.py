@@ -2,50 +2,24 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
-import numbers
-import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .backends.cpu import set_cpu_threads
 from .backends.inflight import DeviceOutput, InFlight, device_queue
 from .batch import Batch, build_batch, spread_order
-from .config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
-from .device import DeviceSpec, device_spec
-from .distributed import TensorParallel, setup_tensor_parallel
-from .executor import Executor
-from .kernels import select_kernels, select_pointwise
-from .kv_cache import KVCache
-from .layout import Layout, is_layout_file, tuned_layout
-from . import memory
-from .config import ALLOW_LONG_MAX_MODEL_LEN_ENV
-from .lengths import get_length_predictor
-from .memory import MAX_KV_PAGES
-from .models import (ModelConfig, build_model, check_tensor_parallel, load_weights,
-                     random_weights, resolve_model, shard_config)
+from .engine_builder import build_engine
+from .input_processor import InputProcessor, as_request_id
 from .outputs import RequestOutput
 from .request import Request
-from .sampler import (PreparedSampling, Sampler, TokenCounts, logprob_dicts, seed_key,
-                      unseeded_key)
+from .sampler import PreparedSampling, logprob_dicts
 from .sampling_params import SamplingParams
-from .scheduler import ScheduledChunk, Scheduler, uses_predictions
+from .scheduler import ScheduledChunk
 
 logger = logging.getLogger("nanorun")
-
-# With no kv_cache_tokens given, the CPU backend takes this much memory for KV pages (capped at
-# _CPU_KV_MAX_TOKENS) and a GPU this share of what is free once the weights are loaded.
-_CPU_KV_BYTES = 512 << 20
-_CPU_KV_MAX_TOKENS = 1 << 18
-_GPU_KV_FRACTION = 0.85
-
-# The most logprobs / prompt_logprobs a request may ask for (vLLM's default max_logprobs).
-MAX_LOGPROBS = 20
 
 
 class Engine:
@@ -80,55 +54,16 @@ class Engine:
     """
 
     def __init__(self, model: str, *, process_group=None, kv_sender=None, **kwargs) -> None:
-        self.config = EngineConfig(model=model, **kwargs)
-        cfg = self.config
-        if (cfg.role == "prefill") != (kv_sender is not None):
-            raise ValueError("role='prefill' needs a kv_sender to hand its requests to (use "
-                             "nanorun.disagg.prefill_engine), and only a prefill engine takes one")
+        parts = build_engine(model, process_group=process_group, kv_sender=kv_sender, **kwargs)
+        self.config = cfg = parts.config
         self.kv_sender = kv_sender
-        self.model_config, model_dir = resolve_model(model)
-        check_tensor_parallel(self.model_config, cfg.tensor_parallel_size)
-        self.dtype = cfg.torch_dtype
-        if cfg.torch_device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device; "
-                             f"use device='cpu'")
-        if cfg.cpu_threads is not None:     # before anything computes (weights, warm-up)
-            set_cpu_threads(cfg.cpu_threads)
-        self.tensor_parallel: TensorParallel = setup_tensor_parallel(
-            cfg.tensor_parallel_size, cfg.torch_device, process_group)
-        self.device = self.tensor_parallel.device
-        spec = device_spec(self.device)
-        # Every rank must run rank 0's layout: "auto" and layout files are read there only.
-        layout, batch_tokens = self.tensor_parallel.on_driver(
-            lambda: _layout_and_batch_tokens(cfg, self.model_config.name, spec))
-        self.config = cfg = replace(cfg, max_batch_tokens=batch_tokens)
-        self.max_model_len = _max_model_len(cfg, self.model_config)
-        kv_tokens = self._check_memory()
-        weights = self._load_weights(model_dir)
-        attention_fn, kv_append_fn = select_kernels(self.device)
-        self.model = build_model(self.model_config, weights, max_model_len=self.max_model_len,
-                                 attention_fn=attention_fn, kv_append_fn=kv_append_fn,
-                                 tp_group=self.tensor_parallel.group,
-                                 pointwise=select_pointwise(self.device),
-                                 kv_sink=kv_sender and kv_sender.send_layer)
-        self.kv_cache = self._new_kv_cache(kv_tokens)
-        predictor = cfg.length_predictor
-        if isinstance(predictor, (str, os.PathLike)) and uses_predictions(
-                cfg.scheduling_policy, cfg.kv_reservation):   # fitted from a file: on rank 0
-            predictor = self.tensor_parallel.on_driver(lambda: get_length_predictor(
-                cfg.length_predictor))
-        self.scheduler = Scheduler(self.kv_cache, cfg.max_batch_tokens, cfg.scheduling_policy,
-                                   predictor, cfg.kv_reservation, cfg.max_num_seqs)
-        # kv_send calls the transport from the host with each iteration's requests: no graphs.
-        self.executor = Executor(self.model, self.kv_cache, cfg.max_batch_tokens, layout,
-                                 spec, kernels=(attention_fn, kv_append_fn),
-                                 graphs=kv_sender is None)
-        # Penalised requests' token counts live on the device, so that an iteration can
-        # count the tokens of the one before it without reading them back (async scheduling).
-        self.sampler = Sampler(TokenCounts(self.model_config.vocab_size, self.device))
-        self._unseeded = itertools.count()     # numbers unseeded requests' random streams
-        # What ends a request unless ignore_eos; a TextEngine adds its tokenizer's EOS ids.
-        self.eos_token_ids: tuple[int, ...] = tuple(self.model_config.eos_token_ids)
+        self.model_config, self.max_model_len = parts.model_config, parts.max_model_len
+        self.tensor_parallel, self.device, self.dtype = (parts.tensor_parallel, parts.device,
+                                                         parts.dtype)
+        self.model, self.kv_cache, self.executor = parts.model, parts.kv_cache, parts.executor
+        self.scheduler, self.sampler = parts.scheduler, parts.sampler
+        self.processor = InputProcessor(self.model_config, self.max_model_len, self.kv_cache,
+                                        cfg.seed)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
         self._device_queue = device_queue(self.device, cfg.async_scheduling, cfg.cpu_threads)
@@ -137,6 +72,12 @@ class Engine:
                     "of %d tokens, layout %s", self.model_config.name, self.device, self.dtype,
                     self.tensor_parallel.rank, self.tensor_parallel.size,
                     self.kv_cache.num_pages, cfg.page_size, self.executor.layout_name)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """What ends a request unless ignore_eos (the model's; a TextEngine adds its
+        tokenizer's per request)."""
+        return self.processor.eos_token_ids
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(
@@ -188,35 +129,10 @@ class Engine:
 
     def new_request(self, request_id, prompt_token_ids, sampling_params=None, arrival_time=None,
                     *, eos_token_ids: tuple[int, ...] | None = None) -> Request:
-        """Validate and build a Request without queueing it. eos_token_ids: what ends it
-        (unless ignore_eos) instead of the engine's eos_token_ids."""
-        request_id = _request_id(request_id)
-        sp = sampling_params if sampling_params is not None else SamplingParams()
-        if not isinstance(sp, SamplingParams):
-            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
-        _check_token_level(sp)
-        prompt = self._check_prompt(prompt_token_ids)
-        vocab = self.model_config.vocab_size
-        bad_stop = [t for t in sp.stop_token_ids if t >= vocab]
-        if bad_stop:
-            raise ValueError(f"stop_token_ids {bad_stop} are outside the vocabulary [0, {vocab}) "
-                             f"of {self.model_config.name}")
-        total = len(prompt) + sp.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({sp.max_tokens}) = {total} exceeds "
-                f"the model's context of {self.max_model_len} tokens; shorten the prompt or "
-                f"lower max_tokens")
-        if self.kv_cache.pages_for(total) > self.kv_cache.num_pages:
-            raise ValueError(
-                f"prompt + max_tokens = {total} tokens needs more KV cache than the engine has "
-                f"({self.kv_cache.capacity_tokens} tokens); raise kv_cache_tokens or shorten "
-                f"the request")
-        now = time.perf_counter() if arrival_time is None else arrival_time
-        key = (seed_key(sp.seed) if sp.seed is not None
-               else unseeded_key(self.config.seed, next(self._unseeded)))
-        eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-        return Request(request_id, prompt, sp, now, eos, sampling_key=key)
+        """Validate and build a Request without queueing it (nanorun.input_processor).
+        eos_token_ids: what ends it (unless ignore_eos) instead of the engine's eos_token_ids."""
+        return self.processor.new_request(request_id, prompt_token_ids, sampling_params,
+                                          arrival_time, eos_token_ids=eos_token_ids)
 
     def admit_transferred(self, request: Request) -> None:
         """Queue a request whose first num_computed_tokens tokens' KV another engine computed
@@ -242,9 +158,9 @@ class Engine:
         (report=False: not at all; a TextEngine ending a sequence on a stop string). Their
         KV pages are free at once. Unknown or already finished ids are ignored."""
         if isinstance(request_id, (list, tuple, set, frozenset)):
-            ids = [_request_id(r) for r in request_id]
+            ids = [as_request_id(r) for r in request_id]
         else:
-            ids = [_request_id(request_id)]
+            ids = [as_request_id(request_id)]
         for rid in ids:
             request = self.requests.pop(rid, None)
             if request is None:
@@ -432,71 +348,6 @@ class Engine:
             self.kv_cache.release(request)
         return torch.cat(rows)
 
-    # -- construction helpers -----------------------------------------------------------------
-    def _check_prompt(self, prompt_token_ids) -> list[int]:
-        prompt = _token_id_list(prompt_token_ids)
-        if not prompt:
-            raise ValueError("prompt_token_ids is empty; give at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [(i, t) for i, t in enumerate(prompt) if not 0 <= t < vocab]
-        if bad:
-            i, t = bad[0]
-            raise ValueError(f"prompt token {t} at index {i} is outside the vocabulary "
-                             f"[0, {vocab}) of {self.model_config.name} ({len(bad)} bad ids)")
-        return prompt
-
-    def _load_weights(self, model_dir: str | None) -> dict[str, torch.Tensor]:
-        """This rank's shard (all of it without tensor parallelism)."""
-        tp = self.tensor_parallel
-        if self.config.weights == "random" or model_dir is None:
-            if self.config.weights == "auto":
-                logger.info("%s is a preset: using random weights", self.model_config.name)
-            return random_weights(self.model_config, dtype=self.dtype, device=self.device,
-                                  seed=self.config.seed, tp_rank=tp.rank, tp_size=tp.size)
-        return load_weights(self.model_config, model_dir, dtype=self.dtype, device=self.device,
-                            tp_rank=tp.rank, tp_size=tp.size)
-
-    def _check_memory(self) -> int | None:
-        """Refuse, before anything is allocated, an engine that cannot fit: say what it needs and
-        what to lower. Returns the KV cache size in tokens where it is known before the weights
-        are loaded (given, or the CPU default); None: sized from the GPU memory left after."""
-        cfg = self.config
-        mc = shard_config(self.model_config, cfg.tensor_parallel_size)
-        tokens = cfg.kv_cache_tokens
-        if tokens is None and self.device.type != "cuda":
-            tokens = _default_kv_tokens(mc, self.dtype, self.device, cfg.max_batch_tokens)
-        pages = -(-(tokens or 0) // cfg.page_size)
-        if pages > MAX_KV_PAGES:
-            raise ValueError(f"kv_cache_tokens={tokens} is {pages:,} pages of {cfg.page_size} "
-                             f"tokens, more than the {MAX_KV_PAGES:,} a KV cache can index; "
-                             f"lower kv_cache_tokens (or raise page_size)")
-        need = memory.estimate(mc, self.dtype, max_batch_tokens=cfg.max_batch_tokens,
-                               kv_tokens=tokens or cfg.max_batch_tokens,
-                               max_model_len=self.max_model_len)
-        memory.check_fits(need, self.device, self.dtype, what=(
-            f"{self.model_config.name} in {str(self.dtype).removeprefix('torch.')} with a "
-            f"{cfg.max_batch_tokens}-token dense batch (max_batch_tokens, or the layout's "
-            f"batch_tokens) and {tokens or cfg.max_batch_tokens} KV cache tokens"))
-        return tokens
-
-    def _new_kv_cache(self, tokens: int | None) -> KVCache:
-        """Sized per rank: each holds only its own KV heads."""
-        cfg, mc = self.config, self.model.local
-        if tokens is None:
-            tokens = _default_kv_tokens(mc, self.dtype, self.device, cfg.max_batch_tokens)
-            if tokens < cfg.page_size:
-                raise ValueError(f"no GPU memory is left for the KV cache once the weights are "
-                                 f"loaded on {self.device}; lower max_batch_tokens or use a "
-                                 f"smaller model or more tensor-parallel ranks")
-        if cfg.kv_cache_tokens is None:
-            # Free memory differs between GPUs, but the ranks' schedulers must admit and
-            # preempt alike: every rank takes the smallest rank's pool.
-            tokens = self.tensor_parallel.agree_min(tokens)
-        return KVCache(
-            num_layers=mc.num_layers, num_pages=max(1, tokens // cfg.page_size),
-            page_size=cfg.page_size, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            dtype=self.dtype, device=self.device)
-
 
 @dataclass
 class _Launched:
@@ -523,105 +374,3 @@ def _sampling_rows(chunks: list[ScheduledChunk], every: list[bool]) -> list[int]
             keep.append(row + n - 1)
         row += n
     return keep
-
-
-def _layout_and_batch_tokens(cfg: EngineConfig, model_name: str, spec: DeviceSpec):
-    """What the executor is built from: the layout ("auto" looked up, a JSON file loaded) and
-    the dense batch size: the user's max_batch_tokens, else the layout's own, else the
-    default. So a layout that `nanorun tune` sized runs at its size unless the user says
-    otherwise; "auto" with an explicit size takes only a layout tuned for that size."""
-    layout = choose_layout(cfg.layout, model_name, spec, cfg.tensor_parallel_size,
-                            cfg.max_batch_tokens)
-    if cfg.max_batch_tokens is not None:
-        return layout, cfg.max_batch_tokens
-    if isinstance(layout, Layout):
-        return layout, layout.batch_tokens
-    return layout, DEFAULT_MAX_BATCH_TOKENS
-
-
-def choose_layout(layout, model_name: str, spec: DeviceSpec, tp: int = 1,
-                   batch_tokens: int | None = None):
-    """A layout as the engine runs it: "auto" becomes the tuned Layout for this model, device,
-    tp (and batch size, when given) or "overlap"; a JSON file becomes its Layout; anything else
-    is returned as it is."""
-    if layout == "auto":
-        return tuned_layout(model_name, spec.name, tp, batch_tokens) or "overlap"
-    if is_layout_file(layout):
-        return Layout.load(layout)
-    return layout
-
-
-def _check_token_level(sp: SamplingParams) -> None:
-    """What the token-level Engine does not do itself: text and several sequences per request
-    are nanorun.TextEngine's (and LLM's); logprobs are bounded as in vLLM."""
-    if sp.n != 1:
-        raise ValueError(f"n={sp.n}: the Engine runs one sequence per request; use "
-                         f"nanorun.TextEngine or LLM for n > 1, or add n requests")
-    if sp.stop:
-        raise ValueError("stop strings are text: the Engine is token-in, token-out; use "
-                         "nanorun.TextEngine or LLM, or stop_token_ids")
-    for name in ("logprobs", "prompt_logprobs"):
-        if (getattr(sp, name) or 0) > MAX_LOGPROBS:
-            raise ValueError(f"{name}={getattr(sp, name)} is more than the "
-                             f"{MAX_LOGPROBS} top tokens nanorun returns")
-
-
-def _request_id(request_id) -> str:
-    """Request ids are strs; an int is taken as its decimal string (so add_request(5) and
-    abort_request(5) name the same request). Anything else would be turned into some string
-    that abort_request could not name again, so it is refused."""
-    if isinstance(request_id, str):
-        return request_id
-    if isinstance(request_id, numbers.Integral) and not isinstance(request_id, bool):
-        return str(int(request_id))
-    raise TypeError(f"a request id must be a str or an int, got {request_id!r} "
-                    f"({type(request_id).__name__})")
-
-
-def _token_id_list(prompt) -> list[int]:
-    """A prompt as a list of ints. Takes a list or tuple of ints, a 1-D integer numpy array or
-    torch tensor; refuses what int() would silently reinterpret (floats, bools, digit strings,
-    dicts, sets), naming what was wrong."""
-    if isinstance(prompt, (str, bytes)):
-        raise TypeError("prompt_token_ids must be a list of token ids, not text; pass the ids "
-                        "of the tokenized prompt")
-    if isinstance(prompt, (np.ndarray, torch.Tensor)):
-        kind = prompt.dtype.kind if isinstance(prompt, np.ndarray) else (
-            "i" if not prompt.dtype.is_floating_point and not prompt.dtype.is_complex
-            and prompt.dtype != torch.bool else "f")
-        if prompt.ndim != 1 or kind not in "iu":
-            raise TypeError(f"prompt_token_ids as an array must be 1-D of integers, got "
-                            f"{prompt.ndim}-D {prompt.dtype}")
-        return [int(t) for t in prompt.tolist()]
-    if not isinstance(prompt, (list, tuple)):
-        raise TypeError(f"prompt_token_ids must be a list of ints, got "
-                        f"{type(prompt).__name__}")
-    for i, t in enumerate(prompt):
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise TypeError(f"prompt_token_ids must be ints: index {i} is {t!r} "
-                            f"({type(t).__name__})")
-    return [int(t) for t in prompt]
-
-
-def _max_model_len(cfg: EngineConfig, mc: ModelConfig) -> int:
-    """The user's max_model_len, refused beyond the model's context unless the override is set."""
-    context = mc.max_position_embeddings
-    if cfg.max_model_len is None:
-        return context
-    if cfg.max_model_len > context and os.environ.get(ALLOW_LONG_MAX_MODEL_LEN_ENV) != "1":
-        raise ValueError(
-            f"max_model_len={cfg.max_model_len} is beyond {mc.name}'s context of {context} "
-            f"tokens (max_position_embeddings); lower it, or set "
-            f"{ALLOW_LONG_MAX_MODEL_LEN_ENV}=1 to run past what the model was trained on")
-    return cfg.max_model_len
-
-
-def _default_kv_tokens(mc: ModelConfig, dtype: torch.dtype, device: torch.device,
-                       max_batch_tokens: int) -> int:
-    per_token = mc.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        # Leave room for the workspace (a handful of [T, 4 * hidden] buffers) and the logits.
-        budget = _GPU_KV_FRACTION * free - 16 * max_batch_tokens * mc.hidden_size * 4
-        return max(0, int(budget // per_token))
-    return min(_CPU_KV_BYTES // per_token, _CPU_KV_MAX_TOKENS)

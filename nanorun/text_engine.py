@@ -27,7 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from .detokenizer import IncrementalDetokenizer
-from .engine import Engine, _request_id
+from .engine import Engine
+from .input_processor import as_request_id
 from .gguf_tokenizer import gguf_tokenizer
 from .models.gguf import is_gguf
 from .models.hub import model_path
@@ -139,7 +140,7 @@ class TextEngine:
                     params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> TextRequest:
         """Validate and build a request without queueing it."""
-        rid = _request_id(request_id)
+        rid = as_request_id(request_id)
         sp = params if params is not None else SamplingParams()
         if not isinstance(sp, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
@@ -172,7 +173,7 @@ class TextEngine:
         """Stop requests (one id or a list of them). Each appears once more in a later step()
         with finish_reason "abort"; unknown or finished ids are ignored."""
         ids = request_id if isinstance(request_id, (list, tuple, set, frozenset)) else [request_id]
-        for rid in map(_request_id, ids):
+        for rid in map(as_request_id, ids):
             request = self._requests.get(rid)
             if request is not None:
                 self.engine.abort_request([s.core_id for s in request.sequences

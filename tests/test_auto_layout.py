@@ -18,7 +18,7 @@ from tokens import assert_same_tokens
 from nanorun import LLM, SamplingParams
 from nanorun.cli import main
 from nanorun.config import DEFAULT_MAX_BATCH_TOKENS, EngineConfig
-from nanorun.engine import device_spec
+from nanorun.device import device_spec
 from nanorun.layout import (LAYOUT_DIR_ENV, Layout, find_tuned_layouts, overlap,
                             tuned_layout_path)
 from nanorun.models import get_preset, layer_ops

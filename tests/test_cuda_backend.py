@@ -21,7 +21,7 @@ from tokens import assert_same_tokens
 from nanorun import Engine, SamplingParams
 from nanorun.backends import MAIN, CudaStreams, current_sm_budget
 from nanorun.backends.partitions import GreenContextError, assign_groups, green_contexts
-from nanorun.engine import device_spec
+from nanorun.device import device_spec
 from nanorun.executor import _network_partitions
 from nanorun.layout import Layout, OpLayout, Partition, overlap
 from nanorun.models import LAYER_OPS, OpSpec
