@@ -1,4 +1,4 @@
-"""Llama-family and mixture-of-experts model descriptions (configs, presets) and weights."""
+"""Llama-family, mixture-of-experts and Gemma model descriptions (configs, presets) and weights."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .hub import model_path, repo_id_of
 from .op import ATTENTION, GEMM, KINDS, MEMORY, NETWORK, SIDES, OpSpec, OpWork, Shapes
 from .llama import LAYER_OPS, TP_LAYER_OPS, LlamaModel, TPWorkspace, Workspace, layer_ops
 from .moe import MoEModel, MoEWorkspace, moe_layer_ops
+from .gemma import GemmaModel, gemma_layer_ops
 from .registry import (MODEL_CLASSES, NETWORK_OPS, build_model, declared_ops, family,
                        model_frame_ops, model_layer_ops, op_spec)
 
@@ -46,6 +47,7 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[ModelConfig,
 __all__ = [
     "LAYER_OPS", "TP_LAYER_OPS", "MODEL_CLASSES", "LlamaModel", "OpSpec", "TPWorkspace",
     "Workspace", "build_model", "layer_ops", "MoEModel", "MoEWorkspace", "moe_layer_ops",
+    "GemmaModel", "gemma_layer_ops",
     "model_layer_ops", "model_frame_ops", "declared_ops", "family", "op_spec", "NETWORK_OPS",
     "OpWork", "Shapes", "KINDS", "SIDES", "GEMM", "MEMORY", "ATTENTION", "NETWORK",
     "PRESETS", "SUPPORTED_ARCHITECTURES", "ModelConfig", "ModelConfigError", "RopeScaling",

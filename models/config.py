@@ -16,12 +16,16 @@ from typing import Any
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                 "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-                "Qwen3MoeForCausalLM": "qwen3_moe"}
+                "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma2ForCausalLM": "gemma2",
+                "Gemma3ForCausalLM": "gemma3_text"}
 SUPPORTED_ARCHITECTURES = frozenset(_MODEL_TYPES)
 # The mixture-of-experts families (models/moe.py). HF names the expert count differently.
 MOE_ARCHITECTURES = frozenset({"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
 _NUM_EXPERTS_KEY = {"MixtralForCausalLM": "num_local_experts", "Qwen2MoeForCausalLM": "num_experts",
                     "Qwen3MoeForCausalLM": "num_experts"}
+# Gemma 2 and Gemma 3 text (models/gemma.py): sandwich norms, GeGLU, per-layer sliding windows.
+GEMMA_ARCHITECTURES = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+_LAYER_TYPES = ("sliding_attention", "full_attention")
 _ROPE_TYPES = ("llama3", "linear")
 _DTYPES = ("float16", "bfloat16", "float32")
 
@@ -105,6 +109,17 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
     qk_norm: bool = False
+    # Gemma 2 / 3 (models/gemma.py; None / () elsewhere). The attention scale is
+    # query_pre_attn_scalar ** -0.5; the soft-caps bound attention scores and final logits by
+    # cap * tanh(x / cap); layer_types says per layer whether sliding_window applies (empty: it
+    # applies to every layer); rope_local_theta is Gemma 3's rope base of sliding layers, which
+    # take no rope scaling.
+    hidden_act: str = "silu"
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -140,6 +155,38 @@ class ModelConfig:
             raise ModelConfigError(f"{self.name}: dtype must be one of {list(_DTYPES)} or None, "
                                    f"got {self.dtype!r}")
         self._check_experts()
+        self._check_gemma()
+
+    def _check_gemma(self) -> None:
+        gemma = self.architecture in GEMMA_ARCHITECTURES
+        act = "gelu_pytorch_tanh" if gemma else "silu"
+        if self.hidden_act != act:
+            raise UnsupportedModelError(f"{self.name}: hidden activation {self.hidden_act!r} is not "
+                                        f"supported for {self.architecture}; only {act!r} is")
+        gemma_only = dict(query_pre_attn_scalar=self.query_pre_attn_scalar,
+                          attn_logit_softcapping=self.attn_logit_softcapping,
+                          final_logit_softcapping=self.final_logit_softcapping,
+                          rope_local_theta=self.rope_local_theta)
+        if not gemma:
+            if any(v is not None for v in gemma_only.values()) or self.layer_types:
+                raise ModelConfigError(f"{self.name}: {sorted(gemma_only)} and layer_types are "
+                                       "implemented for the Gemma architectures only")
+            return
+        for name, value in gemma_only.items():
+            if value is not None and not value > 0:
+                raise ModelConfigError(f"{self.name}: {name} must be > 0 or None, got {value}")
+        if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(_LAYER_TYPES):
+            raise ModelConfigError(f"{self.name}: layer_types must give one of {list(_LAYER_TYPES)} "
+                                   f"for each of the {self.num_layers} layers, got {list(self.layer_types)}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ModelConfigError(f"{self.name}: layer_types has sliding layers but sliding_window "
+                                   "is None; set sliding_window")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: it attends to the whole context)."""
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def _check_experts(self) -> None:
         moe = self.architecture in MOE_ARCHITECTURES
@@ -148,7 +195,8 @@ class ModelConfig:
                 f"{self.name}: {self.architecture} " + ("needs num_experts > 0" if moe else
                 "is a dense architecture; num_experts must be 0"))
         if not moe:
-            if self.qk_norm or self.shared_expert_intermediate_size:
+            if (self.qk_norm and self.architecture != "Gemma3ForCausalLM"
+                    or self.shared_expert_intermediate_size):
                 raise ModelConfigError(f"{self.name}: qk_norm and a shared expert are implemented "
                                        "for the mixture-of-experts architectures only")
             return
@@ -193,7 +241,8 @@ class ModelConfig:
         d = self.hidden_size
         bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
         qk_norm = 2 * self.head_dim if self.qk_norm else 0
-        per_layer = self._matmul_params_per_layer() + bias + 2 * d + qk_norm
+        norms = 4 * d if self.architecture in GEMMA_ARCHITECTURES else 2 * d   # Gemma's sandwich
+        per_layer = self._matmul_params_per_layer() + bias + norms + qk_norm
         lm_head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * per_layer + d + lm_head
 
@@ -222,16 +271,18 @@ class ModelConfig:
         arch = _architecture(d)
         _reject_unsupported(d, arch)
         try:
+            if arch in GEMMA_ARCHITECTURES:
+                return cls._from_hf_fields(d, name, arch, **_gemma_fields(d, arch))
             return cls._from_hf_fields(d, name, arch)
         except KeyError as e:
             raise ModelConfigError(f"{name}: config lacks required key {e.args[0]!r}") from None
 
     @classmethod
-    def _from_hf_fields(cls, d: dict[str, Any], name: str, arch: str) -> ModelConfig:
+    def _from_hf_fields(cls, d: dict[str, Any], name: str, arch: str, **extra: Any) -> ModelConfig:
         heads = d["num_attention_heads"]
-        rope_theta, rope_scaling = _rope(d)
+        rope_theta, rope_scaling = extra.pop("rope", None) or _rope(d)
         moe = _moe_fields(d, arch)
-        return cls(
+        fields: dict[str, Any] = dict(
             name=name,
             architecture=arch,
             vocab_size=d["vocab_size"],
@@ -255,6 +306,7 @@ class ModelConfig:
             dtype=d.get("dtype") or d.get("torch_dtype"),
             **moe,
         )
+        return cls(**{**fields, **extra})     # a family's own reading wins (Gemma's window)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
@@ -302,7 +354,9 @@ class ModelConfig:
             "eos_token_id": _eos_hf(self.eos_token_ids),
             "torch_dtype": self.dtype,
         }
-        if self.architecture == "LlamaForCausalLM":
+        if self.architecture in GEMMA_ARCHITECTURES:
+            d.update(self._gemma_hf_fields())
+        elif self.architecture == "LlamaForCausalLM":
             d.update(attention_bias=False, mlp_bias=False)
         elif self.architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
             d["sliding_window"] = self.sliding_window
@@ -312,6 +366,18 @@ class ModelConfig:
                      max_window_layers=0 if self.sliding_window is not None else self.num_layers)
         if self.is_moe:
             d.update(self._moe_hf_fields())
+        return d
+
+    def _gemma_hf_fields(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "hidden_activation": self.hidden_act, "hidden_act": self.hidden_act,
+            "attention_bias": False,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "sliding_window": self.sliding_window, "layer_types": list(self.layer_types)}
+        if self.architecture == "Gemma3ForCausalLM":
+            d["rope_local_base_freq"] = self.rope_local_theta
         return d
 
     def _moe_hf_fields(self) -> dict[str, Any]:
@@ -349,6 +415,8 @@ def _architecture(d: dict[str, Any]) -> str:
 
 
 def _reject_unsupported(d: dict[str, Any], arch: str) -> None:
+    if arch in GEMMA_ARCHITECTURES:
+        return          # _gemma_fields checks what Gemma configs may set
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU MLP) is")
@@ -361,6 +429,53 @@ def _reject_unsupported(d: dict[str, Any], arch: str) -> None:
         # HF's Llama attention_bias also adds an o_proj bias, which nanorun's fused layout lacks.
         raise UnsupportedModelError("attention_bias=true is not supported for Llama: it implies an "
                                     "o_proj bias, which nanorun does not implement")
+
+
+def _gemma_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """ModelConfig's Gemma fields from a Gemma 2 or Gemma 3 text config (transformers' defaults
+    where a key is absent), refusing what models/gemma.py does not compute."""
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise UnsupportedModelError(f"hidden_activation {act!r} is not supported for {arch}; only "
+                                    "'gelu_pytorch_tanh' (GeGLU, as every published Gemma) is")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if d.get(key):
+            raise UnsupportedModelError(f"{key}=true is not supported for {arch}; set it to false")
+    gemma3 = arch == "Gemma3ForCausalLM"
+    n, pattern = d["num_hidden_layers"], d.get("sliding_window_pattern", 6 if gemma3 else 2)
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(n)]
+    attn_cap = d.get("attn_logit_softcapping", None if gemma3 else 50.0)
+    if gemma3 and attn_cap is not None:
+        # transformers' Gemma 3 attention does not apply it: running it would not be Gemma 3
+        raise UnsupportedModelError(f"attn_logit_softcapping={attn_cap} is not supported for "
+                                    f"{arch} (transformers ignores it there); set it to null")
+    out: dict[str, Any] = dict(
+        hidden_act=act, layer_types=tuple(types), attn_logit_softcapping=attn_cap,
+        final_logit_softcapping=d.get("final_logit_softcapping", None if gemma3 else 30.0),
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+        qk_norm=gemma3, tie_word_embeddings=bool(d.get("tie_word_embeddings", True)))
+    d = {**d, "sliding_window": d.get("sliding_window", 4096)}
+    if gemma3:
+        out["rope"], out["rope_local_theta"] = _gemma3_rope(d)
+    return {**out, "sliding_window": d["sliding_window"]}
+
+
+def _gemma3_rope(d: dict[str, Any]) -> tuple[tuple[float, RopeScaling | None], float]:
+    """((global rope_theta, its scaling), the sliding layers' rope base): from transformers 5's
+    per-layer-type rope_parameters, or the legacy rope_theta / rope_scaling /
+    rope_local_base_freq keys."""
+    params = d.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = params.get("full_attention") or {}
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(f"rope_parameters.sliding_attention.rope_type "
+                                        f"{local['rope_type']!r} is not supported; only 'default'")
+        return ((float(full.get("rope_theta", 1_000_000.0)), _rope_scaling(full)),
+                float(local.get("rope_theta", 10_000.0)))
+    theta, scaling = _rope({**d, "rope_theta": d.get("rope_theta", 1_000_000.0)})
+    return (theta, scaling), float(d.get("rope_local_base_freq", 10_000.0))
 
 
 def _moe_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:

@@ -23,6 +23,13 @@ replicated on every rank:
     layers.{i}.gate_up    rows of r's intermediate units (gate), then the same (up)
     layers.{i}.down       columns of r's intermediate units               (row-parallel)
 
+Gemma 2 / 3 (models/gemma.py) add two norms a layer, and Gemma 3 the per-head q/k norms:
+
+    layers.{i}.post_attn_norm  [D]      of the attention's output (HF's post_attention_layernorm;
+                                        mlp_norm is then HF's pre_feedforward_layernorm)
+    layers.{i}.post_mlp_norm   [D]      of the MLP's output
+    layers.{i}.q_norm, k_norm  [Dh]     Gemma 3
+
 Mixture-of-experts models (models/moe.py; E experts of I units, S shared-expert units) replace
 gate_up and down by the router, every expert's weights stacked into one 2-D tensor (so an HF
 expert tensor is a block of rows, like q in qkv), and the optional shared expert:
@@ -55,7 +62,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from .config import ModelConfig, ModelConfigError, WeightLoadError
+from .config import GEMMA_ARCHITECTURES, ModelConfig, ModelConfigError, WeightLoadError
 
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -70,6 +77,8 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "qkv_bias"] = (qkv,)
         shapes[p + "o_proj"] = (d, config.q_size)
         shapes[p + "mlp_norm"] = (d,)
+        if config.architecture in GEMMA_ARCHITECTURES:
+            shapes.update(_gemma_shapes(config, p))
         if config.is_moe:
             shapes.update(_moe_shapes(config, p))
             continue
@@ -77,6 +86,15 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "down"] = (d, i)
     shapes["norm"] = (d,)
     shapes["lm_head"] = (config.vocab_size, d)
+    return shapes
+
+
+def _gemma_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """Gemma's norms of the attention and MLP outputs, and Gemma 3's per-head q/k norms."""
+    d, hd = config.hidden_size, config.head_dim
+    shapes = {p + "post_attn_norm": (d,), p + "post_mlp_norm": (d,)}
+    if config.qk_norm:
+        shapes[p + "q_norm"] = shapes[p + "k_norm"] = (hd,)
     return shapes
 
 
@@ -285,12 +303,27 @@ def _hf_plan(config: ModelConfig) -> dict[str, _Slot]:
             if config.qkv_bias:
                 plan[f"{hf}self_attn.{proj}_proj.bias"] = _Slot(p + "qkv_bias", start, (rows,))
         plan[hf + "self_attn.o_proj.weight"] = _Slot(p + "o_proj", 0, (d, q))
+        if config.architecture in GEMMA_ARCHITECTURES:
+            plan.update(_gemma_hf_plan(config, hf, p))
         if config.is_moe:
             plan.update(_moe_hf_plan(config, hf, p))
             continue
         plan[hf + "mlp.gate_proj.weight"] = _Slot(p + "gate_up", 0, (i, d))
         plan[hf + "mlp.up_proj.weight"] = _Slot(p + "gate_up", i, (i, d))
         plan[hf + "mlp.down_proj.weight"] = _Slot(p + "down", 0, (d, i))
+    return plan
+
+
+def _gemma_hf_plan(config: ModelConfig, hf: str, p: str) -> dict[str, _Slot]:
+    """Gemma's four norms a layer: HF's post_attention_layernorm normalises the attention's
+    output (not the MLP's input, as in Llama); pre_feedforward_layernorm is the MLP's."""
+    d, hd = config.hidden_size, config.head_dim
+    plan = {hf + "post_attention_layernorm.weight": _Slot(p + "post_attn_norm", 0, (d,)),
+            hf + "pre_feedforward_layernorm.weight": _Slot(p + "mlp_norm", 0, (d,)),
+            hf + "post_feedforward_layernorm.weight": _Slot(p + "post_mlp_norm", 0, (d,))}
+    if config.qk_norm:
+        plan[hf + "self_attn.q_norm.weight"] = _Slot(p + "q_norm", 0, (hd,))
+        plan[hf + "self_attn.k_norm.weight"] = _Slot(p + "k_norm", 0, (hd,))
     return plan
 
 

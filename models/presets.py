@@ -64,6 +64,13 @@ def _qwen_moe(arch: str, model_type: str, **kw: Any) -> dict[str, Any]:
                 bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16", **kw)
 
 
+def _gemma(arch: str, model_type: str, **kw: Any) -> dict[str, Any]:
+    # Gemma 2 / Gemma 3 text: GeGLU, tied embeddings, head_dim and query_pre_attn_scalar given.
+    return _cfg(arch, model_type, eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                attention_bias=False, bos_token_id=2, **kw)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": _llama2(hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32),
     "llama-2-13b": _llama2(hidden=5120, inter=13824, layers=40, heads=40, kv_heads=40),
@@ -88,6 +95,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                                heads=32, kv_heads=4, head_dim=128, max_pos=40960, max_window_layers=48,
                                num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
                                norm_topk_prob=True, attention_bias=False),
+    # google/gemma-2-9b-it: soft-capping, every other layer a 4096-token window.
+    "gemma-2-9b": _gemma("Gemma2ForCausalLM", "gemma2", vocab=256000, hidden=3584, inter=14336,
+                         layers=42, heads=16, kv_heads=8, head_dim=256, max_pos=8192, theta=10000.0,
+                         query_pre_attn_scalar=256, sliding_window=4096,
+                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                         eos_token_id=[1, 107], torch_dtype="bfloat16"),
+    # The text model of google/gemma-3-12b-it: 5 local layers (1024-token window, rope base 10k)
+    # to 1 global (rope base 1M, linear scaling 8), QK norm, no soft-capping.
+    "gemma-3-12b": _gemma("Gemma3ForCausalLM", "gemma3_text", vocab=262208, hidden=3840,
+                          inter=15360, layers=48, heads=16, kv_heads=8, head_dim=256,
+                          max_pos=131072, theta=1000000.0, rope_local_base_freq=10000.0,
+                          rope_scaling={"rope_type": "linear", "factor": 8.0},
+                          query_pre_attn_scalar=256, sliding_window=1024, sliding_window_pattern=6,
+                          attn_logit_softcapping=None, final_logit_softcapping=None,
+                          eos_token_id=[1, 106], torch_dtype="bfloat16"),
     # Tiny models: same code paths as the real ones (GQA, rope scaling, window, biases, tying).
     "tiny-llama": _cfg("LlamaForCausalLM", "llama", vocab=2048, hidden=256, inter=688, layers=4, heads=8,
                        kv_heads=2, head_dim=32, max_pos=4096, eps=1e-5, theta=500000.0,
@@ -123,6 +145,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                            num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
                            norm_topk_prob=True, attention_bias=False, decoder_sparse_step=1,
                            mlp_only_layers=[], bos_token_id=1, eos_token_id=2, torch_dtype="float32"),
+    # Tiny Gemmas: head_dim (64) and query_pre_attn_scalar (48) independent of hidden / heads,
+    # windows of 32 positions, Gemma 3's rope scaling on its global layers.
+    "tiny-gemma2": _gemma("Gemma2ForCausalLM", "gemma2", vocab=2048, hidden=128, inter=256, layers=4,
+                          heads=4, kv_heads=2, head_dim=64, max_pos=2048, theta=10000.0,
+                          query_pre_attn_scalar=48, sliding_window=32, attn_logit_softcapping=50.0,
+                          final_logit_softcapping=30.0, eos_token_id=1, torch_dtype="float32"),
+    "tiny-gemma3": _gemma("Gemma3ForCausalLM", "gemma3_text", vocab=2048, hidden=128, inter=256,
+                          layers=6, heads=4, kv_heads=2, head_dim=64, max_pos=2048,
+                          theta=1000000.0, rope_local_base_freq=10000.0,
+                          rope_scaling={"rope_type": "linear", "factor": 2.0},
+                          query_pre_attn_scalar=48, sliding_window=32, sliding_window_pattern=3,
+                          attn_logit_softcapping=None, final_logit_softcapping=None,
+                          eos_token_id=1, torch_dtype="float32"),
 }
 
 

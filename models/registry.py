@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from .gemma import GemmaModel
 from .llama import TORCH_POINTWISE, LlamaModel, PointwiseOps
 from .moe import MoEModel
 from .op import NETWORK, OpSpec
@@ -18,6 +19,10 @@ MODEL_CLASSES = {
     "MixtralForCausalLM": MoEModel,
     "Qwen2MoeForCausalLM": MoEModel,
     "Qwen3MoeForCausalLM": MoEModel,
+    # Gemma 2 and Gemma 3 text share one decoder (sandwich norms, GeGLU, per-layer windows;
+    # Gemma 2's soft-capping and Gemma 3's QK norm and local rope base are config switches).
+    "Gemma2ForCausalLM": GemmaModel,
+    "Gemma3ForCausalLM": GemmaModel,
 }
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
 

@@ -29,9 +29,10 @@ What makes them capturable in a CUDA graph and replayable with new batches:
     changes a result. Warm each stream up before capture, as torch recommends; a first call
     during capture also works (the workspace then comes from the graph's memory pool and is
     never released).
-  * The kernels support float16 / bfloat16 with head dims 32, 64 and 128 (`supports()`). Other
-    inputs (a float32 model on a GPU, say) take the `nanorun.ops` path, which syncs: it raises
-    ValueError if called while the stream is being captured.
+  * The kernels support float16 / bfloat16 with head dims 32, 64 and 128 (`supports()`), without
+    logit soft-capping. Other inputs (a float32 model on a GPU, Gemma's head dim 256, Gemma 2's
+    soft-capped scores) take the `nanorun.ops` path, which syncs: it raises ValueError if called
+    while the stream is being captured.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ _CUDA_HEAD_DIMS = (32, 64, 128)
 
 
 def _cpu_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scale, out,
-                   sliding_window=None, *, cta_budget: int | None = None) -> torch.Tensor:
+                   sliding_window=None, logit_softcap=None, *,
+                   cta_budget: int | None = None) -> torch.Tensor:
     """nanorun.ops.paged_attention; cta_budget has no meaning on the CPU."""
     return ops.paged_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scale, out,
-                               sliding_window)
+                               sliding_window, logit_softcap)
 
 
 def _cpu_kv_append(key, value, k_cache, v_cache, slot_mapping, *,
@@ -95,17 +97,20 @@ class CudaPagedAttention:
         scale: float,
         out: torch.Tensor,  # [T, Hq, D]
         sliding_window: int | None = None,
+        logit_softcap: float | None = None,
         *,
         cta_budget: int | None = None,
     ) -> torch.Tensor:
-        if not self.supports(q.dtype, q.shape[-1]):
+        # The CUDA kernel has no logit soft-capping (Gemma 2): those calls take nanorun.ops.
+        if not self.supports(q.dtype, q.shape[-1]) or logit_softcap is not None:
             if torch.cuda.is_current_stream_capturing():
                 raise ValueError(
                     f"CUDA paged attention supports {_CUDA_DTYPES} with head dims "
-                    f"{_CUDA_HEAD_DIMS}, got {q.dtype} with head dim {q.shape[-1]}; the "
-                    "nanorun.ops fallback syncs with the host and cannot be graph-captured")
+                    f"{_CUDA_HEAD_DIMS} and no logit soft-capping, got {q.dtype} with head dim "
+                    f"{q.shape[-1]}, logit_softcap={logit_softcap}; the nanorun.ops fallback "
+                    "syncs with the host and cannot be graph-captured")
             return ops.paged_attention(q, k_cache, v_cache, block_tables, seq_ids, positions,
-                                       scale, out, sliding_window)
+                                       scale, out, sliding_window, logit_softcap)
         if cta_budget is None:
             cta_budget = self.partition_budget(q)
         return cuda_ops.paged_attention(

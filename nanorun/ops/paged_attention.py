@@ -14,7 +14,8 @@ the W - 1 tokens before it, exactly Hugging Face's `sliding_window_overlay`
 (`kv_idx > q_idx - sliding_window`) on top of the causal mask. Position j lives at page
 block_tables[s, j // page_size], offset j % page_size. The K/V of token t itself and of every
 earlier position must already be in the cache (see `kv_append`). Query head h reads kv head
-h // (num_heads // num_kv_heads) (grouped-query attention).
+h // (num_heads // num_kv_heads) (grouped-query attention). With `logit_softcap` c (Gemma 2) each
+score s = scale * q.k becomes c * tanh(s / c) before the softmax, as HF's eager attention does.
 
 Strides: q, out, block_tables, seq_ids and positions may be any strided views (out, e.g., rows
 of a wider buffer: it is written in place); k_cache / v_cache must be contiguous, which a layer
@@ -96,13 +97,14 @@ def paged_attention_reference(
     positions: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """The obviously-correct oracle: one token at a time, softmax in float64.
 
     Returns a new float32 tensor [T, num_heads, head_dim] on the CPU.
     """
     _check_attention_args(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
-                          sliding_window)
+                          sliding_window, logit_softcap=logit_softcap)
     q, k_cache, v_cache = (x.detach().cpu().double() for x in (q, k_cache, v_cache))
     block_tables, seq_ids, positions = (x.cpu() for x in (block_tables, seq_ids, positions))
     if q.shape[0]:
@@ -120,7 +122,10 @@ def paged_attention_reference(
         v = v_cache[pages, j % page_size]                                  # [n, Hkv, D]
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)          # [n, H, D]
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)          # [n, H, D]
-        probs = torch.softmax(scale * torch.einsum("hd,nhd->hn", q[t], k), dim=-1)  # [H, n]
+        scores = scale * torch.einsum("hd,nhd->hn", q[t], k)                # [H, n]
+        if logit_softcap is not None:
+            scores = logit_softcap * torch.tanh(scores / logit_softcap)
+        probs = torch.softmax(scores, dim=-1)                               # [H, n]
         out[t] = torch.einsum("hn,nhd->hd", probs, v)
     return out.float()
 
@@ -135,6 +140,7 @@ def paged_attention_numba(
     scale: float,
     out: torch.Tensor,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """CPU float32 kernel: streaming softmax read straight off the pages; writes and returns out.
 
@@ -144,12 +150,12 @@ def paged_attention_numba(
     (it is written through a contiguous scratch buffer when it is not contiguous).
     """
     _check_attention_args(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
-                          sliding_window, out)
+                          sliding_window, out, logit_softcap)
     _require_cpu_float32(q)
     if q.shape[0]:
         _checked_cpu_runs(k_cache, block_tables, seq_ids, positions, sliding_window)
         _numba_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
-                         sliding_window, out)
+                         sliding_window, out, logit_softcap=logit_softcap)
     return out
 
 
@@ -163,6 +169,7 @@ def paged_attention_torch(
     scale: float,
     out: torch.Tensor,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Vectorised path for any device and float dtype; writes and returns out.
 
@@ -177,7 +184,7 @@ def paged_attention_torch(
     on the CPU only: out-of-range pages on a GPU are undefined behaviour.
     """
     _check_attention_args(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
-                          sliding_window, out)
+                          sliding_window, out, logit_softcap)
     if q.shape[0]:
         if q.device.type == "cpu":
             runs = _checked_cpu_runs(k_cache, block_tables, seq_ids, positions, sliding_window)
@@ -185,7 +192,7 @@ def paged_attention_torch(
             runs = _find_runs(*_host_index_arrays(seq_ids, positions), k_cache.shape[1],
                               sliding_window)
         _torch_attention(q, k_cache, v_cache, block_tables, positions, runs, scale,
-                         sliding_window, out)
+                         sliding_window, out, logit_softcap)
     return out
 
 
@@ -199,6 +206,7 @@ def paged_attention(
     scale: float,
     out: torch.Tensor,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention for a mixed decode / chunked-prefill batch; writes and returns out [T, H, D].
 
@@ -209,23 +217,23 @@ def paged_attention(
     `paged_attention_torch` (see its note on the one sync it makes).
     """
     _check_attention_args(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
-                          sliding_window, out)
+                          sliding_window, out, logit_softcap)
     if not q.shape[0]:
         return out
     if q.device.type != "cpu" or q.dtype != torch.float32:
         return paged_attention_torch(q, k_cache, v_cache, block_tables, seq_ids, positions,
-                                     scale, out, sliding_window)
+                                     scale, out, sliding_window, logit_softcap)
 
     runs = _checked_cpu_runs(k_cache, block_tables, seq_ids, positions, sliding_window)
     is_long = runs.length >= PREFILL_RUN_THRESHOLD                          # [R]
     if is_long.any():
         _torch_attention(q, k_cache, v_cache, block_tables, positions, runs.select(is_long),
-                         scale, sliding_window, out)
+                         scale, sliding_window, out, logit_softcap)
     if not is_long.all():
         short_tokens = None if not is_long.any() else np.flatnonzero(
             np.repeat(~is_long, runs.length))                               # [T_short]
         _numba_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
-                         sliding_window, out, short_tokens)
+                         sliding_window, out, short_tokens, logit_softcap)
     return out
 
 
@@ -279,7 +287,7 @@ def _expect_same_device(named: dict[str, torch.Tensor]) -> None:
 
 
 def _check_attention_args(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
-                          sliding_window, out=None) -> None:
+                          sliding_window, out=None, logit_softcap=None) -> None:
     """Shapes, dtypes and devices only: O(1), no reads of tensor data."""
     _expect_tensor("q", q, 3, "[T, num_heads, head_dim]")
     if not q.dtype.is_floating_point:
@@ -318,6 +326,10 @@ def _check_attention_args(q, k_cache, v_cache, block_tables, seq_ids, positions,
                                        or not isinstance(sliding_window, Integral)
                                        or sliding_window < 1):
         raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window!r}")
+    if logit_softcap is not None and (isinstance(logit_softcap, bool)
+                                      or not isinstance(logit_softcap, Real)
+                                      or not logit_softcap > 0):
+        raise ValueError(f"logit_softcap: expected None or a number > 0, got {logit_softcap!r}")
 
 
 def _check_cache_pair(k_cache, v_cache, dtype: torch.dtype) -> None:
@@ -437,7 +449,8 @@ def _find_runs(seq: np.ndarray, pos: np.ndarray, page_size: int,
 
 
 def _numba_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
-                     sliding_window, out, tokens: np.ndarray | None = None) -> None:
+                     sliding_window, out, tokens: np.ndarray | None = None,
+                     logit_softcap: float | None = None) -> None:
     """Run the kernel on all tokens, or on `tokens` [T'] (indices into the batch) only."""
     index = slice(None) if tokens is None else torch.from_numpy(tokens)
     q, seq_ids, positions = q[index], seq_ids[index], positions[index]
@@ -448,7 +461,8 @@ def _numba_attention(q, k_cache, v_cache, block_tables, seq_ids, positions, scal
     _paged_attention_kernel(
         _c_array(q), k_cache.detach().numpy(), v_cache.detach().numpy(), _c_array(block_tables),
         _c_array(seq_ids), _c_array(positions), np.float32(scale),
-        np.int64(sliding_window or 0), result.detach().numpy())
+        np.int64(sliding_window or 0), np.float32(logit_softcap or 0.0),
+        result.detach().numpy())
     if not direct:
         out[index] = result
 
@@ -459,8 +473,9 @@ def _c_array(x: torch.Tensor) -> np.ndarray:
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _paged_attention_kernel(q, k_cache, v_cache, block_tables, seq_ids, positions, scale,
-                            window, out):
-    """q, out [T, H, D] f32; caches [P, page, Hkv, D] f32; window 0 = no sliding window."""
+                            window, softcap, out):
+    """q, out [T, H, D] f32; caches [P, page, Hkv, D] f32; window 0 = no sliding window;
+    softcap 0 = no logit soft-capping."""
     num_tokens, num_heads = q.shape[0], q.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -468,11 +483,11 @@ def _paged_attention_kernel(q, k_cache, v_cache, block_tables, seq_ids, position
         t, kv_head = item // num_kv_heads, item % num_kv_heads
         h0, h1 = kv_head * group, (kv_head + 1) * group
         _attend_group(q[t, h0:h1], k_cache, v_cache, block_tables[seq_ids[t]], positions[t],
-                      kv_head, scale, window, out[t, h0:h1])
+                      kv_head, scale, window, softcap, out[t, h0:h1])
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def _attend_group(q, k_cache, v_cache, page_row, pos, kv_head, scale, window, out):
+def _attend_group(q, k_cache, v_cache, page_row, pos, kv_head, scale, window, softcap, out):
     """One token, the query heads q [G, D] of one kv head; writes out [G, D].
 
     Online softmax, one page-aligned block of positions at a time: per block, compute the G x n
@@ -496,6 +511,8 @@ def _attend_group(q, k_cache, v_cache, page_row, pos, kv_head, scale, window, ou
                 dot = np.float32(0.0)
                 for d in range(head_dim):
                     dot += q[g, d] * k_cache[page, offset + i, kv_head, d]
+                if softcap > 0:        # Gemma 2: cap * tanh(score / cap), before the softmax
+                    dot = softcap * np.tanh(dot / softcap)
                 scores[g, i] = dot
                 block_max = max(block_max, dot)
             rescale = np.exp(run_max[g] - block_max)          # 0 on the first block
@@ -520,10 +537,10 @@ def _attend_group(q, k_cache, v_cache, page_row, pos, kv_head, scale, window, ou
 
 
 def _torch_attention(q, k_cache, v_cache, block_tables, positions, runs: _Runs, scale,
-                     sliding_window, out) -> None:
+                     sliding_window, out, logit_softcap=None) -> None:
     for batch in _run_batches(runs, k_cache.shape[1] * k_cache.shape[2] * k_cache.shape[3]):
         _attend_runs(q, k_cache, v_cache, block_tables, positions, runs.select(batch), scale,
-                     sliding_window, out)
+                     sliding_window, out, logit_softcap)
 
 
 def _run_batches(runs: _Runs, elems_per_page: int) -> Iterator[np.ndarray]:
@@ -546,7 +563,7 @@ def _run_batches(runs: _Runs, elems_per_page: int) -> Iterator[np.ndarray]:
 
 
 def _attend_runs(q, k_cache, v_cache, block_tables, positions, runs: _Runs, scale,
-                 sliding_window, out) -> None:
+                 sliding_window, out, logit_softcap=None) -> None:
     """One SDPA call over R runs padded to a common query length and page count."""
     device, page_size = q.device, k_cache.shape[1]
     q_len = int(runs.length.max())
@@ -570,7 +587,8 @@ def _attend_runs(q, k_cache, v_cache, block_tables, positions, runs: _Runs, scal
     mask = kpos[:, None, :] <= qpos                                         # [R, Lq, K]
     if sliding_window is not None:
         mask &= kpos[:, None, :] >= qpos - sliding_window + 1
-    result = _sdpa(queries, keys, values, mask[:, None], float(scale))     # [R, H, Lq, D]
+    result = _sdpa(queries, keys, values, mask[:, None], float(scale),
+                   logit_softcap)                                           # [R, H, Lq, D]
 
     src, dst = _unpad_indices(runs, q_len)
     result = result.transpose(1, 2).flatten(0, 1)                          # [R*Lq, H, D]
@@ -593,14 +611,28 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return q.dtype
 
 
-def _sdpa(q, k, v, mask, scale: float) -> torch.Tensor:
+def _sdpa(q, k, v, mask, scale: float, logit_softcap: float | None = None) -> torch.Tensor:
     """q [B, H, L, D], k / v [B, Hkv, K, D], mask [B, 1, L, K] bool (True = attend)."""
+    if logit_softcap is not None:
+        return _softcapped_attention(q, k, v, mask, scale, logit_softcap)
     if _HAS_ENABLE_GQA:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=True)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+    """Attention with Gemma 2's logit soft-capping, cap * tanh(scores / cap) before the
+    softmax, which SDPA cannot express: the scores are materialised (as HF's eager path does)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale                  # [B, H, L, K]
+    scores = cap * torch.tanh(scores / cap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # as HF's eager
+    return torch.matmul(probs, v)                                           # [B, H, L, D]
 
 
 # --------------------------------------------------------------------------------------------
