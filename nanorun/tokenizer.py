@@ -140,22 +140,31 @@ class Tokenizer:
                             *, tokenize: bool = False, chat_template: str | None = None,
                             tools: Sequence[Mapping[str, Any]] | None = None,
                             documents: Sequence[Mapping[str, Any]] | None = None,
+                            continue_final_message: bool = False,
                             **template_kwargs: Any) -> str | list[int]:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's chat
-        template: the prompt text, or its ids with tokenize=True (encoded without adding special
-        tokens: templates write their own BOS). `tools` (JSON schemas) and `documents` reach
-        the template as in transformers, and so do extra keyword arguments.
+        template (or `chat_template`, a Jinja string): the prompt text, or its ids with
+        tokenize=True (encoded without adding special tokens: templates write their own BOS).
+        `tools` (JSON schemas) and `documents` reach the template as in transformers, and so do
+        extra keyword arguments. continue_final_message: the text ends with the final
+        message's content, left open for the model to continue (what the template writes after
+        it, an end-of-turn token, is cut), as transformers does.
 
         Raises ValueError when there is no template or the messages are malformed.
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be "
+                             "true: the final message is continued, not answered")
         template = self._template(chat_template, use_tools=tools is not None)
         variables = {**self.special_tokens, **template_kwargs}
+        checked = _check_messages(messages)
         try:
-            text = template.render(messages=_check_messages(messages), tools=tools,
-                                   documents=documents,
+            text = template.render(messages=checked, tools=tools, documents=documents,
                                    add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:        # includes the template's raise_exception(...)
             raise ValueError(f"the chat template rejected these messages: {e}") from e
+        if continue_final_message:
+            text = _open_final_message(text, checked[-1].get("content", ""))
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _template(self, override: str | None, use_tools: bool) -> jinja2.Template:
@@ -173,6 +182,16 @@ class Tokenizer:
                 "a chat_template.jinja); pass chat_template=<Jinja template>, or send a plain "
                 "prompt instead of messages")
         return _compile(source)
+
+
+def _open_final_message(text: str, final: str) -> str:
+    """The rendered chat cut after the final message's content (transformers' rule: its last
+    occurrence, or that of its stripped form, since templates often trim it)."""
+    for content in (final, final.strip()):
+        if content and content in text:
+            return text[:text.rindex(content) + len(content)]
+    raise ValueError("continue_final_message: the final message's content does not appear in "
+                     "the rendered chat, so there is nothing to continue (is it empty?)")
 
 
 def _check_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:

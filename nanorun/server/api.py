@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI's completions and chat completions, models, health and metrics.
+"""The FastAPI app: OpenAI's completions and chat completions, models, tokenize and
+detokenize, health, version and metrics (vLLM's routes, docs/serving.md lists them).
 
 Each handler turns its body into token ids and SamplingParams (a 400 for anything wrong, before
 anything is queued), adds one engine request per prompt, and either awaits the final outputs
@@ -21,7 +22,9 @@ seconds, then cancels them (which aborts their requests), then the engine stops.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,13 +41,19 @@ from starlette.types import Receive, Scope, Send
 
 from .async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import (BadRequest, ChatCompletionRequest, CompletionRequest, chat_logprobs,
-                       check_unsupported, completion_logprobs, error_body, include_usage,
-                       new_id, now, prompt_logprobs_json, requested_max_tokens,
-                       sampling_params, usage)
+from .protocol import (BadRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       TokenizeRequest, chat_logprobs, check_unsupported, completion_logprobs,
+                       echo_only, error_body, include_usage, new_id, now,
+                       prompt_logprobs_json, requested_max_tokens, sampling_params, usage)
+from .settings import ServerSettings
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's (and vLLM's) default for /v1/completions
 _DISCONNECT_POLL_S = 0.25
+# Keys a request's chat_template_kwargs may not set: the server passes them itself.
+_RESERVED_TEMPLATE_KWARGS = ("messages", "tokenize", "chat_template", "tools", "documents",
+                             "add_generation_prompt", "continue_final_message")
+
+logger = logging.getLogger("nanorun.server")
 
 
 @dataclass
@@ -52,25 +62,46 @@ class ServerState:
 
     engine: AsyncEngine
     metrics: ServerMetrics
-    model_name: str
+    settings: ServerSettings
     tokenizer: Any            # nanorun.tokenizer.Tokenizer, or None (token ids only)
     max_model_len: int        # longest prompt + output a request may have
+    vocab_size: int           # the model's: what logprobs -1 means
     stream_interval: int = 1  # a streamed choice's chunk every this many tokens
 
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_name
 
-def build_app(engine: AsyncEngine, *, model_name: str, tokenizer: Any,
-              max_model_len: int, stream_interval: int = 1) -> FastAPI:
+
+@dataclass(frozen=True)
+class Cors:
+    """--allowed-origins, --allowed-methods, --allowed-headers, --allow-credentials (vLLM's
+    defaults: any origin, method and header, no credentials)."""
+
+    origins: tuple[str, ...] = ("*",)
+    methods: tuple[str, ...] = ("*",)
+    headers: tuple[str, ...] = ("*",)
+    credentials: bool = False
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings, *, tokenizer: Any,
+              max_model_len: int, vocab_size: int, stream_interval: int = 1,
+              cache_info: dict | None = None, root_path: str = "",
+              cors: Cors = Cors()) -> FastAPI:
     """The app over an AsyncEngine (not started: the app starts it while it is served).
     tokenizer encodes prompts here (None: token ids only); max_model_len is the engine's
     longest prompt + output; stream_interval: a streamed choice gets a chunk once it has this
     many new tokens (or has finished; its first tokens go at once), as SGLang's
-    --stream-interval: fewer, larger chunks cost the server less per token."""
+    --stream-interval: fewer, larger chunks cost the server less per token. cache_info: the
+    KV cache's settings for vllm:cache_config_info. root_path: the prefix a proxy serves
+    the app under (--root-path)."""
     if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) \
             or stream_interval < 1:
         raise ValueError(f"stream_interval must be a positive int, got {stream_interval!r}")
-    metrics = ServerMetrics(model_name)
-    engine.on_outputs = metrics.observe
-    state = ServerState(engine, metrics, model_name, tokenizer, max_model_len, stream_interval)
+    metrics = ServerMetrics(settings.model_name, max_model_len, cache_info or {})
+    engine.on_outputs, engine.on_stats = metrics.observe, metrics.observe_stats
+    state = ServerState(engine, metrics, settings, tokenizer, max_model_len, vocab_size,
+                        stream_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -78,11 +109,45 @@ def build_app(engine: AsyncEngine, *, model_name: str, tokenizer: Any,
         yield
         engine.shutdown()
 
-    app = FastAPI(title="nanorun", lifespan=lifespan)
+    app = FastAPI(title="nanorun", lifespan=lifespan, root_path=root_path)
     app.state.nanorun = state
     _add_error_handlers(app, metrics)
     _add_routes(app, state)
+    if settings.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(CORSMiddleware, allow_origins=list(cors.origins),  # outermost: 401s
+                       allow_methods=list(cors.methods), allow_headers=list(cors.headers),
+                       allow_credentials=cors.credentials)                # carry CORS too
     return app
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer <key>` on the /v1 routes (below --root-path), as vLLM checks
+    --api-key: anything else there is a 401; /health, /ping, /metrics, /version, /tokenize
+    and /detokenize stay open, and so do CORS preflights (OPTIONS)."""
+
+    def __init__(self, app, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self._keys = [f"Bearer {k}".encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and \
+                _route_path(scope).startswith("/v1") and not self._authorized(scope):
+            body = error_body("a valid API key is needed: send `Authorization: Bearer <key>` "
+                              "(the server's --api-key)", "AuthenticationError", None, 401)
+            await JSONResponse(body, status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        # Compare every key in constant time: how long a refusal takes says nothing.
+        return any([hmac.compare_digest(given, k) for k in self._keys])
+
+
+def _route_path(scope: Scope) -> str:
+    root, path = scope.get("root_path", ""), scope["path"]
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -139,43 +204,137 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return _error(503, str(state.engine.error), "ServiceUnavailableError")
         return Response(status_code=200)
 
+    app.add_api_route("/ping", health, methods=["GET", "POST"])   # SageMaker's name for it
+
+    @app.get("/version")
+    async def version() -> dict:
+        from .. import __version__
+
+        return {"version": __version__}
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(state.engine.stats), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": now(),
-            "owned_by": "nanorun", "root": state.model_name, "parent": None,
-            "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": [_model_card(state, name)
+                                           for name in state.settings.served_model_names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> JSONResponse:
+        if model not in state.settings.served_model_names:
+            return _error(404, f"the model `{model}` does not exist; this server serves "
+                               f"{_names(state)}", "NotFoundError", "model")
+        return JSONResponse(_model_card(state, model))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
         _check(state, body)
-        prompts = [_token_ids(state, p) for p in _prompt_list(body.prompt)]
+        add_special = body.add_special_tokens is not False
+        prompts = [_truncated(state, _prompt(state, p, add_special), body)
+                   for p in _prompt_list(body.prompt)]
         return await _serve(state, body, raw, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
         _check(state, body)
-        if state.tokenizer is None:
-            raise BadRequest("this model has no tokenizer, so it cannot chat", "messages")
-        try:       # templates write their own BOS: encoded without special tokens, as vLLM does
-            ids = state.tokenizer.apply_chat_template(
-                body.messages, add_generation_prompt=body.add_generation_prompt, tokenize=True,
-                tools=body.tools)
-        except ValueError as e:
-            raise BadRequest(str(e), "messages") from None
-        return await _serve(state, body, raw, [_nonempty(ids)], chat=True)
+        ids = _render_chat(state, body, body.messages, body.add_generation_prompt,
+                           body.add_special_tokens)
+        prompt = _truncated(state, _Prompt(ids, None), body)
+        return await _serve(state, body, raw, [prompt], chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        _check_model(state, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise BadRequest("give exactly one of prompt (text) and messages (a chat)",
+                             "prompt" if body.prompt is None else "messages")
+        if body.prompt is not None:
+            for name in ("chat_template", "chat_template_kwargs", "tools"):
+                if getattr(body, name) is not None:
+                    raise BadRequest(f"{name} is for messages, not a prompt", name)
+            ids = _need_tokenizer(state, "prompt").encode(
+                body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        else:
+            if body.continue_final_message and body.add_generation_prompt:
+                raise BadRequest("continue_final_message and add_generation_prompt cannot "
+                                 "both be true", "continue_final_message")
+            ids = _render_chat(state, body, body.messages, body.add_generation_prompt,
+                               bool(body.add_special_tokens))
+        strs = state.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
+                "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        _check_model(state, body.model)
+        bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
+        if bad:
+            raise BadRequest(f"tokens {bad[:5]} are outside the vocabulary [0, "
+                             f"{state.vocab_size})", "tokens")
+        return {"prompt": _need_tokenizer(state, "tokens").decode(body.tokens,
+                                                                  skip_special_tokens=False)}
+
+
+def _model_card(state: ServerState, name: str) -> dict:
+    return {"id": name, "object": "model", "created": now(), "owned_by": "nanorun",
+            "root": state.model_name, "parent": None, "max_model_len": state.max_model_len}
+
+
+def _names(state: ServerState) -> str:
+    return ", ".join(f"`{n}`" for n in state.settings.served_model_names)
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model not in state.settings.served_model_names:
+        raise BadRequest(f"the model `{model}` does not exist; this server serves "
+                         f"{_names(state)}", "model")
 
 
 def _check(state: ServerState, body) -> None:
     """Refuse an unknown model or a field nanorun does not act on, before any work."""
-    if body.model is not None and body.model != state.model_name:
-        raise BadRequest(f"the model `{body.model}` does not exist; this server serves "
-                         f"`{state.model_name}`", "model")
+    _check_model(state, body.model)
     check_unsupported(body)
+
+
+def _need_tokenizer(state: ServerState, param: str):
+    if state.tokenizer is None:
+        raise BadRequest("this model has no tokenizer: send token ids", param)
+    return state.tokenizer
+
+
+def _render_chat(state: ServerState, body, messages: list, add_generation_prompt: bool,
+                 add_special_tokens: bool) -> list[int]:
+    """The chat's token ids through the request's or the server's or the model's template
+    (a request's own only with --trust-request-chat-template, as vLLM)."""
+    tokenizer = _need_tokenizer(state, "messages")
+    kwargs = dict(body.chat_template_kwargs or {})
+    reserved = sorted(set(kwargs) & set(_RESERVED_TEMPLATE_KWARGS))
+    if reserved:
+        raise BadRequest(f"chat_template_kwargs may not set {reserved}: they are request "
+                         f"fields of their own", "chat_template_kwargs")
+    if body.chat_template is not None and not state.settings.trust_request_chat_template:
+        raise BadRequest("a request's own chat_template needs the server to be started with "
+                         "--trust-request-chat-template (as vLLM)", "chat_template")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt,
+            continue_final_message=body.continue_final_message, tools=body.tools,
+            chat_template=body.chat_template or state.settings.chat_template, **kwargs)
+    except ValueError as e:
+        param = "chat_template" if "not valid Jinja" in str(e) else "messages"
+        raise BadRequest(str(e), param) from None
+    # Templates write their own BOS: encoded without special tokens unless asked, as vLLM.
+    return _nonempty(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+@dataclass
+class _Prompt:
+    """One prompt's token ids, and its text when it came as text (for echo)."""
+
+    ids: list[int]
+    text: str | None
 
 
 def _prompt_list(prompt: Any) -> list:
@@ -187,14 +346,32 @@ def _prompt_list(prompt: Any) -> list:
     return list(prompt)
 
 
-def _token_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
+def _prompt(state: ServerState, prompt: str | list[int], add_special_tokens: bool) -> _Prompt:
     if isinstance(prompt, list):
-        return _nonempty(prompt)
+        return _Prompt(_nonempty(prompt), None)
     if state.tokenizer is None:
         raise BadRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
     if not prompt:
         raise BadRequest("prompt is empty", "prompt")
-    return _nonempty(state.tokenizer.encode(prompt))
+    return _Prompt(_nonempty(state.tokenizer.encode(prompt, add_special_tokens)), prompt)
+
+
+def _truncated(state: ServerState, prompt: _Prompt, body) -> _Prompt:
+    """truncate_prompt_tokens: the prompt's last N tokens (-1: max_model_len), as vLLM keeps
+    them; the engine would cut them alike, but the usage, echo and max_tokens need them
+    here."""
+    k = body.truncate_prompt_tokens          # checked by check_unsupported
+    if k is None:
+        return prompt
+    if k == -1:
+        k = state.max_model_len
+    if k > state.max_model_len:
+        raise BadRequest(f"truncate_prompt_tokens ({k}) is greater than max_model_len "
+                         f"({state.max_model_len}): select a smaller truncation size",
+                         "truncate_prompt_tokens")
+    if len(prompt.ids) <= k:
+        return prompt
+    return _Prompt(prompt.ids[-k:], None)
 
 
 def _nonempty(ids: list[int]) -> list[int]:
@@ -203,16 +380,25 @@ def _nonempty(ids: list[int]) -> list[int]:
     return ids
 
 
-async def _serve(state: ServerState, body, raw: Request, prompts: list[list[int]], *,
+async def _serve(state: ServerState, body, raw: Request, prompts: list[_Prompt], *,
                  chat: bool):
     """Queue every prompt, then stream or answer once all have finished."""
-    params = [sampling_params(body, _max_tokens(state, body, len(p), chat)) for p in prompts]
+    defaults = dict(state.settings.generation_defaults)
+    default_max = defaults.pop("max_tokens", None)
+    params = [sampling_params(body, 1 if echo_only(body) else
+                              _max_tokens(state, body, len(p.ids), chat, default_max),
+                              vocab_size=state.vocab_size, defaults=defaults)
+              for p in prompts]
     request_id = new_id("chatcmpl" if chat else "cmpl")
+    if state.settings.enable_log_requests:
+        for p, sp in zip(prompts, params):
+            logger.info("request %s: %d prompt tokens, %s", request_id, len(p.ids), sp)
     # A request that is not streamed has nothing to send before its end: its stream wakes
     # only then, not every step.
     interval = state.stream_interval if body.stream else None
-    streams = await _add_all(state, request_id, prompts, params, interval)
-    writer = _ChunkWriter(state, body, request_id, chat, sum(map(len, prompts)))
+    streams = await _add_all(state, request_id, [p.ids for p in prompts], params, interval)
+    state.metrics.observe_params(params)
+    writer = _ChunkWriter(state, body, request_id, chat, prompts)
     if body.stream:
         return _EventStream(writer.events(streams), streams)
     try:
@@ -256,17 +442,22 @@ def _event(data: str) -> bytes:
     return ServerSentEvent(data=data, sep="\n").encode()
 
 
-def _max_tokens(state: ServerState, body, prompt_len: int, chat: bool) -> Any:
+def _max_tokens(state: ServerState, body, prompt_len: int, chat: bool,
+                default_max: int | None) -> Any:
+    """The request's max_tokens, else the endpoint's default; a generation config's
+    max_new_tokens caps either, as vLLM applies it."""
     asked = requested_max_tokens(body)
-    if asked is not None:
-        return asked
-    if not chat:
-        return DEFAULT_COMPLETION_MAX_TOKENS
-    left = state.max_model_len - prompt_len
-    if left < 1:
-        raise BadRequest(f"the prompt has {prompt_len} tokens, which leaves no room to "
-                         f"generate within {state.max_model_len}", "messages")
-    return left
+    if asked is None:
+        if not chat:
+            asked = DEFAULT_COMPLETION_MAX_TOKENS
+        else:
+            asked = state.max_model_len - prompt_len
+            if asked < 1:
+                raise BadRequest(f"the prompt has {prompt_len} tokens, which leaves no room "
+                                 f"to generate within {state.max_model_len}", "messages")
+    if default_max is not None and isinstance(asked, int) and not isinstance(asked, bool):
+        return min(asked, default_max)
+    return asked
 
 
 async def _add_all(state: ServerState, request_id: str, prompts: list[list[int]],
@@ -281,13 +472,21 @@ async def _add_all(state: ServerState, request_id: str, prompts: list[list[int]]
                                                               stream_interval=interval))
             except (ValueError, TypeError) as e:
                 where = f"prompt {i}: " if len(prompts) > 1 else ""
-                raise BadRequest(f"{where}{e}", "prompt" if "prompt" in str(e) else None) \
-                    from None
+                raise BadRequest(f"{where}{e}", _param_of(str(e))) from None
     except BaseException:
         for s in streams:
             s.abort()
         raise
     return streams
+
+
+def _param_of(message: str) -> str | None:
+    """The field an engine's refusal names first (its messages start with it)."""
+    for name in ("prompt_logprobs", "logprobs", "prompt", "stop_token_ids", "max_tokens",
+                 "truncate_prompt_tokens", "cache_salt"):
+        if message.startswith(name):
+            return name
+    return "prompt" if "prompt" in message else None
 
 
 async def _collect(streams: Sequence[RequestStream], raw: Request) -> list | None:
@@ -346,34 +545,81 @@ async def _merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, A
 
 
 class _ChunkWriter:
-    """OpenAI's JSON for one HTTP request's outputs: the whole response, or stream chunks."""
+    """OpenAI's JSON for one HTTP request's outputs: the whole response, or stream chunks.
+
+    What vLLM adds on request: echo (completions: the prompt's text, and with logprobs its
+    logprobs, before the output's; chat: the last message's content before the reply when it
+    has the reply's role), return_token_ids (prompt_token_ids, and each choice's token_ids;
+    in a stream the prompt's with a choice's first chunk, the new ones with each),
+    return_tokens_as_token_ids (logprobs' tokens as 'token_id:<id>'), and a stream's usage
+    on every chunk (continuous_usage_stats)."""
 
     def __init__(self, state: ServerState, body, request_id: str, chat: bool,
-                 prompt_tokens: int) -> None:
+                 prompts: Sequence[_Prompt]) -> None:
         self.state, self.body, self.id, self.chat = state, body, request_id, chat
+        self.prompts = prompts
         self.n = body.n if isinstance(body.n, int) else 1
         self._finished: set[int] = set()       # choices whose finish chunk was sent
         self.created = now()
-        self.prompt_tokens = prompt_tokens
-        self.top_k = self._top_k(body)
+        self.prompt_tokens = sum(len(p.ids) for p in prompts)
+        self.top_k = self._top_k(body, state.vocab_size)
+        asked = body.return_tokens_as_token_ids
+        self.as_ids = state.settings.return_tokens_as_token_ids if asked is None else asked
+        self.token_ids = bool(body.return_token_ids)
+        self.echo_only = echo_only(body)
+        self.usage, self.continuous_usage = include_usage(body, state.settings.force_include_usage)
+        self.role = self._role(body, state.settings.response_role) if chat else None
+        self._echo = [self._echo_text(body, p) for p in prompts] if body.echo else None
 
     @staticmethod
-    def _top_k(body) -> int | None:
+    def _top_k(body, vocab_size: int) -> int | None:
         if isinstance(body, ChatCompletionRequest):
-            return (body.top_logprobs or 0) if body.logprobs else None
-        return body.logprobs
+            k = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            k = body.logprobs
+        return vocab_size if k == -1 else k
+
+    @staticmethod
+    def _role(body, response_role: str) -> str:
+        """vLLM's: the server's response role after a generation prompt, else the role of the
+        message being continued."""
+        if body.add_generation_prompt or not body.messages:
+            return response_role
+        return str(body.messages[-1].get("role", response_role))
+
+    def _echo_text(self, body, prompt: _Prompt) -> str:
+        if not self.chat:
+            if prompt.text is not None:
+                return prompt.text
+            tok = self.state.tokenizer
+            return tok.decode(prompt.ids, skip_special_tokens=False) if tok else ""
+        last = body.messages[-1]
+        if last.get("role") != self.role:
+            return ""
+        content = last.get("content") or ""
+        if isinstance(content, list):      # text parts, joined as the template saw them
+            content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return str(content)
 
     def _decode(self, token_id: int) -> str:
         tok = self.state.tokenizer
         return tok.decode([token_id], skip_special_tokens=False) if tok else str(token_id)
 
-    def _logprobs(self, c, start: int, text_offset: int) -> dict | None:
+    def _logprobs(self, c, start: int, text_offset: int, out=None) -> dict | None:
+        """The logprobs of c's tokens from `start`; with `out` (echo, completions), the
+        prompt's before them."""
         if self.top_k is None or c.logprobs is None:
             return None
         ids, lps = c.token_ids[start:], c.logprobs[start:]
+        if self.echo_only:
+            ids, lps = [], []
         if self.chat:
-            return chat_logprobs(ids, lps, self._decode, self.top_k)
-        return completion_logprobs(ids, lps, self._decode, self.top_k, text_offset)
+            return chat_logprobs(ids, lps, self._decode, self.top_k, self.as_ids)
+        if out is not None:
+            prompt_lps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+            ids, lps = [*out.prompt_token_ids, *ids], [*prompt_lps, *lps]
+        return completion_logprobs(ids, lps, self._decode, self.top_k, text_offset,
+                                   self.as_ids)
 
     def _head(self, chunk: bool) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (
@@ -389,44 +635,52 @@ class _ChunkWriter:
                 if c.finish_reason == "error":
                     return _error(500, f"generation failed: {c.error}", "InternalServerError")
                 produced += len(c.token_ids)
-                choices.append(self._choice(i * self.n + c.index, c, out))
+                choices.append(self._choice(i, i * self.n + c.index, c, out))
         choices.sort(key=lambda ch: ch["index"])
         body = {**self._head(False), "choices": choices,
                 "usage": usage(self.prompt_tokens, produced)}
         if self.chat:       # vLLM: on the response, null when not asked for (never absent)
             body["prompt_logprobs"] = prompt_logprobs_json(finals[0].prompt_logprobs)
+            body["prompt_token_ids"] = self.prompts[0].ids if self.token_ids else None
         return JSONResponse(body)
 
-    def _choice(self, index: int, c, out) -> dict:
+    def _choice(self, prompt: int, index: int, c, out) -> dict:
         choice: dict = {"index": index}
+        text = "" if self.echo_only else c.text
+        echo = self._echo[prompt] if self._echo is not None else ""
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
+            choice["message"] = {"role": self.role, "content": echo + text}
         else:
-            choice["text"] = c.text
-        choice |= {"logprobs": self._logprobs(c, 0, 0), "finish_reason": c.finish_reason,
-                   "stop_reason": c.stop_reason}
+            choice["text"] = echo + text
+        logprobs = self._logprobs(c, 0, 0, out if self._echo is not None else None)
+        choice |= {"logprobs": logprobs, "finish_reason": c.finish_reason,
+                   "stop_reason": c.stop_reason,
+                   "token_ids": self._output_ids(c.token_ids) if self.token_ids else None}
         if not self.chat:   # vLLM: on the choice, null when not asked for (never absent)
             choice["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
+            choice["prompt_token_ids"] = self.prompts[prompt].ids if self.token_ids else None
         return choice
+
+    def _output_ids(self, ids: Sequence[int]) -> list[int]:
+        return [] if self.echo_only else list(ids)
 
     # -- a stream -------------------------------------------------------------------------
     async def events(self, streams: Sequence[RequestStream]) -> AsyncIterator[bytes]:
         """Every chunk as a server-sent event, then [DONE]; closing it early aborts the
         requests."""
         sent: dict[int, tuple[int, int]] = {}      # choice index -> (chars, tokens) sent
-        with_usage = include_usage(self.body)
-        # Every chunk is the same head, one choice, and (with usage) "usage": null: the head
+        # Most chunks are the same head, one choice, and (with usage) "usage": null: the head
         # and the tail are rendered once, the choice per chunk.
         head = json.dumps({**self._head(True), "choices": []})
-        frame = (head[:-len("[]}")] + "[", "]" + (', "usage": null' if with_usage else "") + "}")
+        frame = (head[:-len("[]}")] + "[", "]" + (', "usage": null' if self.usage else "") + "}")
         try:
             async with aclosing(_merge(streams)) as outputs:   # its tasks end with this
                 async for i, out in outputs:
                     for c in out.outputs:
-                        chunk = self._chunk(i * self.n + c.index, c, sent, frame)
+                        chunk = self._chunk(i, i * self.n + c.index, c, out, sent, frame)
                         if chunk is not None:
                             yield _event(chunk)
-            if with_usage:
+            if self.usage:
                 produced = sum(tokens for _, tokens in sent.values())
                 yield _event(json.dumps({**self._head(True), "choices": [],
                                          "usage": usage(self.prompt_tokens, produced)}))
@@ -437,9 +691,11 @@ class _ChunkWriter:
                 s.abort()
         yield _event("[DONE]")
 
-    def _chunk(self, index: int, c, sent: dict, frame: tuple[str, str]) -> str | None:
-        """The chunk for this choice's new tokens (its JSON between `frame`'s two parts);
-        None when there are none and it goes on."""
+    def _chunk(self, prompt: int, index: int, c, out, sent: dict,
+               frame: tuple[str, str]) -> str | None:
+        """The chunk for this choice's new tokens (its JSON between `frame`'s two parts, when
+        it has nothing of its own at the top level); None when there are none and it goes
+        on."""
         chars, tokens = sent.get(index, (0, 0))
         first = index not in sent
         if index in self._finished:         # its last chunk went out; n > 1 siblings go on
@@ -451,18 +707,34 @@ class _ChunkWriter:
         if c.finish_reason == "error":
             return json.dumps(error_body("generation failed for this request",
                                          "InternalServerError", None, 500))
-        delta_text = c.text[chars:]
+        delta_text = "" if self.echo_only else c.text[chars:]
         sent[index] = (len(c.text), len(c.token_ids))
+        echo = self._echo[prompt] if first and self._echo is not None else ""
         choice: dict = {"index": index}
         if self.chat:
-            delta = {"content": delta_text}
+            delta = {"content": echo + delta_text}
             if first:
-                delta["role"] = "assistant"
+                delta["role"] = self.role
             choice["delta"] = delta
         else:
-            choice["text"] = delta_text
-        choice |= {"logprobs": self._logprobs(c, tokens, chars),
+            choice["text"] = echo + delta_text
+        echo_from = out if first and self._echo is not None and not self.chat else None
+        offset = chars + (len(self._echo[prompt]) if self._echo is not None and not first
+                          else 0)
+        choice |= {"logprobs": self._logprobs(c, tokens, 0 if first else offset, echo_from),
                    "finish_reason": c.finish_reason}
         if c.finish_reason is not None:
             choice["stop_reason"] = c.stop_reason
-        return frame[0] + json.dumps(choice) + frame[1]
+        top: dict = {}
+        if self.token_ids:
+            choice["token_ids"] = self._output_ids(c.token_ids[tokens:])
+            if first:
+                (top if self.chat else choice)["prompt_token_ids"] = self.prompts[prompt].ids
+        if self.continuous_usage:
+            top["usage"] = usage(len(self.prompts[prompt].ids), len(c.token_ids))
+        if not top:
+            return frame[0] + json.dumps(choice) + frame[1]
+        return json.dumps({**self._head(True), **{k: v for k, v in top.items()
+                                                  if k != "usage"},
+                           "choices": [choice], **({"usage": top["usage"]} if "usage" in top
+                                                   else {"usage": None} if self.usage else {})})

@@ -139,13 +139,15 @@ class AsyncEngine:
     builds it in an engine process (what `nanorun serve` runs). max_queued_requests bounds
     the requests that wait for their first step (added but not running): past it,
     add_request raises QueueFullError instead of queueing, so an overloaded server answers
-    503 at once. on_outputs(outputs) runs on the event loop after each step (metrics); it
-    must be quick. on_dead(error) runs on the event loop once the engine has died.
+    503 at once. on_outputs(outputs) runs on the event loop after each step (metrics), and
+    on_stats(stats) with the stats of each message that counts iterations; both must be
+    quick. on_dead(error) runs on the event loop once the engine has died.
     """
 
     def __init__(self, text_engine=None, *, max_queued_requests: int,
                  on_outputs: Callable[[Sequence[Any]], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None,
+                 on_stats: Callable[[EngineStats], None] | None = None,
                  _link: EngineLink | None = None, _stats: EngineStats | None = None) -> None:
         if max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
@@ -153,6 +155,7 @@ class AsyncEngine:
         self.max_queued_requests = max_queued_requests
         self.on_outputs = on_outputs
         self.on_dead = on_dead
+        self.on_stats = on_stats
         self.error: BaseException | None = None
         self._streams: dict[str, RequestStream] = {}     # touched on the event loop only
         self._adds: dict[str, asyncio.Future] = {}        # adds the loop has not acked yet
@@ -270,6 +273,12 @@ class AsyncEngine:
         elif kind == "step":
             _, outputs, stats = message
             self.stats = stats
+            if self.on_stats is not None and (stats.iteration_tokens
+                                               or stats.prefix_cache_queries):
+                try:                     # metrics: as on_outputs below
+                    self.on_stats(stats)
+                except Exception:
+                    logger.exception("recording metrics failed; serving on")
             if outputs:
                 if self._decode is not None:
                     outputs = self._decode(outputs)

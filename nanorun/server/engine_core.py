@@ -68,6 +68,11 @@ class EngineStats:
     num_waiting: int = 0
     num_pages: int = 0
     num_free_pages: int = 0
+    # The prefix cache's prompt tokens looked up and found, since the engine started.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # Tokens of each iteration run since the last message (vllm:iteration_tokens_total).
+    iteration_tokens: tuple[int, ...] = ()
 
 
 def engine_info(core) -> dict:
@@ -76,22 +81,27 @@ def engine_info(core) -> dict:
     engine was built with, which the server logs at start (as vLLM does)."""
     kv = core.kv_cache
     info = {"max_model_len": min(core.max_model_len, kv.capacity_tokens),
-            "kv_pages": kv.num_pages, "kv_tokens": kv.capacity_tokens}
+            "kv_pages": kv.num_pages, "kv_tokens": kv.capacity_tokens,
+            "vocab_size": core.model_config.vocab_size}
     cfg = getattr(core, "config", None)     # (a stand-in engine in tests has none)
     if cfg is not None:
         info |= {"model": cfg.model, "dtype": str(core.dtype).removeprefix("torch."),
                  "device": str(core.device), "layout": core.executor.layout_name,
                  "max_batch_tokens": cfg.max_batch_tokens, "page_size": cfg.page_size,
                  "model_context": core.max_model_len, "async_scheduling": cfg.async_scheduling,
+                 "max_num_seqs": cfg.max_num_seqs,
+                 "prefix_caching": getattr(kv, "prefix_cache", None) is not None,
                  "tensor_parallel_size": core.tensor_parallel.size}
     return info
 
 
-def engine_stats(text_engine) -> EngineStats:
+def engine_stats(text_engine, iteration_tokens: tuple[int, ...] = ()) -> EngineStats:
     engine = text_engine.engine
     scheduler, kv = engine.scheduler, engine.kv_cache
+    cache = getattr(kv, "prefix_cache", None)
     return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.num_pages,
-                       kv.num_free_pages)
+                       kv.num_free_pages, 0 if cache is None else cache.queries,
+                       0 if cache is None else cache.hits, iteration_tokens)
 
 
 class EngineLoop:
@@ -126,13 +136,16 @@ class EngineLoop:
             if acks:                     # the handlers go on now, not after the step
                 self.emit(("acks", acks))
             outputs: Sequence[Any] = ()
+            iteration: tuple[int, ...] = ()
             if not stop and engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
                 except Exception as e:   # state unknown now: fail everyone, refuse new work
                     return self._fail("engine step failed", e)
-            stats = engine_stats(engine)
-            if outputs or stats != self._last_stats:
+                tokens = getattr(engine.engine, "last_iteration_tokens", 0)
+                iteration = (tokens,) if tokens else ()
+            stats = engine_stats(engine, iteration)
+            if outputs or iteration or stats != self._last_stats:
                 self._last_stats = stats
                 self.emit(("step", self.encode(outputs) if outputs else [], stats))
             if stop:

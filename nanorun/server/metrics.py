@@ -11,7 +11,7 @@ counters are fed on the event loop as each step's outputs arrive.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,6 +25,21 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+REQUEST_TIME_BUCKETS = E2E_BUCKETS      # vLLM's request_latency_buckets, for the phases too
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's build_1_2_5_buckets)."""
+    out, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10 ** exponent
+            if value > max_value:
+                return tuple(out)
+            out.append(value)
+        exponent += 1
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -32,7 +47,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class ServerMetrics:
     """The server's Prometheus registry and how outputs feed it."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_model_len: int = 1 << 20,
+                 cache_info: Mapping[str, Any] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         r, labels = self.registry, ["model_name"]
@@ -69,6 +85,61 @@ class ServerMetrics:
         self._success = Counter("vllm:request_success", "Requests ended, by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
         self._tokens_seen: dict[str, int] = {}     # event loop only
+        lengths = buckets_1_2_5(max_model_len)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total",
+                                          "Histogram of number of tokens per engine_step.",
+                                          ITERATION_TOKEN_BUCKETS)
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens",
+                                               "Number of prefill tokens processed.", lengths)
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", lengths)
+        self.params_n = histogram("vllm:request_params_n",
+                                  "Histogram of the n request parameter.", N_BUCKETS)
+        self.params_max_tokens = histogram("vllm:request_params_max_tokens",
+                                           "Histogram of the max_tokens request parameter.",
+                                           lengths)
+        self.queue_time = histogram("vllm:request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.",
+                                    REQUEST_TIME_BUCKETS)
+        self.inference_time = histogram("vllm:request_inference_time_seconds",
+                                        "Histogram of time spent in RUNNING phase for request.",
+                                        REQUEST_TIME_BUCKETS)
+        self.prefill_time = histogram("vllm:request_prefill_time_seconds",
+                                      "Histogram of time spent in PREFILL phase for request.",
+                                      REQUEST_TIME_BUCKETS)
+        self.decode_time = histogram("vllm:request_decode_time_seconds",
+                                     "Histogram of time spent in DECODE phase for request.",
+                                     REQUEST_TIME_BUCKETS)
+        # Tokens, as vLLM counts them: cumulative in the engine's stats, added here by
+        # difference (a counter only goes up).
+        self.prefix_queries = counter("vllm:prefix_cache_queries",
+                                      "Prefix cache queries, in terms of number of queried "
+                                      "tokens.")
+        self.prefix_hits = counter("vllm:prefix_cache_hits",
+                                   "Prefix cache hits, in terms of number of cached tokens.")
+        self._prefix_seen = (0, 0)
+        info = {k: str(v) for k, v in (cache_info or {}).items()}
+        Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+              ["model_name", *info], registry=r).labels(model_name, *info.values()).set(1)
+
+    def observe_params(self, params: Sequence[Any]) -> None:
+        """A request's parameters, when it is added (one SamplingParams per prompt)."""
+        for sp in params:
+            self.params_n.observe(sp.n)
+            self.params_max_tokens.observe(sp.max_tokens)
+
+    def observe_stats(self, stats: EngineStats) -> None:
+        """What an engine message's stats add: its iterations' token counts, the prefix
+        cache's queries and hits."""
+        for tokens in stats.iteration_tokens:
+            self.iteration_tokens.observe(tokens)
+        queries, hits = self._prefix_seen
+        if stats.prefix_cache_queries > queries:
+            self.prefix_queries.inc(stats.prefix_cache_queries - queries)
+        if stats.prefix_cache_hits > hits:
+            self.prefix_hits.inc(stats.prefix_cache_hits - hits)
+        self._prefix_seen = (max(queries, stats.prefix_cache_queries),
+                             max(hits, stats.prefix_cache_hits))
 
     def observe(self, outputs: Sequence[Any]) -> None:
         """Count one step's outputs (on the event loop, as they arrive)."""
@@ -98,6 +169,23 @@ class ServerMetrics:
             self.itl.observe(b - a)
         if m.finished_time is not None:
             self.e2e.observe(m.finished_time - m.arrival_time)
+        self.request_prompt_tokens.observe(len(out.prompt_token_ids or ()))
+        self.request_generation_tokens.observe(sum(len(c.token_ids) for c in out.outputs))
+        self._phases(m)
+
+    def _phases(self, m: Any) -> None:
+        """vLLM's request phases: waiting (arrival to first scheduled), prefill (to the first
+        token), decode (first to last token), inference (scheduled to last token)."""
+        scheduled, first = m.first_scheduled_time, m.first_token_time
+        if scheduled is None:
+            return                  # aborted while waiting: vLLM records no phases either
+        self.queue_time.observe(scheduled - m.arrival_time)
+        if first is None:
+            return
+        last = m.token_times[-1] if m.token_times else first
+        self.prefill_time.observe(first - scheduled)
+        self.decode_time.observe(last - first)
+        self.inference_time.observe(last - scheduled)
 
     def render(self, stats: EngineStats) -> bytes:
         """The exposition text, with the gauges set from the latest engine stats."""

@@ -66,6 +66,8 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool | None = None
+    # vLLM's: with include_usage, every chunk carries the usage so far (its choice's tokens).
+    continuous_usage_stats: bool | None = None
 
 
 class _Body(BaseModel):
@@ -75,8 +77,9 @@ class _Body(BaseModel):
 
     model: Annotated[str | None, Served("checked against the served model's name")] = None
     stream: Annotated[bool, Served("server-sent events")] = False
-    stream_options: Annotated[StreamOptions | None, Served("include_usage: a last chunk with "
-                                                           "the usage")] = None
+    stream_options: Annotated[StreamOptions | None, Served(
+        "include_usage: a last chunk with the usage; continuous_usage_stats: every chunk's "
+        "usage so far")] = None
     max_tokens: Annotated[Any, Served("SamplingParams.max_tokens, defaulted per endpoint")] \
         = None
     n: Annotated[Any, SAMPLING] = None
@@ -94,7 +97,23 @@ class _Body(BaseModel):
     repetition_penalty: Annotated[Any, SAMPLING] = None
     skip_special_tokens: Annotated[Any, SAMPLING] = None
     include_stop_str_in_output: Annotated[Any, SAMPLING] = None
-    prompt_logprobs: Annotated[Any, SAMPLING] = None
+    prompt_logprobs: Annotated[Any, Served("SamplingParams.prompt_logprobs (-1: the whole "
+                                           "vocabulary)")] = None
+    truncate_prompt_tokens: Annotated[Any, Served(
+        "the prompt's last N tokens are kept (-1: max_model_len), as vLLM truncates")] = None
+    spaces_between_special_tokens: Annotated[Any, Served(
+        "true or false: tokenizer.json (fast) tokenizers write special tokens as their decoder "
+        "does either way, as transformers' fast decode and vLLM's fast detokenizer do")] = None
+    cache_salt: Annotated[Any, Served(
+        "checked as vLLM does (a string of 1 to 1024 characters); keys the prefix cache")] \
+        = None
+    return_tokens_as_token_ids: Annotated[Any, Served(
+        "logprobs' tokens as 'token_id:<id>' strings")] = None
+    return_token_ids: Annotated[Any, Served(
+        "prompt_token_ids and each choice's token_ids in the response")] = None
+    priority: Annotated[Any, Refused(
+        "nanorun's scheduling policies (fcfs, hrrn) have no priorities, and vLLM too refuses a "
+        "priority other than 0 unless its scheduling policy is 'priority'", 1, (None, 0))] = None
     user: Annotated[str | None, Served("nothing to do: OpenAI's end-user id for its abuse "
                                        "monitoring (vLLM ignores it too)")] = None
 
@@ -114,16 +133,9 @@ class _Body(BaseModel):
     allowed_token_ids: Annotated[Any, Refused("allowed_token_ids is not supported",
                                               [1, 2])] = None
     bad_words: Annotated[Any, Refused("bad_words is not supported", ["no"], (None, []))] = None
-    truncate_prompt_tokens: Annotated[Any, Refused("prompts are never truncated", 8)] = None
-    spaces_between_special_tokens: Annotated[Any, Refused(
-        "the detokenizer has no such switch", False)] = None
     logits_processors: Annotated[Any, Refused("logits processors are not supported",
                                               ["my.Processor"], (None, []))] = None
-    priority: Annotated[Any, Refused("there is no priority scheduling", 1, (None, 0))] = None
     request_id: Annotated[Any, Refused("the server names each request itself", "mine")] = None
-    return_tokens_as_token_ids: Annotated[Any, Refused(
-        "return_tokens_as_token_ids is not supported", True, (None, False))] = None
-    cache_salt: Annotated[Any, Refused("there is no prefix cache to salt", "salt")] = None
     kv_transfer_params: Annotated[Any, Refused("KV transfer is not served over HTTP",
                                                {"do_remote_decode": True})] = None
     vllm_xargs: Annotated[Any, Refused("vllm_xargs is not supported", {"k": 1},
@@ -136,11 +148,12 @@ class CompletionRequest(_Body):
     logprobs: Annotated[Any, Served("SamplingParams.logprobs: top-k per token")] = None
     best_of: Annotated[Any, Served("accepted equal to n (it then changes nothing); any other "
                                    "value is refused")] = None
-    echo: Annotated[Any, Refused("echo is not supported", True, (None, False))] = None
+    echo: Annotated[Any, Served("the prompt before the output text (and its logprobs before "
+                                "the output's); with max_tokens 0, the prompt alone")] = None
     suffix: Annotated[Any, Refused("suffix is not supported", "x", (None, ""))] = None
-    add_special_tokens: Annotated[Any, Refused(
-        "prompts are always encoded with the tokenizer's special tokens", False,
-        (None, True))] = None
+    add_special_tokens: Annotated[Any, Served(
+        "text prompts are encoded with the tokenizer's special tokens (BOS) unless false")] \
+        = None
     prompt_embeds: Annotated[Any, Refused("prompt_embeds is not supported", "AAAA")] = None
 
 
@@ -153,16 +166,18 @@ class ChatCompletionRequest(_Body):
                                               f"'none'; otherwise refused: {_NO_TOOLS}")] = None
     tool_choice: Annotated[Any, Served("'none' (or no tools) only")] = None
     add_generation_prompt: Annotated[bool, Served("given to the chat template")] = True
-    continue_final_message: Annotated[Any, Refused(
-        "continue_final_message is not supported", True, (None, False))] = None
-    echo: Annotated[Any, Refused("echo is not supported", True, (None, False))] = None
-    add_special_tokens: Annotated[Any, Refused(
-        "chat prompts are encoded without special tokens (the template writes them)", True,
-        (None, False))] = None
-    chat_template: Annotated[Any, Refused("a request's own chat template is not supported",
-                                          "{{ messages }}")] = None
-    chat_template_kwargs: Annotated[Any, Refused("chat_template_kwargs is not supported",
-                                                 {"enable_thinking": False}, (None, {}))] = None
+    continue_final_message: Annotated[bool, Served(
+        "the final message is left open for the model to continue (not with "
+        "add_generation_prompt)")] = False
+    echo: Annotated[bool, Served("the last message's content before the reply, when its role "
+                                 "is the reply's")] = False
+    add_special_tokens: Annotated[bool, Served(
+        "the rendered chat is encoded with the tokenizer's special tokens too (default false: "
+        "the template writes them)")] = False
+    chat_template: Annotated[str | None, Served(
+        "renders this request (with --trust-request-chat-template, as vLLM)")] = None
+    chat_template_kwargs: Annotated[dict[str, Any] | None, Served(
+        "extra variables for the chat template")] = None
     documents: Annotated[Any, Refused("documents are not supported",
                                       [{"title": "a", "text": "b"}])] = None
     functions: Annotated[Any, Refused(_NO_TOOLS, [{"name": "f"}], (None, []))] = None
@@ -182,6 +197,31 @@ class ChatCompletionRequest(_Body):
     web_search_options: Annotated[Any, Refused("there is no web search", {})] = None
 
 
+class TokenizeRequest(BaseModel):
+    """/tokenize: vLLM's two bodies in one, a completion's `prompt` or a chat's `messages`
+    (exactly one of them; the chat fields only with messages)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None      # vLLM's default: true for prompt, false chat
+    return_token_strs: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
 Disposition = Sampling | Served | Refused
 
 
@@ -199,9 +239,13 @@ def field_dispositions(model: type[BaseModel]) -> dict[str, Disposition]:
     return out
 
 
-def include_usage(body: _Body) -> bool:
-    """stream_options.include_usage (only meaningful with stream: true)."""
-    return bool(body.stream_options and body.stream_options.include_usage)
+def include_usage(body: _Body, force: bool = False) -> tuple[bool, bool]:
+    """(a last chunk with the usage, every chunk with the usage so far) for a stream, as vLLM
+    decides them: stream_options.include_usage, or `force` (--enable-force-include-usage);
+    continuous_usage_stats only with the first."""
+    options = body.stream_options
+    usage = force or bool(options and options.include_usage)
+    return usage, usage and bool(options and options.continuous_usage_stats)
 
 
 def check_unsupported(body: _Body) -> None:
@@ -214,10 +258,29 @@ def check_unsupported(body: _Body) -> None:
     if body.prompt_logprobs is not None and body.stream:
         raise BadRequest("prompt_logprobs is only returned without stream: true",
                          "prompt_logprobs")
+    for name in ("return_token_ids", "return_tokens_as_token_ids",
+                 "spaces_between_special_tokens"):
+        if getattr(body, name) not in (None, True, False):
+            raise BadRequest(f"{name} must be true or false", name)
+    salt = body.cache_salt
+    if salt is not None and (not isinstance(salt, str) or not 1 <= len(salt) <= 1024):
+        raise BadRequest("cache_salt must be a non-empty string of at most 1024 characters",
+                         "cache_salt")
+    k = body.truncate_prompt_tokens
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k == 0 or k < -1):
+        raise BadRequest(f"truncate_prompt_tokens must be an integer >= 1 or -1, got {k!r}",
+                         "truncate_prompt_tokens")
     if isinstance(body, CompletionRequest):
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise BadRequest("best_of other than n is not supported by nanorun", "best_of")
+        for name in ("echo", "add_special_tokens"):
+            if getattr(body, name) not in (None, True, False):
+                raise BadRequest(f"{name} must be true or false", name)
     if isinstance(body, ChatCompletionRequest):
+        if body.continue_final_message and body.add_generation_prompt:
+            raise BadRequest("continue_final_message and add_generation_prompt cannot both be "
+                             "true: send add_generation_prompt: false to continue the final "
+                             "message", "continue_final_message")
         if body.tools and body.tool_choice != "none":
             raise BadRequest(f"tools (function calling) are not supported by nanorun: "
                              f"{_NO_TOOLS} (tool_choice 'none' is)", "tools")
@@ -226,16 +289,28 @@ def check_unsupported(body: _Body) -> None:
                              "tool_choice")
 
 
-def sampling_params(body: _Body, max_tokens: int) -> SamplingParams:
+def sampling_params(body: _Body, max_tokens: int, *, vocab_size: int,
+                    defaults: dict[str, Any] | None = None) -> SamplingParams:
     """The request's SamplingParams; SamplingParams' own TypeError/ValueError become a
-    BadRequest naming the field."""
+    BadRequest naming the field. defaults: values for the Sampling fields the body leaves
+    unset (--generation-config). logprobs and prompt_logprobs -1 mean the whole vocabulary
+    (vocab_size), as in vLLM; completions' echo asks for the prompt's logprobs with the
+    output's."""
     kwargs = {name: getattr(body, name) for name, what in field_dispositions(type(body)).items()
               if isinstance(what, Sampling) and getattr(body, name) is not None}
+    for name, value in (defaults or {}).items():
+        kwargs.setdefault(name, value)
     if isinstance(kwargs.get("stop"), list):
         kwargs["stop"] = tuple(kwargs["stop"])
-    logprobs = _logprobs_k(body)
+    logprobs = _whole_vocab(_logprobs_k(body), "top_logprobs" if isinstance(
+        body, ChatCompletionRequest) else "logprobs", vocab_size)
     if logprobs is not None:
         kwargs["logprobs"] = logprobs
+    prompt_logprobs = _whole_vocab(body.prompt_logprobs, "prompt_logprobs", vocab_size)
+    if prompt_logprobs is None and isinstance(body, CompletionRequest) and body.echo:
+        prompt_logprobs = logprobs
+    if prompt_logprobs is not None:
+        kwargs["prompt_logprobs"] = prompt_logprobs
     try:
         return SamplingParams(max_tokens=max_tokens, **kwargs)
     except (TypeError, ValueError) as e:
@@ -247,6 +322,22 @@ def requested_max_tokens(body: _Body) -> Any:
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         return body.max_completion_tokens
     return body.max_tokens
+
+
+def _whole_vocab(k: Any, name: str, vocab_size: int) -> Any:
+    """-1 (vLLM's "every token") as the vocabulary's size; other negatives are a 400."""
+    if isinstance(k, int) and not isinstance(k, bool) and k < 0:
+        if k != -1:
+            raise BadRequest(f"{name} must be a positive value or -1 (the whole vocabulary), "
+                             f"got {k}", name)
+        return vocab_size
+    return k
+
+
+def echo_only(body: _Body) -> bool:
+    """completions' echo with max_tokens 0: the prompt alone (one token is generated and left
+    out, as vLLM does)."""
+    return isinstance(body, CompletionRequest) and bool(body.echo) and body.max_tokens == 0
 
 
 def _logprobs_k(body: _Body) -> Any:
@@ -288,38 +379,46 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 # -- logprobs -------------------------------------------------------------------------------
-def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict] | None,
-                        decode, top_k: int, text_offset: int) -> dict | None:
+def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict | None] | None,
+                        decode, top_k: int, text_offset: int,
+                        as_ids: bool = False) -> dict | None:
     """The legacy completions logprobs object for these tokens; text_offset where they start.
     Each top_logprobs entry holds the sampled token and the top_k best (so up to top_k + 1
-    entries, one with top_k 0), as OpenAI and vLLM return them."""
+    entries, one with top_k 0), as OpenAI and vLLM return them. An entry of None (an echoed
+    prompt's first token, which has no logprob) is null there, as in vLLM. as_ids: tokens as
+    'token_id:<id>' (return_tokens_as_token_ids)."""
     if logprobs is None:
         return None
     tokens, token_lps, tops, offsets = [], [], [], []
     for tid, per_token in zip(token_ids, logprobs):
-        text = _token_text(tid, per_token, decode)
+        text = _token_text(tid, per_token or {}, decode, as_ids)
         tokens.append(text)
-        token_lps.append(_lp(per_token, tid))
-        top = {} if tid not in per_token else {text: per_token[tid].logprob}
-        top.update((_token_text(t, per_token, decode), lp.logprob)
-                   for t, lp in _top(per_token, top_k))
-        tops.append(top)
         offsets.append(text_offset)
         text_offset += len(text)
+        if per_token is None:
+            token_lps.append(None)
+            tops.append(None)
+            continue
+        token_lps.append(_lp(per_token, tid))
+        top = {} if tid not in per_token else {text: per_token[tid].logprob}
+        top.update((_token_text(t, per_token, decode, as_ids), lp.logprob)
+                   for t, lp in _top(per_token, top_k))
+        tops.append(top)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
             "text_offset": offsets}
 
 
 def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict] | None, decode,
-                  top_k: int) -> dict | None:
+                  top_k: int, as_ids: bool = False) -> dict | None:
     """The chat logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
     if logprobs is None:
         return None
     content = []
     for tid, per_token in zip(token_ids, logprobs):
-        text = _token_text(tid, per_token, decode)
-        top = [{"token": (t_text := _token_text(t, per_token, decode)), "logprob": lp.logprob,
-                "bytes": list(t_text.encode())} for t, lp in _top(per_token, top_k)]
+        text = _token_text(tid, per_token, decode, as_ids)
+        top = [{"token": (t_text := _token_text(t, per_token, decode, as_ids)),
+                "logprob": lp.logprob, "bytes": list(t_text.encode())}
+               for t, lp in _top(per_token, top_k)]
         content.append({"token": text, "logprob": _lp(per_token, tid),
                         "bytes": list(text.encode()), "top_logprobs": top})
     return {"content": content}
@@ -346,7 +445,9 @@ def _lp(per_token: dict, token_id: int) -> float | None:
     return None if lp is None else lp.logprob
 
 
-def _token_text(token_id: int, per_token: dict, decode) -> str:
+def _token_text(token_id: int, per_token: dict, decode, as_ids: bool = False) -> str:
+    if as_ids:
+        return f"token_id:{token_id}"
     lp = per_token.get(token_id)
     if lp is not None and lp.decoded_token is not None:
         return lp.decoded_token
