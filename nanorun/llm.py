@@ -104,17 +104,29 @@ class LLM:
         messages: Sequence[Message] | Sequence[Sequence[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
-        add_generation_prompt: bool = True,
         use_tqdm: bool = False,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Sequence[Mapping] | None = None,
+        chat_template_kwargs: Mapping[str, object] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation ([{"role": ..., "content": ...}, ...]) or a
-        list of them, through the model's chat template. The rendered text is the outputs'
-        prompt; its ids are encoded without adding special tokens (the template writes BOS)."""
+        list of them, through the model's chat template (or `chat_template`, a Jinja string).
+        The rendered text is the outputs' prompt; its ids are encoded without adding special
+        tokens (the template writes BOS). As vLLM's LLM.chat: continue_final_message leaves
+        the final message open for the model to continue (add_generation_prompt must then be
+        False); tools reach the template; chat_template_kwargs are extra template
+        variables."""
         chats = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        options = dict(chat_template_kwargs or {})
+        options.update(chat_template=chat_template, tools=tools,
+                       continue_final_message=continue_final_message)
         prompts = []
         for i, chat in enumerate(chats):
             try:
-                prompts.append(self.text_engine.chat_prompt(chat, add_generation_prompt))
+                prompts.append(self.text_engine.chat_prompt(chat, add_generation_prompt,
+                                                            **options))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"conversation {i}: {e}") from None
         params = self._params_per_prompt(sampling_params, len(prompts))

@@ -485,3 +485,29 @@ def test_response_role_and_generation_config_defaults(extra_server):
     status, reply, _ = _request(f"{url}/chat/completions", {
         "messages": CHAT, "chat_template": "{{ messages }}"}, headers=auth)
     _assert_400(status, reply, "chat_template")
+
+
+# -- offline: LLM takes the same options -----------------------------------------------------
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return nanorun.LLM(str(model_dir), kv_cache_tokens=4096, page_size=16)
+
+
+def test_llm_chat_takes_the_server_chat_options(server, llm):
+    """LLM.chat's chat_template, chat_template_kwargs, add_generation_prompt and
+    continue_final_message (vLLM's LLM.chat arguments) render what the server renders for the
+    same request, and greedy text agrees."""
+    partial = CHAT + [{"role": "assistant", "content": "The quick"}]
+    status, served = _post(server, "/v1/chat/completions", {
+        "messages": partial, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+        "add_generation_prompt": False, "continue_final_message": True,
+        "chat_template_kwargs": {"greeting": "hey"}, "return_token_ids": True})
+    assert status == 200, served
+    out = llm.chat(partial, nanorun.SamplingParams(max_tokens=4, temperature=0,
+                                                    ignore_eos=True),
+                   chat_template=SERVER_TEMPLATE, add_generation_prompt=False,
+                   continue_final_message=True, chat_template_kwargs={"greeting": "hey"})[0]
+    assert list(out.prompt_token_ids) == served["prompt_token_ids"]
+    assert out.outputs[0].text == served["choices"][0]["message"]["content"]
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(partial, continue_final_message=True)
