@@ -4,8 +4,10 @@
     async_engine   handlers add requests to that loop and await their outputs on the event loop
     protocol       OpenAI request bodies -> prompts and SamplingParams, outputs -> response JSON
     metrics        Prometheus metrics under vLLM's names
-    api            the FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health,
-                   /metrics
+    settings       what the server's flags tell the HTTP side (names, API keys, chat and
+                   sampling defaults)
+    api            the FastAPI app: /v1/completions, /v1/chat/completions, /v1/models,
+                   /tokenize, /detokenize, /health, /ping, /version, /metrics
     cli            the `serve` subcommand
 
 Nothing here is imported by `import nanorun`: FastAPI, uvicorn, sse-starlette and
