@@ -1,0 +1,260 @@
+"""Gemma 2 and Gemma 3 (text) against Hugging Face transformers, which nobody here wrote.
+
+Random-weight tiny models built with transformers' own Gemma2ForCausalLM / Gemma3ForCausalLM
+(eager attention, float32) and saved with save_pretrained; nanorun loads the directory. The
+configs make every Gemma feature bind: soft-caps small enough that tanh is far from linear,
+sliding windows shorter than the prompts, head_dim and query_pre_attn_scalar independent of
+hidden / heads, Gemma 3's 2:1 local/global pattern with linear rope scaling on global layers,
+norm weights far from zero (so 1 + weight is not 1). Each test first checks, on HF's side, that
+the feature changes HF's logits, so the comparison cannot pass with the feature left out.
+
+Compared: prompt logits under "sequential" and "overlap" with chunked prefill (chunks of 16
+positions, shorter than the prompt and than the window), greedy tokens against HF's greedy
+choice after the same prefix (teacher-forced: HF's argmax at every position; tokens are HF's,
+or differ first at a near-tie of HF's logits: tests/tokens.py), and the same at tensor
+parallel 2 over gloo (this file started as two ranks, as tests/test_moe.py does).
+Also: the attention kernels' soft-capping against their fp32 reference, and the configs
+nanorun refuses, each naming the field to change.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanorun import LLM, SamplingParams
+from nanorun.models import ModelConfig, UnsupportedModelError, ModelConfigError
+from nanorun.ops import (paged_attention, paged_attention_numba, paged_attention_reference,
+                         paged_attention_torch)
+from ranks import join_ranks, start_ranks
+from tokens import assert_same_tokens, hf_logits_of
+
+VOCAB = 1024
+CHUNK = 16                      # prefill in chunks shorter than the prompts and the windows
+WINDOW = 24
+PROMPT_LEN = 77                 # > WINDOW: sliding layers drop most of the context
+GREEDY_LENGTHS = [1, 5, 30, 60]
+N_NEW = 10
+GREEDY = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+WORKER_TIMEOUT_S = 180
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=40, query_pre_attn_scalar=56, rms_norm_eps=1e-6,
+               max_position_embeddings=1024, sliding_window=WINDOW, bos_token_id=2,
+               eos_token_id=1, pad_token_id=0, initializer_range=0.1)
+# Gemma 2: every other layer local; caps that bind (scores and logits reach several times them).
+GEMMA2 = dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], num_hidden_layers=4,
+              attn_logit_softcapping=1.5, final_logit_softcapping=2.5, **_COMMON)
+# Gemma 3: layers 0, 1 local (rope base 10k), 2 global (rope base 1M, linear scaling 4), x 2.
+GEMMA3 = dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], num_hidden_layers=6,
+              sliding_window_pattern=3, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+              rope_scaling={"rope_type": "linear", "factor": 4.0}, **_COMMON)
+FAMILIES = {"gemma2": GEMMA2, "gemma3": GEMMA3}
+
+
+def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # no token 0: HF's generate would take it for padding (pad_token_id=0)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_model(hf_dict: dict):
+    transformers = pytest.importorskip("transformers")
+    d = dict(hf_dict)
+    config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():       # HF starts Gemma's norm weights at 0, i.e. a scale of 1 + 0
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def _hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _write(name: str, path: Path):
+    model = _hf_model(FAMILIES[name])
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def hf_gemma(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, _write(request.param, path)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def hf_reference_logits() -> dict[str, torch.Tensor]:
+    prompt = _prompts([PROMPT_LEN])[0]
+    return {name: _hf_logits(_hf_model(d), prompt) for name, d in FAMILIES.items()}
+
+
+# -- the features bind: HF's own logits move when each is taken away ------------------------------
+@pytest.mark.parametrize("name, change", [
+    ("gemma2", {"attn_logit_softcapping": None}), ("gemma2", {"final_logit_softcapping": None}),
+    ("gemma2", {"sliding_window": 4096}), ("gemma3", {"sliding_window": 4096}),
+    ("gemma3", {"rope_local_base_freq": 1_000_000.0}), ("gemma3", {"rope_scaling": None}),
+])
+def test_each_feature_changes_hf_logits(hf_reference_logits, name, change):
+    prompt = _prompts([PROMPT_LEN])[0]
+    changed = _hf_logits(_hf_model({**FAMILIES[name], **change}), prompt)
+    assert _rel(changed, hf_reference_logits[name]) > 1e-2
+
+
+# -- parity --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout, chunk", [("sequential", 256), ("sequential", CHUNK),
+                                           ("overlap", CHUNK)])
+def test_prompt_logits_match_hf(hf_gemma, layout, chunk):
+    name, path, hf = hf_gemma
+    prompt = _prompts([PROMPT_LEN])[0]
+    llm = LLM(str(path), max_batch_tokens=chunk, kv_cache_tokens=2048, layout=layout)
+    ours = llm.engine.prompt_logits(prompt)
+    assert _rel(ours, _hf_logits(hf, prompt)) < 1e-5, (name, layout, chunk)
+
+
+def test_greedy_tokens_match_hf(hf_gemma):
+    """A batch whose prompts straddle the window and the page size, decoded past the window
+    under "overlap" with chunked prefill (sequential's arithmetic is the logits test's)."""
+    name, path, hf = hf_gemma
+    prompts = _prompts(GREEDY_LENGTHS)
+    llm = LLM(str(path), max_batch_tokens=CHUNK, kv_cache_tokens=2048, page_size=16,
+              layout="overlap")
+    for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
+        _assert_hf_greedy(hf, prompt, out.token_ids, f"{name}, prompt {len(prompt)}")
+
+
+def _assert_hf_greedy(hf, prompt: list[int], tokens: list[int], what: str) -> None:
+    """`tokens` are HF's greedy continuation of `prompt`: teacher-forced, HF's argmax at each
+    position is our token (what its generate would pick after the same prefix), or the first
+    that is not is a near-tie of HF's logits there (tests/tokens.py)."""
+    assert len(tokens) == N_NEW
+    picks = _hf_logits(hf, prompt + tokens)[len(prompt) - 1:-1].argmax(-1).tolist()
+    k = next((i for i, (a, b) in enumerate(zip(tokens, picks)) if a != b), None)
+    if k is not None:
+        assert_same_tokens(tokens, tokens[:k] + picks[k:k + 1], prompt=prompt, params=GREEDY,
+                           logits_of=hf_logits_of(hf), what=what)
+
+
+# -- tensor parallel 2 over gloo, both families in one pair of processes ---------------------------
+@pytest.mark.slow
+def test_two_gloo_ranks_match_hf(tmp_path):
+    models = {name: _write(name, tmp_path / name) for name in FAMILIES}
+    results = join_ranks(start_ranks(__file__, tmp_path, 2, args=(str(tmp_path),)),
+                         WORKER_TIMEOUT_S)
+    prompts = _prompts(GREEDY_LENGTHS)
+    for name, hf in models.items():
+        want = _hf_logits(hf, prompts[-1])
+        for rank, got in enumerate(results):
+            assert _rel(torch.tensor(got[name]["logits"]), want) < 1e-5, (name, rank)
+            for prompt, mine in zip(prompts, got[name]["greedy"]):
+                _assert_hf_greedy(hf, prompt, mine, f"{name}: rank {rank}, prompt {len(prompt)}")
+            assert "mlp_out_allreduce" in got[name]["ops"]
+
+
+def _rank_main(root: str, out_path: str) -> None:
+    torch.set_num_threads(1)
+    result = {}
+    for name in FAMILIES:
+        llm = LLM(str(Path(root) / name), max_batch_tokens=CHUNK, kv_cache_tokens=1024,
+                  layout="overlap", tensor_parallel_size=2)
+        prompts = _prompts(GREEDY_LENGTHS)
+        result[name] = {"greedy": [o.token_ids for o in llm.generate(prompts, GREEDY)],
+                        "logits": llm.engine.prompt_logits(prompts[-1]).tolist(),
+                        "ops": [op.name for op in llm.engine.model.layer_ops]}
+        llm.shutdown()
+    Path(out_path).write_text(json.dumps(result))
+
+
+# -- the kernels' soft-capping against the fp32 reference -----------------------------------------
+def _attention_inputs(seed: int = 0):
+    """A mixed batch over a paged cache: a 19-token prompt chunk (torch path) beside 3 decode
+    tokens (numba path), 5 query heads over 1 kv head, head dim 24, contexts up to 99."""
+    g = torch.Generator().manual_seed(seed)
+    page, pages, heads, kv_heads, dim = 8, 64, 5, 1, 24
+    k_cache = torch.randn(pages, page, kv_heads, dim, generator=g)
+    v_cache = torch.randn(pages, page, kv_heads, dim, generator=g)
+    block_tables = torch.randperm(pages, generator=g)[:4 * 13].view(4, 13).to(torch.int32)
+    seq_ids = torch.tensor([0] * 19 + [1, 2, 3], dtype=torch.int32)
+    positions = torch.tensor(list(range(40, 59)) + [98, 3, 60], dtype=torch.int64)
+    q = torch.randn(len(seq_ids), heads, dim, generator=g) * 2.0
+    return q, k_cache, v_cache, block_tables, seq_ids, positions
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("kernel", [paged_attention, paged_attention_numba, paged_attention_torch])
+def test_softcapped_attention_matches_reference(kernel, window):
+    q, k, v, tables, seq_ids, positions = _attention_inputs()
+    scale, cap = 0.4, 2.0
+    want = paged_attention_reference(q, k, v, tables, seq_ids, positions, scale, window, cap)
+    uncapped = paged_attention_reference(q, k, v, tables, seq_ids, positions, scale, window)
+    assert (want - uncapped).abs().max() > 0.1          # the cap binds
+    out = torch.full_like(q, float("nan"))
+    kernel(q, k, v, tables, seq_ids, positions, scale, out, window, cap)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_attention_refuses_a_bad_softcap():
+    q, k, v, tables, seq_ids, positions = _attention_inputs()
+    for bad in (0.0, -1.0, True):
+        with pytest.raises(ValueError, match="logit_softcap"):
+            paged_attention(q, k, v, tables, seq_ids, positions, 0.5, torch.empty_like(q), None,
+                            bad)
+
+
+# -- configs --------------------------------------------------------------------------------------
+def _config(base: dict, **change) -> ModelConfig:
+    d = {k: v for k, v in {**base, **change}.items() if k not in ("model_type",)}
+    return ModelConfig.from_hf_dict(d, name="m")
+
+
+def test_config_reads_each_family():
+    g2, g3 = _config(GEMMA2), _config(GEMMA3)
+    assert g2.layer_types == ("sliding_attention", "full_attention") * 2
+    assert [g2.layer_window(i) for i in range(4)] == [WINDOW, None, WINDOW, None]
+    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping) == (1.5, 2.5)
+    assert g2.tie_word_embeddings and not g2.qk_norm and g2.rope_local_theta is None
+    assert g3.layer_types == ("sliding_attention",) * 2 + ("full_attention",) + \
+        ("sliding_attention",) * 2 + ("full_attention",)
+    assert (g3.rope_theta, g3.rope_local_theta, g3.rope_scaling.factor) == (1e6, 1e4, 4.0)
+    assert g3.qk_norm and g3.attn_logit_softcapping is None
+    assert _config(GEMMA2, sliding_window_pattern=None, layer_types=["full_attention"] * 4
+                   ).layer_window(0) is None
+
+
+@pytest.mark.parametrize("base, change, field", [
+    (GEMMA2, {"hidden_activation": "gelu"}, "hidden_activation"),
+    (GEMMA3, {"hidden_activation": "silu"}, "hidden_activation"),
+    (GEMMA2, {"attention_bias": True}, "attention_bias"),
+    (GEMMA3, {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    (GEMMA3, {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    (GEMMA2, {"sliding_window": None}, "sliding_window"),
+    (GEMMA2, {"layer_types": ["sliding_attention"] * 3}, "layer_types"),
+    (GEMMA2, {"layer_types": ["chunked_attention"] * 4}, "layer_types"),
+    (GEMMA2, {"final_logit_softcapping": -1.0}, "final_logit_softcapping"),
+    (GEMMA3, {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                                  "full_attention": {"rope_type": "default"}}},
+     "sliding_attention.rope_type"),
+    (GEMMA3, {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+])
+def test_config_refusals_name_the_field(base, change, field):
+    with pytest.raises((UnsupportedModelError, ModelConfigError), match=field):
+        _config(base, **change)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    _rank_main(sys.argv[1], sys.argv[2])
