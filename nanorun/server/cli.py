@@ -199,7 +199,8 @@ def run(args) -> int:
                                      max_queued_requests=args.max_queued_requests)
     tokenizer = tokenizer_of(args.tokenizer or model_dir)[0]
     app = build_app(engine, settings, tokenizer=tokenizer, max_model_len=info["max_model_len"],
-                    vocab_size=info["vocab_size"], stream_interval=args.stream_interval,
+                    vocab_size=info.get("vocab_size", len(tokenizer or ())),
+                    stream_interval=args.stream_interval,
                     cache_info=cache_config_info(info), root_path=args.root_path,
                     cors=Cors(tuple(args.allowed_origins), tuple(args.allowed_methods),
                               tuple(args.allowed_headers), args.allow_credentials))

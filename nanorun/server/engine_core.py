@@ -81,8 +81,10 @@ def engine_info(core) -> dict:
     engine was built with, which the server logs at start (as vLLM does)."""
     kv = core.kv_cache
     info = {"max_model_len": min(core.max_model_len, kv.capacity_tokens),
-            "kv_pages": kv.num_pages, "kv_tokens": kv.capacity_tokens,
-            "vocab_size": core.model_config.vocab_size}
+            "kv_pages": kv.num_pages, "kv_tokens": kv.capacity_tokens}
+    model = getattr(core, "model_config", None)    # (a stand-in engine in tests has none)
+    if model is not None:
+        info["vocab_size"] = model.vocab_size
     cfg = getattr(core, "config", None)     # (a stand-in engine in tests has none)
     if cfg is not None:
         info |= {"model": cfg.model, "dtype": str(core.dtype).removeprefix("torch."),
