@@ -35,7 +35,6 @@ from .models.hub import model_path
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .request import Request
 from .sampling_params import SamplingParams
-from .structured_output import GrammarCompiler, RequestConstraint, bad_words_token_ids
 from .tokenizer import Message, Tokenizer, load_tokenizer
 
 logger = logging.getLogger("nanorun")
@@ -113,7 +112,6 @@ class TextEngine:
         self._requests: dict[str, TextRequest] = {}
         self._by_core: dict[str, tuple[TextRequest, _Sequence]] = {}
         self._token_text: dict[int, str] = {}
-        self._grammars: GrammarCompiler | None = None      # made for the first grammar
 
     @classmethod
     def from_model(cls, model: str, *, tokenizer: str | None = None,
@@ -150,14 +148,12 @@ class TextEngine:
             raise ValueError("stop strings need a tokenizer and this model has none; use "
                              "stop_token_ids")
         text, ids = self._parse_prompt(prompt)
-        constraint = self._constraint_maker(sp)
         core, seqs = [], []
         for i in range(sp.n):
             child = _child_params(sp, i)
             core_id = rid if sp.n == 1 else f"{rid}#{i}"
             request = self.engine.new_request(core_id, ids, child, arrival_time,
-                                              eos_token_ids=self.eos_token_ids,
-                                              constraint=constraint and constraint())
+                                              eos_token_ids=self.eos_token_ids)
             arrival_time = request.metrics.arrival_time    # all n arrive together
             core.append(request)
             seqs.append(_Sequence(core_id, i, sp, self._detokenizer(request.prompt_token_ids, sp)))
@@ -275,28 +271,6 @@ class TextEngine:
         return {"prompt": text,
                 "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
-    def _constraint_maker(self, sp: SamplingParams):
-        """A maker of each sequence's RequestConstraint (its own grammar state) for a request
-        with structured_outputs or bad_words, or None. Compiling the grammar here refuses an
-        invalid schema, regex or grammar with a ValueError naming the field."""
-        if sp.structured_outputs is None and not sp.bad_words:
-            return None
-        tokenizer = self.tokenizer
-        if tokenizer is None:
-            what = "structured_outputs" if sp.structured_outputs is not None else "bad_words"
-            raise ValueError(f"{what} needs the model's tokenizer, and "
-                             f"{self.engine.model_config.name} has none "
-                             f"({self._no_tokenizer_reason or 'a preset'}); use "
-                             f"allowed_token_ids or logit_bias, which name token ids")
-        vocab = self.engine.model_config.vocab_size
-        grammar = None
-        if sp.structured_outputs is not None:
-            if self._grammars is None:
-                self._grammars = GrammarCompiler(tokenizer, vocab)
-            grammar = self._grammars.compile(sp.structured_outputs)
-        bad = bad_words_token_ids(tokenizer, sp.bad_words or (), vocab)
-        return lambda: RequestConstraint(grammar, bad, self.eos_token_ids)
-
     def _parse_prompt(self, prompt: Prompt) -> tuple[str | None, Sequence[int]]:
         """(text or None, token ids) of a prompt in any of add_request's forms."""
         if isinstance(prompt, str):
@@ -365,13 +339,12 @@ def tokenizer_of(model: str) -> tuple[Tokenizer | None, str | None]:
 
 
 def _child_params(sp: SamplingParams, i: int) -> SamplingParams:
-    """The core request of sequence i: one sequence, no stop strings, bad words or grammar
-    (the TextEngine's: they reach the core as its constraint), seed + i, and prompt logprobs
-    from sequence 0 alone."""
+    """The core request of sequence i: one sequence, no stop strings (the TextEngine's), seed
+    + i, and prompt logprobs from sequence 0 alone."""
     seed = sp.seed
     if seed is not None and i:
         seed = seed + i if seed + i <= _SEED_MAX else seed + i - (1 << 64)
-    return replace(sp, n=1, stop=(), bad_words=None, structured_outputs=None, seed=seed,
+    return replace(sp, n=1, stop=(), seed=seed,
                    prompt_logprobs=sp.prompt_logprobs if i == 0 else None)
 
 
