@@ -132,8 +132,9 @@ class TextEngine:
                     params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Queue a request: prompt is a string, {"prompt": str}, {"prompt_token_ids": [...]}
-        (with an optional "prompt" text to report), or token ids. Raises ValueError or
-        TypeError, and queues nothing, when it can never be served."""
+        (with an optional "prompt" text to report; either dict may have vLLM's "cache_salt":
+        only requests with the same salt share prefix-cache pages), or token ids. Raises
+        ValueError or TypeError, and queues nothing, when it can never be served."""
         self.enqueue(self.new_request(request_id, prompt, params, arrival_time))
 
     def new_request(self, request_id: str | int, prompt: Prompt,
@@ -148,12 +149,14 @@ class TextEngine:
             raise ValueError("stop strings need a tokenizer and this model has none; use "
                              "stop_token_ids")
         text, ids = self._parse_prompt(prompt)
+        salt = _cache_salt(prompt)
         core, seqs = [], []
         for i in range(sp.n):
             child = _child_params(sp, i)
             core_id = rid if sp.n == 1 else f"{rid}#{i}"
             request = self.engine.new_request(core_id, ids, child, arrival_time,
                                               eos_token_ids=self.eos_token_ids)
+            request.cache_salt = salt      # names its pages in the prefix cache (not queued yet)
             arrival_time = request.metrics.arrival_time    # all n arrive together
             core.append(request)
             seqs.append(_Sequence(core_id, i, sp, self._detokenizer(request.prompt_token_ids, sp)))
@@ -276,10 +279,10 @@ class TextEngine:
         if isinstance(prompt, str):
             return prompt, self._encode(prompt)
         if isinstance(prompt, Mapping):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown or not prompt:
-                raise ValueError(f"a prompt dict has 'prompt' (text) or 'prompt_token_ids'; got "
-                                 f"keys {sorted(map(str, prompt))}")
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
+            if unknown or not set(prompt) - {"cache_salt"}:
+                raise ValueError(f"a prompt dict has 'prompt' (text) or 'prompt_token_ids', and "
+                                 f"may have 'cache_salt'; got keys {sorted(map(str, prompt))}")
             text = prompt.get("prompt")
             if text is not None and not isinstance(text, str):
                 raise TypeError(f"'prompt' must be a string, got {type(text).__name__}")
@@ -336,6 +339,17 @@ def tokenizer_of(model: str) -> tuple[Tokenizer | None, str | None]:
     except ValueError as e:
         logger.warning("%s; text prompts will be refused", e)
         return None, str(e)
+
+
+def _cache_salt(prompt: Prompt) -> str | None:
+    """A prompt dict's cache_salt (vLLM's): only requests with the same salt share prefix-cache
+    pages, so that one user cannot learn from timing what another's prompts were."""
+    if not isinstance(prompt, Mapping) or prompt.get("cache_salt") is None:
+        return None
+    salt = prompt["cache_salt"]
+    if not isinstance(salt, str) or not salt:
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return salt
 
 
 def _child_params(sp: SamplingParams, i: int) -> SamplingParams:

@@ -396,7 +396,10 @@ async def _serve(state: ServerState, body, raw: Request, prompts: list[_Prompt],
     # A request that is not streamed has nothing to send before its end: its stream wakes
     # only then, not every step.
     interval = state.stream_interval if body.stream else None
-    streams = await _add_all(state, request_id, [p.ids for p in prompts], params, interval)
+    engine_prompts = [p.ids if body.cache_salt is None else
+                      {"prompt_token_ids": p.ids, "cache_salt": body.cache_salt}
+                      for p in prompts]
+    streams = await _add_all(state, request_id, engine_prompts, params, interval)
     state.metrics.observe_params(params)
     writer = _ChunkWriter(state, body, request_id, chat, prompts)
     if body.stream:
@@ -460,7 +463,7 @@ def _max_tokens(state: ServerState, body, prompt_len: int, chat: bool,
     return asked
 
 
-async def _add_all(state: ServerState, request_id: str, prompts: list[list[int]],
+async def _add_all(state: ServerState, request_id: str, prompts: list,
                    params: list, interval: int | None) -> list[RequestStream]:
     """One engine request per prompt; if one is refused, those already added are aborted."""
     streams: list[RequestStream] = []
