@@ -91,6 +91,10 @@ class EngineConfig:
     cpu_threads: int | None = _option(
         None, "threads the CPU kernels use (default: every core); fewer leaves cores to other "
         "work, such as a server's HTTP process", type=int)
+    max_logprobs: int = _option(
+        20, "the most logprobs / prompt_logprobs a request may ask for (vLLM's "
+        "--max-logprobs); -1: no bound, so a request may ask for the whole vocabulary",
+        type=int)
 
     def __post_init__(self) -> None:
         from .scheduler import KV_RESERVATIONS, POLICIES
@@ -107,6 +111,10 @@ class EngineConfig:
             raise ValueError("role='prefill' hands KV over from one device: the KV handoff of "
                              "tensor-parallel shards is not supported; use "
                              "tensor_parallel_size=1")
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) \
+                or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an int >= 0, or -1 for no bound, got "
+                             f"{self.max_logprobs!r}")
         if not isinstance(self.async_scheduling, bool):
             raise TypeError(f"async_scheduling must be True or False, got "
                             f"{self.async_scheduling!r}")

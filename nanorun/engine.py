@@ -63,7 +63,8 @@ class Engine:
         self.model, self.kv_cache, self.executor = parts.model, parts.kv_cache, parts.executor
         self.scheduler, self.sampler = parts.scheduler, parts.sampler
         self.processor = InputProcessor(self.model_config, self.max_model_len, self.kv_cache,
-                                        cfg.seed)
+                                        cfg.seed, cfg.max_logprobs)
+        self.last_iteration_tokens = 0     # tokens of the iteration the last launch() formed
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
         self._device_queue = device_queue(self.device, cfg.async_scheduling, cfg.cpu_threads)
@@ -210,6 +211,7 @@ class Engine:
         """Schedule and build the next iteration and submit its device work (None: nothing
         to run). The requests count its samples as pending until retire()."""
         sched = self.scheduler.schedule()
+        self.last_iteration_tokens = sum(c.length for c in sched.chunks)
         if not sched.chunks:
             return None
         start = time.perf_counter()

@@ -6,6 +6,7 @@ nothing."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import numbers
 import time
 
@@ -18,7 +19,8 @@ from .request import Request
 from .sampler import seed_key, unseeded_key
 from .sampling_params import SamplingParams
 
-# The most logprobs / prompt_logprobs a request may ask for (vLLM's default max_logprobs).
+# The most logprobs / prompt_logprobs a request may ask for unless EngineConfig.max_logprobs
+# says otherwise (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
 
 
@@ -28,11 +30,12 @@ class InputProcessor:
     unseeded requests get their random streams, numbered in the order they are made."""
 
     def __init__(self, model_config: ModelConfig, max_model_len: int, kv_cache: KVCache,
-                 seed: int) -> None:
+                 seed: int, max_logprobs: int = MAX_LOGPROBS) -> None:
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.kv_cache = kv_cache
         self.seed = seed
+        self.max_logprobs = max_logprobs       # -1: the whole vocabulary
         self.eos_token_ids: tuple[int, ...] = tuple(model_config.eos_token_ids)
         self._unseeded = itertools.count()
 
@@ -46,6 +49,7 @@ class InputProcessor:
         if not isinstance(sp, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
         check_token_level(sp)
+        sp = self._check_logprobs(sp)
         prompt = self.check_prompt(prompt_token_ids)
         self._check_stop_ids(sp)
         self._check_length(len(prompt), sp.max_tokens)
@@ -75,6 +79,26 @@ class InputProcessor:
             raise ValueError(f"stop_token_ids {bad_stop} are outside the vocabulary [0, {vocab}) "
                              f"of {self.model_config.name}")
 
+    def _check_logprobs(self, sp: SamplingParams) -> SamplingParams:
+        """logprobs and prompt_logprobs within max_logprobs, -1 (vLLM's "every token") as the
+        vocabulary's size, as vLLM's processor bounds them."""
+        vocab = self.model_config.vocab_size
+        bound = vocab if self.max_logprobs == -1 else self.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(sp, name)
+            if asked == -1:
+                sp = replace(sp, **{name: vocab})
+            elif asked is not None and asked > bound:
+                raise ValueError(f"{name}: {asked} top tokens asked for, more than max_logprobs "
+                                 f"({bound}); raise max_logprobs (--max-logprobs; -1 lifts the "
+                                 f"bound) or ask for fewer")
+        if max(sp.logprobs or 0, sp.prompt_logprobs or 0) > bound:
+            name = "logprobs" if (sp.logprobs or 0) > bound else "prompt_logprobs"
+            raise ValueError(f"{name}: -1 asks for the whole vocabulary ({vocab} tokens), more "
+                             f"than max_logprobs ({bound}); raise max_logprobs (--max-logprobs "
+                             f"-1 lifts the bound)")
+        return sp
+
     def _check_length(self, prompt_len: int, max_tokens: int) -> None:
         """The whole request must fit the model's context and, alone, the KV cache."""
         total = prompt_len + max_tokens
@@ -92,17 +116,13 @@ class InputProcessor:
 
 def check_token_level(sp: SamplingParams) -> None:
     """What the token-level Engine does not do itself: text and several sequences per request
-    are nanorun.TextEngine's (and LLM's); logprobs are bounded as in vLLM."""
+    are nanorun.TextEngine's (and LLM's)."""
     if sp.n != 1:
         raise ValueError(f"n={sp.n}: the Engine runs one sequence per request; use "
                          f"nanorun.TextEngine or LLM for n > 1, or add n requests")
     if sp.stop:
         raise ValueError("stop strings are text: the Engine is token-in, token-out; use "
                          "nanorun.TextEngine or LLM, or stop_token_ids")
-    for name in ("logprobs", "prompt_logprobs"):
-        if (getattr(sp, name) or 0) > MAX_LOGPROBS:
-            raise ValueError(f"{name}={getattr(sp, name)} is more than the "
-                             f"{MAX_LOGPROBS} top tokens nanorun returns")
 
 
 def as_request_id(request_id) -> str:

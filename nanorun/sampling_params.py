@@ -41,7 +41,8 @@ class SamplingParams:
       max_tokens, min_tokens output length bounds; before min_tokens, EOS and stop_token_ids
                              cannot be sampled and stop strings do not count.
       logprobs               None, or the number of most likely tokens to return with each
-                             sampled one's logprob (0: the sampled token alone).
+                             sampled one's logprob (0: the sampled token alone; -1: the whole
+                             vocabulary, within the engine's max_logprobs).
       prompt_logprobs        the same for every prompt token.
       skip_special_tokens    leave special tokens out of the output text.
 
@@ -114,9 +115,10 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 self._set(name, _as_int(name, getattr(self, name)))
-                if getattr(self, name) < 0:
-                    raise ValueError(f"{name} must be None or >= 0 (the number of top "
-                                     f"tokens to return), got {getattr(self, name)}")
+                if getattr(self, name) < -1:
+                    raise ValueError(f"{name} must be None, >= 0 (the number of top tokens "
+                                     f"to return) or -1 (the whole vocabulary), got "
+                                     f"{getattr(self, name)}")
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)

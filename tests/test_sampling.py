@@ -282,7 +282,7 @@ def test_prompt_logprobs_beside_sampling_requests_equal_the_solo_run(prompt, lay
     ({"skip_special_tokens": "no"}, TypeError, "skip_special_tokens"),
     ({"min_tokens": -1}, ValueError, "min_tokens"),
     ({"min_tokens": 17}, ValueError, "min_tokens"), ({"min_tokens": 1.5}, TypeError, "min_tokens"),
-    ({"logprobs": -1}, ValueError, "logprobs"), ({"logprobs": 2.0}, TypeError, "logprobs"),
+    ({"logprobs": -2}, ValueError, "logprobs"), ({"logprobs": 2.0}, TypeError, "logprobs"),
     ({"prompt_logprobs": -2}, ValueError, "prompt_logprobs"),
     ({"prompt_logprobs": "1"}, TypeError, "prompt_logprobs"),
 ])

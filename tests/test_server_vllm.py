@@ -119,8 +119,8 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def extra_server(model_dir, tmp_path_factory):
-    """API keys, a root path, CORS for one origin, HTTPS, a response role and a generation
-    config with max_new_tokens 3 and greedy sampling."""
+    """API keys, a root path, CORS for one origin, HTTPS, a response role, a generation
+    config with max_new_tokens 3 and greedy sampling, and no bound on logprobs."""
     where = tmp_path_factory.mktemp("tls")
     key, cert = where / "key.pem", where / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
@@ -133,7 +133,7 @@ def extra_server(model_dir, tmp_path_factory):
                           "--root-path", "/api", "--allowed-origins", '["http://ok.example"]',
                           "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
                           "--response-role", "bot", "--generation-config", str(gen),
-                          "--uvicorn-log-level", "info", https=True)
+                          "--uvicorn-log-level", "info", "--max-logprobs", "-1", https=True)
     yield url
     _stop(proc)
 
@@ -414,6 +414,11 @@ def test_vllm_metrics_move_with_requests(server):
     assert moved("vllm:request_generation_tokens_sum") == 6
     for phase in ("queue", "prefill", "decode", "inference"):
         assert moved(f"vllm:request_{phase}_time_seconds_count") == 1, phase
+    # Each of the 2 sequences computes at least its prompt's last token (the rest may come
+    # from the prefix cache) and its 2 later tokens' inputs, over at least 3 iterations;
+    # how the engine batches them is its own.
+    assert moved("vllm:iteration_tokens_total_count") >= 3
+    assert moved("vllm:iteration_tokens_total_sum") >= 2 * 3
     # vLLM's bucket edges.
     edges = [k for k in after if k.startswith("vllm:request_params_n_bucket")]
     assert [re.search(r'le="([^"]+)"', k).group(1) for k in edges] == [
@@ -511,3 +516,32 @@ def test_llm_chat_takes_the_server_chat_options(server, llm):
     assert out.outputs[0].text == served["choices"][0]["message"]["content"]
     with pytest.raises(ValueError, match="continue_final_message"):
         llm.chat(partial, continue_final_message=True)
+
+
+def test_max_logprobs_minus_one_gives_the_whole_vocabulary(extra_server, model_dir):
+    """--max-logprobs -1 (an engine option): logprobs and prompt_logprobs -1 return every
+    token, as vLLM does."""
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    status, chat, _ = _request(f"{extra_server}/v1/chat/completions", {
+        "messages": CHAT, "max_tokens": 2, "logprobs": True, "top_logprobs": -1},
+        headers=auth)
+    assert status == 200, chat
+    assert [len(t["top_logprobs"]) for t in chat["choices"][0]["logprobs"]["content"]] == \
+        [vocab, vocab]
+    status, done, _ = _request(f"{extra_server}/v1/completions", {
+        "prompt": "hello world", "max_tokens": 1, "prompt_logprobs": -1}, headers=auth)
+    assert status == 200, done
+    assert all(len(d) >= vocab for d in done["choices"][0]["prompt_logprobs"][1:])
+
+
+def test_llm_bounds_logprobs_by_max_logprobs(llm, model_dir):
+    with pytest.raises(ValueError, match="logprobs: -1 asks for the whole vocabulary"):
+        llm.generate("hello", nanorun.SamplingParams(max_tokens=1, logprobs=-1))
+    with pytest.raises(ValueError, match=r"more than max_logprobs \(20\)"):
+        llm.generate("hello", nanorun.SamplingParams(max_tokens=1, prompt_logprobs=21))
+    unbounded = nanorun.LLM(str(model_dir), kv_cache_tokens=1024, max_logprobs=-1)
+    out = unbounded.generate("hello", nanorun.SamplingParams(max_tokens=2, logprobs=-1,
+                                                             temperature=0))[0]
+    vocab = unbounded.engine.model_config.vocab_size
+    assert [len(d) for d in out.outputs[0].logprobs] == [vocab, vocab]

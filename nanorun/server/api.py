@@ -387,7 +387,7 @@ async def _serve(state: ServerState, body, raw: Request, prompts: list[_Prompt],
     default_max = defaults.pop("max_tokens", None)
     params = [sampling_params(body, 1 if echo_only(body) else
                               _max_tokens(state, body, len(p.ids), chat, default_max),
-                              vocab_size=state.vocab_size, defaults=defaults)
+                              defaults=defaults)
               for p in prompts]
     request_id = new_id("chatcmpl" if chat else "cmpl")
     if state.settings.enable_log_requests:

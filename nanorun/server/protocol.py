@@ -97,8 +97,7 @@ class _Body(BaseModel):
     repetition_penalty: Annotated[Any, SAMPLING] = None
     skip_special_tokens: Annotated[Any, SAMPLING] = None
     include_stop_str_in_output: Annotated[Any, SAMPLING] = None
-    prompt_logprobs: Annotated[Any, Served("SamplingParams.prompt_logprobs (-1: the whole "
-                                           "vocabulary)")] = None
+    prompt_logprobs: Annotated[Any, SAMPLING] = None
     truncate_prompt_tokens: Annotated[Any, Served(
         "the prompt's last N tokens are kept (-1: max_model_len), as vLLM truncates")] = None
     spaces_between_special_tokens: Annotated[Any, Served(
@@ -289,13 +288,13 @@ def check_unsupported(body: _Body) -> None:
                              "tool_choice")
 
 
-def sampling_params(body: _Body, max_tokens: int, *, vocab_size: int,
+def sampling_params(body: _Body, max_tokens: int, *,
                     defaults: dict[str, Any] | None = None) -> SamplingParams:
     """The request's SamplingParams; SamplingParams' own TypeError/ValueError become a
     BadRequest naming the field. defaults: values for the Sampling fields the body leaves
-    unset (--generation-config). logprobs and prompt_logprobs -1 mean the whole vocabulary
-    (vocab_size), as in vLLM; completions' echo asks for the prompt's logprobs with the
-    output's."""
+    unset (--generation-config). logprobs and prompt_logprobs -1 mean the whole vocabulary,
+    as in vLLM (the engine bounds them by its max_logprobs); completions' echo asks for the
+    prompt's logprobs with the output's."""
     kwargs = {name: getattr(body, name) for name, what in field_dispositions(type(body)).items()
               if isinstance(what, Sampling) and getattr(body, name) is not None}
     for name, value in (defaults or {}).items():
@@ -303,10 +302,10 @@ def sampling_params(body: _Body, max_tokens: int, *, vocab_size: int,
     if isinstance(kwargs.get("stop"), list):
         kwargs["stop"] = tuple(kwargs["stop"])
     logprobs = _whole_vocab(_logprobs_k(body), "top_logprobs" if isinstance(
-        body, ChatCompletionRequest) else "logprobs", vocab_size)
+        body, ChatCompletionRequest) else "logprobs")
     if logprobs is not None:
         kwargs["logprobs"] = logprobs
-    prompt_logprobs = _whole_vocab(body.prompt_logprobs, "prompt_logprobs", vocab_size)
+    prompt_logprobs = _whole_vocab(body.prompt_logprobs, "prompt_logprobs")
     if prompt_logprobs is None and isinstance(body, CompletionRequest) and body.echo:
         prompt_logprobs = logprobs
     if prompt_logprobs is not None:
@@ -324,13 +323,12 @@ def requested_max_tokens(body: _Body) -> Any:
     return body.max_tokens
 
 
-def _whole_vocab(k: Any, name: str, vocab_size: int) -> Any:
-    """-1 (vLLM's "every token") as the vocabulary's size; other negatives are a 400."""
-    if isinstance(k, int) and not isinstance(k, bool) and k < 0:
-        if k != -1:
-            raise BadRequest(f"{name} must be a positive value or -1 (the whole vocabulary), "
-                             f"got {k}", name)
-        return vocab_size
+def _whole_vocab(k: Any, name: str) -> Any:
+    """k, where -1 is vLLM's "every token" (which the engine bounds by its max_logprobs);
+    other negatives are a 400 naming the field."""
+    if isinstance(k, int) and not isinstance(k, bool) and k < -1:
+        raise BadRequest(f"{name} must be a positive value or -1 (the whole vocabulary), got "
+                         f"{k}", name)
     return k
 
 
