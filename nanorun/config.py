@@ -95,6 +95,11 @@ class EngineConfig:
         20, "the most logprobs / prompt_logprobs a request may ask for (vLLM's "
         "--max-logprobs); -1: no bound, so a request may ask for the whole vocabulary",
         type=int)
+    enable_prefix_caching: bool = _option(
+        True, "keep the KV of computed pages, named by the prefix they hold, and start a new "
+        "request from its longest cached prefix (vLLM's automatic prefix caching; also how "
+        "the n sequences of a request share their prompt); a prefill engine (role=prefill) "
+        "never reuses, it hands the whole prompt's KV over", cli="flag")
 
     def __post_init__(self) -> None:
         from .scheduler import KV_RESERVATIONS, POLICIES
@@ -118,6 +123,9 @@ class EngineConfig:
         if not isinstance(self.async_scheduling, bool):
             raise TypeError(f"async_scheduling must be True or False, got "
                             f"{self.async_scheduling!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise TypeError(f"enable_prefix_caching must be True or False, got "
+                            f"{self.enable_prefix_caching!r}")
         if self.role == "prefill" and self.async_scheduling:
             # A prefill engine hands a request off when its first token is read back; one
             # iteration ahead, it would already have scheduled that request's next decode.

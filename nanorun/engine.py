@@ -99,11 +99,11 @@ class Engine:
     def enqueue_all(self, requests: list[Request], *, share_prompt: bool = False) -> None:
         """Queue Requests made by new_request(): all of them, or (raising) none.
 
-        share_prompt=True: the requests are sequences of one prompt (a TextEngine's n > 1):
-        the first computes the prompt's KV and the others fork it, computing only its last
-        token themselves (see nanorun.scheduler). Outputs are those of separate requests. A
-        prefill engine (role="prefill") does not share: it hands each request's whole
-        prompt KV over."""
+        share_prompt=True: the requests are sequences of one prompt (a TextEngine's n > 1),
+        checked to be so. With prefix caching (the default) the first computes the prompt's KV
+        and the others take it from the cache, computing only its last token themselves (see
+        nanorun.scheduler). Outputs are those of separate requests. A prefill engine
+        (role="prefill") does not share: it hands each request's whole prompt KV over."""
         if share_prompt and len({r.prompt_token_ids for r in requests}) > 1:
             raise ValueError("share_prompt=True needs requests with the same prompt")
         if self.config.role == "decode":
@@ -115,12 +115,11 @@ class Engine:
         if taken:
             raise ValueError(f"request id {taken[0]!r} is already in use by an unfinished "
                              f"request; give each request a unique id")
-        share = share_prompt and self.config.role != "prefill"
         queued: list[Request] = []
         try:
             for request in requests:
                 # add() may refuse one: its length predictor failed
-                self.scheduler.add(request, requests[0] if share and queued else None)
+                self.scheduler.add(request)
                 queued.append(request)
         except BaseException:
             for request in queued:

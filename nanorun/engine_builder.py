@@ -190,7 +190,9 @@ def _new_kv_cache(cfg: EngineConfig, mc: ModelConfig, tp: TensorParallel,
     return KVCache(
         num_layers=mc.num_layers, num_pages=max(1, tokens // cfg.page_size),
         page_size=cfg.page_size, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-        dtype=dtype, device=tp.device)
+        dtype=dtype, device=tp.device,
+        # kv_send sends what an iteration computes: a prefill engine computes every prompt.
+        prefix_caching=cfg.enable_prefix_caching and cfg.role != "prefill")
 
 
 def _default_kv_tokens(mc: ModelConfig, dtype: torch.dtype, device: torch.device,

@@ -1,10 +1,12 @@
-"""The paged KV cache: page bookkeeping in the C++ core, page storage as torch tensors."""
+"""The paged KV cache: page bookkeeping in the C++ core, page storage as torch tensors, and
+the prefix cache over both (nanorun.prefix_cache)."""
 
 from __future__ import annotations
 
 import torch
 
 from . import _core
+from .prefix_cache import PrefixCache, PrefixHit
 from .request import Request
 
 
@@ -14,6 +16,10 @@ class KVCache:
     Storage per layer is [num_pages, page_size, num_kv_heads, head_dim]: one page holds
     page_size consecutive positions of one sequence, so a token's slot is
     `page * page_size + offset` and a sequence is read through its page table.
+
+    prefix_caching: pages whose KV is computed stay named by their prefix when their request
+    lets them go, and a new request starts from the longest prefix cached (see
+    nanorun.prefix_cache); such pages count as free until they are evicted for new ones.
     """
 
     def __init__(
@@ -26,9 +32,11 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        prefix_caching: bool = True,
     ) -> None:
         self.page_size = page_size
         self.allocator = _core.PageAllocator(num_pages)
+        self.prefix_cache = PrefixCache(self.allocator, page_size) if prefix_caching else None
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -39,7 +47,9 @@ class KVCache:
 
     @property
     def num_free_pages(self) -> int:
-        return self.allocator.num_free
+        """Pages a request may be given: free ones, and cached ones no request holds."""
+        cached = self.prefix_cache.num_evictable if self.prefix_cache is not None else 0
+        return self.allocator.num_free + cached
 
     @property
     def capacity_tokens(self) -> int:
@@ -53,12 +63,15 @@ class KVCache:
         return max(0, self.pages_for(num_tokens) - len(request.pages))
 
     def can_grow(self, request: Request, num_tokens: int) -> bool:
-        return self.extra_pages_needed(request, num_tokens) <= self.allocator.num_free
+        return self.extra_pages_needed(request, num_tokens) <= self.num_free_pages
 
     def grow(self, request: Request, num_tokens: int) -> None:
         """Give `request` pages for num_tokens tokens (raises OutOfPagesError, changing nothing)."""
         need = self.extra_pages_needed(request, num_tokens)
         if need:
+            short = need - self.allocator.num_free
+            if short > 0 and self.prefix_cache is not None:
+                self.prefix_cache.evict(short)
             request.pages.extend(self.allocator.allocate(need))
 
     def place(self, request: Request, layer: int, start: int, k: torch.Tensor,
@@ -84,17 +97,6 @@ class KVCache:
         flat(self.k).index_copy_(0, slots, k.to(device))
         flat(self.v).index_copy_(0, slots, v.to(device))
 
-    def share(self, pages: list[int], fork: Request, num_pages: int) -> None:
-        """Give `fork`, which holds no pages, a reference to each of the first num_pages of
-        `pages` (another sequence's; read-only from then on: see nanorun.scheduler)."""
-        if fork.pages:
-            raise ValueError(f"request {fork.request_id!r} already holds pages")
-        if len(pages) < num_pages:
-            raise ValueError(f"{len(pages)} pages given, not the {num_pages} to share")
-        pages = pages[:num_pages]
-        self.allocator.incref(pages)
-        fork.pages = list(pages)
-
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         """Copy page source to page destination, K and V, every layer, for each pair (device
         work, in stream order: no host sync)."""
@@ -106,6 +108,73 @@ class KVCache:
             cache.index_copy_(1, dst, cache.index_select(1, src))
 
     def release(self, request: Request) -> None:
-        if request.pages:
+        """Take the request's pages back; with prefix caching, those whose KV it computed stay
+        cached (their tokens known: under async scheduling the last may not be read back)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.release(request, self.computed_known(request))
+        elif request.pages:
             self.allocator.free(request.pages)
-            request.pages = []
+        request.pages = []
+
+    @staticmethod
+    def computed_known(request: Request) -> int:
+        """Leading tokens of the request whose KV is computed (by iterations launched) and
+        whose ids are known on the host."""
+        known = len(request.prompt_token_ids) + len(request.output_token_ids)
+        return min(request.num_computed_tokens, known)
+
+    def cache_computed(self, request: Request) -> None:
+        """Name the request's newly computed full pages in the prefix cache; while it is still
+        computing its prompt, its partial last page too (where the rest of its prompt, or a
+        sibling's, may be copied from)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        n = self.computed_known(request)
+        cache.cache_full_pages(request, n)
+        if n <= len(request.prompt_token_ids):
+            cache.cache_partial_page(request, n)
+
+    def match_prefix(self, request: Request, limit: int) -> PrefixHit | None:
+        """The longest cached prefix of the request's first `limit` tokens (None without
+        prefix caching)."""
+        if self.prefix_cache is None or limit <= 0:
+            return None
+        return self.prefix_cache.match(request, limit)
+
+    def take_prefix(self, request: Request, hit: PrefixHit) -> None:
+        """Give `request` (which holds no pages) a reference to each of the hit's full pages
+        and start it after the hit; pin the page the rest is copied from. Then finish_take
+        (once its pages have grown), or drop_prefix (to undo)."""
+        if request.pages:
+            raise ValueError(f"request {request.request_id!r} already holds pages")
+        cache = self.prefix_cache
+        cache.pin(list(hit.pages) + ([hit.copy_from] if hit.copy_from is not None else []))
+        request.pages = list(hit.pages)
+        request.num_pages_cached = len(hit.pages)
+        request.num_computed_tokens = hit.num_tokens(self.page_size)
+
+    def drop_prefix(self, request: Request, hit: PrefixHit) -> None:
+        """Undo take_prefix, before anything was computed."""
+        if hit.copy_from is not None:
+            self.prefix_cache.unpin([hit.copy_from])
+        request.num_computed_tokens = len(hit.pages) * self.page_size
+        self.release(request)
+        request.num_computed_tokens = 0
+
+    def finish_take(self, request: Request, hit: PrefixHit) -> list[tuple[int, int]]:
+        """The request took `hit` and its pages have grown: the page copy to make before it
+        computes (source, destination), the source unpinned (the copy runs before any later
+        write of it, in stream order). Counts the lookup: queries and hits, in tokens."""
+        cache = self.prefix_cache
+        cache.queries += request.num_tokens
+        cache.hits += hit.num_tokens(self.page_size)
+        if hit.copy_from is None:
+            return []
+        cache.unpin([hit.copy_from])
+        return [(hit.copy_from, request.pages[len(hit.pages)])]
+
+    def clear_prefix_cache(self) -> None:
+        """Free every cached page no request holds."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()

@@ -87,6 +87,8 @@ class RequestOutput:
     the top `prompt_logprobs` tokens.
 
     token_ids, finish_reason and error are outputs[0]'s, for the usual n = 1 (each a copy).
+    num_cached_tokens: the prompt tokens whose KV came from the prefix cache instead of being
+    computed, when the request was first scheduled (vLLM's; None before that).
     """
 
     request_id: str
@@ -96,6 +98,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(self.prompt_token_ids)

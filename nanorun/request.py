@@ -54,6 +54,14 @@ class Request:
         self.num_computed_before_preemption = 0
         self.num_pending = 0                 # sampled, not yet read back (async scheduling)
         self.pages: list[int] = []
+        # Prefix caching (nanorun.prefix_cache): what salts its pages' names (vLLM's
+        # cache_salt), the names of its full pages (known once, the tokens never change), how
+        # many of its pages are named in the cache, and the prompt tokens it found cached when
+        # first admitted (vLLM's num_cached_tokens; None before).
+        self.cache_salt: str | None = None
+        self.block_hashes: list[bytes] = []
+        self.num_pages_cached = 0
+        self.num_cached_tokens: int | None = None
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.error: str | None = None       # why, when finish_reason is "error"
@@ -171,4 +179,5 @@ class Request:
         return RequestOutput(
             request_id=self.request_id, prompt=None, prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
-            outputs=[completion], finished=self.finished, metrics=self.metrics)
+            outputs=[completion], finished=self.finished, metrics=self.metrics,
+            num_cached_tokens=self.num_cached_tokens)

@@ -29,36 +29,21 @@ the first request (in policy order) that does not fit, and that request keeps it
 front until it is admitted, so a large request is never skipped for ever by smaller ones that
 a re-ranking would put before it.
 
-Sequences that share a prompt (the n sequences of one request with n > 1; add(fork_of=...)):
-the first is the parent and runs as any request; each other one is a fork, which is not
-admitted before the parent's prompt KV is computed and then starts from it instead of from 0.
-A fork waiting for its parent is passed over by admission (it keeps its place, and blocks no
-one). Admitting a fork forks it: it takes a reference to each of the parent's pages that holds
-only prompt positions [0, P - 1) (P: prompt length), a page of its own for the one holding
-position P - 1, with that page's shared positions copied there (SchedulerOutput.copies: the
-engine copies them, every layer, K and V, before the iteration's model runs), and
-num_computed_tokens = P - 1. So it computes only the prompt's last token, whose logits are its
-own to sample its first token from, with its own key. Every sequence writes only positions at
-or past its num_computed_tokens, so from the fork on no sequence writes a page another reads:
-shared pages are read-only. The fork's copy is eager (at the fork, not at the first write,
-as vLLM's copy-on-write does it) because the page holding P - 1 is written by the fork's very
-first chunk.
-  - The parent is ready once its num_computed_tokens has reached P - 1 when the iteration is
-    formed: that KV was computed by an iteration already launched, which the device runs
-    before this one (so async scheduling needs nothing more).
-  - Preempting either side only drops its references: a preempted parent recomputes alone
-    (its forks not yet forked wait for it again); a preempted fork waits again and re-forks
-    if the parent's prompt KV is there then, else it recomputes from 0 alone.
-  - A parent that leaves (finishes, is aborted) with its prompt KV computed while forks are
-    still queued keeps the pages of prompt positions [0, P - 1) for them, until the last
-    leaves: so a parent ending on its first token (max_tokens=1, an EOS) still shares. Kept
-    pages are given up, and those forks go on alone, if nothing else can run without them.
-    A parent that leaves before its prompt KV is computed leaves its forks to run alone, as
-    if they had never shared.
-  - Decisions depend on scheduler state alone, never on timing, so every tensor-parallel rank
-    forks alike (each copies its own KV heads).
-  - kv_reservation="predicted" counts a fork's whole prompt as its own (it over-counts the
-    shared pages) and does not count pages kept for forks (preemption covers that).
+KV reuse is the prefix cache's (nanorun.prefix_cache, through KVCache): a request admitted
+with nothing computed (new, or preempted) first takes the cached pages of its longest cached
+prefix and computes only from there; at least its last token is computed, for the logits it
+samples from, and a request that wants prompt logprobs computes every position they are still
+missing. The pages a request computed are cached at the start of the next iteration (their
+KV is then being computed by an iteration already launched, which the device runs first) and
+when it leaves or is preempted, so that a preempted request, re-admitted, recomputes only what
+was evicted meanwhile. A new request whose prefix a running request is still computing (the n
+sequences of one request with n > 1: sequence 0 computes the prompt) waits for it, passed over
+by admission (it keeps its place, and blocks no one), and then takes its pages: the full ones
+shared, the partial one holding the rest of the prompt copied into a page of its own
+(SchedulerOutput.copies, copied on the device before the iteration's model runs). Every
+request writes only positions at or past its num_computed_tokens, into pages of its own:
+cached pages are read-only. Decisions depend on scheduler state alone, never on timing, so
+every tensor-parallel rank takes alike (each copies its own KV heads).
 
 What "fits" means, kv_reservation:
   - "none": the pages of the request's first chunk are free. Running requests may later run out
@@ -71,6 +56,9 @@ What "fits" means, kv_reservation:
     more than reserving every request's peak at once would, and with exact predictions nothing
     is preempted. A request that outgrows its prediction is still served, with preemption as
     the safety net.
+Under both, a cached page that no request holds counts as free (it is evicted when a page is
+needed), and one that the request takes counts as held: it is taken before the check. Shared
+pages are counted once per request that holds them (an over-count for "predicted").
 """
 
 from __future__ import annotations
@@ -79,12 +67,13 @@ import collections
 import itertools
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .kv_cache import KVCache
 from .lengths import LengthPredictor, get_length_predictor
+from .prefix_cache import worth_waiting
 from .request import Request, RequestStatus
 
 POLICIES = ("fcfs", "hrrn")
@@ -119,7 +108,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     # Pages to copy (source, destination), every layer, before this iteration's model runs:
-    # the forks' own copies of a page that also holds shared prompt positions.
+    # a cached page that holds the rest of a new request's cached prefix, into its own.
     copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -162,26 +151,8 @@ class Scheduler:
         # Each queued request's place in arrival order: the latest arrival is preempted first.
         self._arrival: dict[Request, int] = {}
         self._arrivals = itertools.count()
-        # Forks and their parents (see the module's docstring), while both are queued.
-        self._parent_of: dict[Request, Request] = {}
-        self._forks_of: dict[Request, list[Request]] = {}
-        # A parent that left with its prompt KV computed and forks still queued: the pages of
-        # its prompt positions [0, P - 1), kept for them until the last one leaves.
-        self._kept: dict[Request, list[int]] = {}
-
-    def add(self, request: Request, fork_of: Request | None = None) -> None:
-        """Queue a request. Raises (and queues nothing) if the length predictor fails on it.
-        fork_of: a queued request with the same prompt whose prompt KV this one shares (see
-        the module's docstring); ignored for a 1-token prompt, which has nothing to share, and
-        for a request that wants prompt logprobs, which computes its whole prompt."""
-        if fork_of is not None:
-            if fork_of.prompt_token_ids != request.prompt_token_ids:
-                raise ValueError(f"request {request.request_id!r} cannot fork "
-                                 f"{fork_of.request_id!r}: their prompts differ")
-            if fork_of in self._parent_of or not (fork_of in self.running
-                                                   or fork_of in self.waiting):
-                raise ValueError(f"request {request.request_id!r} can fork only a queued "
-                                 f"request that is not itself a fork")
+    def add(self, request: Request) -> None:
+        """Queue a request. Raises (and queues nothing) if the length predictor fails on it."""
         if self.predictor is not None:
             predicted = self.predictor.predict(request.prompt_token_ids, request.sampling_params)
             if not isinstance(predicted, numbers.Real) or not math.isfinite(predicted) \
@@ -194,17 +165,11 @@ class Scheduler:
                                         self._service(request, predicted))
         self.waiting.append(request)
         self._arrival[request] = next(self._arrivals)
-        if fork_of is not None and len(request.prompt_token_ids) > 1 \
-                and request.sampling_params.prompt_logprobs is None:
-            self._parent_of[request] = fork_of
-            self._forks_of.setdefault(fork_of, []).append(request)
 
     def remove(self, request: Request) -> None:
-        """Take a request out of the queues (finished or aborted) and free its pages (its
-        references to shared ones). A parent with forks still queued keeps its prompt's
-        pages for them if its prompt KV is computed; if not, they go on alone."""
-        was_running = request in self.running
-        if was_running:
+        """Take a request out of the queues (finished or aborted) and give its pages back (the
+        ones it computed stay cached, with prefix caching)."""
+        if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
@@ -212,64 +177,21 @@ class Scheduler:
         self._arrival.pop(request, None)
         if request is self._blocked:
             self._blocked = None
-        parent = self._parent_of.pop(request, None)
-        if parent is not None:
-            self._forks_of[parent].remove(request)
-            if not self._forks_of[parent] and parent in self._kept:
-                self._drop_kept(parent)
-        if self._forks_of.get(request):
-            ready = request.num_computed_tokens >= len(request.prompt_token_ids) - 1
-            if was_running and ready:
-                keep = self.kv.pages_for(len(request.prompt_token_ids) - 1)
-                self._kept[request] = request.pages[:keep]
-                request.pages = request.pages[keep:]
-            else:
-                self._drop_kept(request)
-        else:
-            self._forks_of.pop(request, None)
         self.kv.release(request)
-
-    def _prompt_ready(self, parent: Request) -> bool:
-        """Whether the parent's KV of prompt positions [0, P - 1) is there to share: computed
-        by iterations already launched, and still held (by it, or kept for its forks)."""
-        if parent in self._kept:
-            return True
-        return (parent.status is RequestStatus.RUNNING
-                and parent.num_computed_tokens >= len(parent.prompt_token_ids) - 1)
-
-    def _drop_kept(self, parent: Request) -> None:
-        """Free what was kept of a parent (if anything); its forks that have not forked (or
-        were preempted) go on alone."""
-        pages = self._kept.pop(parent, None)
-        if pages:
-            self.kv.allocator.free(pages)
-        for fork in self._forks_of.pop(parent, ()):
-            del self._parent_of[fork]
-
-    def _prompt_pages(self, parent: Request) -> list[int]:
-        return self._kept.get(parent, parent.pages)
-
-    def parent_of(self, request: Request) -> Request | None:
-        """The queued request whose prompt KV `request` shares or waits for (None: none)."""
-        return self._parent_of.get(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         self.iteration += 1
+        for request in self.running:     # what the iterations launched so far compute
+            self.kv.cache_computed(request)
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_batch_tokens)
         if not out.preempted:   # short of pages: admit nothing new this iteration
             if self.policy == "hrrn" and budget > 0 and len(self.waiting) > 1:
                 self._rank_waiting()
             self._admit_waiting(out, budget)
-            if not out.chunks and self.waiting and self._kept:
-                # Nothing could run, and pages kept for forks may be what is missing: give
-                # them up (those forks compute their prompt alone) rather than wait for ever.
-                for parent in list(self._kept):
-                    self._drop_kept(parent)
-                self._admit_waiting(out, budget)
         return out
 
     def predicted_output(self, request: Request) -> float:
@@ -356,37 +278,77 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         forecast = None     # built when first needed: most iterations admit no one
-        passed: list[Request] = []     # forks waiting for their parent: they keep their place
+        passed: list[Request] = []     # waiting for a prefix being computed: keep their place
         while self.waiting and budget > 0:
             if self.max_num_seqs is not None and len(self.running) >= self.max_num_seqs:
                 break
             request = self.waiting[0]
-            if self._waits_for_parent(request):
-                passed.append(self.waiting.popleft())
-                continue
-            forked = self._fork(request)
-            n = min(request.num_remaining, budget)
-            fits = (self._room_to_resume(request) if request.num_computed_before_preemption
-                    else self.kv.can_grow(request, request.num_computed_tokens + n))
+            hit = None
+            if not request.pages and not request.num_computed_tokens:
+                limit = self._reusable_tokens(request)
+                hit = self.kv.match_prefix(request, limit)
+                if hit is not None and self._waits_for_prefix(request, hit, limit):
+                    passed.append(self.waiting.popleft())
+                    continue
+                if hit is not None:
+                    self.kv.take_prefix(request, hit)
+            fits = self._fits(request, budget)
+            if not fits and hit is not None and hit.copy_from is not None:
+                # The page to copy from may be the one it needs: compute that part instead.
+                self.kv.drop_prefix(request, hit)
+                hit = replace(hit, copy_from=None, copy_tokens=0)
+                self.kv.take_prefix(request, hit)
+                fits = self._fits(request, budget)
             if fits and self.kv_reservation == "predicted" and self.running:
                 forecast = forecast or _KVForecast(self)
                 fits = forecast.admits(request)
             if not fits:
-                if forked:
-                    self._unfork(request)
+                if hit is not None:
+                    self.kv.drop_prefix(request, hit)
                 self._blocked = request
                 break
+            n = min(request.num_remaining, budget)
             if request is self._blocked:
                 self._blocked = None
             self.waiting.popleft()
             self.kv.grow(request, request.num_computed_tokens + n)
-            if forked:
-                out.copies += self._copies(request)
+            if hit is not None:
+                out.copies += self.kv.finish_take(request, hit)
+            if request.num_cached_tokens is None:      # vLLM's: as first scheduled
+                request.num_cached_tokens = (hit.num_tokens(self.kv.page_size)
+                                             if hit is not None else 0)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
             budget -= n
         self.waiting.extendleft(reversed(passed))
+
+    def _fits(self, request: Request, budget: int) -> bool:
+        """Whether the pages of the request's next chunk are free (a preempted request's:
+        see _room_to_resume)."""
+        if request.num_computed_before_preemption:
+            return self._room_to_resume(request)
+        n = min(request.num_remaining, budget)
+        return self.kv.can_grow(request, request.num_computed_tokens + n)
+
+    @staticmethod
+    def _reusable_tokens(request: Request) -> int:
+        """How many of its leading tokens a request may take from the prefix cache: all but
+        the last (its logits are sampled), and none from the first position whose prompt
+        logprob it still needs."""
+        if request.wants_prompt_logprobs:
+            return len(request.prompt_logprobs) - 1
+        return request.num_tokens - 1
+
+    def _waits_for_prefix(self, request: Request, hit, limit: int) -> bool:
+        """A new request (never preempted) whose prefix a running request is computing now
+        waits for it (see the module's docstring)."""
+        if request.num_computed_before_preemption or request.output_token_ids:
+            return False
+        computing = [r for r in self.running
+                     if r.num_computed_tokens < len(r.prompt_token_ids)]
+        return bool(computing) and worth_waiting(
+            request, hit.num_tokens(self.kv.page_size), computing, self.kv.page_size, limit)
 
     def _room_to_resume(self, request: Request) -> bool:
         """Whether a preempted request may be re-admitted: when there is room now for its whole
@@ -406,39 +368,6 @@ class Scheduler:
                 need += kv.extra_pages_needed(r, min(r.num_tokens + iterations,
                                                      max(end, r.num_tokens)))
         return need <= kv.num_free_pages
-
-    def _waits_for_parent(self, request: Request) -> bool:
-        """A fork that has not forked (it computed nothing) whose parent's prompt KV is not
-        there to share yet."""
-        parent = self._parent_of.get(request)
-        if parent is None or request.num_computed_tokens:
-            return False
-        return not self._prompt_ready(parent)
-
-    def _fork(self, request: Request) -> bool:
-        """Fork a fork whose parent is ready (returns False for anything else, left alone):
-        share the parent's pages that hold only positions [0, P - 1), start at P - 1."""
-        parent = self._parent_of.get(request)
-        if parent is None or request.num_computed_tokens:
-            return False
-        shared = len(request.prompt_token_ids) - 1
-        self.kv.share(self._prompt_pages(parent), request, shared // self.kv.page_size)
-        request.num_computed_tokens = shared
-        return True
-
-    def _copies(self, request: Request) -> list[tuple[int, int]]:
-        """A fork just admitted (its pages grown): (the parent's page, its own) for the page
-        holding P - 1, when that page also holds shared positions."""
-        shared = len(request.prompt_token_ids) - 1
-        if shared % self.kv.page_size == 0:
-            return []
-        i = shared // self.kv.page_size
-        return [(self._prompt_pages(self._parent_of[request])[i], request.pages[i])]
-
-    def _unfork(self, request: Request) -> None:
-        """Undo _fork for a fork that was not admitted after all."""
-        self.kv.release(request)
-        request.num_computed_tokens = 0
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)

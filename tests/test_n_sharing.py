@@ -1,7 +1,7 @@
-"""n > 1 shares its prompt's KV (see nanorun.scheduler): the n sequences of one request give
-what n separate requests with the per-sequence seeds give (token ids; logprobs to float
-tolerance), while the prompt is computed once (P + n - 1 prompt tokens scheduled, not n * P)
-and held about once. Every iteration is checked on the way: each page a batch writes is held
+"""n > 1 shares its prompt's KV through the prefix cache (see nanorun.scheduler): the n
+sequences of one request give what n separate requests with the per-sequence seeds give with
+prefix caching off (token ids; logprobs to float tolerance), while the prompt is computed once
+(P + n - 1 prompt tokens scheduled, not n * P) and held about once. Every iteration is checked on the way: each page a batch writes is held
 by its writer alone (refcount 1), and every page is free at the end.
 
 Shared and separate runs batch the sequences differently, so they do not do the same
@@ -109,7 +109,8 @@ def _shared_and_separate(n: int, prompt, sp: SamplingParams, requests: int = 1, 
     asked = {(f"r{k}", i): (prompt(k) if callable(prompt) else prompt, _child_params(sp, i))
              for k in range(requests) for i in range(n)}
     for share in (True, False):
-        engine = _engine(**kw)
+        # Separate requests of one prompt would share it through the prefix cache too.
+        engine = _engine(**kw) if share else _engine(enable_prefix_caching=False, **kw)
         watch = _Watch(engine)
         te = TextEngine(engine, None)
         for k in range(requests):
@@ -230,7 +231,8 @@ def test_abort_one_sibling_leaves_the_others_as_they_were(async_scheduling):
 
 
 def test_parent_aborted_before_the_forks_fork():
-    """The parent leaves after its first prompt chunk: the forks compute the prompt alone."""
+    """The parent leaves after its first prompt chunk: the forks compute the rest of the
+    prompt, one after the other."""
     sp = _params("greedy", max_tokens=4)
     engine = _engine(max_batch_tokens=8)
     watch = _Watch(engine)
@@ -246,7 +248,8 @@ def test_parent_aborted_before_the_forks_fork():
     want = _drain(te)[("s", 0)][0]
     for i in (1, 2):        # greedy: sp's tokens, each in batches of its own
         _same_tokens(done[("r", i)][0], want, _prompt(20), sp, f"fork {i} vs alone")
-    assert watch.prompt_tokens == 8 + 2 * 20 and watch.copies == 0
+    # The first fork takes the parent's 8 from the cache, the second all but the last token.
+    assert watch.prompt_tokens == 8 + 12 + 1 and watch.copies == 1
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -293,7 +296,7 @@ def test_prefill_engine_does_not_share():
     engine = prefill_engine(MODEL, producer, max_batch_tokens=32, kv_cache_tokens=256)
     a, b = (engine.new_request(rid, _prompt(9), SamplingParams(max_tokens=2)) for rid in "ab")
     engine.enqueue_all([a, b], share_prompt=True)
-    assert engine.scheduler.parent_of(b) is None
+    assert engine.kv_cache.prefix_cache is None
 
 
 # -- a stop string ends one sibling early -----------------------------------------------------
@@ -372,12 +375,12 @@ def _request(rid: str, prompt_len: int = 10, max_tokens: int = 5) -> Request:
     return Request(rid, _prompt(prompt_len), SamplingParams(max_tokens=max_tokens), 0.0, ())
 
 
-def _parent_and_fork(prompt_len: int, pages: int = 32) -> tuple[Scheduler, Request, Request]:
-    """A scheduler with a parent "p" and its fork "f" queued, both of prompt_len tokens."""
+def _siblings(prompt_len: int, pages: int = 32) -> tuple[Scheduler, Request, Request]:
+    """A scheduler with sequence "p" and its sibling "f" queued, both of prompt_len tokens."""
     sched = _scheduler(pages=pages)
     parent, fork = _request("p", prompt_len), _request("f", prompt_len)
     sched.add(parent)
-    sched.add(fork, fork_of=parent)
+    sched.add(fork)
     return sched, parent, fork
 
 
@@ -390,54 +393,56 @@ def _launch(out) -> None:
             chunk.request.output_token_ids.append(1)
 
 
-def test_a_fork_waits_for_its_parent_without_blocking_others():
+def test_a_sibling_waits_for_the_prompt_without_blocking_others():
     sched = _scheduler()
     parent, fork, other = _request("p", 12), _request("f", 12), _request("o", 3)
-    sched.add(parent)
-    sched.add(fork, fork_of=parent)
-    sched.add(other)
+    for r in (parent, fork, other):
+        sched.add(r)
     out = sched.schedule()                      # budget 8: the parent's first chunk only
     assert [(c.request.request_id, c.start, c.length) for c in out.chunks] == [("p", 0, 8)]
     _launch(out)
-    out = sched.schedule()                      # P - 1 = 11 not reached: the fork waits
+    out = sched.schedule()                      # the prompt is being computed: the fork waits
     assert [c.request.request_id for c in out.chunks] == ["p", "o"]
     assert list(sched.waiting) == [fork]
     _launch(out)
-    out = sched.schedule()                      # now it forks at 11: pages 0-1 shared
+    out = sched.schedule()                      # now it takes pages 0-1 and copies page 2
     chunk = next(c for c in out.chunks if c.request is fork)
     assert (chunk.start, chunk.length) == (11, 1)
     assert fork.pages[:2] == parent.pages[:2] and fork.pages[2] != parent.pages[2]
     assert out.copies == [(parent.pages[2], fork.pages[2])]
-    assert [sched.kv.allocator.refcount(p) for p in parent.pages[:3]] == [2, 2, 1]
+    # The parent's, the cache's and the fork's references; the cache's and the parent's.
+    assert [sched.kv.allocator.refcount(p) for p in parent.pages[:3]] == [3, 3, 2]
+    assert fork.num_cached_tokens == 11 and parent.num_cached_tokens == 0
 
 
-def test_preempted_sides_drop_their_references_and_a_fork_re_forks():
-    sched, parent, fork = _parent_and_fork(9)
+def test_a_preempted_request_takes_its_cached_pages_back():
+    sched, parent, fork = _siblings(9)
     _launch(sched.schedule())
     out = sched.schedule()
     _launch(out)
     shared = parent.pages[:2]
     assert fork.pages[:2] == shared and not out.copies      # P - 1 = 8 starts a page
     sched._preempt(fork, SchedulerOutput())     # as the scheduler does when short of pages
-    assert [sched.kv.allocator.refcount(p) for p in shared] == [1, 1]
-    assert fork.num_computed_tokens == 0 and sched.parent_of(fork) is parent
-    out = sched.schedule()                           # the parent still holds it: re-fork
+    assert [sched.kv.allocator.refcount(p) for p in shared] == [2, 2]   # the parent's, cache's
+    assert fork.num_computed_tokens == 0 and not fork.pages
+    out = sched.schedule()                           # re-admitted: from the cache again
     chunk = next(c for c in out.chunks if c.request is fork)
-    assert chunk.start == 8 and fork.pages[:2] == shared
+    assert chunk.start == 9 and fork.pages[:2] == shared   # its own page 2 is cached too
     sched._preempt(parent, out)
-    assert [sched.kv.allocator.refcount(p) for p in shared] == [1, 1]   # the fork's now
+    assert [sched.kv.allocator.refcount(p) for p in shared] == [2, 2]   # the fork's, cache's
     sched.remove(fork)
     sched.remove(parent)
     assert sched.kv.num_free_pages == sched.kv.num_pages
+    sched.kv.clear_prefix_cache()
+    assert sched.kv.allocator.num_free == sched.kv.num_pages
 
 
-def test_a_fork_whose_parent_left_runs_alone():
-    sched, parent, fork = _parent_and_fork(12)
-    _launch(sched.schedule())
+def test_a_sibling_whose_parent_left_takes_what_it_computed():
+    sched, parent, fork = _siblings(12)
+    _launch(sched.schedule())                   # 8 of 12 prompt tokens
     sched.remove(parent)
-    assert sched.parent_of(fork) is None
     out = sched.schedule()
-    assert [(c.request, c.start) for c in out.chunks] == [(fork, 0)] and not out.copies
+    assert [(c.request, c.start) for c in out.chunks] == [(fork, 8)] and not out.copies
 
 
 def test_copy_pages_copies_every_layer_k_and_v_and_nothing_else():
@@ -453,31 +458,32 @@ def test_copy_pages_copies_every_layer_k_and_v_and_nothing_else():
     assert torch.equal(kv.k, want_k) and torch.equal(kv.v, want_v)
 
 
-def test_a_parent_that_left_keeps_its_prompt_pages_for_its_forks():
-    sched, parent, fork = _parent_and_fork(10)
+def test_a_parent_that_left_leaves_its_prompt_pages_cached():
+    sched, parent, fork = _siblings(10)
     _launch(sched.schedule())
     _launch(sched.schedule())                   # the parent's prompt is in: 10 of 10
-    assert fork.status.value == "waiting" and not fork.pages   # it forks next iteration
+    assert fork.status.value == "waiting" and not fork.pages   # it takes them next iteration
     prompt_pages = parent.pages[:3]             # positions 0-8 (page 2 holds P - 1 = 9)
     sched.remove(parent)                        # it ended on its first token
-    assert sched.kv.num_pages - sched.kv.num_free_pages == 3
+    assert sched.kv.num_free_pages == sched.kv.num_pages       # cached, and evictable
     out = sched.schedule()
     assert [(c.request, c.start) for c in out.chunks] == [(fork, 9)]
     assert fork.pages[:2] == prompt_pages[:2] and out.copies == [(prompt_pages[2], fork.pages[2])]
-    sched.remove(fork)                          # the last fork: the kept pages go too
+    sched.remove(fork)
     assert sched.kv.num_free_pages == sched.kv.num_pages
 
 
-def test_kept_pages_are_given_up_when_nothing_else_can_run():
-    """3 pages: the parent's kept prompt holds them all, so its fork (which needs one of its
-    own) cannot start, and nothing else runs: the kept pages go, the fork starts alone."""
-    sched, parent, fork = _parent_and_fork(10, pages=3)
+def test_cached_pages_are_evicted_when_nothing_else_can_run():
+    """3 pages: the parent's cached prompt holds them all, so its sibling (which needs one of
+    its own) takes two, and computes what the third holds in a page evicted for it."""
+    sched, parent, fork = _siblings(10, pages=3)
     _launch(sched.schedule())
     _launch(sched.schedule())
+    third = parent.pages[2]
     sched.remove(parent)
-    assert sched.kv.num_free_pages == 0
+    assert sched.kv.allocator.num_free == 0 and sched.kv.num_free_pages == 3
     out = sched.schedule()
-    assert [(c.request, c.start, c.length) for c in out.chunks] == [(fork, 0, 8)]
-    assert sched.parent_of(fork) is None and not out.copies
+    assert [(c.request, c.start, c.length) for c in out.chunks] == [(fork, 8, 2)]
+    assert fork.pages[2] == third and not out.copies
     sched.remove(fork)
     assert sched.kv.num_free_pages == sched.kv.num_pages
