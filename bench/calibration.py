@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,6 +39,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="default bench/results/GPU/calibration.json")
     args = ap.parse_args()
 
+    from nanorun.benchmark.environment import describe, write_result
     from nanorun.benchmark.traces import parse_length_filter
     from nanorun.layout import is_layout_file
     from nanorun.models import resolve_model
@@ -74,8 +73,6 @@ def main() -> int:
     tuned = [r for r in rows if r["layout"] not in ("sequential", "overlap")]
     worst = max(r["max_abs_error_percent"] for r in rows)
     doc = {
-        "command": "python bench/calibration.py " + " ".join(
-            Path(a).name if os.path.isabs(a) else a for a in sys.argv[1:]),
         "model": config.name, "gpu_spec": args.gpu, "trace": workload.name,
         "filter": args.filter,
         "profile": Path(args.profile).name if args.profile else None,
@@ -84,25 +81,14 @@ def main() -> int:
         "tuned_within_target": all(r["max_abs_error_percent"] <= TARGET_PERCENT
                                    for r in tuned) if tuned else None,
         "partitions": rig.partitions_how,
-        "environment": environment(rig) | {"commit": _commit()},
+        "environment": describe(rig.device) | environment(rig),
         "layouts": rows,
     }
     out = Path(args.out or f"bench/results/{args.gpu}/calibration.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    write_result(doc, out, indent=2)
     print(f"worst error {worst:.1f} % (target {TARGET_PERCENT:g} % for tuned layouts); "
           f"wrote {out}")
     return 0
-
-
-def _commit() -> str | None:
-    """The commit measured: git's, else $NANORUN_COMMIT (a tree copied without .git)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        head = ""
-    return head or os.environ.get("NANORUN_COMMIT")
 
 
 if __name__ == "__main__":

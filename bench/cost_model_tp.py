@@ -171,11 +171,10 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/cpu/cost_model_tp.json")
     args = ap.parse_args()
 
-    from nanorun.benchmark.environment import command_line, git_commit
+    from nanorun.benchmark.environment import write_result
 
     rows = compare(measured())
     doc = {
-        "command": command_line(),
         "measured_source": "SplitwiseSim data/perf_model.csv (github.com/Azure/splitwise-sim, "
                            "MIT, (c) 2024 Pratyush Patel), llama2-70b rows for a100-80gb and "
                            "h100-80gb: bench/data/splitwise_llama2_70b_perf_model.csv",
@@ -185,11 +184,9 @@ def main() -> int:
             "nanoflow": [1212, 1286], "tensorrt_llm": [636, 831]},
         "summary": summary(rows),
         "tune_tp8": tuned(args.trials),
-        "commit": git_commit()[0],
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    doc = write_result(doc, args.out, indent=2)
     for key, entry in doc["summary"].items():
         print(key, json.dumps(entry))
     for t in doc["tune_tp8"]:

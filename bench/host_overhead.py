@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
 
-    from nanorun.benchmark.environment import command_line, describe
+    from nanorun.benchmark.environment import write_result
 
     rows = []
     for name, layout, batch_tokens in _layouts(Path(args.tuned)):
@@ -422,8 +422,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['issue_us_per_launch']:.2f} us/launch, plan misses "
                       f"{row['plan_cache']['misses']}/{args.steps}", flush=True)
     doc = {
-        "command": command_line(argv if argv is None else ["bench/host_overhead.py", *argv]),
-        "environment": describe(torch.device("cpu")),
         "model": "llama-3-8b (32 layers, 10 ops a layer; ops of zero cost)",
         "device_spec": "h100 (layouts validated against it)",
         "stand_in_vocab": args.vocab, "steps": args.steps, "warmup": args.warmup,
@@ -450,8 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         prev = json.loads(Path(args.before).read_text())
         doc["before"] = {k: prev[k] for k in ("command", "environment", "rows")}
         doc["before"]["code"] = args.before_code
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    write_result(doc, args.out, argv=None if argv is None else ["bench/host_overhead.py", *argv])
     print(f"wrote {args.out}")
     return 0
 

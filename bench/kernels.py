@@ -28,7 +28,6 @@ import json
 import math
 import re
 import statistics
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -301,18 +300,6 @@ def device_info() -> dict:
                 torch=torch.__version__, cuda=torch.version.cuda)
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        # A tree copied without .git (the GPU machine): bench/gpu_session.sh exports the commit.
-        return os.environ.get("NANORUN_COMMIT", "unknown")
-    return sha + ("-dirty" if dirty else "")
-
-
 def default_out(device_name: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     return REPO / "bench" / "results" / slug / f"kernels-{datetime.date.today().isoformat()}.json"
@@ -363,11 +350,10 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(r)
                 print(json.dumps(r.row(copy_gbs)))
 
-    from nanorun.benchmark.environment import command_line
+    from nanorun.benchmark.environment import write_result
     report = dict(
-        command=command_line(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(), device=device,
+        device=device,
         copy_bandwidth_gb_per_s=round(copy_gbs, 1),
         method="CUDA events, median of --repeats calls after --warmup; bytes = each input read "
                "once + each output written once; copy bandwidth = 1 GiB device-to-device copy, "
@@ -375,8 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         settings=dict(repeats=args.repeats, warmup=args.warmup, only=args.only),
         results=[r.row(copy_gbs) for r in results])
     out = args.out or default_out(device["name"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    report = write_result(report, out, device="cuda")
     print(f"\n{'kernel':<20} {'case':<52} {'ms':>8} {'GB/s':>7} {'copy%':>6} {'ref ms':>8}")
     for row in report["results"]:
         print(f"{row['kernel']:<20} {row['case'][:52]:<52} {row['median_ms']:>8.3f} "

@@ -52,14 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     rates = tuple(round(f * peak["request_throughput"], 4) for f in args.fractions)
     report = build_report(run_benchmark(replace(config, request_rates=rates)))
     curve = [row(run, peak["request_throughput"]) for run in report["runs"]]
-    doc = {"command": environment.command_line(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "model": args.model, "trace": args.trace, "layout": args.layout,
            "fractions": list(args.fractions), "peak": peak, "curve": curve, "report": report}
     print_curve(curve)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        environment.write_result(doc, args.out, device=args.device)
         print(f"wrote {args.out}")
     return 0
 

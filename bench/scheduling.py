@@ -33,26 +33,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import sys
-import time
 
 import numpy as np
 import torch
 
-from nanorun import Engine, SamplingParams
+from nanorun import Engine
 from nanorun.benchmark import environment
 from nanorun.benchmark.cli import CPU_FILTER
-from nanorun.benchmark.runner import Workload, warm_up
+from nanorun.benchmark.loop import ScheduledSource, StepClock, Submission, run_requests
+from nanorun.benchmark.runner import Workload, greedy, warm_up
 from nanorun.benchmark.traces import TRACES, load_trace, parse_length_filter
 from nanorun.lengths import BucketedLengthPredictor, predictor_name
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    doc = {"command": environment.command_line(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "environment": environment.describe(torch.device(args.device)),
            "prediction": {name: prediction_quality(name, args.seed) for name in TRACES}}
     for name, q in doc["prediction"].items():
@@ -70,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run['p99_longest_itl_steps']:5.1f}, {run['steps']} steps, "
                   f"{run['preemptions']} preemptions")
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, allow_nan=False)
-            f.write("\n")
+        environment.write_result(doc, args.out, indent=2)
         print(f"wrote {args.out}")
     return 0
 
@@ -175,31 +169,35 @@ def run_in_steps(engine: Engine, workload: Workload, arrival_steps: np.ndarray) 
     trace, n = workload.trace, len(workload.trace)
     first, last, arrived = np.zeros(n), np.zeros(n), np.zeros(n)
     longest_gap = np.zeros(n)      # most steps between two consecutive tokens: a stall
-    added, step, preemptions, start = 0, 0, 0, time.perf_counter()
-    while added < n or engine.has_unfinished_requests():
-        if not engine.has_unfinished_requests():
-            step = max(step, int(arrival_steps[added]))     # idle: skip to the next arrival
-        while added < n and arrival_steps[added] <= step:
-            engine.add_request(str(added), workload.prompts[added].tolist(), SamplingParams(
-                max_tokens=int(trace.output_lens[added]), temperature=0.0, ignore_eos=True))
-            arrived[added] = step
-            added += 1
-        step += 1
-        for out in engine.step():
-            i = int(out.request_id)
-            if len(out.token_ids) == 1 and not first[i]:
-                first[i] = step
-            elif len(out.token_ids) > 1:
-                longest_gap[i] = max(longest_gap[i], step - last[i])
-            last[i] = step
-            if out.finished:
-                if len(out.token_ids) != trace.output_lens[i]:
-                    raise RuntimeError(f"request {i} produced {len(out.token_ids)} tokens, "
-                                       f"expected {trace.output_lens[i]}")
-                preemptions += out.metrics.num_preemptions
+    clock = StepClock()
+
+    class Arrivals(ScheduledSource):
+        def due(self, now: float) -> list[Submission]:
+            subs = super().due(now)
+            for sub in subs:
+                arrived[int(sub.request_id)] = now
+            return subs
+
+    def seen(out) -> None:
+        i, step = int(out.request_id), clock.step
+        if len(out.token_ids) == 1 and not first[i]:
+            first[i] = step
+        elif len(out.token_ids) > 1:
+            longest_gap[i] = max(longest_gap[i], step - last[i])
+        last[i] = step
+
+    done = run_requests(engine, Arrivals([
+        Submission(str(i), workload.prompts[i].tolist(), greedy(int(trace.output_lens[i])),
+                   float(arrival_steps[i])) for i in range(n)]), on_output=seen, clock=clock)
+    if done.errors or len(done.outputs) != n:
+        raise RuntimeError(f"requests failed: {done.errors}")
+    for rid, out in done.outputs.items():
+        if len(out.token_ids) != trace.output_lens[int(rid)]:
+            raise RuntimeError(f"request {rid} produced {len(out.token_ids)} tokens, "
+                               f"expected {trace.output_lens[int(rid)]}")
     ttft, e2el = first - arrived, last - arrived
-    return {"steps": step, "preemptions": preemptions,
-            "wall_seconds": time.perf_counter() - start,
+    return {"steps": clock.step, "preemptions": done.preemptions,
+            "wall_seconds": done.wall_s,
             "mean_ttft_steps": float(ttft.mean()), "median_ttft_steps": float(np.median(ttft)),
             "p99_ttft_steps": float(np.percentile(ttft, 99)),
             "mean_e2el_steps": float(e2el.mean()), "median_e2el_steps": float(np.median(e2el)),

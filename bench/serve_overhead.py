@@ -97,6 +97,7 @@ def in_process_pass(model_dir: Path, workload, arrivals, cpu_threads: int,
                     options: dict = ENGINE_OPTIONS):
     """One pass through a fresh TextEngine, warmed up first."""
     from nanorun import SamplingParams
+    from nanorun.benchmark.loop import step_until_done
     from nanorun.benchmark.runner import drive
     from nanorun.text_engine import TextEngine
 
@@ -104,8 +105,7 @@ def in_process_pass(model_dir: Path, workload, arrivals, cpu_threads: int,
     # The server's warm-up request, in process: [1, 2, 3], 2 tokens.
     engine.add_request("warmup", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0,
                                                            ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
+    step_until_done(engine)
     start = time.process_time()            # this process's threads: the engine's CPU
     run = drive(engine, workload, arrivals)
     return run, {"engine": time.process_time() - start}

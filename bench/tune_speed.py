@@ -14,15 +14,11 @@ run, the layout found and the machine's core count as JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 def main() -> int:
@@ -35,7 +31,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/cpu/tune_speed.json")
     args = ap.parse_args()
 
-    from nanorun import __version__
+    from nanorun.benchmark.environment import write_result
     from nanorun.benchmark.traces import NANOFLOW_FILTER
     from nanorun.models import get_preset
     from nanorun.search import CostModel, Predictor, Workload, get_device
@@ -49,19 +45,14 @@ def main() -> int:
                       workload)
         result = tune(tuner, trials=args.trials, seed=0)
         runs.append(time.perf_counter() - start)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     doc = {
-        "command": "python bench/tune_speed.py " + " ".join(sys.argv[1:]),
         "model": args.model, "gpu_spec": args.gpu, "trace": args.trace,
         "filter": "nanoflow", "trials": args.trials,
         "median_s": round(statistics.median(runs), 2), "runs_s": [round(r, 2) for r in runs],
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "python": platform.python_version(), "nanorun_version": __version__,
-        "commit": commit.stdout.strip() or None, "date": datetime.date.today().isoformat(),
         "predicted": result.predicted(), "layout": result.layout.to_dict(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    write_result(doc, args.out, indent=2)
     print(f"{args.trials} trials: median {doc['median_s']} s over {args.repeats} runs "
           f"({doc['runs_s']}), {os.cpu_count()} cores; wrote {args.out}")
     return 0

@@ -690,7 +690,9 @@ def test_a_tight_spread_is_not_warned_and_one_pass_is(repeated):
 class _ScriptedServer:
     """An OpenAI-style streaming server on loopback (aiohttp.web, in a thread): each completion
     streams max_tokens one-token chunks GAP_S apart, then usage and [DONE]; a prompt whose
-    first id is even gets one token too few, and max_tokens 13 an HTTP 400."""
+    first id is even gets one token too few, and max_tokens 13 an HTTP 400. With
+    return_token_ids each chunk carries its token's id (prompt length + position); the usage's
+    cached_tokens is the longest prefix the prompt shares with an earlier one (`cached`)."""
 
     GAP_S = 0.01
 
@@ -700,6 +702,7 @@ class _ScriptedServer:
 
         self.loop = asyncio.new_event_loop()
         self.bodies: list[dict] = []
+        self.cached: list[int] = []
         started = threading.Event()
         threading.Thread(target=self._serve, args=(started,), daemon=True).start()
         assert started.wait(10)
@@ -720,13 +723,21 @@ class _ScriptedServer:
                 return web.json_response({"error": {"message": "no"}}, status=400)
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(request)
-            n = body["max_tokens"] - (body["prompt"][0] % 2 == 0)
+            prompt = body["prompt"]
+            cached = max((next((k for k, (a, b) in enumerate(zip(prompt, b["prompt"]))
+                                if a != b), min(len(prompt), len(b["prompt"])))
+                          for b in self.bodies[:-1]), default=0)
+            self.cached.append(cached)
+            n = body["max_tokens"] - (prompt[0] % 2 == 0)
             for i in range(n):
                 await asyncio.sleep(self.GAP_S)
                 chunk = {"choices": [{"index": 0, "text": "x", "finish_reason": None}],
                          "usage": None}
+                if body.get("return_token_ids"):
+                    chunk["choices"][0]["token_ids"] = [len(prompt) + i]
                 await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": n,
+                     "prompt_tokens_details": {"cached_tokens": cached}}
             await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
                              f": a comment\n\ndata: [DONE]\n\n".encode())
             return resp
@@ -784,6 +795,43 @@ def test_base_url_drives_a_server_and_times_its_stream(scripted, tmp_path, capsy
         assert run["mean_e2el_ms"] >= 6 * 0.9 * scripted.GAP_S * 1e3
         assert run["total_output_tokens"] == 6 * run["completed"]
     assert report["runs"][0]["request_rate"] == "inf" and report["runs"][1]["request_rate"] == 50
+
+
+def test_base_url_runs_conversations_on_the_answers_token_ids(scripted):
+    """Each turn resends the conversation so far with the answer's ids as the server returned
+    them; a conversation whose turn fails sends nothing more; the hit rate is the server's
+    cached tokens over the prompt tokens."""
+    from nanorun.benchmark.http_client import HttpBenchConfig, run_http_benchmark
+    from nanorun.benchmark.workload import Prefixes
+
+    config = HttpBenchConfig(base_url=f"http://127.0.0.1:{scripted.port}", model="tiny-llama",
+                             trace="const:5x4", num_requests=12,
+                             prefixes=Prefixes(turns=3, think_time=0.005))
+    scripted.bodies.clear()
+    scripted.cached.clear()
+    report = run_http_benchmark(config)
+    run = report["runs"][0]
+    assert report["nanorun"]["num_conversations"] == 4
+    bodies = [(b, c) for b, c in zip(scripted.bodies, scripted.cached)
+              if b.get("return_token_ids")]
+    firsts = [b for b, _ in bodies if len(b["prompt"]) == 5]
+    assert len(firsts) == 4
+    for first in firsts:
+        turns = [b for b, _ in bodies if b["prompt"][:5] == first["prompt"]]
+        if first["prompt"][0] % 2 == 0:     # one token short: the conversation ends there
+            assert len(turns) == 1
+            continue
+        assert [len(b["prompt"]) for b in turns] == [5, 14, 23]
+        for before, after in zip(turns, turns[1:]):
+            answer = [len(before["prompt"]) + i for i in range(4)]
+            assert after["prompt"][:len(before["prompt"]) + 4] == before["prompt"] + answer
+    failed = [e for e in run["errors"] if e]
+    assert run["completed"] + len(failed) == 12
+    assert sum("earlier turn" in e for e in failed) == 2 * sum("produced 3" in e for e in failed)
+    done = [(b, c) for b, c in bodies if b["prompt"][0] % 2]
+    assert run["total_cached_tokens"] == sum(c for _, c in done) > 0
+    assert run["prefix_cache_hit_rate"] == pytest.approx(
+        sum(c for _, c in done) / sum(len(b["prompt"]) for b, _ in done))
 
 
 def test_base_url_cli_writes_vllm_json_and_records_http_errors(scripted, tmp_path, capsys):

@@ -70,6 +70,20 @@ def add_parser(sub) -> None:
                    help="comma-separated percentiles reported as p<N>_*_ms (default: 99)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the trace window, prompts, arrivals and random weights")
+    prefixes = p.add_argument_group(
+        "prefixes", "Workloads whose prompts share prefixes, as chats and agents do; the "
+        "report gains the prefix cache's hit rate (cached prompt tokens over prompt tokens).")
+    prefixes.add_argument("--system-prompt-len", type=int, default=0, metavar="TOKENS",
+                          help="every prompt starts with the same TOKENS tokens (default: 0)")
+    prefixes.add_argument("--turns", type=int, default=1,
+                          help="multi-turn conversations: each TURNS rows of the trace are one "
+                               "conversation's user messages and answers; each turn resends "
+                               "the conversation so far plus its new message, after the "
+                               "previous answer and a think time. --num-requests counts "
+                               "turns, --request-rate starts conversations (default: 1, none)")
+    prefixes.add_argument("--think-time", type=float, default=0.0, metavar="SECONDS",
+                          help="mean pause between an answer and the next turn, drawn "
+                               "exponential and seeded (default: 0)")
     engine = p.add_argument_group(
         "engine options (EngineConfig's fields; each layout's engine takes them)")
     add_engine_arguments(engine, absent=BENCH_ABSENT)
@@ -114,7 +128,7 @@ def run(args) -> int:
         request_rates=tuple(args.request_rate), burstiness=args.burstiness,
         goodput=tuple(parse_goodput(args.goodput).items()),
         percentiles=_percentiles(args.metric_percentiles), seed=args.seed,
-        show_progress=not args.no_progress, repeats=args.repeats)
+        show_progress=not args.no_progress, repeats=args.repeats, prefixes=_prefixes(args))
     report = build_report(run_benchmark(config))
     print(format_summary(report))
     _write(report, args)
@@ -138,7 +152,8 @@ def _run_http(args) -> int:
         length_filter=_length_filter(args), request_rates=tuple(args.request_rate),
         burstiness=args.burstiness, max_concurrency=args.max_concurrency,
         goodput=tuple(parse_goodput(args.goodput).items()),
-        percentiles=_percentiles(args.metric_percentiles), seed=args.seed)
+        percentiles=_percentiles(args.metric_percentiles), seed=args.seed,
+        prefixes=_prefixes(args))
     report = run_http_benchmark(config)
     print(format_http_summary(report))
     _write(report, args)
@@ -152,6 +167,12 @@ def _write(report: dict, args) -> None:
             json.dump(report, f, indent=2, allow_nan=False)
             f.write("\n")
         print(f"wrote {args.result_json}")
+
+
+def _prefixes(args):
+    from .workload import Prefixes
+    return Prefixes(system_prompt_len=args.system_prompt_len, turns=args.turns,
+                    think_time=args.think_time)
 
 
 def _length_filter(args):

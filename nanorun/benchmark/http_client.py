@@ -32,9 +32,10 @@ import numpy as np
 from . import arrivals as arrival_process
 from . import environment
 from .metrics import RequestResult, compute_metrics
+from .summary import percent, prefix_lines
 from .report import REPORT_VERSION, json_rate
-from .runner import Workload
 from .traces import LengthFilter, load_trace
+from .workload import Prefixes, Workload
 
 _ERROR_CHARS = 300
 
@@ -57,6 +58,7 @@ class HttpBenchConfig:
     percentiles: tuple[float, ...] = (99.0,)
     seed: int = 0
     timeout_s: float = 6 * 3600
+    prefixes: Prefixes = Prefixes()         # a shared system prompt, conversations
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -98,15 +100,16 @@ async def _run(config: HttpBenchConfig) -> dict:
     model_config = resolve_model(config.model)[0]
     trace = load_trace(config.trace, num_requests=config.num_requests, seed=config.seed,
                        length_filter=config.length_filter)
-    schedules = [arrival_process.schedule(trace, rate, burstiness=config.burstiness,
-                                          seed=config.seed) for rate in config.request_rates]
     timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         served = await _served_model(session, config)
         max_len = served.get("max_model_len") or model_config.max_position_embeddings
         workload = Workload.fit_limits(trace, int(max_len), model_config.vocab_size,
                                        config.seed, f"longer than the server's max_model_len "
-                                                    f"({max_len} tokens)")
+                                                    f"({max_len} tokens)", config.prefixes)
+        schedules = [arrival_process.schedule(workload.starts(), rate,
+                                              burstiness=config.burstiness, seed=config.seed)
+                     for rate in config.request_rates]
         name = served["id"]
         await warm_up_http(session, config.url, name)
         runs = []
@@ -140,10 +143,20 @@ async def drive_http(session, url: str, model_name: str, workload: Workload,
                      arrivals: np.ndarray, max_concurrency: int | None = None
                      ) -> tuple[list[RequestResult], float]:
     """Send request i at arrivals[i] seconds over an aiohttp session; (results in trace order,
-    seconds from the start to the last completion), as runner.drive does in process."""
+    seconds from the start to the last completion), as runner.drive does in process. With
+    conversations, arrivals are their starts, and each later turn is sent its think time after
+    the previous answer arrived, with the conversation so far (the answer's token ids as the
+    server returned them: return_token_ids)."""
     limit = asyncio.Semaphore(max_concurrency or len(arrivals) or 1)
     start = time.perf_counter()
     trace = workload.trace
+    if workload.prefixes.turns > 1:
+        results = [RequestResult(int(n), 0, error="not sent: an earlier turn of its "
+                                 "conversation failed") for n in trace.prompt_lens]
+        await asyncio.gather(*(_conversation(session, url, model_name, workload, c,
+                                             start + float(t), limit, results)
+                               for c, t in enumerate(arrivals)))
+        return results, time.perf_counter() - start
 
     async def one(i: int) -> RequestResult:
         arrival = start + float(arrivals[i])
@@ -157,6 +170,31 @@ async def drive_http(session, url: str, model_name: str, workload: Workload,
     return list(results), time.perf_counter() - start
 
 
+async def _conversation(session, url: str, model_name: str, workload: Workload, c: int,
+                        arrival: float, limit: asyncio.Semaphore,
+                        results: list[RequestResult]) -> None:
+    """Conversation c's turns, one after the other, into results[row]; stops at a failure."""
+    turns = workload.prefixes.turns
+    context = list(workload.system_prompt)
+    for row in range(c * turns, (c + 1) * turns):
+        if row % turns:
+            arrival = time.perf_counter() + float(workload.think_times[row])
+        await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+        prompt, answer = context + workload.prompts[row].tolist(), []
+        async with limit:
+            results[row] = await _one_request(session, url, model_name, prompt,
+                                              int(workload.trace.output_lens[row]), arrival,
+                                              answer=answer)
+        if results[row].error:
+            return
+        if len(answer) != results[row].output_len:
+            results[row] = _failed(prompt, f"the server returned {len(answer)} token ids for "
+                                           f"{results[row].output_len} tokens: a conversation "
+                                           f"needs return_token_ids (vLLM, nanorun)")
+            return
+        context = prompt + answer
+
+
 async def warm_up_http(session, url: str, model_name: str) -> None:
     """One short request, so the server's first-request costs are not timed."""
     result = await _one_request(session, url, model_name, [1, 2, 3], 2, time.perf_counter())
@@ -165,12 +203,15 @@ async def warm_up_http(session, url: str, model_name: str) -> None:
 
 
 async def _one_request(session, url: str, model_name: str, prompt: list[int], max_tokens: int,
-                       arrival: float) -> RequestResult:
-    """One streaming completion; latencies from `arrival` (perf_counter seconds)."""
+                       arrival: float, *, answer: list[int] | None = None) -> RequestResult:
+    """One streaming completion; latencies from `arrival` (perf_counter seconds). With
+    `answer`, asks for the output's token ids (return_token_ids) and appends them there."""
     body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0.0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
-    ttft, last, itls, produced = None, arrival, [], None
+    if answer is not None:
+        body["return_token_ids"] = True
+    ttft, last, itls, produced, cached = None, arrival, [], None, None
     try:
         async with session.post(f"{url}/v1/completions", json=body) as r:
             if r.status != 200:
@@ -182,6 +223,8 @@ async def _one_request(session, url: str, model_name: str, prompt: list[int], ma
                 if "error" in chunk:
                     return _failed(prompt, f"stream error: {chunk['error']}")
                 if chunk.get("choices"):
+                    if answer is not None:
+                        answer.extend(chunk["choices"][0].get("token_ids") or ())
                     if ttft is None:
                         ttft = now - arrival
                     else:
@@ -189,6 +232,8 @@ async def _one_request(session, url: str, model_name: str, prompt: list[int], ma
                     last = now
                 if chunk.get("usage"):
                     produced = chunk["usage"]["completion_tokens"]
+                    details = chunk["usage"].get("prompt_tokens_details") or {}
+                    cached = details.get("cached_tokens")
     except (OSError, asyncio.TimeoutError, ValueError) as e:    # aiohttp errors are OSErrors
         return _failed(prompt, f"{type(e).__name__}: {e}")
     end = time.perf_counter()
@@ -196,7 +241,7 @@ async def _one_request(session, url: str, model_name: str, prompt: list[int], ma
         return RequestResult(len(prompt), produced or 0, error=(
             f"produced {produced} tokens (usage.completion_tokens), expected {max_tokens}"))
     return RequestResult(len(prompt), produced, ttft=ttft, e2el=end - arrival,
-                         itls=tuple(itls))
+                         itls=tuple(itls), cached_tokens=cached)
 
 
 async def _sse_events(content) -> AsyncIterator[tuple[float, str]]:
@@ -247,6 +292,8 @@ def _header(config: HttpBenchConfig, model: str, served: str, workload: Workload
         "trace_source": trace.source,
         "length_filter": str(config.length_filter) if config.length_filter else None,
         "num_requests": len(trace),
+        "prefixes": config.prefixes.describe(),
+        "num_conversations": workload.num_conversations,
         "num_skipped": workload.num_skipped,
         "skip_reason": workload.skip_reason or None,
         "mean_prompt_len": float(trace.prompt_lens.mean()),
@@ -286,12 +333,14 @@ def format_http_summary(report: dict) -> str:
     lines = [f"nanorun bench --base-url {h['base_url']}: model {h['served_model']}, trace "
              f"{h['trace']} ({h['num_requests']} requests, mean {h['mean_prompt_len']:.0f} "
              f"prompt / {h['mean_output_len']:.0f} output tokens)",
+             *prefix_lines(h),
              f"{'rate':>6}  {'ok/fail':>8}  {'req/s':>7}  {'out tok/s':>10}  {'tot tok/s':>10}  "
-             f"{'TTFT ms':>9}  {'TPOT ms':>8}  {'ITL ms':>7}  {'E2EL ms':>9}"]
+             f"{'hit %':>6}  {'TTFT ms':>9}  {'TPOT ms':>8}  {'ITL ms':>7}  {'E2EL ms':>9}"]
     for r in report["runs"]:
         ok = f"{r['completed']}/{r['failed']}"
         lines.append(f"{str(r['request_rate']):>6}  {ok:>8}  {r['request_throughput']:>7.2f}  {r['output_throughput']:>10,.0f}  "
-                     f"{r['total_token_throughput']:>10,.0f}  {_ms(r['mean_ttft_ms']):>9}  "
+                     f"{r['total_token_throughput']:>10,.0f}  "
+                     f"{percent(r.get('prefix_cache_hit_rate')):>6}  {_ms(r['mean_ttft_ms']):>9}  "
                      f"{_ms(r['mean_tpot_ms']):>8}  {_ms(r['mean_itl_ms']):>7}  "
                      f"{_ms(r['mean_e2el_ms']):>9}")
     failed = [e for r in report["runs"] for e in r["errors"] if e]

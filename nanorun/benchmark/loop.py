@@ -5,7 +5,8 @@ the engine while anything is unfinished, sleeps while nothing is due yet, and te
 when each request ends, so a closed-loop workload (a conversation's next turn, sent only after
 the previous answer arrives) and an open-loop one (arrival times fixed up front) run through
 the same code. Times are seconds from the loop's start on `time.perf_counter`, the engine's
-clock, so a request's TTFT counts the time it waited for a busy step.
+clock, so a request's TTFT counts the time it waited for a busy step; or, with a StepClock,
+engine steps (a device-independent clock: the scheduling study counts latency in steps).
 
 Any engine with add_request / step / has_unfinished_requests / abort_request runs here: the
 token-level `Engine` and the text-level `TextEngine`. A request the engine refuses is recorded
@@ -16,6 +17,7 @@ with that reason, `Stepped.stopped` says why, and the loop ends.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,14 +81,60 @@ class Stepped:
                    if out.metrics is not None)
 
 
+class WallClock:
+    """Seconds since the loop's start; waiting sleeps."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start
+
+    def wait_until(self, t: float) -> None:
+        wait = t - self.now()
+        if wait > 0:
+            time.sleep(wait)
+
+    def tick(self) -> None:
+        pass
+
+    def arrival_time(self, due: float) -> float | None:
+        """The engine's arrival time of a request due at `due`: its scheduled time, so the
+        wait for a busy step counts in its latency."""
+        return self.start + due
+
+
+class StepClock:
+    """Engine steps taken; waiting while the engine is idle skips ahead to the next due step."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def now(self) -> float:
+        return float(self.step)
+
+    def wait_until(self, t: float) -> None:
+        self.step = max(self.step, math.ceil(t))
+
+    def tick(self) -> None:
+        self.step += 1
+
+    def arrival_time(self, due: float) -> float | None:
+        return None     # the engine's own clock: latencies are counted in steps here
+
+
 def run_requests(engine: Any, source: RequestSource, *,
-                 on_end: Callable[[str], None] | None = None) -> Stepped:
+                 on_end: Callable[[str], None] | None = None,
+                 on_output: Callable[[RequestOutput], None] | None = None,
+                 clock: WallClock | StepClock | None = None) -> Stepped:
     """Step `engine` until `source` is exhausted and every request it sent has ended.
 
     on_end(request_id) is called once per request that ends, finished or failed (a progress
-    bar, for instance).
+    bar, for instance); on_output(output) for every output of every step, finished or not.
+    clock: a WallClock (the default) or a StepClock.
     """
     result, in_flight = Stepped(), set()
+    clock = clock or WallClock()
     start = time.perf_counter()
 
     def end(rid: str, output: RequestOutput | None, error: str = "") -> None:
@@ -95,13 +143,13 @@ def run_requests(engine: Any, source: RequestSource, *,
         else:
             result.errors[rid] = error
         in_flight.discard(rid)
-        source.finished(rid, output, time.perf_counter() - start)
+        source.finished(rid, output, clock.now())
         if on_end is not None:
             on_end(rid)
 
     while True:
-        for sub in source.due(time.perf_counter() - start):
-            error = _add(engine, sub, start)
+        for sub in source.due(clock.now()):
+            error = _add(engine, sub, clock.arrival_time(sub.due))
             if error:
                 end(sub.request_id, None, error)
             else:
@@ -115,7 +163,7 @@ def run_requests(engine: Any, source: RequestSource, *,
             if due is None:
                 raise RuntimeError(f"{type(source).__name__} has requests left but none due "
                                    f"and none in flight to wait for")
-            _sleep_until(due, start)
+            clock.wait_until(due)
             continue
         t = time.perf_counter()
         try:
@@ -128,7 +176,10 @@ def run_requests(engine: Any, source: RequestSource, *,
                 end(rid, None, result.stopped)
             break
         result.step_seconds.append(time.perf_counter() - t)
+        clock.tick()
         for out in outputs:
+            if on_output is not None:
+                on_output(out)
             if out.finished and out.request_id in in_flight:
                 end(out.request_id, out)
     result.wall_s = time.perf_counter() - start
@@ -176,17 +227,10 @@ class ScheduledSource:
         return self._subs[self._next:]
 
 
-def _add(engine: Any, sub: Submission, start: float) -> str:
+def _add(engine: Any, sub: Submission, arrival_time: float | None) -> str:
     """Queue one request; "" on success, else why it could not be added."""
     try:
-        engine.add_request(sub.request_id, list(sub.prompt), sub.params, start + sub.due)
+        engine.add_request(sub.request_id, list(sub.prompt), sub.params, arrival_time)
     except (ValueError, TypeError, RuntimeError) as e:
         return f"not added: {e}"
     return ""
-
-
-def _sleep_until(due: float, start: float) -> None:
-    """Sleep until `due` (seconds from the loop's start)."""
-    wait = due - (time.perf_counter() - start)
-    if wait > 0:
-        time.sleep(wait)

@@ -32,6 +32,7 @@ class RequestResult:
     e2el: float | None = None
     itls: tuple[float, ...] = field(default=())
     error: str = ""
+    cached_tokens: int | None = None         # prompt tokens taken from a prefix cache
 
     @property
     def success(self) -> bool:
@@ -86,6 +87,7 @@ def compute_metrics(
         "request_goodput": (_count_good(done, goodput) / duration) if goodput else None,
         "output_throughput": total_out / duration,
         "total_token_throughput": (total_in + total_out) / duration,
+        **prefix_cache_metrics(done),
     }
     samples = {
         "ttft": [r.ttft for r in done],
@@ -96,6 +98,21 @@ def compute_metrics(
     for name in LATENCY_METRICS:
         metrics.update(latency_stats(name, samples[name], percentiles))
     return metrics
+
+
+def prefix_cache_metrics(done: Sequence[RequestResult]) -> dict:
+    """The prefix cache's share of the prompt tokens of the completed requests: cached tokens
+    summed over prompt tokens (vLLM's num_cached_tokens, usage.prompt_tokens_details.
+    cached_tokens), and the prompt tokens the engine computed. None where any request's
+    cached count is unknown (an engine or server that does not report it)."""
+    cached = [r.cached_tokens for r in done]
+    if not done or None in cached:
+        return {"total_cached_tokens": None, "prefix_cache_hit_rate": None,
+                "prompt_tokens_computed": None}
+    total_in, total_cached = sum(r.prompt_len for r in done), sum(cached)
+    return {"total_cached_tokens": total_cached,
+            "prefix_cache_hit_rate": total_cached / total_in if total_in else None,
+            "prompt_tokens_computed": total_in - total_cached}
 
 
 def latency_stats(name: str, seconds: Sequence[float], percentiles: Sequence[float]) -> dict:

@@ -31,7 +31,8 @@ from .runner import BASELINE, Measurement, Run, layout_label
 
 REPORT_VERSION = 1
 # The figures whose spread over the passes a run records (and the figure draws as whiskers).
-SPREAD_KEYS = ("total_token_throughput", "mean_ttft_ms", "mean_tpot_ms")
+SPREAD_KEYS = ("total_token_throughput", "mean_ttft_ms", "mean_tpot_ms",
+               "prefix_cache_hit_rate", "prompt_tokens_computed")
 
 
 def build_report(m: Measurement) -> dict:
@@ -116,6 +117,8 @@ def _header(m: Measurement, bound: float) -> dict:
         "trace_source": trace.source,
         "length_filter": str(config.length_filter) if config.length_filter else None,
         "num_requests": len(trace),
+        "prefixes": config.prefixes.describe(),
+        "num_conversations": m.workload.num_conversations,
         "num_skipped": m.workload.num_skipped,
         "skip_reason": m.workload.skip_reason or None,
         "mean_prompt_len": float(trace.prompt_lens.mean()),

@@ -47,9 +47,13 @@ from ..sampling_params import SamplingParams
 from ..scheduler import uses_predictions
 from . import arrivals as arrival_process
 from . import ceilings, environment
-from .loop import ScheduledSource, Submission, run_requests
+from .loop import run_requests
 from .metrics import RequestResult, compute_metrics
-from .traces import LengthFilter, Trace, load_trace
+from .traces import LengthFilter, load_trace
+from .workload import Prefixes, Workload, greedy
+
+__all__ = ["BenchConfig", "Drive", "Measurement", "Run", "Workload", "drive", "greedy",
+           "run_benchmark", "run_traces"]
 
 logger = logging.getLogger("nanorun")
 
@@ -79,6 +83,7 @@ class BenchConfig:
     # Interleaved passes over every layout. 1 here, so that a script's budget stays its own;
     # the command's default is cli.DEFAULT_REPEATS.
     repeats: int = 1
+    prefixes: Prefixes = Prefixes()         # a shared system prompt, conversations
 
     def __post_init__(self) -> None:
         own = {"model", "layout", "max_batch_tokens", "seed"} & set(self.engine_options)
@@ -123,46 +128,6 @@ class BenchConfig:
     def engine(self, layout: str, max_batch_tokens: int) -> Engine:
         return Engine(self.model, layout=layout, max_batch_tokens=max_batch_tokens,
                       seed=self.seed, **self.engine_options)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """The requests every layout runs: the trace's requests that fit, with their prompts."""
-
-    trace: Trace
-    prompts: tuple[np.ndarray, ...]      # token ids, one [prompt_len] array per request
-    num_skipped: int = 0
-    skip_reason: str = ""
-
-    @classmethod
-    def fit(cls, trace: Trace, engine: Engine, seed: int) -> Workload:
-        """Drop (with a warning) the requests the engine can never hold; draw seeded prompts."""
-        kv = engine.kv_cache
-        max_total = min(engine.max_model_len, kv.num_pages * kv.page_size)
-        return cls.fit_limits(trace, max_total, engine.model_config.vocab_size, seed,
-                              f"prompt + output longer than the model's context "
-                              f"({engine.max_model_len} tokens) or the KV cache "
-                              f"({kv.capacity_tokens} tokens)")
-
-    @classmethod
-    def fit_limits(cls, trace: Trace, max_total: int, vocab_size: int, seed: int,
-                   reason: str) -> Workload:
-        """Drop (with a warning naming `reason`) the requests of more than max_total prompt +
-        output tokens; draw seeded prompts of ids in [0, vocab_size). The HTTP client fits to
-        what a server says it holds, the in-process runner to its engine."""
-        total = trace.prompt_lens + trace.output_lens
-        fits = total <= max_total
-        skipped = int((~fits).sum())
-        if skipped:
-            if skipped == len(trace):
-                raise ValueError(f"every request of trace {trace.name!r} has {reason}; add "
-                                 f"a --filter or use shorter requests")
-            logger.warning("skipping %d of %d requests: %s. Add --filter to choose which.",
-                           skipped, len(trace), reason)
-            trace = _subset(trace, fits)
-        rng = np.random.default_rng(seed)
-        prompts = tuple(rng.integers(0, vocab_size, size=int(n)) for n in trace.prompt_lens)
-        return cls(trace, prompts, skipped, reason if skipped else "")
 
 
 @dataclass(frozen=True)
@@ -247,7 +212,7 @@ def run_traces(config: BenchConfig, traces: tuple[str, ...], *,
                 facts = engine_facts(engine)
             for k, trace in enumerate(loaded):
                 if workloads[k] is None:
-                    workloads[k] = Workload.fit(trace, engine, config.seed)
+                    workloads[k] = Workload.fit(trace, engine, config.seed, config.prefixes)
             warm_up(engine)
             for k, workload in enumerate(workloads):
                 runs[k] += [_run_one(engine, workload, layout, rate, config, repeat)
@@ -274,25 +239,19 @@ def warm_up(engine: Engine) -> None:
 
 
 def drive(engine: Engine, workload: Workload, arrivals: np.ndarray, *, progress=None) -> Drive:
-    """Run the workload with these arrival times (seconds from the start, non-decreasing)."""
+    """Run the workload; arrivals: seconds from the start (non-decreasing) of each request, or
+    of each conversation's first turn (Workload.starts)."""
     trace, n = workload.trace, len(workload.trace)
-    source = ScheduledSource([
-        Submission(str(i), workload.prompts[i].tolist(), greedy(int(trace.output_lens[i])),
-                   float(arrivals[i])) for i in range(n)])
-    done = run_requests(engine, source,
+    done = run_requests(engine, workload.source(arrivals),
                         on_end=None if progress is None else (lambda _: progress.update(1)))
     results = []
     for i in range(n):
         out, prompt_len = done.outputs.get(str(i)), int(trace.prompt_lens[i])
-        error = done.errors.get(str(i), done.stopped or "never sent")
+        error = done.errors.get(str(i)) or done.stopped or (
+            "not sent: an earlier turn of its conversation failed")
         results.append(request_result(out, int(trace.output_lens[i])) if out is not None
                        else RequestResult(prompt_len, 0, error=error))
     return Drive(results, done.wall_s, done.steps, done.preemptions)
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    """A benchmark request's sampling: greedy, to exactly max_tokens (EOS ignored)."""
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
 def request_result(out: RequestOutput, expected_len: int) -> RequestResult:
@@ -304,7 +263,14 @@ def request_result(out: RequestOutput, expected_len: int) -> RequestResult:
             f"produced {produced} tokens (finish_reason {out.finish_reason!r}), "
             f"expected {expected_len}"))
     itls = tuple(float(g) for g in np.diff(m.token_times))
-    return RequestResult(prompt_len, produced, ttft=m.ttft, e2el=m.e2e_latency, itls=itls)
+    return RequestResult(prompt_len, produced, ttft=m.ttft, e2el=m.e2e_latency, itls=itls,
+                         cached_tokens=cached_tokens(out))
+
+
+def cached_tokens(out: RequestOutput) -> int | None:
+    """The prompt tokens the engine took from its prefix cache (vLLM's num_cached_tokens);
+    None where the engine does not report them."""
+    return getattr(out, "num_cached_tokens", None)
 
 
 def engine_facts(engine: Engine) -> dict:
@@ -329,10 +295,10 @@ def engine_facts(engine: Engine) -> dict:
 
 def _run_one(engine: Engine, workload: Workload, layout: str, rate,
              config: BenchConfig, repeat: int = 0) -> Run:
-    arrivals = arrival_process.schedule(workload.trace, rate, burstiness=config.burstiness,
-                                        seed=config.seed)
+    arrivals = arrival_process.schedule(workload.starts(), rate,
+                                        burstiness=config.burstiness, seed=config.seed)
     desc = f"{layout_label(layout)} @ {rate}" + (f" #{repeat + 1}" if config.repeats > 1 else "")
-    progress = _progress(len(arrivals), desc, config.show_progress)
+    progress = _progress(len(workload.trace), desc, config.show_progress)
     try:
         done = drive(engine, workload, arrivals, progress=progress)
     finally:
@@ -349,14 +315,6 @@ def layout_label(layout: str) -> str:
 def _is_preset(model: str) -> bool:
     from ..models import PRESETS
     return model in PRESETS
-
-
-def _subset(trace: Trace, keep: np.ndarray) -> Trace:
-    arrivals = trace.arrivals
-    if arrivals is not None:
-        arrivals = arrivals[keep] - arrivals[keep][0]
-    return replace(trace, prompt_lens=trace.prompt_lens[keep],
-                   output_lens=trace.output_lens[keep], arrivals=arrivals)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -13,6 +13,7 @@ _COLUMNS = (
     ("vs seq", 7, lambda r: _ratio(r["nanorun"]["throughput_ratio_to_sequential"])
      + ("?" if r["nanorun"]["repeats"]["ratio_resolved"] is False else "")),
     ("% opt", 6, lambda r: f"{r['nanorun']['percent_of_optimal']:.1f}"),
+    ("hit %", 6, lambda r: percent(r.get("prefix_cache_hit_rate"))),
     ("TTFT ms", 9, lambda r: _ms(r["mean_ttft_ms"])),
     ("TPOT ms", 8, lambda r: _ms(r["mean_tpot_ms"])),
     ("ITL ms", 7, lambda r: _ms(r["mean_itl_ms"])),
@@ -44,6 +45,7 @@ def format_summary(report: dict) -> str:
         f"trace {h['trace']}: {h['num_requests']} requests, mean {h['mean_prompt_len']:.0f} "
         f"prompt / {h['mean_output_len']:.0f} output tokens, filter "
         f"{h['length_filter'] or 'none'}",
+        *prefix_lines(h),
         f"measured on {h['ceilings_measured_on']}: GEMM {h['gemm_tflops']:.3g} TFLOP/s "
         f"({h['gemm_dtype']}), copy {h['copy_gbps']:.3g} GB/s; optimal bound "
         f"{h['optimal_tokens_per_s']:,.0f} tokens/s",
@@ -67,6 +69,27 @@ def format_summary(report: dict) -> str:
         lines.append(f"{len(failed)} failed requests; first reason: {failed[0]}")
     lines += [f"warning: {w}" for w in h["warnings"]]
     return "\n".join(lines)
+
+
+def prefix_lines(h: dict) -> list[str]:
+    """What the prompts share, where they share anything; and the hit-rate column's meaning."""
+    p = h.get("prefixes") or {}
+    shared = []
+    if p.get("system_prompt_len"):
+        shared.append(f"a {p['system_prompt_len']}-token system prompt in every prompt")
+    if p.get("turns", 1) > 1:
+        shared.append(f"{h['num_conversations']} conversations of {p['turns']} turns, each "
+                      f"resending the conversation so far, mean think time "
+                      f"{p['think_time_s']:g} s")
+    if not shared:
+        return []
+    return ["prefixes: " + "; ".join(shared) + " (hit %: prompt tokens taken from the prefix "
+            "cache)"]
+
+
+def percent(value: float | None) -> str:
+    """A share as a percentage for a table; "-" where unknown."""
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def _ms(value: float | None) -> str:
