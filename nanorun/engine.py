@@ -15,7 +15,7 @@ from .engine_builder import build_engine
 from .input_processor import InputProcessor, as_request_id
 from .outputs import RequestOutput
 from .request import Request
-from .sampler import PreparedSampling, logprob_dicts
+from .sampler import PreparedSampling, TokenConstraint, logprob_dicts
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk
 
@@ -128,11 +128,17 @@ class Engine:
         self.requests.update((r.request_id, r) for r in requests)
 
     def new_request(self, request_id, prompt_token_ids, sampling_params=None, arrival_time=None,
-                    *, eos_token_ids: tuple[int, ...] | None = None) -> Request:
+                    *, eos_token_ids: tuple[int, ...] | None = None,
+                    constraint: TokenConstraint | None = None) -> Request:
         """Validate and build a Request without queueing it (nanorun.input_processor).
-        eos_token_ids: what ends it (unless ignore_eos) instead of the engine's eos_token_ids."""
-        return self.processor.new_request(request_id, prompt_token_ids, sampling_params,
-                                          arrival_time, eos_token_ids=eos_token_ids)
+        eos_token_ids: what ends it (unless ignore_eos) instead of the engine's eos_token_ids.
+        constraint: what its tokens may be from the first on (a grammar, bad words: the text
+        layer's, see nanorun.structured_output), applied as a mask on its logits."""
+        request = self.processor.new_request(request_id, prompt_token_ids, sampling_params,
+                                             arrival_time, eos_token_ids=eos_token_ids)
+        if constraint is not None:
+            self.sampler.constrain(request, constraint)
+        return request
 
     def admit_transferred(self, request: Request) -> None:
         """Queue a request whose first num_computed_tokens tokens' KV another engine computed
@@ -197,14 +203,19 @@ class Engine:
         (the batch reads each pending token from i's sampled ids, see Batch.pending) or is
         known ahead (max_tokens); what is not (a stop token) is seen at retire(i), and the
         token i + 1 sampled after it is dropped. Penalties count i's tokens on the device too
-        (nanorun.sampler.TokenCounts), so nothing forces a retire before the next launch."""
+        (nanorun.sampler.TokenCounts), so nothing forces a retire before the next launch. A
+        request with a TokenConstraint (a grammar) needs i's token on the host for its mask:
+        then i + 1's model runs first and its sampling is submitted after retire(i)."""
         outputs = [r.to_output() for r in self._aborted]
         self._aborted.clear()
         launched = self.launch()
         if not self.config.async_scheduling:
             return outputs + self.retire(launched)
         done, self._in_flight = self._in_flight, launched
-        return outputs + self.retire(done)
+        outputs += self.retire(done)
+        if launched is not None and launched.in_flight is None:
+            self._submit_sampling(launched)     # its constraints have seen `done`'s tokens
+        return outputs
 
     def launch(self) -> _Launched | None:
         """Schedule and build the next iteration and submit its device work (None: nothing
@@ -227,37 +238,73 @@ class Engine:
                             previous=None if previous is None
                             else (previous.tokens, previous.rows))
         sampling = [c.request for c in chunks if c.samples]
-        prepared = self.sampler.prepare(sampling, self.model_config.vocab_size, self.device)
         tokens = torch.empty(len(sampling), dtype=torch.long, device=self.device)
         keep = None if every is None else torch.tensor(_sampling_rows(chunks, every),
                                                        dtype=torch.long, device=self.device)
-        logprobs = any(r.sampling_params.logprobs is not None for r in sampling)
         if self.kv_sender is not None:       # the kv_send ops name the batch's rows by chunk
             self.kv_sender.begin_iteration(chunks, batch)
+        launched = _Launched(chunks, every, sampling, {r: i for i, r in enumerate(sampling)},
+                             None, tokens, None)
         copies = sched.copies
-        in_flight = self._device_queue.submit(
-            lambda: self._device_work(batch, copies, prepared, tokens, keep, logprobs))
+        if self.sampler.waits_for_tokens(sampling):
+            # A constrained request's mask needs the token in flight: run the model now and
+            # sample once step() has read that token back (_submit_sampling).
+            self._device_queue.submit(lambda: self._forward(batch, copies, keep, launched))
+        else:
+            self._submit_sampling(launched, lambda: self._forward(batch, copies, keep))
         for chunk in sched.chunks:
             chunk.request.advance(chunk.length)
+        return launched
+
+    def _submit_sampling(self, launched: _Launched, forward=None) -> None:
+        """Prepare the iteration's sampling on the host and submit its device part (after
+        `forward`, the model's run, where given: else that was submitted before and left its
+        logits in launched.logits). Its samples are pending from here until retire()."""
+        sampling = launched.sampling
+        prepared = self.sampler.prepare(sampling, self.model_config.vocab_size, self.device)
+        logprobs = any(r.sampling_params.logprobs is not None for r in sampling)
+        launched.prepared = prepared
+        launched.in_flight = self._device_queue.submit(
+            lambda: self._device_work(launched, forward, prepared, logprobs))
         for request in sampling:
             request.num_pending += 1
-        return _Launched(chunks, every, sampling, {r: i for i, r in enumerate(sampling)},
-                         prepared, tokens, in_flight)
 
-    def _device_work(self, batch: Batch, copies: list[tuple[int, int]],
-                     prepared: PreparedSampling, tokens: torch.Tensor,
-                     keep: torch.Tensor | None, logprobs: bool) -> DeviceOutput:
+    def _forward(self, batch: Batch, copies: list[tuple[int, int]], keep: torch.Tensor | None,
+                 launched: _Launched | None = None) -> DeviceOutput:
+        """The model's part of an iteration on the device: (logits of the sampling rows, all
+        logits where prompt logprobs want them). First the page copies of requests that took
+        a cached prefix (see nanorun.scheduler): after every earlier iteration's writes,
+        before this one's. Given `launched` (its sampling comes later), the logits are left
+        there, or the error that stopped the run, and the queue gets an empty output."""
+        try:
+            self.kv_cache.copy_pages(copies)
+            logits = all_logits = self.executor.run(batch)
+            if keep is not None:
+                logits = all_logits.index_select(0, keep)
+            result = (logits, all_logits if keep is not None else None)
+        except Exception as e:
+            if launched is None:
+                raise
+            result = e
+        if launched is None:
+            return result
+        launched.logits = result
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        return DeviceOutput(empty, empty.bool())
+
+    def _device_work(self, launched: _Launched, forward, prepared: PreparedSampling,
+                     logprobs: bool) -> DeviceOutput:
         """The device's part of an iteration: no host sync (on a GPU; on the CPU under async
-        scheduling it runs on the device worker thread). First the forks' page copies (see
-        nanorun.scheduler): after every earlier iteration's writes, before this one's."""
-        self.kv_cache.copy_pages(copies)
-        logits = all_logits = self.executor.run(batch)
-        if keep is not None:
-            logits = all_logits.index_select(0, keep)
+        scheduling it runs on the device worker thread): the model's run (`forward`, unless it
+        ran before), then sampling; the sampled ids land in launched.tokens."""
+        result = forward() if forward is not None else launched.logits
+        launched.logits = None
+        if isinstance(result, Exception):
+            raise result
+        logits, all_logits = result
         sampled, ok = self.sampler.sample(logits, prepared)
-        tokens.copy_(sampled)
-        return DeviceOutput(tokens, ok, logits if logprobs else None,
-                            all_logits if keep is not None else None)
+        launched.tokens.copy_(sampled)
+        return DeviceOutput(launched.tokens, ok, logits if logprobs else None, all_logits)
 
     def retire(self, launched: _Launched | None) -> list[RequestOutput]:
         """Wait for a launched iteration (the one sync) and update its requests: each
@@ -283,6 +330,8 @@ class Engine:
                 request.finish("error", now, errors[row])
             else:
                 request.append_token(token, now, sampled.logprobs[row])
+                if not request.finished:
+                    self._advance_constraint(request, token, now)
             if request.finished:
                 self.scheduler.remove(request)
                 self.sampler.release(request)
@@ -291,6 +340,17 @@ class Engine:
         if self.kv_sender is not None:
             self._hand_off([r for r in launched.sampling if not r.finished])
         return [r.to_output() for r in reported]
+
+    def _advance_constraint(self, request: Request, token: int, now: float) -> None:
+        """Feed a token read back to the request's constraint: a grammar that is complete
+        ends the request ("stop", as vLLM's); one the token broke (which a masked draw
+        cannot do) ends it with an error."""
+        end = self.sampler.accept(request, token)
+        if end == "stop":
+            request.finish("stop", now)
+        elif end is not None:
+            logger.warning("request %r ended with an error: %s", request.request_id, end)
+            request.finish("error", now, end)
 
     def _hand_off(self, prefilled: list[Request]) -> None:
         """role="prefill": the requests whose prompt this step completed (and that did not end
@@ -360,9 +420,12 @@ class _Launched:
     every: list[bool] | None
     sampling: list[Request]
     rows: dict[Request, int]
-    prepared: PreparedSampling
+    prepared: PreparedSampling | None     # None until its sampling is submitted
     tokens: torch.Tensor
-    in_flight: InFlight
+    in_flight: InFlight | None
+    # Between a model run submitted alone and its sampling: (logits, all logits) or the
+    # error the run raised (set and read on the device's side, in submission order).
+    logits: tuple | Exception | None = None
 
 
 def _sampling_rows(chunks: list[ScheduledChunk], every: list[bool]) -> list[int]:

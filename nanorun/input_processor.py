@@ -52,6 +52,7 @@ class InputProcessor:
         sp = self._check_logprobs(sp)
         prompt = self.check_prompt(prompt_token_ids)
         self._check_stop_ids(sp)
+        self._check_logits_ids(sp)
         self._check_length(len(prompt), sp.max_tokens)
         now = time.perf_counter() if arrival_time is None else arrival_time
         key = (seed_key(sp.seed) if sp.seed is not None
@@ -78,6 +79,16 @@ class InputProcessor:
         if bad_stop:
             raise ValueError(f"stop_token_ids {bad_stop} are outside the vocabulary [0, {vocab}) "
                              f"of {self.model_config.name}")
+
+    def _check_logits_ids(self, sp: SamplingParams) -> None:
+        """logit_bias and allowed_token_ids name tokens of the vocabulary (vLLM's checks)."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", sp.logit_bias or ()),
+                          ("allowed_token_ids", sp.allowed_token_ids or ())):
+            bad = sorted({t for t in ids if t >= vocab})
+            if bad:
+                raise ValueError(f"{name} token ids {bad[:5]} are outside the vocabulary "
+                                 f"[0, {vocab}) of {self.model_config.name}")
 
     def _check_logprobs(self, sp: SamplingParams) -> SamplingParams:
         """logprobs and prompt_logprobs within max_logprobs, -1 (vLLM's "every token") as the
@@ -123,6 +134,11 @@ def check_token_level(sp: SamplingParams) -> None:
     if sp.stop:
         raise ValueError("stop strings are text: the Engine is token-in, token-out; use "
                          "nanorun.TextEngine or LLM, or stop_token_ids")
+    text = sp.needs_tokenizer
+    if text is not None:
+        raise ValueError(f"{text} is text: the Engine is token-in, token-out; use "
+                         f"nanorun.TextEngine or LLM (allowed_token_ids and logit_bias are "
+                         f"the Engine's own)")
 
 
 def as_request_id(request_id) -> str:

@@ -41,11 +41,23 @@ the engine (Sampler.release), through preemption: recompute does not change the 
 C is the most penalised requests alive at once (rows are reused, the tensors never shrink).
 The stateless path (Sampler() without counts, apply_penalties) rebuilds the counts from the
 host lists each call and is the reference the device counts are tested against.
+
+Token masks and biases come first, in vLLM's order: allowed_token_ids, a request's
+TokenConstraint (its grammar and bad words, see nanorun.structured_output) and logit_bias.
+The masks of all the rows that have one are one host-built bitmask [M, ceil(V / 32)] int32
+(xgrammar's layout: bit t % 32 of word t // 32 allows token t), copied to the device and
+unpacked there into -inf on the disallowed logits; logit_bias is one index_put of the rows'
+(row, id, bias) triples. Rows with neither pay nothing. A constraint's mask depends on every
+token before: where that token is still on the device (async scheduling), the engine
+prepares such an iteration's sampling after it has read the token back (see Engine.launch).
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -71,6 +83,22 @@ class SamplerOutput:
     tokens: list[int]
     errors: dict[int, str]
     logprobs: list[dict[int, Logprob] | None]
+
+
+class TokenConstraint(Protocol):
+    """What a request's next token may be, from its tokens so far (a grammar, bad words; see
+    nanorun.structured_output): host state, advanced by each token read back."""
+
+    @property
+    def is_terminated(self) -> bool:
+        """Nothing may follow: the request ends (finish_reason "stop")."""
+
+    def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
+        """Clear, in bitmask[row] (int32 words, every bit set on entry), the bits of the
+        tokens that may not come next."""
+
+    def accept_token(self, token: int) -> bool:
+        """Advance by the request's next token; False if it was not allowed."""
 
 
 def _mix(x: int) -> int:
@@ -120,12 +148,37 @@ class Sampler:
 
     def __init__(self, counts: "TokenCounts | None" = None) -> None:
         self.counts = counts
+        # Each constrained request's TokenConstraint; weak, so a request made but never
+        # queued (its batch-mate refused) leaves nothing behind.
+        self.constraints: weakref.WeakKeyDictionary[Request, TokenConstraint] = (
+            weakref.WeakKeyDictionary())
+
+    def constrain(self, request: Request, constraint: TokenConstraint) -> None:
+        """Sample `request` under `constraint` from its next token on."""
+        self.constraints[request] = constraint
 
     def release(self, request: Request) -> None:
         """`request` leaves (finished, aborted, handed over): its count row, if it has one,
         may go to another request."""
         if self.counts is not None:
             self.counts.release(request)
+        self.constraints.pop(request, None)
+
+    def accept(self, request: Request, token: int) -> str | None:
+        """Advance the request's constraint, if any, by the token just read back: None, or
+        how the request ends ("stop": the grammar is complete; "error: ...": the token broke
+        it, which a masked draw cannot do)."""
+        constraint = self.constraints.get(request)
+        if constraint is None:
+            return None
+        if not constraint.accept_token(token):
+            return f"error: token {token} is not allowed by the request's structured output"
+        return "stop" if constraint.is_terminated else None
+
+    def waits_for_tokens(self, requests: list[Request]) -> bool:
+        """Whether some request's mask depends on a token still on the device (async
+        scheduling): its sampling must be prepared after that token is read back."""
+        return any(r.num_pending and r in self.constraints for r in requests)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [N, V], one row per request in `requests` (float32 or the model's dtype)."""
@@ -137,7 +190,7 @@ class Sampler:
                 device: torch.device) -> "PreparedSampling":
         """What sample() needs from `requests`, built on the host now: later changes to the
         requests (a token read back, an abort) do not change this iteration's draws."""
-        return PreparedSampling.of(requests, vocab, device, self.counts)
+        return PreparedSampling.of(requests, vocab, device, self.counts, self.constraints)
 
     def sample(self, logits: torch.Tensor,
                prepared: "PreparedSampling") -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +200,12 @@ class Sampler:
             return empty, empty.bool()
         logits = logits.float()
         z = logits
-        if prepared.stops is not None or prepared.penalties is not None:
-            z = logits.clone()      # both edits are in place; `logits` stays the model's
+        if prepared.edits_logits:
+            z = logits.clone()      # the edits are in place; `logits` stays the model's
+            if prepared.masks is not None:
+                _apply_bitmask(z, *prepared.masks)
+            if prepared.bias is not None:
+                z.index_put_(prepared.bias[:2], prepared.bias[2], accumulate=True)
             if prepared.stops is not None:
                 z[prepared.stops] = float("-inf")
             if prepared.penalties is not None:
@@ -185,6 +242,8 @@ class Sampler:
 class PreparedSampling:
     """One iteration's sampling inputs as tensors on the device (see Sampler.prepare).
 
+    masks: (rows [M], bitmask [M, W] int32) of the rows with allowed_token_ids or a
+    TokenConstraint; bias: (rows, ids, biases) of logit_bias;
     stops: (rows, ids) to mask with -inf (min_tokens); penalties: the penalised rows and
     their counts (HostPenalties or DevicePenalties);
     sampled: (rows, temperature, min_p, top_k, top_p, u, what to apply) of the non-greedy
@@ -195,13 +254,22 @@ class PreparedSampling:
     stops: tuple[torch.Tensor, torch.Tensor] | None = None
     penalties: "HostPenalties | DevicePenalties | None" = None
     sampled: tuple[tuple, ...] = ()
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def edits_logits(self) -> bool:
+        return any(x is not None for x in (self.masks, self.bias, self.stops, self.penalties))
 
     @classmethod
     def of(cls, requests: list[Request], V: int, device: torch.device,
-           counts: "TokenCounts | None" = None) -> "PreparedSampling":
+           counts: "TokenCounts | None" = None,
+           constraints: Mapping[Request, TokenConstraint] | None = None) -> "PreparedSampling":
         out = cls(list(requests))
         if not requests:
             return out
+        out.masks = _token_masks(requests, V, device, constraints or {})
+        out.bias = _logit_bias(requests, V, device)
         out.stops = _stop_mask(requests, V, device)
         rows = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
         if rows:
@@ -218,6 +286,67 @@ def _valid_rows(z: torch.Tensor) -> torch.Tensor:
     """[N] bool: no NaN or +inf, and some token not masked: exactly the rows whose maximum is
     finite (a NaN propagates through amax), in one pass over [N, V]."""
     return torch.isfinite(z.amax(dim=-1))
+
+
+def _token_masks(requests: list[Request], V: int, device: torch.device,
+                 constraints: Mapping[Request, TokenConstraint]
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows [M], bitmask [M, W] int32 on the device) of the rows with allowed_token_ids or
+    a constraint, built on the host; None without any. A finished request (its token in
+    flight is dropped) is not asked."""
+    rows = [i for i, r in enumerate(requests)
+            if r.sampling_params.allowed_token_ids is not None
+            or (not r.finished and r in constraints)]
+    if not rows:
+        return None
+    words = -(-V // 32)
+    bitmask = np.full((len(rows), words), -1, dtype=np.int32)
+    for m, i in enumerate(rows):
+        request = requests[i]
+        constraint = None if request.finished else constraints.get(request)
+        if constraint is not None:
+            constraint.fill_bitmask(bitmask, m)
+        allowed = request.sampling_params.allowed_token_ids
+        if allowed is not None:
+            bitmask[m] &= _bitmask_of(allowed, words)
+    return (torch.tensor(rows, device=device),
+            torch.from_numpy(bitmask).to(device, non_blocking=True))
+
+
+def _bitmask_of(ids, words: int) -> np.ndarray:
+    """One bitmask row [words] int32 allowing exactly `ids`."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[ids < words * 32]
+    row = np.zeros(words, dtype=np.uint32)
+    np.bitwise_or.at(row, ids // 32, (np.uint32(1) << (ids % 32).astype(np.uint32)))
+    return row.view(np.int32)
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def _apply_bitmask(z: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """-inf, in place, on z's logits whose bit is clear in their row of the bitmask."""
+    V = z.shape[1]
+    bits = (bitmask[:, :, None] >> _BITS.to(bitmask.device)) & 1            # [M, W, 32]
+    allowed = bits.reshape(len(rows), -1)[:, :V].bool()
+    z.index_copy_(0, rows, z.index_select(0, rows).masked_fill(~allowed, float("-inf")))
+
+
+def _logit_bias(requests: list[Request], V: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rows, ids, biases) of every logit_bias entry in the vocabulary; None without any."""
+    rows, ids, values = [], [], []
+    for i, r in enumerate(requests):
+        for token, bias in (r.sampling_params.logit_bias or {}).items():
+            if token < V:
+                rows.append(i)
+                ids.append(token)
+                values.append(bias)
+    if not rows:
+        return None
+    return (torch.tensor(rows, device=device), torch.tensor(ids, device=device),
+            torch.tensor(values, dtype=torch.float32, device=device))
 
 
 def _stop_mask(requests: list[Request], V: int,

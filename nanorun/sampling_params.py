@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 
 # Temperatures below this sample as greedy (argmax), as vLLM does below its _SAMPLING_EPS:
 # dividing logits by 1e-50 overflows float32 to inf, and the softmax of that is NaN.
@@ -16,6 +16,98 @@ MAX_N = 128
 
 # torch.Generator.manual_seed takes exactly this range.
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
+# logit_bias values, as OpenAI documents them.
+_BIAS_MAX = 100.0
+# The constraint kinds of StructuredOutputsParams: exactly one is given.
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match, as vLLM's StructuredOutputsParams: exactly one of
+      json             a JSON schema (a dict, or its JSON text);
+      regex            a regular expression the whole output matches;
+      choice           a list of strings, the output is one of them;
+      grammar          an EBNF (GBNF) grammar as xgrammar takes it, its rule `root`;
+      json_object      True: any JSON object;
+      structural_tag   vLLM's structural tag JSON (tags with a schema each, and triggers).
+    Options: disable_any_whitespace (JSON without optional whitespace: compact output);
+    disable_additional_properties and disable_fallback are accepted because xgrammar already
+    does what they ask (no properties beyond the schema's; no other backend to fall back to).
+    whitespace_pattern is refused: xgrammar has no such setting.
+
+    Checked here for shape; the grammar itself is compiled (and an invalid schema, regex or
+    grammar refused) when a request with a tokenizer is made, see nanorun.structured_output.
+    """
+
+    json: str | dict | None = field(default=None, hash=False)
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs takes exactly one of {', '.join(_CONSTRAINTS)}; "
+                             f"got {', '.join(given) or 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind == "json":
+            if not isinstance(value, (str, Mapping)):
+                raise TypeError(f"structured_outputs.json must be a JSON schema (a dict or its "
+                                f"JSON text), got {type(value).__name__}")
+            if isinstance(value, str) and not value.strip():
+                raise ValueError("structured_outputs.json must not be empty")
+        elif kind == "choice":
+            if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of "
+                                 f"strings, got {value!r}")
+            if not all(isinstance(c, str) for c in value):
+                raise TypeError("structured_outputs.choice must be a list of strings")
+            object.__setattr__(self, "choice", tuple(value))
+        elif kind == "json_object":
+            if value is not True:
+                raise ValueError("structured_outputs.json_object must be True if given; leave "
+                                 "structured_outputs out for unconstrained output")
+        elif not isinstance(value, str) or not value.strip():
+            raise ValueError(f"structured_outputs.{kind} must be a non-empty string")
+        elif kind == "regex" and "\x00" in value:
+            raise ValueError("structured_outputs.regex must not contain a NUL character")
+        for name in ("disable_any_whitespace", "disable_additional_properties",
+                     "disable_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"structured_outputs.{name} must be True or False")
+        if self.whitespace_pattern is not None:
+            raise ValueError("structured_outputs.whitespace_pattern is not supported by "
+                             "nanorun (xgrammar has no such setting); use "
+                             "disable_any_whitespace for compact JSON")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: json, regex, choice, grammar, json_object, structural_tag."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) is not None)
+
+    @classmethod
+    def of(cls, value: object) -> "StructuredOutputsParams":
+        """A StructuredOutputsParams as it is, or one from a dict of its fields (the server's
+        JSON), refusing unknown keys by name."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"structured_outputs must be a StructuredOutputsParams or a dict of "
+                            f"its fields, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(map(str, value)) - known)
+        if unknown:
+            raise ValueError(f"structured_outputs has no field {unknown[0]!r}; it takes "
+                             f"{', '.join(sorted(known))}")
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -45,6 +137,20 @@ class SamplingParams:
                              vocabulary, within the engine's max_logprobs).
       prompt_logprobs        the same for every prompt token.
       skip_special_tokens    leave special tokens out of the output text.
+      spaces_between_special_tokens   vLLM's; tokenizer.json (fast) tokenizers decode special
+                             tokens as their decoder writes them either way (as transformers'
+                             fast decode and vLLM's fast detokenizer do), so it changes nothing.
+      truncate_prompt_tokens keep only the prompt's last N tokens (-1: max_model_len), as
+                             vLLM truncates them (left); None keeps it whole.
+      logit_bias             {token id: bias in [-100, 100]} added to those tokens' logits.
+      allowed_token_ids      only these tokens may be sampled.
+      bad_words              strings that never appear as the output's tokens: a word's last
+                             token is masked wherever the output ends with the rest of it
+                             (alone and after a space, as vLLM tokenizes them; text, so a
+                             TextEngine's or LLM's).
+      structured_outputs     a StructuredOutputsParams (or a dict of its fields): the output
+                             follows its JSON schema, regex, choice or grammar (a TextEngine's
+                             or LLM's: it needs the tokenizer).
 
     Every field is checked here, so a request that would fail inside a step is refused when it
     is made: ints must be ints (not bools, not floats with a fractional part), floats finite.
@@ -68,6 +174,12 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    logit_bias: dict[int, float] | None = field(default=None, hash=False)
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._set("max_tokens", _as_int("max_tokens", self.max_tokens))
@@ -86,11 +198,36 @@ class SamplingParams:
             self._set("seed", _as_int("seed", self.seed))
             if not _SEED_MIN <= self.seed <= _SEED_MAX:
                 raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._set("stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
+        if self.truncate_prompt_tokens is not None:
+            k = _as_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
+            if k == 0 or k < -1:
+                raise ValueError(f"truncate_prompt_tokens must be an integer >= 1 or -1 "
+                                 f"(max_model_len), got {k}")
+            self._set("truncate_prompt_tokens", k)
         self._check_vllm_fields()
+        self._check_logits_fields()
+
+    def _check_logits_fields(self) -> None:
+        """logit_bias, allowed_token_ids, bad_words, structured_outputs (their token ids are
+        checked against the vocabulary by the engine)."""
+        if self.logit_bias is not None:
+            self._set("logit_bias", _logit_bias(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            self._set("allowed_token_ids", _token_ids("allowed_token_ids",
+                                                      self.allowed_token_ids))
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (leave it out to allow "
+                                 "every token)")
+        if self.bad_words is not None:
+            words = _stop_strings(self.bad_words, "bad_words")
+            self._set("bad_words", words or None)
+        if self.structured_outputs is not None:
+            self._set("structured_outputs", StructuredOutputsParams.of(self.structured_outputs))
 
     def _check_vllm_fields(self) -> None:
         self._set("n", _as_int("n", self.n))
@@ -128,6 +265,17 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def needs_tokenizer(self) -> str | None:
+        """The first field that only a text layer (TextEngine, LLM) can act on, or None."""
+        if self.stop:
+            return "stop"
+        if self.bad_words:
+            return "bad_words"
+        if self.structured_outputs is not None:
+            return "structured_outputs"
+        return None
+
+    @property
     def has_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
@@ -161,18 +309,38 @@ def _token_ids(name: str, ids: object) -> tuple[int, ...]:
     return out
 
 
-def _stop_strings(stop: object) -> tuple[str, ...]:
+def _logit_bias(bias: object) -> dict[int, float]:
+    """{token id: bias}: ids as ints (JSON gives them as strings of digits), biases finite
+    numbers in [-100, 100], as OpenAI and vLLM bound them."""
+    if not isinstance(bias, Mapping):
+        raise TypeError(f"logit_bias must be a dict of token id -> bias, got "
+                        f"{type(bias).__name__}")
+    out = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            key = int(key)
+        token = _as_int("logit_bias key", key)
+        if token < 0:
+            raise ValueError(f"logit_bias keys must be non-negative token ids, got {token}")
+        value = _as_float(f"logit_bias[{token}]", value)
+        if not -_BIAS_MAX <= value <= _BIAS_MAX:
+            raise ValueError(f"logit_bias[{token}] must be in [-100, 100], got {value}")
+        out[token] = value
+    return out
+
+
+def _stop_strings(stop: object, name: str = "stop") -> tuple[str, ...]:
     """None, a string or a list of non-empty strings, as a tuple."""
     if stop is None:
         return ()
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, Sequence) or isinstance(stop, bytes):
-        raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+        raise TypeError(f"{name} must be a string or a list of strings, got {stop!r}")
     for s in stop:
         if not isinstance(s, str):
-            raise TypeError(f"stop must be a string or a list of strings, got an entry {s!r} "
+            raise TypeError(f"{name} must be a string or a list of strings, got an entry {s!r} "
                             f"({type(s).__name__})")
         if not s:
-            raise ValueError("stop strings must not be empty")
+            raise ValueError(f"{name} strings must not be empty")
     return tuple(stop)

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field, replace
 
 from .detokenizer import IncrementalDetokenizer
 from .engine import Engine
-from .input_processor import as_request_id
+from .input_processor import as_request_id, token_id_list
 from .gguf_tokenizer import gguf_tokenizer
 from .models.gguf import is_gguf
 from .models.hub import model_path
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .request import Request
 from .sampling_params import SamplingParams
+from .structured_output import GrammarCompiler, RequestConstraint, bad_words_token_ids
 from .tokenizer import Message, Tokenizer, load_tokenizer
 
 logger = logging.getLogger("nanorun")
@@ -112,6 +113,7 @@ class TextEngine:
         self._requests: dict[str, TextRequest] = {}
         self._by_core: dict[str, tuple[TextRequest, _Sequence]] = {}
         self._token_text: dict[int, str] = {}
+        self._grammars: GrammarCompiler | None = None      # made for the first grammar
 
     @classmethod
     def from_model(cls, model: str, *, tokenizer: str | None = None,
@@ -150,12 +152,15 @@ class TextEngine:
                              "stop_token_ids")
         text, ids = self._parse_prompt(prompt)
         salt = _cache_salt(prompt)
+        ids = _truncated(ids, sp.truncate_prompt_tokens, self.engine.max_model_len)
+        constraint = self._constraint_maker(sp)
         core, seqs = [], []
         for i in range(sp.n):
             child = _child_params(sp, i)
             core_id = rid if sp.n == 1 else f"{rid}#{i}"
             request = self.engine.new_request(core_id, ids, child, arrival_time,
-                                              eos_token_ids=self.eos_token_ids)
+                                              eos_token_ids=self.eos_token_ids,
+                                              constraint=constraint and constraint())
             request.cache_salt = salt      # names its pages in the prefix cache (not queued yet)
             arrival_time = request.metrics.arrival_time    # all n arrive together
             core.append(request)
@@ -274,6 +279,28 @@ class TextEngine:
         return {"prompt": text,
                 "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
+    def _constraint_maker(self, sp: SamplingParams):
+        """A maker of each sequence's RequestConstraint (its own grammar state) for a request
+        with structured_outputs or bad_words, or None. Compiling the grammar here refuses an
+        invalid schema, regex or grammar with a ValueError naming the field."""
+        if sp.structured_outputs is None and not sp.bad_words:
+            return None
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            what = "structured_outputs" if sp.structured_outputs is not None else "bad_words"
+            raise ValueError(f"{what} needs the model's tokenizer, and "
+                             f"{self.engine.model_config.name} has none "
+                             f"({self._no_tokenizer_reason or 'a preset'}); use "
+                             f"allowed_token_ids or logit_bias, which name token ids")
+        vocab = self.engine.model_config.vocab_size
+        grammar = None
+        if sp.structured_outputs is not None:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(tokenizer, vocab)
+            grammar = self._grammars.compile(sp.structured_outputs)
+        bad = bad_words_token_ids(tokenizer, sp.bad_words or (), vocab)
+        return lambda: RequestConstraint(grammar, bad, self.eos_token_ids)
+
     def _parse_prompt(self, prompt: Prompt) -> tuple[str | None, Sequence[int]]:
         """(text or None, token ids) of a prompt in any of add_request's forms."""
         if isinstance(prompt, str):
@@ -341,6 +368,20 @@ def tokenizer_of(model: str) -> tuple[Tokenizer | None, str | None]:
         return None, str(e)
 
 
+def _truncated(ids: Sequence[int], k: int | None, max_model_len: int) -> Sequence[int]:
+    """SamplingParams.truncate_prompt_tokens: the prompt's last k tokens (-1: max_model_len),
+    as vLLM keeps them."""
+    if k is None:
+        return ids
+    if k == -1:
+        k = max_model_len
+    if k > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens ({k}) is greater than max_model_len "
+                         f"({max_model_len}): select a smaller truncation size")
+    ids = token_id_list(ids)
+    return ids[-k:] if len(ids) > k else ids
+
+
 def _cache_salt(prompt: Prompt) -> str | None:
     """A prompt dict's cache_salt (vLLM's): only requests with the same salt share prefix-cache
     pages, so that one user cannot learn from timing what another's prompts were."""
@@ -353,12 +394,13 @@ def _cache_salt(prompt: Prompt) -> str | None:
 
 
 def _child_params(sp: SamplingParams, i: int) -> SamplingParams:
-    """The core request of sequence i: one sequence, no stop strings (the TextEngine's), seed
-    + i, and prompt logprobs from sequence 0 alone."""
+    """The core request of sequence i: one sequence, no stop strings, bad words or grammar
+    (the TextEngine's: they reach the core as its constraint), seed + i, and prompt logprobs
+    from sequence 0 alone."""
     seed = sp.seed
     if seed is not None and i:
         seed = seed + i if seed + i <= _SEED_MAX else seed + i - (1 << 64)
-    return replace(sp, n=1, stop=(), seed=seed,
+    return replace(sp, n=1, stop=(), bad_words=None, structured_outputs=None, seed=seed,
                    prompt_logprobs=sp.prompt_logprobs if i == 0 else None)
 
 

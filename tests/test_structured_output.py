@@ -1,0 +1,216 @@
+"""Structured outputs (xgrammar), bad_words, allowed_token_ids and logit_bias, through LLM,
+TextEngine and the token-level Engine.
+
+The tiny text model (tests/text_model.py) has random weights, so what a grammar lets through
+is what the model would not write by itself: every output must still parse and match. The
+checks are the user's: JSON parses and validates against its schema (jsonschema), a regex
+output fullmatches, a choice output is a choice, an invalid schema, regex or grammar is a
+ValueError naming the field. Batch-mates without a grammar get the tokens they get without
+the grammar requests beside them (up to a near-tie: the batches differ, tests/tokens.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("xgrammar")
+
+from nanorun import LLM, Engine, SamplingParams, TextEngine  # noqa: E402
+from nanorun.sampler import seed_key  # noqa: E402
+from nanorun.sampling_params import StructuredOutputsParams  # noqa: E402
+from nanorun.structured_output import bad_words_token_ids  # noqa: E402
+
+from text_model import write_text_model  # noqa: E402
+from tokens import assert_same_tokens  # noqa: E402
+
+KV_TOKENS, PAGE_SIZE = 4096, 16
+PROMPTS = ["hello world, the quick", "Привет, мир! 你好", "def main():\n    return",
+           "naïve café", "The stop string STOP", "numbers 0123456789"]
+
+# Bounded, so that a random model reaches the end within max_tokens. Strings are bounded by
+# a pattern, not maxLength: xgrammar 0.2's maxLength strings admit raw control characters
+# (its character class there leaves out only quote, backslash, CR and LF), which JSON forbids.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-zé ]{1,6}$"},
+        "kind": {"enum": ["fox", "dog", "cat"]},
+        "ok": {"type": "boolean"},
+        "count": {"type": "integer", "minimum": -5, "maximum": 120},
+        "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z0-9]{1,3}$"},
+                 "maxItems": 2},
+    },
+    "required": ["name", "kind", "ok", "count", "tags"],
+    "additionalProperties": False,
+}
+JSON = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+REGEX = r"[a-z]{2,5}@[a-z]{2,4}\.(com|org)"
+CHOICES = ["yes", "no", 'a "quoted" one', "naïve"]
+GRAMMAR = 'root ::= "(" item ("," item)? ")"\nitem ::= [0-9] | "x" [a-c]'
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_text_model(tmp_path_factory.mktemp("text-model"))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(str(model_dir), kv_cache_tokens=KV_TOKENS, page_size=PAGE_SIZE)
+
+
+def _texts(llm, params: SamplingParams, prompts=PROMPTS) -> list:
+    return [o.outputs for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_json_schema_output_validates(llm, temperature):
+    params = SamplingParams(max_tokens=96, temperature=temperature, seed=3, n=2,
+                            structured_outputs=JSON)
+    for outputs in _texts(llm, params):
+        for out in outputs:
+            assert out.finish_reason == "stop", out
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_regex_choice_and_grammar_outputs_match(llm):
+    def run(so):
+        params = SamplingParams(max_tokens=48, temperature=1.0, seed=7, structured_outputs=so)
+        return [o[0] for o in _texts(llm, params)]
+
+    for out in run(StructuredOutputsParams(regex=REGEX)):
+        assert out.finish_reason == "stop" and re.fullmatch(REGEX, out.text), out.text
+    picked = [out.text for out in run({"choice": CHOICES})]
+    assert set(picked) <= set(CHOICES), picked
+    for out in run(StructuredOutputsParams(grammar=GRAMMAR)):
+        assert re.fullmatch(r"\(([0-9]|x[a-c])(,([0-9]|x[a-c]))?\)", out.text), out.text
+
+
+def test_json_object_output_is_a_json_object(llm):
+    params = SamplingParams(max_tokens=200, temperature=0.0,
+                            structured_outputs={"json_object": True})
+    for outputs in _texts(llm, params, PROMPTS[:2]):
+        if outputs[0].finish_reason == "stop":      # an open-ended object may not end
+            assert isinstance(json.loads(outputs[0].text), dict)
+        else:
+            assert outputs[0].text.startswith("{")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("json", {"type": "object", "properties": {"a": {"type": "nonsense"}}}),
+    ("json", "{not json"),
+    ("regex", "[a-z"),
+    ("grammar", 'root ::= "a" undefined_rule'),
+    ("structural_tag", "{not json"),
+])
+def test_an_invalid_constraint_is_a_value_error_naming_the_field(llm, field, value):
+    with pytest.raises(ValueError, match=f"structured_outputs.{field} is not a valid"):
+        llm.generate(PROMPTS[0], SamplingParams(structured_outputs={field: value}))
+    # ... and the engine serves the next request
+    assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_bad_words_never_appear(llm):
+    tok = llm.get_tokenizer()
+    plain = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
+    # Words the model writes unconstrained: a one-token word and a two-token one.
+    words = set()
+    for out in plain:
+        ids = out.outputs[0].token_ids
+        words.add(tok.decode(ids[:1]).strip())
+        words.add(tok.decode(ids[2:4]))
+    words = [w for w in words if w.strip()]
+    sequences = bad_words_token_ids(tok, words, llm.engine.model_config.vocab_size)
+    assert sequences
+    out = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0,
+                                               bad_words=words))
+    for o in out:
+        ids = o.outputs[0].token_ids
+        for seq in sequences:
+            n = len(seq)
+            assert all(tuple(ids[i:i + n]) != tuple(seq) for i in range(len(ids) - n + 1)), \
+                (seq, ids)
+
+
+def test_logit_bias_and_allowed_token_ids_on_the_token_engine():
+    engine = Engine("tiny-llama", kv_cache_tokens=1024, page_size=16)
+    prompt = [1, 5, 9, 200, 7]
+
+    def run(**kw):
+        engine.add_request("r", prompt, SamplingParams(max_tokens=8, **kw))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    return out.outputs[0].token_ids
+
+    greedy = run(temperature=0.0)
+    forced = run(temperature=0.0, logit_bias={123: 100})
+    assert forced == [123] * 8
+    banned = run(temperature=0.0, logit_bias={t: -100 for t in set(greedy)})
+    assert not set(banned) & set(greedy)
+    allowed = [3, 77, 500, 901]
+    for seed in range(3):
+        got = run(temperature=1.5, seed=seed, allowed_token_ids=allowed)
+        assert set(got) <= set(allowed), got
+    vocab = engine.model_config.vocab_size
+    for bad in ({"logit_bias": {vocab: 1.0}}, {"allowed_token_ids": [vocab + 5]}):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))} token ids"):
+            engine.add_request("x", prompt, SamplingParams(**bad))
+    with pytest.raises(ValueError, match="^structured_outputs is text"):
+        engine.add_request("x", prompt, SamplingParams(structured_outputs={"regex": "a"}))
+    with pytest.raises(ValueError, match=r"logit_bias\[3\] must be in \[-100, 100\]"):
+        SamplingParams(logit_bias={3: 100.5})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("layout", ["sequential", "overlap"])
+def test_grammar_requests_among_others_validate_and_leave_the_others_alone(
+        model_dir, async_scheduling, layout):
+    """16 requests at once: 8 under a JSON schema or regex (greedy and seeded sampling), 8
+    unconstrained. Every constrained output matches; the unconstrained ones get the tokens
+    a run without the constrained requests gives them, up to a near-tie."""
+    te = TextEngine.from_model(str(model_dir), kv_cache_tokens=KV_TOKENS, page_size=PAGE_SIZE,
+                               layout=layout, async_scheduling=async_scheduling,
+                               max_batch_tokens=64)
+    free = {f"free{i}": (PROMPTS[i % len(PROMPTS)],
+                         SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 0.9,
+                                        seed=100 + i)) for i in range(8)}
+    bound = {}
+    for i in range(8):
+        so = JSON if i % 2 else StructuredOutputsParams(regex=REGEX)
+        bound[f"bound{i}"] = (PROMPTS[(i + 3) % len(PROMPTS)],
+                              SamplingParams(max_tokens=96, temperature=0.0 if i < 4 else 1.0,
+                                             seed=i, structured_outputs=so))
+
+    def run(requests: dict) -> dict:
+        for rid, (prompt, params) in requests.items():
+            te.add_request(rid, prompt, params)
+        done = {}
+        while te.has_unfinished_requests():
+            for out in te.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0]
+        return done
+
+    mixed = run({**bound, **free})
+    for rid, (_, params) in bound.items():
+        out = mixed[rid]
+        assert out.finish_reason == "stop", (rid, out)
+        if params.structured_outputs.kind == "json":
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+        else:
+            assert re.fullmatch(REGEX, out.text), out.text
+    alone = run(free)
+    engine = te.engine
+    for rid, (prompt, params) in free.items():
+        ids = te.tokenizer.encode(prompt, add_special_tokens=True)
+        assert_same_tokens(mixed[rid].token_ids, alone[rid].token_ids, prompt=ids,
+                           params=params, logits_of=engine.prompt_logits,
+                           key=seed_key(params.seed), eos_token_ids=te.eos_token_ids,
+                           what=rid)
+    te.engine.shutdown()
