@@ -545,3 +545,25 @@ def test_llm_bounds_logprobs_by_max_logprobs(llm, model_dir):
                                                              temperature=0))[0]
     vocab = unbounded.engine.model_config.vocab_size
     assert [len(d) for d in out.outputs[0].logprobs] == [vocab, vocab]
+
+
+def test_llm_truncates_prompts_as_the_server_does(server, llm, ids_of):
+    """SamplingParams.truncate_prompt_tokens (vLLM's name): LLM.generate keeps the prompt's
+    last N tokens, as the server does for the same request."""
+    prompt = "hello world, the quick brown fox jumps over the lazy dog."
+    served = _completion(server, prompt=prompt, max_tokens=4, truncate_prompt_tokens=6,
+                         return_token_ids=True)["choices"][0]
+    out = llm.generate(prompt, nanorun.SamplingParams(max_tokens=4, temperature=0,
+                                                      truncate_prompt_tokens=6))[0]
+    assert list(out.prompt_token_ids) == served["prompt_token_ids"] == ids_of(prompt)[-6:]
+    assert out.outputs[0].text == served["text"]
+    whole = llm.generate(prompt, nanorun.SamplingParams(max_tokens=1,
+                                                        truncate_prompt_tokens=-1))[0]
+    assert list(whole.prompt_token_ids) == ids_of(prompt)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            nanorun.SamplingParams(truncate_prompt_tokens=bad)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        llm.generate(prompt, nanorun.SamplingParams(truncate_prompt_tokens=10 ** 6))
+    with pytest.raises(TypeError, match="spaces_between_special_tokens"):
+        nanorun.SamplingParams(spaces_between_special_tokens="no")

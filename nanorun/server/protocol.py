@@ -100,9 +100,7 @@ class _Body(BaseModel):
     prompt_logprobs: Annotated[Any, SAMPLING] = None
     truncate_prompt_tokens: Annotated[Any, Served(
         "the prompt's last N tokens are kept (-1: max_model_len), as vLLM truncates")] = None
-    spaces_between_special_tokens: Annotated[Any, Served(
-        "true or false: tokenizer.json (fast) tokenizers write special tokens as their decoder "
-        "does either way, as transformers' fast decode and vLLM's fast detokenizer do")] = None
+    spaces_between_special_tokens: Annotated[Any, SAMPLING] = None
     cache_salt: Annotated[Any, Served(
         "checked as vLLM does (a string of 1 to 1024 characters); keys the prefix cache")] \
         = None
@@ -257,8 +255,7 @@ def check_unsupported(body: _Body) -> None:
     if body.prompt_logprobs is not None and body.stream:
         raise BadRequest("prompt_logprobs is only returned without stream: true",
                          "prompt_logprobs")
-    for name in ("return_token_ids", "return_tokens_as_token_ids",
-                 "spaces_between_special_tokens"):
+    for name in ("return_token_ids", "return_tokens_as_token_ids"):
         if getattr(body, name) not in (None, True, False):
             raise BadRequest(f"{name} must be true or false", name)
     salt = body.cache_salt
