@@ -268,9 +268,8 @@ def request_result(out: RequestOutput, expected_len: int) -> RequestResult:
 
 
 def cached_tokens(out: RequestOutput) -> int | None:
-    """The prompt tokens the engine took from its prefix cache (vLLM's num_cached_tokens);
-    None where the engine does not report them."""
-    return getattr(out, "num_cached_tokens", None)
+    """The prompt tokens the engine took from its prefix cache (vLLM's num_cached_tokens)."""
+    return out.num_cached_tokens
 
 
 def engine_facts(engine: Engine) -> dict:
