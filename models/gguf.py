@@ -10,7 +10,8 @@ nanorun.gguf_tokenizer.
 llama.cpp's converter reorders the rows of q and k in "llama" files: within each head it
 interleaves the two rotary halves (GPT-J style pairs), where HF keeps them as two halves
 (rotate_half). `_unpermute_rows` undoes that, as transformers' GGUF loader does; the other
-families (qwen2, qwen2moe, qwen3moe) are written unpermuted.
+families (qwen2, qwen2moe, qwen3moe, gemma2, gemma3) are written unpermuted. Gemma files store
+each norm's weight as 1 + weight, which is undone at load (`_minus_one`).
 
 Reading the metadata of a 50k-token vocabulary with `gguf.GGUFReader` as it is takes seconds
 (it slices a numpy memmap once per string); `_Reader` slices a plain ndarray view of the same
@@ -35,7 +36,9 @@ from .config import ModelConfig, ModelConfigError, UnsupportedModelError, Weight
 GGUF_MAGIC = b"GGUF"
 # general.architecture -> the HF architecture nanorun runs it as. "llama" with experts is Mixtral.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+_GEMMA = ("gemma2", "gemma3")
 # Per-layer GGUF tensor -> its HF module name, for the dense families.
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -43,6 +46,12 @@ _LAYER_TENSORS = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+# Gemma's layer norms: four a layer, and ffn_norm is the MLP's input norm (HF's
+# pre_feedforward_layernorm), not Llama's post_attention_layernorm.
+_GEMMA_LAYER_TENSORS = {
+    **_LAYER_TENSORS, "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight",
                    "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
@@ -182,6 +191,29 @@ def hf_config_dict(f: GGUFFile) -> dict[str, Any]:
         "eos_token_id": list(eos_token_ids(f)),
     }
     d.update(_moe_config(f, arch, key))
+    if arch in _GEMMA:
+        d.update(_gemma_config(f, arch, key, heads, head_dim))
+    return d
+
+
+def _gemma_config(f: GGUFFile, arch: str, key, heads: int, head_dim: int) -> dict[str, Any]:
+    """What a Gemma file's metadata holds beyond the common keys, and what llama.cpp assumes
+    where it holds nothing: the layer pattern (every other layer local for Gemma 2, five of six
+    for Gemma 3), Gemma 3's local rope base (10k) and no soft-capping. The attention scale is
+    llama.cpp's too: 1/sqrt(head_dim), but 1/sqrt(hidden / heads) for the 27B models (46 and
+    62 layers), which is what their query_pre_attn_scalar says in the published configs."""
+    layers, hidden = key("block_count"), key("embedding_length")
+    big = layers == (46 if arch == "gemma2" else 62)
+    d: dict[str, Any] = {
+        "model_type": "gemma2" if arch == "gemma2" else "gemma3_text",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": key("attention.sliding_window"),
+        "query_pre_attn_scalar": hidden // heads if big else head_dim,
+        "attn_logit_softcapping": key("attn_logit_softcapping", None),
+        "final_logit_softcapping": key("final_logit_softcapping", None),
+    }
+    if arch == "gemma3":
+        d["rope_local_base_freq"] = 10_000.0
     return d
 
 
@@ -299,11 +331,20 @@ def hf_tensors(config: ModelConfig, path: str | os.PathLike
     a tensor nanorun has no HF name for is refused (WeightLoadError)."""
     f = read_gguf(path)
     llama_rows = f.architecture == "llama"
+    gemma = f.architecture in _GEMMA
     for gguf_name, t in f.tensors.items():
         if gguf_name == "rope_freqs.weight":
             continue                           # read into the config's rope scaling
         read = _reader(f.path, t, config, llama_rows)
-        yield from _hf_entries(config, gguf_name, read)
+        if gemma and gguf_name.endswith("norm.weight"):
+            read = _minus_one(read)
+        yield from _hf_entries(config, gguf_name, read, gemma)
+
+
+def _minus_one(read) -> Callable[[], torch.Tensor]:
+    """llama.cpp's converter stores a Gemma norm's weight as 1 + weight (the scale it applies);
+    HF's Gemma RMSNorm takes the weight itself (transformers' GGUF loader subtracts 1 too)."""
+    return lambda: read() - 1.0
 
 
 def _reader(path: str, t: GGUFTensor, config: ModelConfig,
@@ -343,18 +384,19 @@ def _unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _hf_entries(config: ModelConfig, gguf_name: str, read):
+def _hf_entries(config: ModelConfig, gguf_name: str, read, gemma: bool = False):
     """The HF names `gguf_name` fills. A tensor llama.cpp's layout of this family does not
     have is refused: it would be part of a variant nanorun does not compute."""
     if gguf_name in _GLOBAL_TENSORS:
         return [(_GLOBAL_TENSORS[gguf_name], read)]
     parts = gguf_name.split(".")
     entries = None
+    layer_tensors = _GEMMA_LAYER_TENSORS if gemma else _LAYER_TENSORS
     if len(parts) == 4 and parts[0] == "blk":
         _, layer, kind, suffix = parts
         p = f"model.layers.{layer}."
-        entries = ([(f"{p}{_LAYER_TENSORS[kind]}.{suffix}", read)] if kind in _LAYER_TENSORS
-                   else _moe_entries(config, p, kind, suffix, read))
+        entries = ([(f"{p}{layer_tensors[kind]}.{suffix}", read)] if kind in layer_tensors
+                   else None if gemma else _moe_entries(config, p, kind, suffix, read))
     if entries is None:
 
         raise WeightLoadError(f"tensor {gguf_name!r} is not one nanorun reads for "

