@@ -270,6 +270,10 @@ def test_chat_echo_and_continue_final_message(server, hf_tokenizer, ids_of):
     expected = hf_tokenizer.apply_chat_template(partial, chat_template=SERVER_TEMPLATE,
                                                 tokenize=False, continue_final_message=True)
     assert echo["prompt_token_ids"] == ids_of(expected, special=False)
+    events = _stream(server, "/v1/chat/completions", {**body, "echo": True})
+    deltas = [c["delta"] for e in events for c in e["choices"]]
+    assert deltas[0]["role"] == "assistant"
+    assert "".join(d.get("content", "") for d in deltas) == message["content"]
     _assert_400(*_post(server, "/v1/chat/completions",
                        {**body, "add_generation_prompt": True}), "continue_final_message")
 
@@ -567,3 +571,24 @@ def test_llm_truncates_prompts_as_the_server_does(server, llm, ids_of):
         llm.generate(prompt, nanorun.SamplingParams(truncate_prompt_tokens=10 ** 6))
     with pytest.raises(TypeError, match="spaces_between_special_tokens"):
         nanorun.SamplingParams(spaces_between_special_tokens="no")
+
+
+def test_cache_salt_keys_the_prefix_cache(server):
+    """A request's cache_salt reaches the prefix cache: a repeat with the same salt finds the
+    prompt's full pages there, one with another salt finds none (vLLM's cache isolation).
+    Seen through vllm:prefix_cache_hits_total."""
+    pytest.importorskip("nanorun.prefix_cache")
+    prompt = list(range(40, 90))        # 50 tokens: 3 full pages of 16, used nowhere else
+
+    def hits_of(**fields) -> tuple[float, float]:
+        before = _metrics(server)
+        _completion(server, prompt=prompt, max_tokens=1, **fields)
+        after = _metrics(server)
+        return tuple(_value(after, name) - _value(before, name) for name in (
+            "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"))
+
+    queries, hits = hits_of(cache_salt="salt-a")
+    assert queries >= 50 and hits == 0
+    assert hits_of(cache_salt="salt-a")[1] >= 48
+    assert hits_of(cache_salt="salt-b")[1] == 0
+    assert hits_of()[1] == 0                 # unsalted: not salt-a's pages either
