@@ -406,7 +406,7 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": ""}, "prompt"),
     ("completions", {"model": MODEL, "prompt": []}, "prompt"),
     ("completions", {"model": MODEL}, "prompt"),
-    ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"1": 5}}, "logit_bias"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"1": 500}}, "logit_bias"),
     ("completions", {"model": MODEL, "prompt": "hi", "stream": True, "prompt_logprobs": 1},
      "prompt_logprobs"),
     ("chat/completions", {"model": MODEL, "messages": []}, "messages"),

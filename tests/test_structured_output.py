@@ -214,3 +214,76 @@ def test_grammar_requests_among_others_validate_and_leave_the_others_alone(
                            key=seed_key(params.seed), eos_token_ids=te.eos_token_ids,
                            what=rid)
     te.engine.shutdown()
+
+
+# -- the server ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(model_dir):
+    pytest.importorskip("fastapi")
+    from test_server import _start_server, _stop
+
+    proc, url = _start_server(model_dir)
+    yield url
+    _stop(proc)
+
+
+def test_served_structured_outputs_as_vllm_takes_them(server):
+    """response_format json_schema through the openai client (chat), vLLM's
+    structured_outputs and guided_* names (completions), logit_bias, and the 400s."""
+    openai = pytest.importorskip("openai")
+    from test_server import MODEL, _post
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0,
+                           timeout=120)
+    # A top-level string has no whitespace to fill; an object gets compact JSON below.
+    word = {"type": "string", "pattern": "^[a-z]{2,8}$"}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "héllo wörld! what is 🙂?"}],
+        max_tokens=32, temperature=1.0, seed=5, n=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": word}})
+    for choice in chat.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), word)
+    done = client.completions.create(
+        model=MODEL, prompt=PROMPTS[:2], max_tokens=96, temperature=0.0,
+        extra_body={"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}})
+    for choice in done.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.text), SCHEMA)
+    regex = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=32,
+                                      extra_body={"guided_regex": REGEX,
+                                                  "guided_decoding_backend": "xgrammar"})
+    assert re.fullmatch(REGEX, regex.choices[0].text)
+    choice = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16,
+                                       extra_body={"guided_choice": CHOICES})
+    assert choice.choices[0].text in CHOICES
+    forced = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=4,
+                                       temperature=0.0, logit_bias={"77": 100})
+    tok = forced.choices[0].text
+    assert tok and tok == tok[:len(tok) // 4] * 4        # one token, four times
+
+    base = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    for extra, param in [
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {
+            "type": "object", "properties": {"a": {"type": "nonsense"}}}}}},
+         "structured_outputs"),
+        ({"guided_regex": "[a-z"}, "structured_outputs"),
+        ({"guided_grammar": 'root ::= "a" nowhere'}, "structured_outputs"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         "response_format"),
+        ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex"),
+        ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+         "response_format"),
+        ({"guided_regex": "a", "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"logit_bias": {"1": 101}}, "logit_bias"),
+        ({"logit_bias": {"10000000": 1}}, "logit_bias"),
+        ({"allowed_token_ids": [10 ** 8]}, "allowed_token_ids"),
+        ({"bad_words": [""]}, "bad_words"),
+    ]:
+        status, reply = _post(f"{server}/v1/completions", {**base, **extra})
+        assert status == 400 and reply["error"]["param"] == param, (extra, reply)
+    status, reply = _post(f"{server}/v1/completions", {**base, "allowed_token_ids": [5, 9],
+                                                       "bad_words": ["hello"],
+                                                       "response_format": {"type": "text"}})
+    assert status == 200, reply

@@ -486,7 +486,8 @@ async def _add_all(state: ServerState, request_id: str, prompts: list,
 def _param_of(message: str) -> str | None:
     """The field an engine's refusal names first (its messages start with it)."""
     for name in ("prompt_logprobs", "logprobs", "prompt", "stop_token_ids", "max_tokens",
-                 "truncate_prompt_tokens", "cache_salt"):
+                 "truncate_prompt_tokens", "cache_salt", "structured_outputs", "logit_bias",
+                 "allowed_token_ids", "bad_words"):
         if message.startswith(name):
             return name
     return "prompt" if "prompt" in message else None

@@ -15,6 +15,7 @@ it). A field nanorun learns to do moves from Refused to Sampling or Served.
 from __future__ import annotations
 
 import functools
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputsParams
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,12 @@ class Refused:
 
 
 SAMPLING = Sampling()
-_NO_GRAMMAR = "structured output (a grammar, JSON schema, regex or choice) is not supported"
+_GUIDED = "vLLM's older name: becomes the matching structured_outputs field"
+# vLLM's older request fields and the structured_outputs field each becomes.
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar", "structural_tag": "structural_tag"}
+# The grammar backends a request may name: nanorun has one, xgrammar ("auto" picks it).
+_BACKENDS = ("xgrammar", "auto")
 _NO_TOOLS = "nanorun does not parse tool calls"
 
 
@@ -114,22 +120,28 @@ class _Body(BaseModel):
     user: Annotated[str | None, Served("nothing to do: OpenAI's end-user id for its abuse "
                                        "monitoring (vLLM ignores it too)")] = None
 
-    logit_bias: Annotated[Any, Refused("logit_bias is not supported", {"1": 5},
-                                       (None, {}))] = None
-    response_format: Annotated[Any, Refused(_NO_GRAMMAR, {"type": "json_object"},
-                                            (None, {"type": "text"}))] = None
-    structured_outputs: Annotated[Any, Refused(_NO_GRAMMAR, {"regex": "[.*"})] = None
-    guided_json: Annotated[Any, Refused(_NO_GRAMMAR, {"type": "object"})] = None
-    guided_regex: Annotated[Any, Refused(_NO_GRAMMAR, "[a-z]+")] = None
-    guided_choice: Annotated[Any, Refused(_NO_GRAMMAR, ["yes", "no"])] = None
-    guided_grammar: Annotated[Any, Refused(_NO_GRAMMAR, 'root ::= "a"')] = None
+    logit_bias: Annotated[Any, SAMPLING] = None
+    allowed_token_ids: Annotated[Any, SAMPLING] = None
+    bad_words: Annotated[Any, SAMPLING] = None
+    structured_outputs: Annotated[Any, SAMPLING] = None
+    response_format: Annotated[Any, Served(
+        "json_object, json_schema (its json_schema.schema) and structural_tag become "
+        "structured_outputs, as vLLM maps them; text asks for nothing")] = None
+    guided_json: Annotated[Any, Served(_GUIDED)] = None
+    guided_regex: Annotated[Any, Served(_GUIDED)] = None
+    guided_choice: Annotated[Any, Served(_GUIDED)] = None
+    guided_grammar: Annotated[Any, Served(_GUIDED)] = None
+    structural_tag: Annotated[Any, Served(_GUIDED)] = None
+    guided_decoding_backend: Annotated[Any, Served(
+        "'xgrammar' or 'auto' (nanorun's one grammar engine); another backend is a 400")] \
+        = None
+    guided_whitespace_pattern: Annotated[Any, Refused(
+        "xgrammar has no whitespace pattern (structured_outputs.disable_any_whitespace "
+        "gives compact JSON)", r"[ ]?")] = None
     use_beam_search: Annotated[Any, Refused("beam search is not supported", True,
                                             (None, False))] = None
     length_penalty: Annotated[Any, Refused("beam search is not supported", 0.5,
                                            (None, 1.0))] = None
-    allowed_token_ids: Annotated[Any, Refused("allowed_token_ids is not supported",
-                                              [1, 2])] = None
-    bad_words: Annotated[Any, Refused("bad_words is not supported", ["no"], (None, []))] = None
     logits_processors: Annotated[Any, Refused("logits processors are not supported",
                                               ["my.Processor"], (None, []))] = None
     request_id: Annotated[Any, Refused("the server names each request itself", "mine")] = None
@@ -307,10 +319,68 @@ def sampling_params(body: _Body, max_tokens: int, *,
         prompt_logprobs = logprobs
     if prompt_logprobs is not None:
         kwargs["prompt_logprobs"] = prompt_logprobs
+    structured = structured_outputs(body)
+    if structured is not None:
+        kwargs["structured_outputs"] = structured
     try:
         return SamplingParams(max_tokens=max_tokens, **kwargs)
     except (TypeError, ValueError) as e:
         raise BadRequest(str(e), _field_named(str(e), ("max_tokens", *kwargs))) from None
+
+
+def structured_outputs(body: _Body) -> StructuredOutputsParams | None:
+    """The request's structured output from whichever of vLLM's three ways it uses: the
+    structured_outputs object, the older guided_* fields (and structural_tag), or
+    response_format. Two of them at once, or a malformed one, is a 400 naming the field."""
+    asked = []
+    if body.structured_outputs is not None:
+        asked.append(("structured_outputs", body.structured_outputs))
+    guided = [name for name in _GUIDED_FIELDS if getattr(body, name) is not None]
+    if len(guided) > 1:
+        raise BadRequest(f"{guided[1]} and {guided[0]} both ask for a structured output; "
+                         f"give one", guided[1])
+    if guided:
+        asked.append((guided[0], {_GUIDED_FIELDS[guided[0]]: getattr(body, guided[0])}))
+    response = _response_format(body.response_format)
+    if response is not None:
+        asked.append(("response_format", response))
+    backend = body.guided_decoding_backend
+    if backend is not None and backend not in _BACKENDS:
+        raise BadRequest(f"guided_decoding_backend {backend!r} is not nanorun's: its grammar "
+                         f"engine is xgrammar (give 'xgrammar' or 'auto', or leave it out)",
+                         "guided_decoding_backend")
+    if len(asked) > 1:
+        raise BadRequest(f"{asked[1][0]} and {asked[0][0]} both ask for a structured output; "
+                         f"give one", asked[1][0])
+    if not asked:
+        return None
+    field, value = asked[0]
+    try:
+        return StructuredOutputsParams.of(value)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"{field}: {e}" if field != "structured_outputs" else str(e),
+                         field) from None
+
+
+def _response_format(value: Any) -> dict | None:
+    """OpenAI's response_format as structured_outputs fields (None: text, or none given)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or spec.get("schema") is None:
+            raise BadRequest("response_format json_schema needs json_schema.schema (the JSON "
+                             "schema the output follows)", "response_format")
+        return {"json": spec["schema"]}
+    if kind == "structural_tag":      # vLLM passes the whole object on as its JSON
+        return {"structural_tag": json.dumps(value)}
+    raise BadRequest(f"response_format type must be text, json_object, json_schema or "
+                     f"structural_tag, got {kind!r}", "response_format")
 
 
 def requested_max_tokens(body: _Body) -> Any:
