@@ -17,6 +17,8 @@ from .op import ATTENTION, GEMM, KINDS, MEMORY, NETWORK, SIDES, OpSpec, OpWork, 
 from .llama import LAYER_OPS, TP_LAYER_OPS, LlamaModel, TPWorkspace, Workspace, layer_ops
 from .moe import MoEModel, MoEWorkspace, moe_layer_ops
 from .gemma import GemmaModel, gemma_layer_ops
+from .qwen3 import Qwen3Model, qwen3_layer_ops
+from .phi3 import Phi3Model, longrope_tables
 from .registry import (MODEL_CLASSES, NETWORK_OPS, build_model, declared_ops, family,
                        model_frame_ops, model_layer_ops, op_spec)
 
@@ -47,7 +49,8 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[ModelConfig,
 __all__ = [
     "LAYER_OPS", "TP_LAYER_OPS", "MODEL_CLASSES", "LlamaModel", "OpSpec", "TPWorkspace",
     "Workspace", "build_model", "layer_ops", "MoEModel", "MoEWorkspace", "moe_layer_ops",
-    "GemmaModel", "gemma_layer_ops",
+    "GemmaModel", "gemma_layer_ops", "Qwen3Model", "qwen3_layer_ops", "Phi3Model",
+    "longrope_tables",
     "model_layer_ops", "model_frame_ops", "declared_ops", "family", "op_spec", "NETWORK_OPS",
     "OpWork", "Shapes", "KINDS", "SIDES", "GEMM", "MEMORY", "ATTENTION", "NETWORK",
     "PRESETS", "SUPPORTED_ARCHITECTURES", "ModelConfig", "ModelConfigError", "RopeScaling",

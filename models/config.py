@@ -1,4 +1,4 @@
-"""Model configuration for Llama-family decoders (Llama 2/3/3.1, Mistral, Qwen2) and their
+"""Model configuration for Llama-family decoders (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Phi-3) and their
 mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 `ModelConfig` is nanorun's own, validated view of a Hugging Face `config.json`. It reads both
@@ -10,6 +10,7 @@ silently computing something different from the reference model.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                 "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                 "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma2ForCausalLM": "gemma2",
-                "Gemma3ForCausalLM": "gemma3_text"}
+                "Gemma3ForCausalLM": "gemma3_text",
+                "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3"}
 SUPPORTED_ARCHITECTURES = frozenset(_MODEL_TYPES)
 # The mixture-of-experts families (models/moe.py). HF names the expert count differently.
 MOE_ARCHITECTURES = frozenset({"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
@@ -26,7 +28,7 @@ _NUM_EXPERTS_KEY = {"MixtralForCausalLM": "num_local_experts", "Qwen2MoeForCausa
 # Gemma 2 and Gemma 3 text (models/gemma.py): sandwich norms, GeGLU, per-layer sliding windows.
 GEMMA_ARCHITECTURES = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
 _LAYER_TYPES = ("sliding_attention", "full_attention")
-_ROPE_TYPES = ("llama3", "linear")
+_ROPE_TYPES = ("llama3", "linear", "longrope")
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -49,13 +51,18 @@ class WeightLoadError(ValueError):
 @dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling. "linear" divides positions by `factor`; "llama3" rescales the
-    low-frequency bands (Llama 3.1) using the other three fields."""
+    low-frequency bands (Llama 3.1) using low/high_freq_factor and
+    original_max_position_embeddings; "longrope" (Phi-3) divides frequency i by short_factor[i]
+    or long_factor[i] (models/phi3.py says which) and scales cos and sin by attention_factor."""
 
     rope_type: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rope_type not in _ROPE_TYPES:
@@ -72,6 +79,20 @@ class RopeScaling:
             if self.original_max_position_embeddings <= 0:
                 raise ModelConfigError("rope scaling original_max_position_embeddings must be > 0, "
                                        f"got {self.original_max_position_embeddings}")
+        if self.rope_type == "longrope":
+            self._check_longrope()
+
+    def _check_longrope(self) -> None:
+        short, long = self.short_factor, self.long_factor
+        if not short or len(short) != len(long) or not all(f > 0 for f in short + long):
+            raise ModelConfigError("longrope rope scaling needs short_factor and long_factor: "
+                                   "one positive number per rotary frequency each, as many of "
+                                   f"one as of the other; got {len(short)} and {len(long)}")
+        if self.original_max_position_embeddings <= 0 or not self.attention_factor > 0:
+            raise ModelConfigError("longrope rope scaling needs original_max_position_embeddings "
+                                   f"> 0 and attention_factor > 0, got "
+                                   f"{self.original_max_position_embeddings} and "
+                                   f"{self.attention_factor}")
 
 
 @dataclass(frozen=True)
@@ -83,7 +104,8 @@ class ModelConfig:
     which a router picks `num_experts_per_tok` per token; `shared_expert_intermediate_size` > 0
     adds Qwen2-MoE's sigmoid-gated shared expert; `norm_topk_prob` renormalises the picked
     routing weights to sum to one (always so for Mixtral); `qk_norm` is Qwen3's per-head RMSNorm
-    of q and k before rope."""
+    of q and k before rope. `partial_rotary_factor` < 1 (Phi-3 only: Phi-4-mini's 0.75) rotates
+    only the first `rotary_dim` dims of each head."""
 
     name: str
     architecture: str
@@ -109,6 +131,7 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
     qk_norm: bool = False
+    partial_rotary_factor: float = 1.0
     # Gemma 2 / 3 (models/gemma.py; None / () elsewhere). The attention scale is
     # query_pre_attn_scalar ** -0.5; the soft-caps bound attention scores and final logits by
     # cap * tanh(x / cap); layer_types says per layer whether sliding_window applies (empty: it
@@ -154,6 +177,7 @@ class ModelConfig:
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ModelConfigError(f"{self.name}: dtype must be one of {list(_DTYPES)} or None, "
                                    f"got {self.dtype!r}")
+        self._check_rotary()
         self._check_experts()
         self._check_gemma()
 
@@ -188,6 +212,18 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def _check_rotary(self) -> None:
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim <= 0 or self.rotary_dim % 2:
+            raise ModelConfigError(
+                f"{self.name}: partial_rotary_factor must be in (0, 1] and give an even, positive "
+                f"number of rotary dims (of head_dim {self.head_dim}), got "
+                f"{self.partial_rotary_factor}")
+        rs = self.rope_scaling
+        if rs is not None and rs.rope_type == "longrope" and len(rs.short_factor) != self.rotary_dim // 2:
+            raise ModelConfigError(
+                f"{self.name}: longrope short_factor and long_factor need {self.rotary_dim // 2} "
+                f"numbers (one per rotary frequency), got {len(rs.short_factor)}")
+
     def _check_experts(self) -> None:
         moe = self.architecture in MOE_ARCHITECTURES
         if moe != (self.num_experts > 0):
@@ -195,7 +231,8 @@ class ModelConfig:
                 f"{self.name}: {self.architecture} " + ("needs num_experts > 0" if moe else
                 "is a dense architecture; num_experts must be 0"))
         if not moe:
-            if (self.qk_norm and self.architecture != "Gemma3ForCausalLM"
+            if (self.qk_norm and self.architecture not in ("Gemma3ForCausalLM",
+                                                                   "Qwen3ForCausalLM")
                     or self.shared_expert_intermediate_size):
                 raise ModelConfigError(f"{self.name}: qk_norm and a shared expert are implemented "
                                        "for the mixture-of-experts architectures only")
@@ -217,6 +254,12 @@ class ModelConfig:
     def q_size(self) -> int:
         """Width of the query projection output: num_heads * head_dim."""
         return self.num_heads * self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that rope rotates: the first int(head_dim x partial_rotary_factor),
+        as transformers counts them."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def kv_size(self) -> int:
@@ -280,7 +323,7 @@ class ModelConfig:
     @classmethod
     def _from_hf_fields(cls, d: dict[str, Any], name: str, arch: str, **extra: Any) -> ModelConfig:
         heads = d["num_attention_heads"]
-        rope_theta, rope_scaling = extra.pop("rope", None) or _rope(d)
+        rope_theta, rope_scaling = extra.pop("rope", None) or _rope(d, arch)
         moe = _moe_fields(d, arch)
         fields: dict[str, Any] = dict(
             name=name,
@@ -305,6 +348,7 @@ class ModelConfig:
             eos_token_ids=_eos_ids(d.get("eos_token_id")),
             dtype=d.get("dtype") or d.get("torch_dtype"),
             **moe,
+            **_dense_fields(d, arch),
         )
         return cls(**{**fields, **extra})     # a family's own reading wins (Gemma's window)
 
@@ -360,6 +404,8 @@ class ModelConfig:
             d.update(attention_bias=False, mlp_bias=False)
         elif self.architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
             d["sliding_window"] = self.sliding_window
+        elif self.architecture == "Phi3ForCausalLM":
+            d.update(self._phi3_hf_fields())
         else:  # Qwen2: the window is only active with use_sliding_window, from layer max_window_layers on
             d.update(use_sliding_window=self.sliding_window is not None,
                      sliding_window=self.sliding_window,
@@ -379,6 +425,16 @@ class ModelConfig:
         if self.architecture == "Gemma3ForCausalLM":
             d["rope_local_base_freq"] = self.rope_local_theta
         return d
+
+    def _phi3_hf_fields(self) -> dict[str, Any]:
+        # transformers' Phi3Config reads original_max_position_embeddings at the top level (its
+        # default, 4096, overrides the one in rope_scaling); pad_token_id's default, 32000, is
+        # outside a small vocabulary, and nanorun does not pad.
+        rs = self.rope_scaling
+        return {"sliding_window": self.sliding_window,
+                "partial_rotary_factor": self.partial_rotary_factor, "pad_token_id": None,
+                "original_max_position_embeddings": (rs.original_max_position_embeddings if rs
+                                                     else self.max_position_embeddings)}
 
     def _moe_hf_fields(self) -> dict[str, Any]:
         arch = self.architecture
@@ -422,8 +478,8 @@ def _reject_unsupported(d: dict[str, Any], arch: str) -> None:
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU MLP) is")
     if d.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=true is not supported (MLP projections must be bias-free)")
-    if arch == "Qwen3MoeForCausalLM" and d.get("attention_bias"):
-        raise UnsupportedModelError("attention_bias=true is not supported for Qwen3-MoE: it implies "
+    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and d.get("attention_bias"):
+        raise UnsupportedModelError(f"attention_bias=true is not supported for {arch}: it implies "
                                     "an o_proj bias, which nanorun does not implement")
     if arch == "LlamaForCausalLM" and d.get("attention_bias"):
         # HF's Llama attention_bias also adds an o_proj bias, which nanorun's fused layout lacks.
@@ -478,6 +534,22 @@ def _gemma3_rope(d: dict[str, Any]) -> tuple[tuple[float, RopeScaling | None], f
     return (theta, scaling), float(d.get("rope_local_base_freq", 10_000.0))
 
 
+def _dense_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Qwen3's QK norm and Phi-3's partial rotary factor (transformers 5 keeps it in
+    rope_parameters, 4.x at the top level); another architecture with partial rotary is
+    refused, since only Phi-3's rope is known to rotate part of each head that way."""
+    if arch == "Qwen3ForCausalLM":
+        return {"qk_norm": True}
+    factor = float((d.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                         d.get("partial_rotary_factor") or 1.0))
+    if arch == "Phi3ForCausalLM":
+        return {"partial_rotary_factor": factor}
+    if factor != 1.0:
+        raise UnsupportedModelError(f"partial_rotary_factor={factor} is implemented for "
+                                    f"Phi3ForCausalLM only, not {arch}; remove it")
+    return {}
+
+
 def _moe_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:
     """The mixture-of-experts fields of ModelConfig from a HF config (empty for dense models).
     Only models whose every layer is sparse are supported: Qwen's decoder_sparse_step and
@@ -509,24 +581,30 @@ def _moe_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:
     return out
 
 
-def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def _rope(d: dict[str, Any], arch: str = "") -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from either `rope_parameters` (transformers 5) or the legacy
-    `rope_theta` + `rope_scaling` keys."""
+    `rope_theta` + `rope_scaling` keys (`arch`: whose longrope, models/phi3.py)."""
     params = d.get("rope_parameters")
     if params is not None and "rope_type" not in params and "type" not in params:
         # Per-layer-type dicts ({"full_attention": {...}, ...}) belong to hybrid models.
         raise UnsupportedModelError("per-layer-type rope_parameters are not supported")
     scaling = params if params is not None else d.get("rope_scaling")
     theta = (params or {}).get("rope_theta", d.get("rope_theta", 10000.0))
-    return float(theta), _rope_scaling(scaling)
+    return float(theta), _rope_scaling(scaling, d, arch)
 
 
-def _rope_scaling(s: dict[str, Any] | None) -> RopeScaling | None:
+def _rope_scaling(s: dict[str, Any] | None, d: dict[str, Any] | None = None,
+                  arch: str = "") -> RopeScaling | None:
     if not s:
         return None
     rope_type = s.get("rope_type", s.get("type", "default"))
     if rope_type == "default":
         return None
+    # LongRoPE's first name; transformers' Phi3Config also reads "yarn" as longrope.
+    if rope_type == "su" or (rope_type == "yarn" and arch == "Phi3ForCausalLM"):
+        rope_type = "longrope"
+    if rope_type == "longrope":
+        return _longrope(s, d or {}, arch)
     if rope_type not in _ROPE_TYPES:
         raise UnsupportedModelError(f"rope scaling type {rope_type!r} is not supported; "
                                     f"supported: {list(_ROPE_TYPES)}")
@@ -537,12 +615,36 @@ def _rope_scaling(s: dict[str, Any] | None) -> RopeScaling | None:
     return RopeScaling(rope_type=rope_type, factor=float(s["factor"]), **kw)
 
 
+def _longrope(s: dict[str, Any], d: dict[str, Any], arch: str) -> RopeScaling:
+    """Phi-3's longrope as transformers reads it: original_max_position_embeddings from the
+    top level (Phi3Config's, default 4096) over rope_scaling's, factor = max_position_embeddings
+    / that when not given, attention_factor = sqrt(1 + ln(factor) / ln(original)) when not
+    given (1 for factor <= 1)."""
+    if arch != "Phi3ForCausalLM":
+        raise UnsupportedModelError(f"rope scaling type 'longrope' is implemented for "
+                                    f"Phi3ForCausalLM only (models/phi3.py), not {arch}")
+    for key in ("short_factor", "long_factor"):
+        if not isinstance(s.get(key), list):
+            raise ModelConfigError(f"longrope rope scaling needs {key!r}: a list of numbers")
+    original = int(d.get("original_max_position_embeddings", 4096))
+    factor = s.get("factor") or d["max_position_embeddings"] / original
+    attention = s.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling("longrope", float(factor), original_max_position_embeddings=original,
+                       short_factor=tuple(map(float, s["short_factor"])),
+                       long_factor=tuple(map(float, s["long_factor"])),
+                       attention_factor=float(attention))
+
+
 def _sliding_window(d: dict[str, Any], arch: str) -> int | None:
     window = d.get("sliding_window")
     if arch == "LlamaForCausalLM" or window is None:
         return None
     if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return window
+    if arch == "Phi3ForCausalLM":       # on every layer; one past every position never binds
+        return window if window < d["max_position_embeddings"] else None
     # Qwen2 (and its MoE relatives): layer i slides iff use_sliding_window and i >= max_window_layers (or per layer_types).
     if not d.get("use_sliding_window"):
         return None
@@ -597,6 +699,10 @@ def _rope_scaling_dict(s: RopeScaling | None) -> dict[str, Any] | None:
         return None
     if s.rope_type == "linear":
         return {"rope_type": "linear", "factor": s.factor}
+    if s.rope_type == "longrope":
+        return {"rope_type": "longrope", "factor": s.factor, "attention_factor": s.attention_factor,
+                "short_factor": list(s.short_factor), "long_factor": list(s.long_factor),
+                "original_max_position_embeddings": s.original_max_position_embeddings}
     return {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
             "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_position_embeddings}

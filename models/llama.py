@@ -51,9 +51,10 @@ def norm_work(s: Shapes) -> OpWork:            # RMSNorm: read the residual row,
     return OpWork(flops_per_token=4.0 * s.d, bytes_per_token=2 * s.d * s.dtype_bytes)
 
 
-def _rope_work(s: Shapes) -> OpWork:            # rotate q and k in place
-    return OpWork(flops_per_token=6.0 * (s.q + s.kv),
-                  bytes_per_token=2 * (s.q + s.kv) * s.dtype_bytes)
+def _rope_work(s: Shapes) -> OpWork:            # rotate q and k in place (their rotary dims)
+    part = s.config.rotary_dim / s.config.head_dim
+    return OpWork(flops_per_token=6.0 * (s.q + s.kv) * part,
+                  bytes_per_token=2 * (s.q + s.kv) * part * s.dtype_bytes)
 
 
 def _qk_norm_work(s: Shapes) -> OpWork:         # RMSNorm of each q and k head, in place
@@ -348,7 +349,8 @@ class LlamaModel:
     def _rope(self, i, ws, batch, kv, t0, t1):
         c = self.local
         qk = ws.qkv[t0:t1, : c.q_size + c.kv_size].unflatten(-1, (-1, c.head_dim))  # [n, Hq+Hkv, Dh]
-        self.pointwise.rope(qk, batch.positions[t0:t1], self.cos, self.sin)
+        # partial rotary (Phi-4-mini): only the first rotary_dim dims of each head turn
+        self.pointwise.rope(qk[..., : c.rotary_dim], batch.positions[t0:t1], self.cos, self.sin)
 
     def _qk_norm(self, i, ws, batch, kv, t0, t1):
         # Per head, over head_dim, before rope (Qwen3). Plain torch: the q and k heads are
@@ -450,8 +452,8 @@ def apply_rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """[Dh/2] fp32 inverse frequencies, with Llama 3 or linear scaling applied."""
-    dim = config.head_dim
+    """[rotary_dim/2] fp32 inverse frequencies, with Llama 3 or linear scaling applied."""
+    dim = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     rs = config.rope_scaling
     if rs is None:
@@ -471,7 +473,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def rope_tables(config: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [max_len, Dh/2] in fp32, indexed by absolute position."""
+    """cos and sin [max_len, rotary_dim/2] in fp32, indexed by absolute position."""
     inv_freq = rope_inv_freq(config)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return freqs.cos().to(device), freqs.sin().to(device)

@@ -79,6 +79,8 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "mlp_norm"] = (d,)
         if config.architecture in GEMMA_ARCHITECTURES:
             shapes.update(_gemma_shapes(config, p))
+        elif config.qk_norm and not config.is_moe:      # Qwen3
+            shapes[p + "q_norm"] = shapes[p + "k_norm"] = (config.head_dim,)
         if config.is_moe:
             shapes.update(_moe_shapes(config, p))
             continue
@@ -298,6 +300,9 @@ def _hf_plan(config: ModelConfig) -> dict[str, _Slot]:
         hf, p = f"model.layers.{n}.", f"layers.{n}."
         plan[hf + "input_layernorm.weight"] = _Slot(p + "attn_norm", 0, (d,))
         plan[hf + "post_attention_layernorm.weight"] = _Slot(p + "mlp_norm", 0, (d,))
+        if config.architecture == "Phi3ForCausalLM":
+            plan.update(_phi3_hf_plan(config, hf, p))
+            continue
         for proj, start, rows in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
             plan[f"{hf}self_attn.{proj}_proj.weight"] = _Slot(p + "qkv", start, (rows, d))
             if config.qkv_bias:
@@ -305,6 +310,9 @@ def _hf_plan(config: ModelConfig) -> dict[str, _Slot]:
         plan[hf + "self_attn.o_proj.weight"] = _Slot(p + "o_proj", 0, (d, q))
         if config.architecture in GEMMA_ARCHITECTURES:
             plan.update(_gemma_hf_plan(config, hf, p))
+        elif config.qk_norm and not config.is_moe:      # Qwen3
+            plan[hf + "self_attn.q_norm.weight"] = _Slot(p + "q_norm", 0, (config.head_dim,))
+            plan[hf + "self_attn.k_norm.weight"] = _Slot(p + "k_norm", 0, (config.head_dim,))
         if config.is_moe:
             plan.update(_moe_hf_plan(config, hf, p))
             continue
@@ -325,6 +333,17 @@ def _gemma_hf_plan(config: ModelConfig, hf: str, p: str) -> dict[str, _Slot]:
         plan[hf + "self_attn.q_norm.weight"] = _Slot(p + "q_norm", 0, (hd,))
         plan[hf + "self_attn.k_norm.weight"] = _Slot(p + "k_norm", 0, (hd,))
     return plan
+
+
+def _phi3_hf_plan(config: ModelConfig, hf: str, p: str) -> dict[str, _Slot]:
+    """Phi-3's checkpoint fuses q/k/v and gate/up as nanorun does (same row order), so each
+    fills its fused tensor whole (cut per rank like any fused tensor); o_proj and down are
+    named as Llama's."""
+    d, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    return {hf + "self_attn.qkv_proj.weight": _Slot(p + "qkv", 0, (q + 2 * kv, d)),
+            hf + "self_attn.o_proj.weight": _Slot(p + "o_proj", 0, (d, q)),
+            hf + "mlp.gate_up_proj.weight": _Slot(p + "gate_up", 0, (2 * i, d)),
+            hf + "mlp.down_proj.weight": _Slot(p + "down", 0, (d, i))}
 
 
 def _moe_hf_plan(config: ModelConfig, hf: str, p: str) -> dict[str, _Slot]:
@@ -355,7 +374,8 @@ def _moe_hf_plan(config: ModelConfig, hf: str, p: str) -> dict[str, _Slot]:
 
 
 # Biases nanorun has nowhere to put: skipping them would silently change the model's output.
-_UNSUPPORTED = re.compile(r"\.(o_proj|gate_proj|up_proj|down_proj|q_proj|k_proj|v_proj)\.bias$")
+_UNSUPPORTED = re.compile(
+    r"\.(o_proj|gate_proj|up_proj|down_proj|q_proj|k_proj|v_proj|qkv_proj|gate_up_proj)\.bias$")
 # Tensors that are redundant by construction and safe to skip without telling anyone.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq$)|(^lm_head\.weight$)")
 

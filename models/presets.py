@@ -64,6 +64,23 @@ def _qwen_moe(arch: str, model_type: str, **kw: Any) -> dict[str, Any]:
                 bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16", **kw)
 
 
+def _qwen3(**kw: Any) -> dict[str, Any]:
+    # Qwen3 dense (Qwen/Qwen3-*): QK norm, head_dim 128 in every size, no window, 40k context.
+    return _cfg("Qwen3ForCausalLM", "qwen3", vocab=151936, kv_heads=8, head_dim=128, max_pos=40960,
+                eps=1e-6, theta=1000000.0, attention_bias=False, use_sliding_window=False,
+                sliding_window=None, bos_token_id=151643, eos_token_id=151645,
+                torch_dtype="bfloat16", **kw)
+
+
+def _phi3(**kw: Any) -> dict[str, Any]:
+    # Phi-3 4k-context models (microsoft/Phi-3-*-4k-instruct): fused qkv and gate_up in the
+    # checkpoint, no rope scaling, a 2047-token window on every layer.
+    return _cfg("Phi3ForCausalLM", "phi3", vocab=32064, max_pos=4096, eps=1e-5, theta=10000.0,
+                original_max_position_embeddings=4096, rope_scaling=None, sliding_window=2047,
+                bos_token_id=1, eos_token_id=32000, pad_token_id=32000, torch_dtype="bfloat16",
+                **kw)
+
+
 def _gemma(arch: str, model_type: str, **kw: Any) -> dict[str, Any]:
     # Gemma 2 / Gemma 3 text: GeGLU, tied embeddings, head_dim and query_pre_attn_scalar given.
     return _cfg(arch, model_type, eps=1e-6, hidden_act="gelu_pytorch_tanh",
@@ -95,6 +112,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                                heads=32, kv_heads=4, head_dim=128, max_pos=40960, max_window_layers=48,
                                num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
                                norm_topk_prob=True, attention_bias=False),
+    # Qwen3 dense: the small sizes tie their embeddings.
+    "qwen3-0.6b": _qwen3(hidden=1024, inter=3072, layers=28, heads=16, max_window_layers=28,
+                         tie_word_embeddings=True),
+    "qwen3-4b": _qwen3(hidden=2560, inter=9728, layers=36, heads=32, max_window_layers=36,
+                       tie_word_embeddings=True),
+    "qwen3-8b": _qwen3(hidden=4096, inter=12288, layers=36, heads=32, max_window_layers=36),
+    "qwen3-14b": _qwen3(hidden=5120, inter=17408, layers=40, heads=40, max_window_layers=40),
+    "qwen3-32b": _qwen3(hidden=5120, inter=25600, layers=64, heads=64, max_window_layers=64),
+    # Phi-3-mini-4k-instruct (3.8 B) and Phi-3-medium-4k-instruct (14 B).
+    "phi-3-mini": _phi3(hidden=3072, inter=8192, layers=32, heads=32, kv_heads=32),
+    "phi-3-medium": _phi3(hidden=5120, inter=17920, layers=40, heads=40, kv_heads=10),
     # google/gemma-2-9b-it: soft-capping, every other layer a 4096-token window.
     "gemma-2-9b": _gemma("Gemma2ForCausalLM", "gemma2", vocab=256000, hidden=3584, inter=14336,
                          layers=42, heads=16, kv_heads=8, head_dim=256, max_pos=8192, theta=10000.0,
@@ -145,6 +173,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                            num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
                            norm_topk_prob=True, attention_bias=False, decoder_sparse_step=1,
                            mlp_only_layers=[], bos_token_id=1, eos_token_id=2, torch_dtype="float32"),
+    # Tiny Qwen3: tied, head_dim (32) independent of hidden / heads (24).
+    "tiny-qwen3": _cfg("Qwen3ForCausalLM", "qwen3", vocab=2048, hidden=96, inter=192, layers=2, heads=4,
+                       kv_heads=2, head_dim=32, max_pos=2048, eps=1e-6, theta=1000000.0,
+                       tie_word_embeddings=True, attention_bias=False, use_sliding_window=False,
+                       sliding_window=None, max_window_layers=2, bos_token_id=1, eos_token_id=2,
+                       torch_dtype="float32"),
+    # Tiny Phi-4-mini: longrope over an original 32 positions (factor 128 / 32 = 4), partial
+    # rotary 0.75 (24 of 32 dims: 12 factors each), tied. Long factors far from the short ones,
+    # so which a position gets shows in the logits.
+    "tiny-phi3": _cfg("Phi3ForCausalLM", "phi3", vocab=2048, hidden=128, inter=256, layers=2, heads=4,
+                      kv_heads=2, max_pos=128, eps=1e-5, theta=10000.0, tie_word_embeddings=True,
+                      original_max_position_embeddings=32, partial_rotary_factor=0.75,
+                      rope_scaling={"type": "longrope",
+                                    "short_factor": [1.0 + 0.05 * i for i in range(12)],
+                                    "long_factor": [1.0 + 2.5 * i for i in range(12)]},
+                      sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                      torch_dtype="float32"),
     # Tiny Gemmas: head_dim (64) and query_pre_attn_scalar (48) independent of hidden / heads,
     # windows of 32 positions, Gemma 3's rope scaling on its global layers.
     "tiny-gemma2": _gemma("Gemma2ForCausalLM", "gemma2", vocab=2048, hidden=128, inter=256, layers=4,

@@ -6,6 +6,8 @@ from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from .gemma import GemmaModel
 from .llama import TORCH_POINTWISE, LlamaModel, PointwiseOps
 from .moe import MoEModel
+from .phi3 import Phi3Model
+from .qwen3 import Qwen3Model
 from .op import NETWORK, OpSpec
 
 # Llama 2/3, Mistral and Qwen2 share one decoder: they differ only in config (GQA, rope
@@ -14,6 +16,9 @@ MODEL_CLASSES = {
     "LlamaForCausalLM": LlamaModel,
     "MistralForCausalLM": LlamaModel,
     "Qwen2ForCausalLM": LlamaModel,
+    # Qwen3 adds the qk_norm op; Phi-3 its LongRoPE tables (partial rotary is config).
+    "Qwen3ForCausalLM": Qwen3Model,
+    "Phi3ForCausalLM": Phi3Model,
     # The mixture-of-experts families share one decoder too (router, top-k, grouped experts;
     # Qwen2-MoE's shared expert and Qwen3-MoE's QK norm are config switches).
     "MixtralForCausalLM": MoEModel,
