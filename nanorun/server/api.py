@@ -729,16 +729,16 @@ class _ChunkWriter:
                    "finish_reason": c.finish_reason}
         if c.finish_reason is not None:
             choice["stop_reason"] = c.stop_reason
-        top: dict = {}
+        top: dict = {}          # what this chunk has beside its choice (vLLM's places)
         if self.token_ids:
             choice["token_ids"] = self._output_ids(c.token_ids[tokens:])
             if first:
                 (top if self.chat else choice)["prompt_token_ids"] = self.prompts[prompt].ids
-        if self.continuous_usage:
-            top["usage"] = usage(len(self.prompts[prompt].ids), len(c.token_ids))
-        if not top:
+        if not top and not self.continuous_usage:
             return frame[0] + json.dumps(choice) + frame[1]
-        return json.dumps({**self._head(True), **{k: v for k, v in top.items()
-                                                  if k != "usage"},
-                           "choices": [choice], **({"usage": top["usage"]} if "usage" in top
-                                                   else {"usage": None} if self.usage else {})})
+        chunk = {**self._head(True), **top, "choices": [choice]}
+        if self.continuous_usage:
+            chunk["usage"] = usage(len(self.prompts[prompt].ids), len(c.token_ids))
+        elif self.usage:
+            chunk["usage"] = None
+        return json.dumps(chunk)
