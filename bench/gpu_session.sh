@@ -23,7 +23,7 @@
 # What comes back: $OUT holds at most 8 files, each written as soon as its stage ends, so a
 # call cut short still returns what finished: env.json, session.log (all that was printed) and
 # one STAGE.json per stage (fields: bench/gpu_session.py's docstring). Unpack them with
-#   python bench/gpu_unpack.py FILES_AT bench/results/GPU
+#   python bench/gpu_session.py unpack FILES_AT bench/results/GPU
 #
 # Settings: OUT (default ./out), GPU (default from nvidia-smi), NANORUN_COMMIT, BUDGET_S (540),
 # NANORUN_GPU_WORK (scratch, /tmp/nanorun-gpu), PYTHON (python3).

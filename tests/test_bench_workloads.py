@@ -9,8 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from nanorun.benchmark.loop import (ScheduledSource, StepClock, Submission, run_requests,
-                                    step_until_done)
+from nanorun.benchmark.loop import (
+    ScheduledSource,
+    StepClock,
+    Submission,
+    run_requests,
+    step_until_done,
+)
 from nanorun.benchmark.metrics import RequestResult, compute_metrics
 from nanorun.benchmark.runner import drive
 from nanorun.benchmark.traces import Trace

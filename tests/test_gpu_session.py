@@ -2,7 +2,7 @@
 one 9-minute call (caps in the script, the docs and the code agree), its CPU rehearsal runs
 every stage and writes the files the GPU call would, with their fields, within the 8 files the
 device tool returns, a stage cut short still writes its file, the unpacker keeps rehearsal
-figures out of a GPU's folder, bench/gpu_device.py refuses a machine without CUDA with a
+figures out of a GPU's folder, its device step refuses a machine without CUDA with a
 message rather than a traceback, and bench/latency_curve.py takes its peak only from a report
 of the same workload. What they measure on a GPU is checked nowhere but there."""
 
@@ -81,7 +81,8 @@ def test_the_caps_add_up_to_the_nine_minute_call_with_the_build_in_the_first():
     assert fallback.instead_of == "build" and fallback.env["NANORUN_CUDA"] == "OFF"
     # What the GPU call runs: the 8B model, the issue's workloads, the top 3 measured.
     serve = " ".join(session.steps_serve(settings)[-1].argv)
-    assert "gpu_serve.py llama-3-8b --device cuda --layouts sequential overlap " in serve
+    assert "gpu_session.py step serve llama-3-8b --device cuda --layouts sequential overlap " \
+        in serve
     assert "--workloads const:1024x512 sharegpt --num-requests 64 200" in serve
     tune = " ".join(session.steps_tune(settings)[-1].argv)
     assert "--measure 3 --device cuda" in tune and "--profile" in tune
@@ -158,7 +159,8 @@ def test_the_rehearsal_writes_every_stage_file_within_what_the_tool_returns(rehe
 @pytest.mark.slow
 def test_the_rehearsal_unpacks_only_when_asked_and_names_the_readme_figures(rehearsal, tmp_path):
     _, out = rehearsal
-    unpack = [sys.executable, str(REPO / "bench" / "gpu_unpack.py"), str(out), str(tmp_path)]
+    unpack = [sys.executable, str(REPO / "bench" / "gpu_session.py"), "unpack", str(out),
+              str(tmp_path)]
     refused = subprocess.run(unpack, capture_output=True, text=True)
     assert refused.returncode == 2 and "rehearsal" in refused.stderr
     done = subprocess.run([*unpack, "--rehearsal"], capture_output=True, text=True, check=True)
@@ -182,7 +184,8 @@ def test_a_stage_cut_short_still_writes_its_file(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_the_device_report_needs_cuda_and_says_so(tmp_path):
     out = tmp_path / "device.json"
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_device.py"), "--out",
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_session.py"), "step",
+                          "device", "--out",
                           str(out)], capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert run.returncode == 2

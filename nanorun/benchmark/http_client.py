@@ -32,8 +32,8 @@ import numpy as np
 from . import arrivals as arrival_process
 from . import environment
 from .metrics import RequestResult, compute_metrics
-from .summary import percent, prefix_lines
 from .report import REPORT_VERSION, json_rate
+from .summary import percent, prefix_lines
 from .traces import LengthFilter, load_trace
 from .workload import Prefixes, Workload
 
