@@ -322,13 +322,11 @@ def _bitmask_of(ids, words: int) -> np.ndarray:
     return row.view(np.int32)
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
 def _apply_bitmask(z: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
     """-inf, in place, on z's logits whose bit is clear in their row of the bitmask."""
     V = z.shape[1]
-    bits = (bitmask[:, :, None] >> _BITS.to(bitmask.device)) & 1            # [M, W, 32]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1                                # [M, W, 32]
     allowed = bits.reshape(len(rows), -1)[:, :V].bool()
     z.index_copy_(0, rows, z.index_select(0, rows).masked_fill(~allowed, float("-inf")))
 

@@ -136,6 +136,52 @@ def test_bad_words_never_appear(llm):
                 (seq, ids)
 
 
+@pytest.mark.parametrize("V", [1, 31, 33, 99, 989])
+def test_a_bitmask_masks_exactly_the_tokens_it_clears(V):
+    """The sampler's bitmask (xgrammar's layout) against a plain bool mask: bad words and
+    allowed_token_ids cleared on the host, -inf on the device exactly there."""
+    import numpy as np
+    import torch
+
+    from nanorun.request import Request
+    from nanorun.sampler import PreparedSampling, Sampler
+    from nanorun.structured_output import RequestConstraint, bitmask_words
+
+    g = torch.Generator().manual_seed(V)
+    allowed = torch.randperm(V, generator=g)[:max(1, V // 2)].tolist()
+    banned = torch.randperm(V, generator=g)[:max(1, V // 3)].tolist()
+    requests = [Request(str(i), (1,), SamplingParams(
+        temperature=0.0, allowed_token_ids=allowed if i != 1 else None), 0.0, ())
+        for i in range(3)]
+    sampler = Sampler()
+    sampler.constrain(requests[1], RequestConstraint(None, [[t] for t in banned]))
+    prepared = PreparedSampling.of(requests, V, torch.device("cpu"),
+                                   constraints=sampler.constraints)
+    rows, bitmask = prepared.masks
+    assert rows.tolist() == [0, 1, 2] and bitmask.shape == (3, bitmask_words(V))
+    z = torch.randn(3, V, generator=g)
+    want = z.clone()
+    keep = torch.zeros(V, dtype=torch.bool)
+    keep[allowed] = True
+    want[0, ~keep] = want[2, ~keep] = float("-inf")
+    want[1, banned] = float("-inf")
+    from nanorun.sampler import _apply_bitmask
+
+    _apply_bitmask(z, rows, bitmask)
+    assert torch.equal(z, want)
+    tokens, ok = sampler.sample(torch.randn(3, V, generator=g), prepared)
+    assert tokens[0].item() in allowed and ok[0] and ok[2]
+    if len(banned) < V:
+        assert tokens[1].item() not in banned and ok[1]
+    else:                       # nothing left: the row is reported as failed, not drawn
+        assert not ok[1]
+    # Bits past V in the last word are never read: a fully cleared row stays fully cleared.
+    clear = np.zeros((1, bitmask_words(V)), dtype=np.int32)
+    z = torch.zeros(1, V)
+    _apply_bitmask(z, torch.tensor([0]), torch.from_numpy(clear))
+    assert torch.isinf(z).all()
+
+
 def test_logit_bias_and_allowed_token_ids_on_the_token_engine():
     engine = Engine("tiny-llama", kv_cache_tokens=1024, page_size=16)
     prompt = [1, 5, 9, 200, 7]
