@@ -259,7 +259,7 @@ COLLECT: dict[str, Callable[[Settings], dict]] = {
     "serve": collect_serve, "attention": collect_attention, "tune": collect_tune}
 
 
-# -- running -----------------------------------------------------------------------------------------
+# -- running ---------------------------------------------------------------------------------
 def run_step(step: Step, seconds: float) -> tuple[str, int | None]:
     """Run a step for at most `seconds`; (ok | failed | timeout, exit status)."""
     env = {**os.environ, **step.env}
@@ -450,20 +450,23 @@ def step_smoke(argv: list[str]) -> int:
         layouts[layout_name(layout)]["seconds"] = round(time.perf_counter() - t0, 2)
         print(f"[smoke] {layout_name(layout)}: {json.dumps(layouts[layout_name(layout)])}",
               flush=True)
-        report = write_smoke(args, dtype, layouts)    # after each layout: a cap cuts off only the rest
+        # After each layout: a cap cuts off only the rest.
+        report = write_smoke(args, dtype, layouts)
     print("smoke: all layouts passed" if report["ok"] else "smoke: FAILED")
     return 0 if report["ok"] else 1
 
 
 def write_smoke(args, dtype: str, layouts: dict) -> dict:
+    """The smoke report so far, written to --out."""
     from nanorun import cuda_ops
-    report = {"model": SMOKE_MODEL, "device": args.device, "dtype": dtype, "tolerance": SMOKE_TOLERANCE,
-              "cuda_kernels_built": cuda_ops.available(), "layouts_asked": args.layouts,
-              "prompts": list(SMOKE_PROMPT_LENS), "max_tokens": SMOKE_MAX_TOKENS, "layouts": layouts,
+    report = {"model": SMOKE_MODEL, "device": args.device, "dtype": dtype,
+              "tolerance": SMOKE_TOLERANCE, "cuda_kernels_built": cuda_ops.available(),
+              "layouts_asked": args.layouts, "prompts": list(SMOKE_PROMPT_LENS),
+              "max_tokens": SMOKE_MAX_TOKENS, "layouts": layouts,
               "ok": len(layouts) == len(args.layouts) and all(r["ok"] for r in layouts.values())}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, report)
+        from nanorun.benchmark.environment import write_result
+        report = write_result(report, args.out, device=args.device)
     return report
 
 
@@ -477,7 +480,8 @@ def check_layout(engine_cls, layout, device, dtype, kw, prompts, params, want_to
     logits = engine.prompt_logits(prompts[1]).float().cpu()
     rel = float((logits - want_logits).abs().max() / want_logits.abs().max())
     agree = [_common_prefix(tokens[k], want_tokens[k]) for k in want_tokens]
-    complete = all(len(t) == SMOKE_MAX_TOKENS for t in tokens.values()) and len(tokens) == len(prompts)
+    complete = (all(len(t) == SMOKE_MAX_TOKENS for t in tokens.values())
+                and len(tokens) == len(prompts))
     streams = ex.streams
     return {
         "layout": ex.layout_name, "partitions": ex.partition_sms,
@@ -576,8 +580,9 @@ def write_device(out: Path | None, report: dict) -> int:
     report["ok"] = all(c.get("ok") is not False for c in checks.values()) and any(
         c.get("ok") for c in checks.values())
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, report)
+        from nanorun.benchmark.environment import write_result
+        write_result(report, out, device="cpu" if report["device"]["multiprocessors"] is None
+                     else "cuda")
         print(f"wrote {out}")
     print("all checks passed" if report["ok"] else
           "FAILED: " + ", ".join(k for k, c in checks.items() if c.get("ok") is False))
@@ -800,8 +805,8 @@ def step_serve(argv: list[str]) -> int:
     out = {"model": args.model, "device": args.device, "max_batch_tokens": batch,
            "layouts": [layout_label(x) for x in args.layouts], "repeats": args.repeats,
            "summary": {w: serve_summary(r) for w, r in reports.items()}, "reports": reports}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, out)
+    from nanorun.benchmark.environment import write_result
+    write_result(out, args.out, device=args.device)
     print(f"wrote {args.out}")
     failed = sum(run["failed"] for r in reports.values() for run in r["runs"])
     return 1 if failed else 0
@@ -848,8 +853,8 @@ def step_attention(argv: list[str]) -> int:
     report = {"device": args.device, **cases,
               "ok": all(c["median_ms"] > 0 and c["gb_per_s"] is not None
                         for c in cases["cases"])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, report)
+    from nanorun.benchmark.environment import write_result
+    write_result(report, args.out, device=args.device)
     for c in report["cases"]:
         print(f"[attention] {c['case']}: {c.get('median_ms')} ms, {c.get('gb_per_s')} GB/s, "
               f"{c.get('share_of_copy_bandwidth')} of copy", flush=True)
@@ -1109,7 +1114,10 @@ def commit() -> str:
 
 
 def write_json(path: Path, data) -> None:
-    """Whole or not at all: a call cut off mid-write leaves the previous file, never half."""
+    """The session's own files (env.json, the stage files, what unpack copies out of them):
+    whole or not at all, as nanorun's write_result writes the steps' results. The session
+    process does not import nanorun (it runs before the build), and these files carry their
+    provenance in their own fields (commit, date, device; env.json)."""
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     tmp.replace(path)

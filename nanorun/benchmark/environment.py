@@ -30,15 +30,18 @@ def write_result(doc: dict, out: str | os.PathLike, *, device: torch.device | st
     Unless `doc` has them already, "command" (the command line that made it, as command_line
     writes it: no path of this machine) and "environment" (describe(device): the device, the
     versions, the commit and the date; device defaults to the CPU) go first. NaN and infinity
-    are refused: a committed result must be JSON that every reader parses. Returns what was
-    written.
+    are refused: a committed result must be JSON that every reader parses. The file is whole or
+    not there: written aside and renamed, so a run killed mid-write (a capped GPU step) leaves
+    the previous one. Returns what was written.
     """
     stamped = {"command": doc.get("command") or command_line(argv),
                "environment": doc.get("environment") or describe(torch.device(device or "cpu")),
                **doc}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stamped, indent=indent, allow_nan=False) + "\n")
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(stamped, indent=indent, allow_nan=False) + "\n")
+    part.replace(path)
     return stamped
 
 

@@ -338,7 +338,8 @@ def format_http_summary(report: dict) -> str:
              f"{'hit %':>6}  {'TTFT ms':>9}  {'TPOT ms':>8}  {'ITL ms':>7}  {'E2EL ms':>9}"]
     for r in report["runs"]:
         ok = f"{r['completed']}/{r['failed']}"
-        lines.append(f"{str(r['request_rate']):>6}  {ok:>8}  {r['request_throughput']:>7.2f}  {r['output_throughput']:>10,.0f}  "
+        lines.append(f"{r['request_rate']!s:>6}  {ok:>8}  {r['request_throughput']:>7.2f}  "
+                     f"{r['output_throughput']:>10,.0f}  "
                      f"{r['total_token_throughput']:>10,.0f}  "
                      f"{percent(r.get('prefix_cache_hit_rate')):>6}  {_ms(r['mean_ttft_ms']):>9}  "
                      f"{_ms(r['mean_tpot_ms']):>8}  {_ms(r['mean_itl_ms']):>7}  "

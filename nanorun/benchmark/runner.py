@@ -12,12 +12,14 @@ a layout is paired with repeat r of sequential for its ratio. The device's ceili
 measured once per run, before any engine, not per layout or repeat. Several traces can share
 the engines (run_traces): each (repeat, layout) engine is built once and serves every trace.
 
-The step loop is loop.run_requests, the one every benchmark uses: a request is added once its arrival time has passed, and
-its arrival time is the scheduled one, so time spent waiting for a busy step counts in its
-TTFT. Outputs run to the trace's length (ignore EOS, greedy). A request that cannot be added,
-or ends with any other number of tokens, is recorded as failed with the reason, and the run
-goes on; if a step itself raises, the requests in flight and those not yet added fail with
-that reason and the run ends there.
+The step loop is loop.run_requests, the one every benchmark uses: a request is added once its
+arrival time has passed, and its arrival time is the scheduled one, so time spent waiting for
+a busy step counts in its TTFT. Outputs run to the trace's length (ignore EOS, greedy). A
+request that cannot be added, or ends with any other number of tokens, is recorded as failed
+with the reason, and the run goes on; if a step itself raises, the requests in flight and
+those not yet sent fail with that reason and the run ends there. The requests come from the
+workload (workload.py): a trace's, or conversations whose next turn is sent only after the
+previous answer.
 
 Requests that can never fit (prompt + output beyond the model's context or the KV cache) are
 skipped before any run, with a warning and a count in the report: they would fail the same way
