@@ -30,6 +30,11 @@ Gemma 2 / 3 (models/gemma.py) add two norms a layer, and Gemma 3 the per-head q/
     layers.{i}.post_mlp_norm   [D]      of the MLP's output
     layers.{i}.q_norm, k_norm  [Dh]     Gemma 3
 
+Qwen3 (models/qwen3.py) adds the same per-head q_norm and k_norm (HF's self_attn.q_norm /
+k_norm, replicated on every rank). Phi-3's checkpoint already holds qkv and gate_up fused in
+this layout (self_attn.qkv_proj, mlp.gate_up_proj): each fills its tensor whole, and a rank
+keeps its rows of it as above.
+
 Mixture-of-experts models (models/moe.py; E experts of I units, S shared-expert units) replace
 gate_up and down by the router, every expert's weights stacked into one 2-D tensor (so an HF
 expert tensor is a block of rows, like q in qkv), and the optional shared expert:
