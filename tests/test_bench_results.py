@@ -97,3 +97,19 @@ def test_the_checker_catches_a_command_that_is_gone():
     assert runs_something_that_exists("nanorun no-such-subcommand")
     assert runs_something_that_exists("python bench/host_overhead.py") is None
     assert runs_something_that_exists("OMP_NUM_THREADS=1 bash .ci/run") is None
+
+
+def test_no_bench_script_imports_a_private_name_of_the_package():
+    """bench/ runs on the package's public API, so a refactor of its insides cannot silently
+    break a benchmark a user runs."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+                    "nanorun", "search", "models"):
+                parts = [*(node.module or "").split("."), *(a.name for a in node.names)]
+                if any(p.startswith("_") and p != "__version__" for p in parts):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, found
