@@ -8,11 +8,13 @@ hidden / heads, Gemma 3's 2:1 local/global pattern with linear rope scaling on g
 norm weights far from zero (so 1 + weight is not 1). Each test first checks, on HF's side, that
 the feature changes HF's logits, so the comparison cannot pass with the feature left out.
 
-Compared: prompt logits under "sequential" and "overlap" with chunked prefill (chunks of 16
-positions, shorter than the prompt and than the window), greedy tokens against HF's greedy
+Compared: prompt logits under "sequential", "overlap" and a random valid layout with chunked
+prefill (chunks of 16 positions, shorter than the prompt and than the window), greedy tokens
+with preemption against HF's greedy
 choice after the same prefix (teacher-forced: HF's argmax at every position; tokens are HF's,
 or differ first at a near-tie of HF's logits: tests/tokens.py), and the same at tensor
-parallel 2 over gloo (this file started as two ranks, as tests/test_moe.py does).
+parallel 2 over gloo (this file started as two ranks, as tests/test_moe.py does); the overlap
+plan under the race detector.
 Also: the attention kernels' soft-capping against their fp32 reference, and the configs
 nanorun refuses, each naming the field to change.
 """
@@ -27,10 +29,11 @@ import pytest
 import torch
 
 from nanorun import LLM, SamplingParams
-from nanorun.models import ModelConfig, UnsupportedModelError, ModelConfigError
+from nanorun.models import ModelConfig, ModelConfigError, UnsupportedModelError, model_layer_ops
 from nanorun.ops import (paged_attention, paged_attention_numba, paged_attention_reference,
                          paged_attention_torch)
 from ranks import join_ranks, start_ranks
+from test_moe import random_layout
 from tokens import assert_same_tokens, hf_logits_of
 
 VOCAB = 1024
@@ -117,24 +120,60 @@ def test_each_feature_changes_hf_logits(hf_reference_logits, name, change):
 
 # -- parity --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout, chunk", [("sequential", 256), ("sequential", CHUNK),
-                                           ("overlap", CHUNK)])
+                                           ("overlap", CHUNK), ("random", CHUNK)])
 def test_prompt_logits_match_hf(hf_gemma, layout, chunk):
     name, path, hf = hf_gemma
     prompt = _prompts([PROMPT_LEN])[0]
+    if layout == "random":      # every op cut at random points, on random partitions and order
+        layout = random_layout(model_layer_ops(_config(FAMILIES[name])), chunk, seed=7)
     llm = LLM(str(path), max_batch_tokens=chunk, kv_cache_tokens=2048, layout=layout)
     ours = llm.engine.prompt_logits(prompt)
     assert _rel(ours, _hf_logits(hf, prompt)) < 1e-5, (name, layout, chunk)
 
 
-def test_greedy_tokens_match_hf(hf_gemma):
+def test_greedy_tokens_match_hf_with_chunks_and_preemption(hf_gemma):
     """A batch whose prompts straddle the window and the page size, decoded past the window
-    under "overlap" with chunked prefill (sequential's arithmetic is the logits test's)."""
+    under "overlap" (sequential's arithmetic is the logits test's), in chunks of 16 tokens
+    through a KV pool of 6 pages of 16: requests are preempted and recomputed."""
     name, path, hf = hf_gemma
     prompts = _prompts(GREEDY_LENGTHS)
-    llm = LLM(str(path), max_batch_tokens=CHUNK, kv_cache_tokens=2048, page_size=16,
+    llm = LLM(str(path), max_batch_tokens=CHUNK, kv_cache_tokens=96, page_size=16,
               layout="overlap")
-    for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
+    outputs = llm.generate(prompts, GREEDY)
+    assert sum(o.metrics.num_preemptions for o in outputs) > 0, "the pool was not small enough"
+    for prompt, out in zip(prompts, outputs):
         _assert_hf_greedy(hf, prompt, out.token_ids, f"{name}, prompt {len(prompt)}")
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_race_detector_finds_the_plan_complete(hf_gemma, seed):
+    """The plan of a random layout (ops on three streams) for a mixed batch (prompt chunks
+    beside decode tokens) run in random orders that respect only its streams and waits, on
+    NaN-poisoned buffers, gives the logits of the issue order: every dependency of the Gemma
+    ops (the post norms reading o_out / mlp_out and the residual) is declared. Seed 1 puts
+    o_proj and post_attn_norm, and down and post_mlp_norm, on different streams: dropping
+    "o_out" or "mlp_out" from a post norm's reads fails this test (checked by hand)."""
+    from executor_rig import workspace_buffers
+
+    from nanorun.batch import build_batch
+
+    name, path, hf = hf_gemma
+    layout = random_layout(model_layer_ops(_config(FAMILIES[name])), CHUNK, seed=seed)
+    engine = LLM(str(path), max_batch_tokens=CHUNK, kv_cache_tokens=1024, layout=layout).engine
+    for i, prompt in enumerate(_prompts([3, 17, 40, 9])):
+        engine.add_request(f"r{i}", prompt, GREEDY)
+    for _ in range(4):
+        engine.step()
+    batch = build_batch(engine.scheduler.schedule().chunks, engine.kv_cache.page_size,
+                        engine.device, logits_for_all=True)
+    runs = []
+    for seed in (None, 0, 1, 2):
+        for buf in workspace_buffers(engine.executor.ws):
+            buf.fill_(float("nan"))
+        for cache in (engine.kv_cache.k, engine.kv_cache.v):
+            cache.view(cache.shape[0], -1, *cache.shape[3:])[:, batch.slot_mapping] = float("nan")
+        runs.append(engine.executor.run(batch, order_seed=seed))
+    assert all(bool(torch.isfinite(r).all()) and torch.equal(r, runs[0]) for r in runs), name
 
 
 def _assert_hf_greedy(hf, prompt: list[int], tokens: list[int], what: str) -> None:
