@@ -105,7 +105,8 @@ def generation_defaults(setting: str, model_dir: str | None) -> dict[str, Any]:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--generation-config: cannot read {path}: {e}") from None
-    out = {ours: config[key] for key, ours in GENERATION_CONFIG_KEYS.items() if key in config}
+    out = {ours: config[key] for key, ours in GENERATION_CONFIG_KEYS.items()
+           if config.get(key) is not None}        # null: not set
     if out:
         logger.info("default sampling parameters from generation_config.json: %s", out)
     return out
