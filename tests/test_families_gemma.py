@@ -188,6 +188,33 @@ def _assert_hf_greedy(hf, prompt: list[int], tokens: list[int], what: str) -> No
                            logits_of=hf_logits_of(hf), what=what)
 
 
+# -- on a GPU: bf16 through the CUDA kernels, against HF in fp32 (not run where it was written) -----
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_gpu_bf16_logits_are_as_close_to_fp32_as_hf_bf16(tmp_path, name):
+    """head_dim 64: Gemma 3's attention runs on nanorun's CUDA kernel with a window per layer;
+    Gemma 2's soft-capped attention takes the torch fallback. Our bf16 prompt logits, chunked
+    under "overlap", must be as close to HF's fp32 logits as HF's own bf16 run is."""
+    import copy
+
+    hf = _hf_model({**FAMILIES[name], "head_dim": 64})
+    hf.save_pretrained(tmp_path)
+    prompt = _prompts([PROMPT_LEN])[0]
+
+    def hf_logits(dtype):
+        with torch.no_grad():
+            model = copy.deepcopy(hf).to("cuda", dtype)
+            return model(torch.tensor([prompt], device="cuda")).logits[0].float()
+
+    ref, hf_bf16 = hf_logits(torch.float32), hf_logits(torch.bfloat16)
+    llm = LLM(str(tmp_path), device="cuda", dtype="bfloat16", layout="overlap",
+              max_batch_tokens=CHUNK, kv_cache_tokens=2048)
+    ours = llm.engine.prompt_logits(prompt).float()
+    print(f"{name}: ours {_rel(ours, ref):.2e}, HF bf16 {_rel(hf_bf16, ref):.2e}")
+    assert _rel(ours, ref) <= 2 * _rel(hf_bf16, ref) + 1e-3
+
+
 # -- tensor parallel 2 over gloo, both families in one pair of processes ---------------------------
 @pytest.mark.slow
 def test_two_gloo_ranks_match_hf(tmp_path):
