@@ -182,9 +182,16 @@ def test_nanorun_bench_runs_conversations_and_reports_the_prefixes(tmp_path, cap
     assert main(["bench", "tiny-llama", "--trace", "lmsys", "--num-requests", "6", "--turns",
                  "3", "--think-time", "0.01", "--system-prompt-len", "16", "--layout",
                  "sequential", "--repeats", "1", "--filter", "64,16,80", "--no-progress",
-                 "--max-batch-tokens", "64", "--result-json", str(out)]) == 0
+                 "--max-batch-tokens", "64", "--request-rate", "inf", "1000",
+                 "--result-json", str(out)]) == 0
     report = json.loads(out.read_text())
     head, run = report["nanorun"], report["runs"][0]
+    # Each rate's run starts from a cold cache: the second finds no more cached than the first
+    # (up to the system prompt's page, which the order of the first turns decides), where a
+    # warm one would find nearly all of its prompts.
+    second = report["runs"][1]
+    assert 0 < second["total_cached_tokens"] <= run["total_cached_tokens"] + 16 * 2
+    assert second["total_cached_tokens"] < 0.8 * second["total_input_tokens"]
     assert head["prefixes"] == {"system_prompt_len": 16, "turns": 3, "think_time_s": 0.01}
     assert head["num_conversations"] == 2 and run["completed"] == 6
     lens = run["input_lens"]

@@ -300,6 +300,9 @@ def _run_one(engine: Engine, workload: Workload, layout: str, rate,
                                         burstiness=config.burstiness, seed=config.seed)
     desc = f"{layout_label(layout)} @ {rate}" + (f" #{repeat + 1}" if config.repeats > 1 else "")
     progress = _progress(len(workload.trace), desc, config.show_progress)
+    # Every run starts from a cold prefix cache: an engine serving several rates or traces
+    # would otherwise find the prompts of the run before it (and the warm-up's) cached.
+    engine.kv_cache.clear_prefix_cache()
     try:
         done = drive(engine, workload, arrivals, progress=progress)
     finally:
