@@ -21,6 +21,7 @@ nanorun refuses, each naming the field to change.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -279,6 +280,63 @@ def test_attention_refuses_a_bad_softcap():
         with pytest.raises(ValueError, match="logit_softcap"):
             paged_attention(q, k, v, tables, seq_ids, positions, 0.5, torch.empty_like(q), None,
                             bad)
+
+
+# -- a Gemma 2 GGUF file, as llama.cpp's converter writes one -------------------------------------
+def test_gemma2_gguf_reads_as_its_directory(tmp_path):
+    """The tiny Gemma 2 written as llama.cpp lays it out (norm weights stored as 1 + weight,
+    ffn_norm the MLP's input norm, the soft-caps and window as gemma2.* metadata): nanorun
+    reads the directory's config and weights back from it. (Gemma 3 runs from a real file in
+    tests/test_real_weights.py.) query_pre_attn_scalar is head_dim here: a GGUF does not carry
+    it, and llama.cpp takes head_dim for these sizes."""
+    from gguf_files import write_gguf
+
+    from nanorun.models import load_weights, resolve_model
+
+    hf = _hf_model({**GEMMA2, "query_pre_attn_scalar": GEMMA2["head_dim"]})
+    hf.save_pretrained(tmp_path / "hf")
+    want, hf_dir = resolve_model(str(tmp_path / "hf"))
+    weights = load_weights(want, hf_dir, dtype=torch.float32, device="cpu")
+    path = write_gguf(tmp_path / "gemma2.gguf", "gemma2", _gemma2_metadata(want),
+                      _gemma2_tensors(want, weights))
+    got, where = resolve_model(str(path))
+    assert got.rms_norm_eps == pytest.approx(want.rms_norm_eps, rel=1e-6)
+    assert dataclasses.replace(got, name=want.name, rms_norm_eps=want.rms_norm_eps,
+                               dtype=want.dtype) == want
+    read = load_weights(got, where, dtype=torch.float32, device="cpu")
+    assert read.keys() == weights.keys()
+    for name, w in weights.items():      # (1 + w) - 1 in fp32: equal up to its rounding
+        torch.testing.assert_close(read[name], w, atol=5e-7, rtol=0, msg=name)
+
+
+def _gemma2_metadata(c: ModelConfig) -> dict:
+    a = "gemma2."
+    return {a + "block_count": c.num_layers, a + "context_length": c.max_position_embeddings,
+            a + "embedding_length": c.hidden_size, a + "feed_forward_length": c.intermediate_size,
+            a + "attention.head_count": c.num_heads, a + "attention.head_count_kv": c.num_kv_heads,
+            a + "attention.key_length": c.head_dim, a + "attention.value_length": c.head_dim,
+            a + "attention.layer_norm_rms_epsilon": c.rms_norm_eps,
+            a + "attention.sliding_window": c.sliding_window, a + "rope.freq_base": c.rope_theta,
+            a + "attn_logit_softcapping": c.attn_logit_softcapping,
+            a + "final_logit_softcapping": c.final_logit_softcapping,
+            "tokenizer.ggml.bos_token_id": c.bos_token_id,
+            "tokenizer.ggml.eos_token_id": c.eos_token_ids[0]}
+
+
+def _gemma2_tensors(c: ModelConfig, w: dict) -> dict:
+    q, kv, i = c.q_size, c.kv_size, c.intermediate_size
+    out = {"token_embd.weight": w["embed"], "output_norm.weight": w["norm"] + 1}
+    norms = {"attn_norm": "attn_norm", "post_attention_norm": "post_attn_norm",
+             "ffn_norm": "mlp_norm", "post_ffw_norm": "post_mlp_norm"}
+    for n in range(c.num_layers):
+        p, b = f"layers.{n}.", f"blk.{n}."
+        out.update({f"{b}{g}.weight": w[p + ours] + 1 for g, ours in norms.items()})
+        qkv, gate_up = w[p + "qkv"], w[p + "gate_up"]
+        out.update({b + "attn_q.weight": qkv[:q], b + "attn_k.weight": qkv[q:q + kv],
+                    b + "attn_v.weight": qkv[q + kv:], b + "attn_output.weight": w[p + "o_proj"],
+                    b + "ffn_gate.weight": gate_up[:i], b + "ffn_up.weight": gate_up[i:],
+                    b + "ffn_down.weight": w[p + "down"]})
+    return {k: v.numpy().astype("float32") for k, v in out.items()}
 
 
 # -- configs --------------------------------------------------------------------------------------
