@@ -9,14 +9,13 @@ at once, so its KV pages are free for the next step, and reports the sequence as
 with finish_reason "stop" and stop_reason the string.
 
 n > 1 is n core requests of the same prompt (ids "<id>#<i>"), queued together with
-share_prompt: sequence 0 computes the prompt's KV, and the others fork it once it is there,
-sharing its full pages and computing only the prompt's last token themselves (see
-nanorun.scheduler; a prefill engine, a 1-token prompt, a sequence that wants prompt logprobs
-and the forks of a parent aborted before its prompt was computed fall back to computing it
-on their own). Each sequence samples its own first token from its own
-logits: sequence i samples with seed + i when the request has a seed, so the n samples differ
-and each is reproducible on its own, equal to a request of its own with that seed. Only
-sequence 0 computes the prompt logprobs.
+share_prompt: sequence 0 computes the prompt's KV, and the others take it from the prefix
+cache once it is there, sharing its full pages and computing only the prompt's last token
+themselves (see nanorun.scheduler; with prefix caching off, on a prefill engine, for a 1-token
+prompt and for a sequence that wants prompt logprobs, each computes it on its own). Each
+sequence samples its own first token from its own logits: sequence i samples with seed + i
+when the request has a seed, so the n samples differ and each is reproducible on its own,
+equal to a request of its own with that seed. Only sequence 0 computes the prompt logprobs.
 """
 
 from __future__ import annotations
@@ -256,7 +255,9 @@ class TextEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              None if prompt_logprobs is None else list(prompt_logprobs),
                              completions, request.finished,
-                             _metrics(request.core))
+                             _metrics(request.core),
+                             # sequence 0's: the one that computes the prompt (n > 1)
+                             num_cached_tokens=request.core[0].num_cached_tokens)
 
     # ---- text -----------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Message],

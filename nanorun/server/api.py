@@ -641,8 +641,9 @@ class _ChunkWriter:
                 produced += len(c.token_ids)
                 choices.append(self._choice(i, i * self.n + c.index, c, out))
         choices.sort(key=lambda ch: ch["index"])
+        cached = self._cached(out.num_cached_tokens for out in finals)
         body = {**self._head(False), "choices": choices,
-                "usage": usage(self.prompt_tokens, produced)}
+                "usage": usage(self.prompt_tokens, produced, cached)}
         if self.chat:       # vLLM: on the response, null when not asked for (never absent)
             body["prompt_logprobs"] = prompt_logprobs_json(finals[0].prompt_logprobs)
             body["prompt_token_ids"] = self.prompts[0].ids if self.token_ids else None
@@ -665,6 +666,12 @@ class _ChunkWriter:
             choice["prompt_token_ids"] = self.prompts[prompt].ids if self.token_ids else None
         return choice
 
+    def _cached(self, per_prompt) -> int | None:
+        """The usage's cached_tokens (--enable-prompt-tokens-details; else None)."""
+        if not self.state.settings.enable_prompt_tokens_details:
+            return None
+        return sum(n or 0 for n in per_prompt)
+
     def _output_ids(self, ids: Sequence[int]) -> list[int]:
         return [] if self.echo_only else list(ids)
 
@@ -673,6 +680,7 @@ class _ChunkWriter:
         """Every chunk as a server-sent event, then [DONE]; closing it early aborts the
         requests."""
         sent: dict[int, tuple[int, int]] = {}      # choice index -> (chars, tokens) sent
+        cached: dict[int, int | None] = {}         # prompt -> its tokens the cache held
         # Most chunks are the same head, one choice, and (with usage) "usage": null: the head
         # and the tail are rendered once, the choice per chunk.
         head = json.dumps({**self._head(True), "choices": []})
@@ -680,6 +688,7 @@ class _ChunkWriter:
         try:
             async with aclosing(_merge(streams)) as outputs:   # its tasks end with this
                 async for i, out in outputs:
+                    cached[i] = out.num_cached_tokens
                     for c in out.outputs:
                         chunk = self._chunk(i, i * self.n + c.index, c, out, sent, frame)
                         if chunk is not None:
@@ -687,7 +696,8 @@ class _ChunkWriter:
             if self.usage:
                 produced = sum(tokens for _, tokens in sent.values())
                 yield _event(json.dumps({**self._head(True), "choices": [],
-                                         "usage": usage(self.prompt_tokens, produced)}))
+                                         "usage": usage(self.prompt_tokens, produced,
+                                                        self._cached(cached.values()))}))
         except EngineDeadError as e:
             yield _event(json.dumps(error_body(str(e), "ServiceUnavailableError", None, 503)))
         finally:

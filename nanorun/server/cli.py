@@ -85,6 +85,9 @@ def _add_http_arguments(g) -> None:
     g.add_argument("--enable-force-include-usage", action="store_true",
                    help="every stream ends with a usage chunk, as if it had asked with "
                         "stream_options.include_usage")
+    g.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="usage gives prompt_tokens_details.cached_tokens: the prompt tokens "
+                        "the prefix cache held (vLLM's flag)")
     g.add_argument("--chat-template", default=None,
                    help="a Jinja chat template (a file, or the template itself) instead of "
                         "the model's")
@@ -158,6 +161,7 @@ def server_settings(args, model_dir: str | None) -> ServerSettings:
     return ServerSettings(
         served_model_names=tuple(args.served_model_name or [served_name(args.model)]),
         api_keys=api_keys(args.api_key), force_include_usage=args.enable_force_include_usage,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         chat_template=load_chat_template(args.chat_template),
         trust_request_chat_template=args.trust_request_chat_template,
         response_role=args.response_role,

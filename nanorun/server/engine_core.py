@@ -190,7 +190,7 @@ class OutputEncoder:
     """Turns a step's cumulative RequestOutputs into what is new since the last step, per
     request: (request_id, finished, head, [(index, text, token_ids, logprobs,
     cumulative_logprob, finish_reason, stop_reason, error)], metrics). head (prompt, prompt
-    token ids, prompt logprobs) is sent once, with a request's first output; metrics with
+    token ids, prompt logprobs, num_cached_tokens) is sent once, with a request's first output; metrics with
     its last."""
 
     def __init__(self) -> None:
@@ -203,7 +203,8 @@ class OutputEncoder:
         sent = self._sent.get(out.request_id)
         head = None
         if sent is None:
-            head = (out.prompt, out.prompt_token_ids, out.prompt_logprobs)
+            head = (out.prompt, out.prompt_token_ids, out.prompt_logprobs,
+                    out.num_cached_tokens)
             sent = self._sent[out.request_id] = [(0, 0, 0)] * len(out.outputs)
         seqs = []
         for c in out.outputs:
@@ -237,10 +238,10 @@ class OutputDecoder:
         request_id, finished, head, seqs, metrics = delta
         out = self._outputs.get(request_id)
         if out is None:
-            prompt, prompt_ids, prompt_logprobs = head
+            prompt, prompt_ids, prompt_logprobs, cached = head
             out = RequestOutput(request_id, prompt, prompt_ids, prompt_logprobs,
                                 [CompletionOutput(i, "", [], None, None)
-                                 for i in range(len(seqs))], False)
+                                 for i in range(len(seqs))], False, num_cached_tokens=cached)
             self._outputs[request_id] = out
         for index, text, ids, logprobs, cumulative, reason, stop_reason, error in seqs:
             c = out.outputs[index]

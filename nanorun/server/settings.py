@@ -38,6 +38,7 @@ class ServerSettings:
     served_model_names: tuple[str, ...]
     api_keys: tuple[str, ...] = ()
     force_include_usage: bool = False
+    enable_prompt_tokens_details: bool = False
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     response_role: str = "assistant"
