@@ -100,6 +100,10 @@ class EngineConfig:
         "request from its longest cached prefix (vLLM's automatic prefix caching; also how "
         "the n sequences of a request share their prompt); a prefill engine (role=prefill) "
         "never reuses, it hands the whole prompt's KV over", cli="flag")
+    kv_offload_tokens: int = _option(
+        0, "host memory, in tokens of KV, that cached pages evicted from the device go to, "
+        "and come back from instead of being recomputed (the prefix cache's host tier; 0: "
+        "none)", type=int)
 
     def __post_init__(self) -> None:
         from .scheduler import KV_RESERVATIONS, POLICIES
@@ -126,6 +130,13 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching must be True or False, got "
                             f"{self.enable_prefix_caching!r}")
+        if isinstance(self.kv_offload_tokens, bool) or not isinstance(
+                self.kv_offload_tokens, int) or self.kv_offload_tokens < 0:
+            raise ValueError(f"kv_offload_tokens must be an int >= 0, got "
+                             f"{self.kv_offload_tokens!r}")
+        if self.kv_offload_tokens and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_tokens is the prefix cache's host tier: it needs "
+                             "enable_prefix_caching=True")
         if self.role == "prefill" and self.async_scheduling:
             # A prefill engine hands a request off when its first token is read back; one
             # iteration ahead, it would already have scheduled that request's next decode.

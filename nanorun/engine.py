@@ -245,13 +245,13 @@ class Engine:
             self.kv_sender.begin_iteration(chunks, batch)
         launched = _Launched(chunks, every, sampling, {r: i for i, r in enumerate(sampling)},
                              None, tokens, None)
-        copies = sched.copies
+        moves = (sched.copies, sched.saves, sched.loads)
         if self.sampler.waits_for_tokens(sampling):
             # A constrained request's mask needs the token in flight: run the model now and
             # sample once step() has read that token back (_submit_sampling).
-            self._device_queue.submit(lambda: self._forward(batch, copies, keep, launched))
+            self._device_queue.submit(lambda: self._forward(batch, moves, keep, launched))
         else:
-            self._submit_sampling(launched, lambda: self._forward(batch, copies, keep))
+            self._submit_sampling(launched, lambda: self._forward(batch, moves, keep))
         for chunk in sched.chunks:
             chunk.request.advance(chunk.length)
         return launched
@@ -269,15 +269,16 @@ class Engine:
         for request in sampling:
             request.num_pending += 1
 
-    def _forward(self, batch: Batch, copies: list[tuple[int, int]], keep: torch.Tensor | None,
-                 launched: _Launched | None = None) -> DeviceOutput:
+    def _forward(self, batch: Batch, moves: tuple[list, list, list],
+                 keep: torch.Tensor | None, launched: _Launched | None = None) -> DeviceOutput:
         """The model's part of an iteration on the device: (logits of the sampling rows, all
-        logits where prompt logprobs want them). First the page copies of requests that took
-        a cached prefix (see nanorun.scheduler): after every earlier iteration's writes,
-        before this one's. Given `launched` (its sampling comes later), the logits are left
-        there, or the error that stopped the run, and the queue gets an empty output."""
+        logits where prompt logprobs want them). First the page moves (copies, and the host
+        tier's saves and loads: KVCache.move_pages) of requests that took a cached prefix
+        (see nanorun.scheduler): after every earlier iteration's writes, before this one's.
+        Given `launched` (its sampling comes later), the logits are left there, or the error
+        that stopped the run, and the queue gets an empty output."""
         try:
-            self.kv_cache.copy_pages(copies)
+            self.kv_cache.move_pages(*moves)
             logits = all_logits = self.executor.run(batch)
             if keep is not None:
                 logits = all_logits.index_select(0, keep)

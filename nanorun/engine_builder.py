@@ -192,7 +192,8 @@ def _new_kv_cache(cfg: EngineConfig, mc: ModelConfig, tp: TensorParallel,
         page_size=cfg.page_size, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
         dtype=dtype, device=tp.device,
         # kv_send sends what an iteration computes: a prefill engine computes every prompt.
-        prefix_caching=cfg.enable_prefix_caching and cfg.role != "prefill")
+        prefix_caching=cfg.enable_prefix_caching and cfg.role != "prefill",
+        host_pages=cfg.kv_offload_tokens // cfg.page_size)
 
 
 def _default_kv_tokens(mc: ModelConfig, dtype: torch.dtype, device: torch.device,

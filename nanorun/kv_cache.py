@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _core
+from .kv_offload import host_kv_pool
 from .prefix_cache import PrefixCache, PrefixHit
 from .request import Request
 
@@ -20,6 +21,8 @@ class KVCache:
     prefix_caching: pages whose KV is computed stay named by their prefix when their request
     lets them go, and a new request starts from the longest prefix cached (see
     nanorun.prefix_cache); such pages count as free until they are evicted for new ones.
+    host_pages: the host tier's size (nanorun.kv_offload): evicted pages go there, and come
+    back from there instead of being recomputed (0: none).
     """
 
     def __init__(
@@ -33,13 +36,16 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         prefix_caching: bool = True,
+        host_pages: int = 0,
     ) -> None:
         self.page_size = page_size
         self.allocator = _core.PageAllocator(num_pages)
-        self.prefix_cache = PrefixCache(self.allocator, page_size) if prefix_caching else None
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        host = host_kv_pool(self.k, self.v, host_pages) if prefix_caching and host_pages else None
+        self.prefix_cache = (PrefixCache(self.allocator, page_size, host) if prefix_caching
+                             else None)
 
     @property
     def num_pages(self) -> int:
@@ -97,6 +103,21 @@ class KVCache:
         flat(self.k).index_copy_(0, slots, k.to(device))
         flat(self.v).index_copy_(0, slots, v.to(device))
 
+    def host_moves(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The iteration's copies to and from the host tier: (device page, slot) saved and
+        (slot, device page) loaded, for move_pages; once per iteration."""
+        if self.prefix_cache is None:
+            return [], []
+        return self.prefix_cache.moves()
+
+    def move_pages(self, copies: list[tuple[int, int]], saves: list[tuple[int, int]] = (),
+                   loads: list[tuple[int, int]] = ()) -> None:
+        """An iteration's page work, before its model (device work, in stream order): pages
+        evicted to the host tier saved, pages taken from it loaded, then page copies."""
+        if saves or loads:
+            self.prefix_cache.host.copy(self.k, self.v, list(saves), list(loads))
+        self.copy_pages(copies)
+
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         """Copy page source to page destination, K and V, every layer, for each pair (device
         work, in stream order: no host sync)."""
@@ -152,13 +173,22 @@ class KVCache:
         cache.pin(list(hit.pages) + ([hit.copy_from] if hit.copy_from is not None else []))
         request.pages = list(hit.pages)
         request.num_pages_cached = len(hit.pages)
+        if hit.host:    # into new pages (they stay cached if the request is not admitted)
+            n = min(len(hit.host), self.num_free_pages)
+            # Their slots first: the evictions growing may cause save to the host tier.
+            slots = [cache.host.take(key) for key in hit.host[:n]]
+            self.grow(request, (len(hit.pages) + n) * self.page_size)
+            cache.load(request, hit.host[:n], slots, request.pages[len(hit.pages):])
+            if n < len(hit.host):
+                hit = PrefixHit(hit.pages, host=hit.host[:n])
         request.num_computed_tokens = hit.num_tokens(self.page_size)
 
     def drop_prefix(self, request: Request, hit: PrefixHit) -> None:
-        """Undo take_prefix, before anything was computed."""
+        """Undo take_prefix, before anything was computed (pages loaded from the host tier
+        stay cached)."""
         if hit.copy_from is not None:
             self.prefix_cache.unpin([hit.copy_from])
-        request.num_computed_tokens = len(hit.pages) * self.page_size
+        request.num_computed_tokens = len(request.pages) * self.page_size
         self.release(request)
         request.num_computed_tokens = 0
 

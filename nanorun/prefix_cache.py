@@ -32,6 +32,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .kv_offload import HostKVPool
 from .request import Request
 
 # The newest cached pages under one parent and first token scanned for a partial match: a
@@ -56,14 +57,16 @@ class PrefixHit:
     """What the cache holds of a request's prefix: `pages` (full pages, in order) hold its first
     len(pages) * page_size tokens; `copy_from`, if not None, is a page whose first
     `copy_tokens` tokens continue that prefix (to be copied into a page of the request's
-    own)."""
+    own). `host`: the names of the full pages after `pages` that the host tier holds (to be
+    copied back into new pages), before the copy."""
 
     pages: tuple[int, ...] = ()
     copy_from: int | None = None
     copy_tokens: int = 0
+    host: tuple[bytes, ...] = ()
 
     def num_tokens(self, page_size: int) -> int:
-        return len(self.pages) * page_size + self.copy_tokens
+        return (len(self.pages) + len(self.host)) * page_size + self.copy_tokens
 
 
 @dataclass
@@ -76,9 +79,14 @@ class _Entry:
 class PrefixCache:
     """The table of cached pages beside a PageAllocator (see the module's docstring)."""
 
-    def __init__(self, allocator, page_size: int) -> None:
+    def __init__(self, allocator, page_size: int, host: HostKVPool | None = None) -> None:
         self.allocator = allocator
         self.page_size = page_size
+        # The host tier (nanorun.kv_offload), and this iteration's copies to and from it:
+        # (device page, slot) saved, (slot, device page) loaded.
+        self.host = host
+        self.saves: list[tuple[int, int]] = []
+        self.loads: list[tuple[int, int]] = []
         self._by_hash: dict[bytes, int] = {}
         self._entries: dict[int, _Entry] = {}
         # (parent key, first token) -> {page: None}, newest last: partial-match candidates.
@@ -115,21 +123,34 @@ class PrefixCache:
         """The longest cached prefix of the request's first `limit` tokens."""
         ps = self.page_size
         pages: list[int] = []
-        for h in self.hashes(request, limit // ps):
+        hashes = self.hashes(request, limit // ps)
+        for h in hashes:
             page = self._by_hash.get(h)
             if page is None:
                 break
             pages.append(page)
-        start = len(pages) * ps
-        want = request.token_at(start, min(limit, start + ps))
-        if not want:
-            return PrefixHit(tuple(pages))
+        host = self._in_host(hashes[len(pages):])
+        full = len(pages) + len(host)
+        want = request.token_at(full * ps, min(limit, (full + 1) * ps))
+        if not want or host:     # (a page to copy from after host pages: rare, not sought)
+            return PrefixHit(tuple(pages), host=host)
         best, best_n = None, 0
         for page in self._candidates(self.parent_key(request, len(pages)), want[0]):
             n = _common_prefix(self._entries[page].tokens, want)
             if n > best_n:
                 best, best_n = page, n
         return PrefixHit(tuple(pages), best, best_n)
+
+    def _in_host(self, hashes: list[bytes]) -> tuple[bytes, ...]:
+        """The leading names of `hashes` that the host tier holds."""
+        if self.host is None or not hashes:
+            return ()
+        found = 0
+        while found < len(hashes) and hashes[found] in self.host:
+            found += 1
+        self.host.queries += len(hashes)
+        self.host.hits += found
+        return tuple(hashes[:found])
 
     def _candidates(self, parent: bytes, first: int) -> list[int]:
         children = self._children.get((parent, first))
@@ -155,6 +176,30 @@ class PrefixCache:
             if page in self._held and self.allocator.refcount(page) == 1:
                 self._evictable[page] = None
                 self._evictable.move_to_end(page)
+
+    def load(self, request: Request, keys: tuple[bytes, ...], slots: list[int],
+             pages: list[int]) -> None:
+        """Bring the host tier's pages named `keys` (the request's next full pages, taken from
+        `slots`) back into the new device pages `pages`, the request's last: named in the
+        cache again, copied in by this iteration's device work."""
+        start = len(request.pages) - len(pages)
+        for i, (key, slot, page) in enumerate(zip(keys, slots, pages)):
+            self.loads.append((slot, page))
+            n = start + i
+            tokens = tuple(request.token_at(n * self.page_size, (n + 1) * self.page_size))
+            self._add(page, _Entry(self.parent_key(request, n), tokens, key))
+            self._by_hash[key] = page
+            self.allocator.incref([page])
+            self._held.add(page)
+        request.num_pages_cached = len(request.pages)
+
+    def moves(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """This iteration's (saves, loads) to and from the host tier, handed to its device
+        work once; from now on the slots loaded from may be reused."""
+        saves, loads, self.saves, self.loads = self.saves, self.loads, [], []
+        if self.host is not None:
+            self.host.next_iteration()
+        return saves, loads
 
     # -- caching -----------------------------------------------------------------------------
     def cache_full_pages(self, request: Request, num_tokens: int) -> None:
@@ -223,6 +268,12 @@ class PrefixCache:
         freed = []
         while len(freed) < n and self._evictable:
             page, _ = self._evictable.popitem(last=False)
+            entry = self._entries.get(page)
+            if self.host is not None and entry is not None and entry.hash is not None \
+                    and all(page != p for _, p in self.loads):   # (else not there yet)
+                slot = self.host.reserve(entry.hash)
+                if slot is not None:
+                    self.saves.append((page, slot))
             self._forget(page)
             self._held.discard(page)
             freed.append(page)
@@ -232,8 +283,10 @@ class PrefixCache:
 
     def clear(self) -> None:
         """Evict every evictable page (vLLM's reset_prefix_cache): pages that running requests
-        hold stay, with their names."""
+        hold stay, with their names. Nothing goes to the host tier."""
+        host, self.host = self.host, None
         self.evict(len(self._evictable))
+        self.host = host
 
     def _add(self, page: int, entry: _Entry) -> None:
         self._entries[page] = entry

@@ -110,6 +110,10 @@ class SchedulerOutput:
     # Pages to copy (source, destination), every layer, before this iteration's model runs:
     # a cached page that holds the rest of a new request's cached prefix, into its own.
     copies: list[tuple[int, int]] = field(default_factory=list)
+    # The host tier's copies, before those (nanorun.kv_offload): (device page, slot) saved,
+    # (slot, device page) loaded.
+    saves: list[tuple[int, int]] = field(default_factory=list)
+    loads: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -192,6 +196,7 @@ class Scheduler:
             if self.policy == "hrrn" and budget > 0 and len(self.waiting) > 1:
                 self._rank_waiting()
             self._admit_waiting(out, budget)
+        out.saves, out.loads = self.kv.host_moves()
         return out
 
     def predicted_output(self, request: Request) -> float:
@@ -296,7 +301,8 @@ class Scheduler:
             if not fits and hit is not None and hit.copy_from is not None:
                 # The page to copy from may be the one it needs: compute that part instead.
                 self.kv.drop_prefix(request, hit)
-                hit = replace(hit, copy_from=None, copy_tokens=0)
+                hit = replace(self.kv.match_prefix(request, limit), copy_from=None,
+                              copy_tokens=0)
                 self.kv.take_prefix(request, hit)
                 fits = self._fits(request, budget)
             if fits and self.kv_reservation == "predicted" and self.running:

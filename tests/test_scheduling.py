@@ -261,8 +261,9 @@ def test_latency_in_steps_is_deterministic_and_hrrn_cuts_the_queue():
     trace = Trace("t", np.array([8] * 6), np.array([30, 30, 2, 2, 2, 2]), None, "test")
     runs = {}
     for policy in ("fcfs", "hrrn"):
+        # No prefix cache: the rerun would find the first run's prompts cached.
         engine = Engine("tiny-llama", weights="random", kv_cache_tokens=96, max_batch_tokens=8,
-                        scheduling_policy=policy)
+                        scheduling_policy=policy, enable_prefix_caching=False)
         workload = Workload.fit(trace, engine, seed=0)
         arrivals = np.zeros(6, dtype=np.int64)
         runs[policy] = bench.run_in_steps(engine, workload, arrivals)
