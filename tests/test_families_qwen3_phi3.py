@@ -186,6 +186,18 @@ def test_longrope_generation_past_the_original_length(longrope):
     assert (ours[~past] - ref[~past]).norm() > 1e-2 * ref[~past].norm()
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-phi3"])
+def test_race_detector_finds_every_dependency_of_the_new_ops(preset):
+    """The overlap plan of a mixed batch (decode tokens beside a split prompt) run in random
+    dependency-respecting orders, workspace and KV slots poisoned first, gives the issue-order
+    logits: qk_norm's and the partial rope's declared reads and writes are all the planner
+    needs."""
+    from test_moe import _random_orders_agree
+
+    llm = LLM(preset, layout="overlap", max_batch_tokens=CHUNK, kv_cache_tokens=1024)
+    assert _random_orders_agree(llm.engine)
+
+
 # -- tensor parallel 2 over gloo: Phi-3 (fused qkv and gate_up cut per rank) ---------------------
 TP_MODELS = ["phi3-longrope"]      # longrope, partial rotary, tied: all Phi-4-mini has
 
