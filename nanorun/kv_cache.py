@@ -199,6 +199,9 @@ class KVCache:
         cache = self.prefix_cache
         cache.queries += request.num_tokens
         cache.hits += hit.num_tokens(self.page_size)
+        if cache.host is not None:      # vLLM's external prefix cache counts, in tokens
+            cache.host.queries += request.num_tokens
+            cache.host.hits += len(hit.host) * self.page_size
         if hit.copy_from is None:
             return []
         cache.unpin([hit.copy_from])

@@ -36,7 +36,8 @@ class HostKVPool(ABC):
         self._slots: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._free = list(range(num_pages - 1, -1, -1))
         self._busy: list[int] = []          # slots loaded from in the iteration being formed
-        # Pages looked up in the host tier (missing on the device) and found there.
+        # Prompt tokens of requests admitted while there is a host tier, and those of them
+        # that came back from it (vLLM's external prefix cache queries and hits).
         self.queries = 0
         self.hits = 0
 

@@ -148,8 +148,6 @@ class PrefixCache:
         found = 0
         while found < len(hashes) and hashes[found] in self.host:
             found += 1
-        self.host.queries += len(hashes)
-        self.host.hits += found
         return tuple(hashes[:found])
 
     def _candidates(self, parent: bytes, first: int) -> list[int]:

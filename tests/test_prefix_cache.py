@@ -302,12 +302,13 @@ def test_soak_with_shared_prefixes_aborts_and_pressure():
 def test_the_usage_gives_cached_prompt_tokens_as_vllm_does(tmp_path):
     """With --enable-prompt-tokens-details, a repeated prompt's usage has
     prompt_tokens_details.cached_tokens (vLLM leaves it out when none were cached); and the
-    prefix cache's counters reach /metrics."""
+    prefix cache's counters, and its host tier's, reach /metrics."""
     pytest.importorskip("fastapi")
     from test_server import MODEL as SERVED, _get, _post, _start_server, _stop
     from text_model import write_text_model
 
-    proc, url = _start_server(write_text_model(tmp_path), "--enable-prompt-tokens-details")
+    proc, url = _start_server(write_text_model(tmp_path), "--enable-prompt-tokens-details",
+                              "--kv-offload-tokens", "256")
     try:
         body = {"model": SERVED, "prompt": list(range(40, 90)), "max_tokens": 2}
         usages = [_post(f"{url}/v1/completions", body)[1]["usage"] for _ in range(2)]
@@ -317,9 +318,13 @@ def test_the_usage_gives_cached_prompt_tokens_as_vllm_does(tmp_path):
     assert "prompt_tokens_details" not in usages[0]
     assert usages[1]["prompt_tokens_details"] == {"cached_tokens": 49}    # all but the last
     assert usages[1]["prompt_tokens"] == 50
-    hits = next(line for line in metrics.splitlines()
-                if line.startswith("vllm:prefix_cache_hits_total"))
-    assert float(hits.split()[-1]) == 49
+    value = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+             if line.startswith("vllm:") and "_total{" in line}
+    assert value["vllm:prefix_cache_hits_total"] == 49
+    assert value["vllm:prefix_cache_queries_total"] == 100
+    # The host tier's pair: asked about both, nothing evicted to it yet.
+    assert (value["vllm:external_prefix_cache_queries_total"],
+            value["vllm:external_prefix_cache_hits_total"]) == (100, 0)
 
 
 # -- the host tier ---------------------------------------------------------------------------------

@@ -73,6 +73,10 @@ class EngineStats:
     prefix_cache_hits: int = 0
     # Tokens of each iteration run since the last message (vllm:iteration_tokens_total).
     iteration_tokens: tuple[int, ...] = ()
+    # The prefix cache's host tier (kv_offload_tokens): prompt tokens looked up there (by
+    # requests it held pages for, or not) and found.
+    host_cache_queries: int = 0
+    host_cache_hits: int = 0
 
 
 def engine_info(core) -> dict:
@@ -101,9 +105,12 @@ def engine_stats(text_engine, iteration_tokens: tuple[int, ...] = ()) -> EngineS
     engine = text_engine.engine
     scheduler, kv = engine.scheduler, engine.kv_cache
     cache = getattr(kv, "prefix_cache", None)
+    host = None if cache is None else cache.host
     return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.num_pages,
                        kv.num_free_pages, 0 if cache is None else cache.queries,
-                       0 if cache is None else cache.hits, iteration_tokens)
+                       0 if cache is None else cache.hits, iteration_tokens,
+                       host_cache_queries=0 if host is None else host.queries,
+                       host_cache_hits=0 if host is None else host.hits)
 
 
 class EngineLoop:

@@ -117,7 +117,16 @@ class ServerMetrics:
                                       "tokens.")
         self.prefix_hits = counter("vllm:prefix_cache_hits",
                                    "Prefix cache hits, in terms of number of cached tokens.")
-        self._prefix_seen = (0, 0)
+        # The host tier's pair (vLLM's names for a prefix cache beyond the device's).
+        self.host_queries = counter("vllm:external_prefix_cache_queries",
+                                    "External prefix cache queries from KV connector "
+                                    "cross-instance cache sharing, in terms of number of "
+                                    "queried tokens (nanorun: the host tier).")
+        self.host_hits = counter("vllm:external_prefix_cache_hits",
+                                 "External prefix cache hits from KV connector cross-instance "
+                                 "cache sharing, in terms of number of cached tokens "
+                                 "(nanorun: the host tier).")
+        self._seen: dict[str, int] = {}
         info = {k: str(v) for k, v in (cache_info or {}).items()}
         Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
               ["model_name", *info], registry=r).labels(model_name, *info.values()).set(1)
@@ -133,13 +142,15 @@ class ServerMetrics:
         cache's queries and hits."""
         for tokens in stats.iteration_tokens:
             self.iteration_tokens.observe(tokens)
-        queries, hits = self._prefix_seen
-        if stats.prefix_cache_queries > queries:
-            self.prefix_queries.inc(stats.prefix_cache_queries - queries)
-        if stats.prefix_cache_hits > hits:
-            self.prefix_hits.inc(stats.prefix_cache_hits - hits)
-        self._prefix_seen = (max(queries, stats.prefix_cache_queries),
-                             max(hits, stats.prefix_cache_hits))
+        for key, counter, total in (
+                ("queries", self.prefix_queries, stats.prefix_cache_queries),
+                ("hits", self.prefix_hits, stats.prefix_cache_hits),
+                ("host_queries", self.host_queries, stats.host_cache_queries),
+                ("host_hits", self.host_hits, stats.host_cache_hits)):
+            seen = self._seen.get(key, 0)
+            if total > seen:
+                counter.inc(total - seen)
+            self._seen[key] = max(seen, total)
 
     def observe(self, outputs: Sequence[Any]) -> None:
         """Count one step's outputs (on the event loop, as they arrive)."""
