@@ -179,11 +179,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                        tie_word_embeddings=True, attention_bias=False, use_sliding_window=False,
                        sliding_window=None, max_window_layers=2, bos_token_id=1, eos_token_id=2,
                        torch_dtype="float32"),
-    # Tiny Phi-4-mini: longrope over an original 32 positions (factor 128 / 32 = 4), partial
+    # Tiny Phi-4-mini: longrope over an original 32 positions (factor 2048 / 32 = 64), partial
     # rotary 0.75 (24 of 32 dims: 12 factors each), tied. Long factors far from the short ones,
     # so which a position gets shows in the logits.
     "tiny-phi3": _cfg("Phi3ForCausalLM", "phi3", vocab=2048, hidden=128, inter=256, layers=2, heads=4,
-                      kv_heads=2, max_pos=128, eps=1e-5, theta=10000.0, tie_word_embeddings=True,
+                      kv_heads=2, max_pos=2048, eps=1e-5, theta=10000.0, tie_word_embeddings=True,
                       original_max_position_embeddings=32, partial_rotary_factor=0.75,
                       rope_scaling={"type": "longrope",
                                     "short_factor": [1.0 + 0.05 * i for i in range(12)],

@@ -33,7 +33,7 @@ from nanorun.models import (ModelConfig, ModelConfigError, UnsupportedModelError
 CHUNK = 16                       # < the longest prompts: prefill runs in chunks
 N_NEW = 12
 LENGTHS = [1, 6, 17, 40]
-# tiny-phi3's original_max_position_embeddings is 32, its max_position_embeddings 128: an
+# tiny-phi3's original_max_position_embeddings is 32, its max_position_embeddings 2048: an
 # engine of the default max_model_len takes the long factors, as transformers does for a
 # prompt longer than 32; one of max_model_len 32 the short ones, as transformers does for a
 # sequence that never outgrows 32.
