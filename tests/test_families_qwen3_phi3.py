@@ -317,6 +317,19 @@ def test_loading_a_checkpoint_shard_equals_sharding_the_loaded_model(tmp_path, n
     assert weights["layers.0.qkv"].shape[0] == (cfg.q_size + 2 * cfg.kv_size) // 2
 
 
+def test_tune_places_qk_norm_with_the_other_ops(tmp_path):
+    """The search prices and places the new op from its declaration alone (few trials: the
+    brief's full `nanorun tune qwen3-8b --gpu h200` is measured, not run, here)."""
+    from nanorun.cli import main
+
+    out = tmp_path / "qwen3.json"
+    assert main(["tune", "qwen3-8b", "--gpu", "h200", "--trials", "12", "--out", str(out),
+                 "--no-plot", "--no-progress"]) == 0
+    doc = json.loads(out.read_text())
+    assert "qk_norm" in doc["ops"]
+    assert 0 < doc["predicted"]["percent_of_optimal"] < 100
+
+
 @pytest.mark.parametrize("preset, params", [("qwen3-8b", 8.19e9), ("qwen3-0.6b", 0.596e9),
                                             ("phi-3-mini", 3.82e9)])
 def test_presets_have_the_published_parameter_counts(preset, params):
