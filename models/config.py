@@ -1,5 +1,5 @@
-"""Model configuration for Llama-family decoders (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Phi-3) and their
-mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE).
+"""Model configuration for Llama-family decoders (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Phi-3),
+their mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE) and Gemma 2 / 3.
 
 `ModelConfig` is nanorun's own, validated view of a Hugging Face `config.json`. It reads both
 the transformers 4.x layout (`rope_theta` + `rope_scaling`, `torch_dtype`) and the 5.x one
@@ -219,7 +219,8 @@ class ModelConfig:
                 f"number of rotary dims (of head_dim {self.head_dim}), got "
                 f"{self.partial_rotary_factor}")
         rs = self.rope_scaling
-        if rs is not None and rs.rope_type == "longrope" and len(rs.short_factor) != self.rotary_dim // 2:
+        longrope = rs is not None and rs.rope_type == "longrope"
+        if longrope and len(rs.short_factor) != self.rotary_dim // 2:
             raise ModelConfigError(
                 f"{self.name}: longrope short_factor and long_factor need {self.rotary_dim // 2} "
                 f"numbers (one per rotary frequency), got {len(rs.short_factor)}")
