@@ -2,8 +2,8 @@
 hit rate, throughput and TTFT with the cache off, on, and on with a host-memory tier, side by
 side in one run.
 
-    python bench/prefix_cache.py [--model tiny-llama] [--trace lmsys] [--num-requests 64]
-        [--turns 4] [--think-time 0.05] [--system-prompt-len 64] [--kv-cache-tokens 4096]
+    python bench/prefix_cache.py [--model tiny-llama] [--trace lmsys] [--num-requests 48]
+        [--turns 4] [--think-time 0.2] [--system-prompt-len 64] [--kv-cache-tokens 2048]
         [--kv-offload-tokens 16384] [--variants off on host] [--repeats 3]
         [--out bench/results/cpu/prefix_cache.json]
 
@@ -13,10 +13,11 @@ for one engine configuration), each pass in a fresh engine, passes interleaved (
 off, on, host, ...) so a drift of the machine lands on all alike. Per variant: every pass's
 figures, their min / median / max, and each pass's ratio to the cache-off pass beside it.
 
-The KV cache is kept small on purpose (--kv-cache-tokens): conversations then compete for
-pages, a finished turn's pages are evicted before its next turn arrives, and what the host
-tier keeps (and copies back instead of recomputing) shows. With a cache large enough for every
-conversation, "on" and "host" are the same.
+The KV cache is kept small on purpose (--kv-cache-tokens 2048, for 12 conversations whose
+last turns reach about 1000 tokens): conversations then compete for pages, a finished turn's
+pages are evicted during its think time, and what the host tier keeps (and copies back instead
+of recomputing) shows. With a cache large enough for every conversation (4096 here), "on" and
+"host" compute the same prompt tokens.
 """
 
 from __future__ import annotations
@@ -142,12 +143,12 @@ def parse_args(argv):
     p.add_argument("--model", default="tiny-llama")
     p.add_argument("--trace", default="lmsys")
     p.add_argument("--filter", default="256,128,384", help="per turn: see nanorun bench")
-    p.add_argument("--num-requests", type=int, default=64, help="turns in all")
+    p.add_argument("--num-requests", type=int, default=48, help="turns in all")
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--think-time", type=float, default=0.05)
+    p.add_argument("--think-time", type=float, default=0.2)
     p.add_argument("--system-prompt-len", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=256)
-    p.add_argument("--kv-cache-tokens", type=int, default=4096)
+    p.add_argument("--kv-cache-tokens", type=int, default=2048)
     p.add_argument("--kv-offload-tokens", type=int, default=16384,
                    help="the host tier's size for the 'host' variant")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
