@@ -163,10 +163,11 @@ class KVCache:
             return None
         return self.prefix_cache.match(request, limit)
 
-    def take_prefix(self, request: Request, hit: PrefixHit) -> None:
+    def take_prefix(self, request: Request, hit: PrefixHit) -> PrefixHit:
         """Give `request` (which holds no pages) a reference to each of the hit's full pages
-        and start it after the hit; pin the page the rest is copied from. Then finish_take
-        (once its pages have grown), or drop_prefix (to undo)."""
+        and start it after the hit; pin the page the rest is copied from; bring back the
+        host tier's pages, as many as there are free pages for. Returns the hit as taken.
+        Then finish_take (once its pages have grown), or drop_prefix (to undo)."""
         if request.pages:
             raise ValueError(f"request {request.request_id!r} already holds pages")
         cache = self.prefix_cache
@@ -182,6 +183,7 @@ class KVCache:
             if n < len(hit.host):
                 hit = PrefixHit(hit.pages, host=hit.host[:n])
         request.num_computed_tokens = hit.num_tokens(self.page_size)
+        return hit
 
     def drop_prefix(self, request: Request, hit: PrefixHit) -> None:
         """Undo take_prefix, before anything was computed (pages loaded from the host tier

@@ -116,9 +116,6 @@ class PrefixCache:
     def num_evictable(self) -> int:
         return len(self._evictable)
 
-    def is_cached(self, page: int) -> bool:
-        return page in self._entries
-
     def match(self, request: Request, limit: int) -> PrefixHit:
         """The longest cached prefix of the request's first `limit` tokens."""
         ps = self.page_size

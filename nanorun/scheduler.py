@@ -296,14 +296,13 @@ class Scheduler:
                     passed.append(self.waiting.popleft())
                     continue
                 if hit is not None:
-                    self.kv.take_prefix(request, hit)
+                    hit = self.kv.take_prefix(request, hit)
             fits = self._fits(request, budget)
             if not fits and hit is not None and hit.copy_from is not None:
                 # The page to copy from may be the one it needs: compute that part instead.
                 self.kv.drop_prefix(request, hit)
-                hit = replace(self.kv.match_prefix(request, limit), copy_from=None,
-                              copy_tokens=0)
-                self.kv.take_prefix(request, hit)
+                hit = self.kv.take_prefix(request, replace(
+                    self.kv.match_prefix(request, limit), copy_from=None, copy_tokens=0))
                 fits = self._fits(request, budget)
             if fits and self.kv_reservation == "predicted" and self.running:
                 forecast = forecast or _KVForecast(self)

@@ -325,8 +325,8 @@ def _serve(sched: Scheduler, iterations: int, arrivals) -> dict[str, int]:
             sched.add(r)
         out = sched.schedule()
         for c in out.chunks:
-            if c.start == 0:
-                admitted.setdefault(c.request.request_id, t)
+            # (its first chunk: it may start past 0, at a prefix the cache held)
+            admitted.setdefault(c.request.request_id, t)
             c.request.num_computed_tokens += c.length
         for c in out.chunks:
             r = c.request
