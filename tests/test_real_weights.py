@@ -355,3 +355,29 @@ def test_gemma3_270m_special_tokens(gemma_llm, gemma_hf_tokenizer):
     assert (ours.bos_token_id, ours.eos_token_id) == (gemma_hf_tokenizer.bos_token_id,
                                                       gemma_hf_tokenizer.eos_token_id) == (2, 1)
     assert ours.vocab_size == gemma_llm.engine.model_config.vocab_size == 262144
+
+
+@pytest.mark.slow
+def test_gemma3_270m_serve_completes_with_the_openai_client(gemma3, gemma_outputs):
+    """`nanorun serve gemma.gguf`: the official openai client's greedy completion is the text
+    LLM.generate gave. (A completion, not a chat: the file carries no chat template, and a
+    chat without one is refused, as vLLM refuses it.)"""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from ranks import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "nanorun.cli", "serve", str(gemma3), "--port", str(port),
+           "--kv-cache-tokens", "2048", "--cpu-threads", "1"]
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                                   max_retries=0, timeout=120)
+            _wait_until_up(proc, client, log, timeout=300)
+            got = client.completions.create(model=gemma3.name, prompt=GEMMA_PROMPTS["code"],
+                                            max_tokens=MAX_TOKENS, temperature=0)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert got.choices[0].text == gemma_outputs["code"].outputs[0].text
