@@ -171,10 +171,12 @@ def test_a_bitmask_masks_exactly_the_tokens_it_clears(V):
     keep[allowed] = True
     want[0, ~keep] = want[2, ~keep] = float("-inf")
     want[1, banned] = float("-inf")
-    from nanorun.sampler import _apply_bitmask
+    from nanorun.sampler import _apply_bitmask, _mask_with_torch
 
-    _apply_bitmask(z, rows, bitmask)
-    assert torch.equal(z, want)
+    for apply in (_apply_bitmask, _mask_with_torch):    # the CPU's kernel, and the GPU's ops
+        got = z.clone()
+        apply(got, rows, bitmask)
+        assert torch.equal(got, want), apply.__name__
     tokens, ok = sampler.sample(torch.randn(3, V, generator=g), prepared)
     assert tokens[0].item() in allowed and ok[0] and ok[2]
     if len(banned) < V:
@@ -183,9 +185,10 @@ def test_a_bitmask_masks_exactly_the_tokens_it_clears(V):
         assert not ok[1]
     # Bits past V in the last word are never read: a fully cleared row stays fully cleared.
     clear = np.zeros((1, bitmask_words(V)), dtype=np.int32)
-    z = torch.zeros(1, V)
-    _apply_bitmask(z, torch.tensor([0]), torch.from_numpy(clear))
-    assert torch.isinf(z).all()
+    for apply in (_apply_bitmask, _mask_with_torch):
+        z = torch.zeros(1, V)
+        apply(z, torch.tensor([0]), torch.from_numpy(clear))
+        assert torch.isinf(z).all()
 
 
 def test_logit_bias_and_allowed_token_ids_on_the_token_engine():
