@@ -312,6 +312,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], name: str) -> ModelConfig:
         """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
+        d = _text_part(d)
         arch = _architecture(d)
         _reject_unsupported(d, arch)
         try:
@@ -458,6 +459,27 @@ class ModelConfig:
 def _unsupported_arch_message(arch: Any) -> str:
     return (f"architecture {arch!r} is not supported; nanorun supports "
             f"{sorted(SUPPORTED_ARCHITECTURES)}")
+
+
+# Gemma 3 4B-27B are published as image-text models; nanorun runs their text model, whose
+# config is text_config, with transformers' Gemma3TextConfig defaults for what it leaves out
+# (as the published ones leave out heads, head_dim and vocab_size).
+_GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "bos_token_id": 2,
+    "eos_token_id": 1, "tie_word_embeddings": True}
+
+
+def _text_part(d: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config of a Gemma3ForConditionalGeneration checkpoint (its images are
+    not nanorun's: image tokens in a prompt are only tokens); any other config as it is."""
+    if (d.get("architectures") or []) != ["Gemma3ForConditionalGeneration"]:
+        return d
+    top = {k: d[k] for k in ("bos_token_id", "eos_token_id", "dtype", "torch_dtype")
+           if d.get(k) is not None}
+    return {**_GEMMA3_TEXT_DEFAULTS, **top, **(d.get("text_config") or {}),
+            "architectures": ["Gemma3ForCausalLM"]}
 
 
 def _architecture(d: dict[str, Any]) -> str:

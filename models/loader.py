@@ -397,7 +397,7 @@ def _checkpoint_files(path: str) -> tuple[dict[str, str], str]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise WeightLoadError(f"{index} is not a valid safetensors index "
                                   f"(needs 'weight_map'): {e}") from e
-        return {k: os.path.join(path, v) for k, v in weight_map.items()}, index
+        return {_text_model_name(k): os.path.join(path, v) for k, v in weight_map.items()}, index
     if os.path.isfile(single):
         return {}, single
     raise WeightLoadError(f"{path!r} holds neither model.safetensors nor model.safetensors.index.json")
@@ -453,7 +453,13 @@ def _safetensors(files: list[str]):
             raise WeightLoadError(f"checkpoint file {file} (named in the index) does not exist")
         with safe_open(file, framework="pt") as f:
             for hf_name in f.keys():
-                yield hf_name, file, lambda f=f, n=hf_name: f.get_tensor(n)
+                yield _text_model_name(hf_name), file, lambda f=f, n=hf_name: f.get_tensor(n)
+
+
+def _text_model_name(hf_name: str) -> str:
+    """An image-text checkpoint's text model under its causal-LM name (Gemma 3 4B-27B keep it
+    under language_model.); its vision tower's tensors keep their names, and are unused."""
+    return hf_name.removeprefix("language_model.")
 
 
 def _fill(tensors, plan: dict[str, _Slot], out: dict[str, torch.Tensor], splits,
@@ -475,8 +481,12 @@ def _fill(tensors, plan: dict[str, _Slot], out: dict[str, torch.Tensor], splits,
     return found
 
 
+# An image-text checkpoint's image side (Gemma 3 4B-27B): not the text model's, so never refused.
+_IMAGE_SIDE = ("vision_tower.", "multi_modal_projector.")
+
+
 def _skip(hf_name: str, file: str, unused: list[str] | None) -> None:
-    if _UNSUPPORTED.search(hf_name):
+    if _UNSUPPORTED.search(hf_name) and not hf_name.startswith(_IMAGE_SIDE):
         raise WeightLoadError(f"tensor {hf_name!r} in {file} is a bias nanorun does not support "
                               "for this model (only Qwen2-style q/k/v biases are)")
     if not _IGNORED.search(hf_name) and unused is not None:

@@ -30,7 +30,8 @@ import pytest
 import torch
 
 from nanorun import LLM, SamplingParams
-from nanorun.models import ModelConfig, ModelConfigError, UnsupportedModelError, model_layer_ops
+from nanorun.models import (ModelConfig, ModelConfigError, UnsupportedModelError, get_preset,
+                            model_layer_ops)
 from nanorun.ops import (paged_attention, paged_attention_numba, paged_attention_reference,
                          paged_attention_torch)
 from ranks import join_ranks, start_ranks
@@ -280,6 +281,44 @@ def test_attention_refuses_a_bad_softcap():
         with pytest.raises(ValueError, match="logit_softcap"):
             paged_attention(q, k, v, tables, seq_ids, positions, 0.5, torch.empty_like(q), None,
                             bad)
+
+
+# -- Gemma 3 4B-27B: the text model of an image-text checkpoint -----------------------------------
+def test_image_text_checkpoint_runs_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration directory (its text model under language_model., a
+    vision tower beside it) runs as its text model: prompt logits equal HF's image-text
+    model's on a text prompt."""
+    transformers = pytest.importorskip("transformers")
+    text = {k: v for k, v in GEMMA3.items() if k not in ("model_type", "architectures")}
+    config = transformers.Gemma3Config(
+        text_config=text, mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path)
+    prompt = _prompts([PROMPT_LEN])[0]
+    llm = LLM(str(tmp_path), max_batch_tokens=CHUNK, kv_cache_tokens=2048, layout="overlap")
+    assert llm.engine.model_config.architecture == "Gemma3ForCausalLM"
+    assert _rel(llm.engine.prompt_logits(prompt), _hf_logits(hf, prompt)) < 1e-5
+
+
+def test_gemma_3_12b_preset_is_the_published_text_model():
+    """google/gemma-3-12b-it's config.json (its text_config leaves heads' head_dim, vocabulary
+    and window pattern to transformers' defaults) reads as the gemma-3-12b preset."""
+    published = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                 "eos_token_id": [1, 106], "torch_dtype": "bfloat16",
+                 "text_config": {"hidden_size": 3840, "intermediate_size": 15360,
+                                 "model_type": "gemma3_text", "num_attention_heads": 16,
+                                 "num_hidden_layers": 48, "num_key_value_heads": 8,
+                                 "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                                 "sliding_window": 1024},
+                 "vision_config": {"model_type": "siglip_vision_model"}}
+    assert ModelConfig.from_hf_dict(published, name="gemma-3-12b") == get_preset("gemma-3-12b")
 
 
 # -- a Gemma 2 GGUF file, as llama.cpp's converter writes one -------------------------------------
