@@ -417,3 +417,34 @@ def test_the_cuda_host_pool_copies_on_its_own_stream():
         i = int(rid.split("-")[1])
         assert_same_tokens(out.token_ids, off[rid].token_ids, prompt=prompts[i], params=params,
                            logits_of=engines[0].prompt_logits, what=rid)
+
+
+# -- a real model ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_with_the_cache_gives_the_tokens_of_computing_everything():
+    """SmolLM2-135M-Instruct's real weights: prompts that share a long prefix, generated in one
+    batch (the later ones wait for the first to compute the prefix, then take it), give the
+    greedy tokens of the whole context computed afresh at every step (prompt_logits, which
+    takes nothing from the cache), up to a near-tie."""
+    from real_models import SMOLLM2, FetchError, fetch
+    from test_real_weights import LONG
+
+    from nanorun import LLM
+
+    try:
+        path = str(fetch(SMOLLM2))
+    except FetchError as e:
+        pytest.skip(f"SmolLM2-135M-Instruct GGUF cannot be had: {e}")
+    prompts = [LONG, LONG + " Its frame", LONG[:600] + " Nobody expected"]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm = LLM(path, kv_cache_tokens=4096)
+    outs = llm.generate(prompts, params)
+    assert outs[0].num_cached_tokens == 0 and outs[1].num_cached_tokens >= 300
+    assert outs[2].num_cached_tokens >= 100
+    logits_of = llm.engine.prompt_logits
+    for out in outs:
+        ids, want = list(out.prompt_token_ids), []
+        for _ in range(params.max_tokens):
+            want.append(int(logits_of(ids + want)[-1].argmax()))
+        assert_same_tokens(out.outputs[0].token_ids, want, prompt=ids, params=params,
+                           logits_of=logits_of, what=out.prompt[-20:])
