@@ -16,8 +16,8 @@ figures, their min / median / max, and each pass's ratio to the cache-off pass b
 The KV cache is kept small on purpose (--kv-cache-tokens 2048, for 12 conversations whose
 last turns reach about 1000 tokens): conversations then compete for pages, a finished turn's
 pages are evicted during its think time, and what the host tier keeps (and copies back instead
-of recomputing) shows. With a cache large enough for every conversation (4096 here), "on" and
-"host" compute the same prompt tokens.
+of recomputing) shows. With a cache large enough for every conversation nothing is evicted,
+and "on" and "host" are the same.
 """
 
 from __future__ import annotations
