@@ -50,7 +50,7 @@ __all__ = [
 
 # Runs of at least this many consecutive tokens of one sequence go to the torch (SDPA / BLAS)
 # path in the dispatcher; shorter runs (decode tokens, tiny chunks) go to the numba kernel.
-# Measured with bench/cpu_attention.py on the 2-core development machine (torch 2.13 CPU,
+# Measured with bench/studies/cpu_attention.py on the 2-core development machine (torch 2.13 CPU,
 # numba 0.68; 32 query heads, 8 kv heads, head_dim 128, page_size 16, one sequence). Median ms
 # per call as numba / torch, two runs each (the machine was shared, so numbers are noisy):
 #   run length        4            8            12           16
