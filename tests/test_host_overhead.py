@@ -36,7 +36,10 @@ def test_the_bench_writes_a_row_per_layout_size_sampling_and_mode(bench, tmp_pat
         assert row["running_requests"] == 8 and row["device_ms"] == 5
         assert set(row["breakdown_ms"]) == set(bench.PHASES)
         assert row["host_ms"] > 0
-        assert row["host_ms"] == pytest.approx(sum(row["breakdown_ms"].values()), rel=0.5)
+        # Each step's phases add up to its host time (bookkeeping is the remainder), so the
+        # phases' minima over the steps add up to at most the quickest step. Medians need not
+        # add up: on a loaded machine the OS's time slices land in different phases.
+        assert 0 < sum(row["breakdown_min_ms"].values()) <= row["host_ms_min"] + 0.01
         if not mode:    # the device waits through the whole host path
             assert row["exposed_host_ms"] >= 0.9 * row["host_ms_min"]
         assert row["plan_cache"]["steps"] == 3 and row["graph_cache"]["steps"] == 3
