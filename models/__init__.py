@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .config import (SUPPORTED_ARCHITECTURES, ModelConfig, ModelConfigError, RopeScaling,
-                     UnknownModelError, UnsupportedModelError)
+# The registry first: it registers every family's architectures, which any ModelConfig (the
+# presets' included) is checked against.
+from .registry import (MODEL_CLASSES, NETWORK_OPS, SUPPORTED_ARCHITECTURES, build_model,
+                       declared_ops, family, model_frame_ops, model_layer_ops, op_spec)
+from .config import (ModelConfig, ModelConfigError, RopeScaling, UnknownModelError,
+                     UnsupportedModelError)
 from .loader import (WeightLoadError, check_tensor_parallel, load_weights, random_weights,
                      shard_config, shard_ranges, shard_weights, weight_shapes)
 from .presets import PRESETS, get_preset, list_presets, suggest_preset
@@ -19,8 +23,6 @@ from .moe import MoEModel, MoEWorkspace, moe_layer_ops
 from .gemma import GemmaModel, gemma_layer_ops
 from .qwen3 import Qwen3Model, qwen3_layer_ops
 from .phi3 import Phi3Model, longrope_tables
-from .registry import (MODEL_CLASSES, NETWORK_OPS, build_model, declared_ops, family,
-                       model_frame_ops, model_layer_ops, op_spec)
 
 
 def resolve_model(model: str, revision: str | None = None) -> tuple[ModelConfig, str | None]:

@@ -1,35 +1,33 @@
-"""Model configuration for Llama-family decoders (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Phi-3),
-their mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE) and Gemma 2 / 3.
+"""Model configuration: `ModelConfig`, nanorun's own, validated view of a Hugging Face
+`config.json`, and what every model family shares in reading and writing one.
 
-`ModelConfig` is nanorun's own, validated view of a Hugging Face `config.json`. It reads both
-the transformers 4.x layout (`rope_theta` + `rope_scaling`, `torch_dtype`) and the 5.x one
-(`rope_parameters`, `dtype`), and rejects features the runtime does not implement instead of
-silently computing something different from the reference model.
+It reads both the transformers 4.x layout (`rope_theta` + `rope_scaling`, `torch_dtype`) and
+the 5.x one (`rope_parameters`, `dtype`), and rejects features the runtime does not implement
+instead of silently computing something different from the reference model.
+
+What one family reads beyond that (its extra keys, its checks and refusals, its part of
+`to_hf_dict`, its checkpoint's tensor names) is its `Family`, declared by its model class in
+its own file of models/ and registered by Hugging Face architecture name in models/registry.py
+(which `nanorun.models` imports first, so every architecture is known before any config is
+built).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-                "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma2ForCausalLM": "gemma2",
-                "Gemma3ForCausalLM": "gemma3_text",
-                "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3"}
-SUPPORTED_ARCHITECTURES = frozenset(_MODEL_TYPES)
-# The mixture-of-experts families (models/moe.py). HF names the expert count differently.
-MOE_ARCHITECTURES = frozenset({"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
-_NUM_EXPERTS_KEY = {"MixtralForCausalLM": "num_local_experts", "Qwen2MoeForCausalLM": "num_experts",
-                    "Qwen3MoeForCausalLM": "num_experts"}
-# Gemma 2 and Gemma 3 text (models/gemma.py): sandwich norms, GeGLU, per-layer sliding windows.
-GEMMA_ARCHITECTURES = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 _ROPE_TYPES = ("llama3", "linear", "longrope")
 _DTYPES = ("float16", "bfloat16", "float32")
+# ModelConfig fields beyond a Llama decoder's, with the value that means "not used": a family
+# acts on those it names in Family.FEATURES, and every other family must leave them so.
+_FEATURE_DEFAULTS: dict[str, Any] = {
+    "num_experts": 0, "shared_expert_intermediate_size": 0, "qk_norm": False,
+    "query_pre_attn_scalar": None, "attn_logit_softcapping": None,
+    "final_logit_softcapping": None, "layer_types": (), "rope_local_theta": None}
 
 
 class ModelConfigError(ValueError):
@@ -46,6 +44,78 @@ class UnknownModelError(ModelConfigError):
 
 class WeightLoadError(ValueError):
     """A checkpoint is missing a tensor, has a wrong shape, or needs an unsupported feature."""
+
+
+class Family:
+    """What one model family knows of Hugging Face configs and checkpoints beyond what every
+    family shares. A family's model class (models/llama.py, moe.py, qwen3.py, phi3.py,
+    gemma.py) is one, overriding what it needs; models/registry.py registers it under each
+    architecture of its MODEL_TYPES. The defaults are a family that reads nothing extra."""
+
+    # Hugging Face architecture name -> its config.json's model_type, for each it runs.
+    MODEL_TYPES: dict[str, str] = {}
+    # The MLP activation its configs name (HF's hidden_act).
+    HIDDEN_ACT = "silu"
+    # The fields of _FEATURE_DEFAULTS it acts on ("num_experts": a mixture of experts).
+    FEATURES: frozenset[str] = frozenset()
+    # Norm weight vectors of [hidden_size] a layer (for ModelConfig.num_params).
+    NORMS_PER_LAYER = 2
+
+    @classmethod
+    def text_part(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The causal-LM config inside `d` where `d` is an image-text model of this family
+        that nanorun runs as its text model; any other config as it is."""
+        return d
+
+    @classmethod
+    def read_hf(cls, d: dict[str, Any], arch: str) -> dict[str, Any]:
+        """ModelConfig fields of config.json `d` (of architecture `arch`) that this family
+        reads its own way (they win over the shared reading; "rope" gives (rope_theta,
+        rope_scaling)); raises UnsupportedModelError for what the family does not compute."""
+        return {}
+
+    @classmethod
+    def check(cls, config: ModelConfig) -> None:
+        """Raise ModelConfigError where `config` is invalid for this family beyond the shared
+        checks."""
+
+    @classmethod
+    def hf_fields(cls, config: ModelConfig) -> dict[str, Any]:
+        """This family's keys of config.json for `config` (to_hf_dict's family part)."""
+        return {}
+
+    @classmethod
+    def layer_shapes(cls, config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+        """Fused name -> shape of layer `p`'s tensors after mlp_norm (models/loader.py
+        lists the ones before), in order."""
+        raise NotImplementedError(f"{cls.__name__} declares no layer tensors")
+
+    @classmethod
+    def layer_weight_names(cls, config: ModelConfig, hf: str, p: str) -> dict[str, Any]:
+        """Checkpoint tensor name -> loader.Slot of layer `p` (HF prefix `hf`), every tensor
+        but input_layernorm (models/loader.py maps that one and the model's frame)."""
+        raise NotImplementedError(f"{cls.__name__} declares no checkpoint names")
+
+
+_FAMILIES: dict[str, type[Family]] = {}
+
+
+def register_family(architecture: str, family: type[Family]) -> None:
+    """Make `architecture` (a Hugging Face architecture name) one `family` runs
+    (models/registry.py calls this for every registered family)."""
+    if architecture not in family.MODEL_TYPES:
+        raise ValueError(f"{family.__name__} does not declare {architecture!r} in MODEL_TYPES")
+    if _FAMILIES.get(architecture, family) is not family:
+        raise ValueError(f"{architecture!r} is registered to {_FAMILIES[architecture].__name__}")
+    _FAMILIES[architecture] = family
+
+
+def family_of(architecture: str) -> type[Family]:
+    """The registered family running `architecture`."""
+    try:
+        return _FAMILIES[architecture]
+    except KeyError:
+        raise UnsupportedModelError(_unsupported_arch_message(architecture)) from None
 
 
 @dataclass(frozen=True)
@@ -132,11 +202,12 @@ class ModelConfig:
     norm_topk_prob: bool = True
     qk_norm: bool = False
     partial_rotary_factor: float = 1.0
-    # Gemma 2 / 3 (models/gemma.py; None / () elsewhere). The attention scale is
-    # query_pre_attn_scalar ** -0.5; the soft-caps bound attention scores and final logits by
+    # Generic, though only some families act on them (Family.FEATURES; Gemma 2 / 3 today,
+    # None / () elsewhere). The attention scale is query_pre_attn_scalar ** -0.5 (None:
+    # head_dim ** -0.5); the soft-caps bound attention scores and final logits by
     # cap * tanh(x / cap); layer_types says per layer whether sliding_window applies (empty: it
-    # applies to every layer); rope_local_theta is Gemma 3's rope base of sliding layers, which
-    # take no rope scaling.
+    # applies to every layer); rope_local_theta is the rope base of sliding layers (Gemma 3's),
+    # which take no rope scaling.
     hidden_act: str = "silu"
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
@@ -145,8 +216,7 @@ class ModelConfig:
     rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(_unsupported_arch_message(self.architecture))
+        family = family_of(self.architecture)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -178,27 +248,33 @@ class ModelConfig:
             raise ModelConfigError(f"{self.name}: dtype must be one of {list(_DTYPES)} or None, "
                                    f"got {self.dtype!r}")
         self._check_rotary()
-        self._check_experts()
-        self._check_gemma()
+        self._check_experts(family)
+        self._check_features(family)
+        self._check_windows()
+        family.check(self)
 
-    def _check_gemma(self) -> None:
-        gemma = self.architecture in GEMMA_ARCHITECTURES
-        act = "gelu_pytorch_tanh" if gemma else "silu"
-        if self.hidden_act != act:
+    def _check_features(self, family: type[Family]) -> None:
+        if self.hidden_act != family.HIDDEN_ACT:
             raise UnsupportedModelError(f"{self.name}: hidden activation {self.hidden_act!r} is not "
-                                        f"supported for {self.architecture}; only {act!r} is")
-        gemma_only = dict(query_pre_attn_scalar=self.query_pre_attn_scalar,
-                          attn_logit_softcapping=self.attn_logit_softcapping,
-                          final_logit_softcapping=self.final_logit_softcapping,
-                          rope_local_theta=self.rope_local_theta)
-        if not gemma:
-            if any(v is not None for v in gemma_only.values()) or self.layer_types:
-                raise ModelConfigError(f"{self.name}: {sorted(gemma_only)} and layer_types are "
-                                       "implemented for the Gemma architectures only")
-            return
-        for name, value in gemma_only.items():
+                                        f"supported for {self.architecture}; only "
+                                        f"{family.HIDDEN_ACT!r} is")
+        unused = [name for name, default in _FEATURE_DEFAULTS.items()
+                  if name not in family.FEATURES and getattr(self, name) != default]
+        if unused:
+            raise ModelConfigError(f"{self.name}: {unused} {'is' if len(unused) == 1 else 'are'} "
+                                   f"not implemented for {self.architecture} "
+                                   f"({family.__name__}); leave "
+                                   + ", ".join(f"{n}={_FEATURE_DEFAULTS[n]!r}" for n in unused))
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping",
+                     "final_logit_softcapping", "rope_local_theta"):
+            value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ModelConfigError(f"{self.name}: {name} must be > 0 or None, got {value}")
+
+    def _check_windows(self) -> None:
+        """layer_types (empty: the window, if any, applies to every layer)."""
+        if not self.layer_types:
+            return
         if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(_LAYER_TYPES):
             raise ModelConfigError(f"{self.name}: layer_types must give one of {list(_LAYER_TYPES)} "
                                    f"for each of the {self.num_layers} layers, got {list(self.layer_types)}")
@@ -225,18 +301,13 @@ class ModelConfig:
                 f"{self.name}: longrope short_factor and long_factor need {self.rotary_dim // 2} "
                 f"numbers (one per rotary frequency), got {len(rs.short_factor)}")
 
-    def _check_experts(self) -> None:
-        moe = self.architecture in MOE_ARCHITECTURES
+    def _check_experts(self, family: type[Family]) -> None:
+        moe = "num_experts" in family.FEATURES
         if moe != (self.num_experts > 0):
             raise ModelConfigError(
                 f"{self.name}: {self.architecture} " + ("needs num_experts > 0" if moe else
                 "is a dense architecture; num_experts must be 0"))
         if not moe:
-            if (self.qk_norm and self.architecture not in ("Gemma3ForCausalLM",
-                                                                   "Qwen3ForCausalLM")
-                    or self.shared_expert_intermediate_size):
-                raise ModelConfigError(f"{self.name}: qk_norm and a shared expert are implemented "
-                                       "for the mixture-of-experts architectures only")
             return
         if not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ModelConfigError(f"{self.name}: num_experts_per_tok must be in [1, num_experts="
@@ -285,7 +356,7 @@ class ModelConfig:
         d = self.hidden_size
         bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
         qk_norm = 2 * self.head_dim if self.qk_norm else 0
-        norms = 4 * d if self.architecture in GEMMA_ARCHITECTURES else 2 * d   # Gemma's sandwich
+        norms = family_of(self.architecture).NORMS_PER_LAYER * d
         per_layer = self._matmul_params_per_layer() + bias + norms + qk_norm
         lm_head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * per_layer + d + lm_head
@@ -312,27 +383,28 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], name: str) -> ModelConfig:
         """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
-        d = _text_part(d)
+        for family in dict.fromkeys(_FAMILIES.values()):
+            d = family.text_part(d)
         arch = _architecture(d)
-        _reject_unsupported(d, arch)
         try:
-            if arch in GEMMA_ARCHITECTURES:
-                return cls._from_hf_fields(d, name, arch, **_gemma_fields(d, arch))
-            return cls._from_hf_fields(d, name, arch)
+            return cls._from_hf_fields(d, name, arch, **family_of(arch).read_hf(d, arch))
         except KeyError as e:
             raise ModelConfigError(f"{name}: config lacks required key {e.args[0]!r}") from None
 
     @classmethod
     def _from_hf_fields(cls, d: dict[str, Any], name: str, arch: str, **extra: Any) -> ModelConfig:
+        """The fields every family reads alike, under `extra`: the family's own reading."""
         heads = d["num_attention_heads"]
-        rope_theta, rope_scaling = extra.pop("rope", None) or _rope(d, arch)
-        moe = _moe_fields(d, arch)
+        rope_theta, rope_scaling = extra.pop("rope", None) or rope_from_hf(d, arch)
+        if "partial_rotary_factor" not in extra and partial_rotary_factor(d) != 1.0:
+            raise UnsupportedModelError(f"partial_rotary_factor={partial_rotary_factor(d)} is not "
+                                        f"implemented for {arch}; remove it")
         fields: dict[str, Any] = dict(
             name=name,
             architecture=arch,
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
-            intermediate_size=moe.pop("intermediate_size", None) or d["intermediate_size"],
+            intermediate_size=extra.pop("intermediate_size", None) or d["intermediate_size"],
             num_layers=d["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=d.get("num_key_value_heads") or heads,
@@ -341,18 +413,12 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            # Llama and Qwen3-MoE attention_bias=true was rejected above
-            qkv_bias=arch == "Qwen2ForCausalLM" or (arch == "Qwen2MoeForCausalLM"
-                                                    and bool(d.get("qkv_bias", True))),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            sliding_window=_sliding_window(d, arch),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=_eos_ids(d.get("eos_token_id")),
             dtype=d.get("dtype") or d.get("torch_dtype"),
-            **moe,
-            **_dense_fields(d, arch),
         )
-        return cls(**{**fields, **extra})     # a family's own reading wins (Gemma's window)
+        return cls(**{**fields, **extra})     # a family's own reading wins
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
@@ -380,9 +446,10 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json dict transformers (4.x and 5.x) loads as the same architecture. Uses the
         legacy rope_theta/rope_scaling/torch_dtype keys that published checkpoints use."""
+        family = family_of(self.architecture)
         d: dict[str, Any] = {
             "architectures": [self.architecture],
-            "model_type": _MODEL_TYPES[self.architecture],
+            "model_type": family.MODEL_TYPES[self.architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -394,63 +461,13 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": _rope_scaling_dict(self.rope_scaling),
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": _eos_hf(self.eos_token_ids),
             "torch_dtype": self.dtype,
         }
-        if self.architecture in GEMMA_ARCHITECTURES:
-            d.update(self._gemma_hf_fields())
-        elif self.architecture == "LlamaForCausalLM":
-            d.update(attention_bias=False, mlp_bias=False)
-        elif self.architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
-            d["sliding_window"] = self.sliding_window
-        elif self.architecture == "Phi3ForCausalLM":
-            d.update(self._phi3_hf_fields())
-        else:  # Qwen2: the window is only active with use_sliding_window, from layer max_window_layers on
-            d.update(use_sliding_window=self.sliding_window is not None,
-                     sliding_window=self.sliding_window,
-                     max_window_layers=0 if self.sliding_window is not None else self.num_layers)
-        if self.is_moe:
-            d.update(self._moe_hf_fields())
-        return d
-
-    def _gemma_hf_fields(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "hidden_activation": self.hidden_act, "hidden_act": self.hidden_act,
-            "attention_bias": False,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
-            "attn_logit_softcapping": self.attn_logit_softcapping,
-            "final_logit_softcapping": self.final_logit_softcapping,
-            "sliding_window": self.sliding_window, "layer_types": list(self.layer_types)}
-        if self.architecture == "Gemma3ForCausalLM":
-            d["rope_local_base_freq"] = self.rope_local_theta
-        return d
-
-    def _phi3_hf_fields(self) -> dict[str, Any]:
-        # transformers' Phi3Config reads original_max_position_embeddings at the top level (its
-        # default, 4096, overrides the one in rope_scaling); pad_token_id's default, 32000, is
-        # outside a small vocabulary, and nanorun does not pad.
-        rs = self.rope_scaling
-        return {"sliding_window": self.sliding_window,
-                "partial_rotary_factor": self.partial_rotary_factor, "pad_token_id": None,
-                "original_max_position_embeddings": (rs.original_max_position_embeddings if rs
-                                                     else self.max_position_embeddings)}
-
-    def _moe_hf_fields(self) -> dict[str, Any]:
-        arch = self.architecture
-        d: dict[str, Any] = {_NUM_EXPERTS_KEY[arch]: self.num_experts,
-                             "num_experts_per_tok": self.num_experts_per_tok}
-        if arch == "MixtralForCausalLM":
-            return d
-        d.update(moe_intermediate_size=self.intermediate_size, norm_topk_prob=self.norm_topk_prob,
-                 decoder_sparse_step=1, mlp_only_layers=[])
-        if arch == "Qwen2MoeForCausalLM":
-            d.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size,
-                     qkv_bias=self.qkv_bias)
-        else:
-            d["attention_bias"] = False
+        d.update(family.hf_fields(self))
         return d
 
 
@@ -458,28 +475,7 @@ class ModelConfig:
 
 def _unsupported_arch_message(arch: Any) -> str:
     return (f"architecture {arch!r} is not supported; nanorun supports "
-            f"{sorted(SUPPORTED_ARCHITECTURES)}")
-
-
-# Gemma 3 4B-27B are published as image-text models; nanorun runs their text model, whose
-# config is text_config, with transformers' Gemma3TextConfig defaults for what it leaves out
-# (as the published ones leave out heads, head_dim and vocab_size).
-_GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
-    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "bos_token_id": 2,
-    "eos_token_id": 1, "tie_word_embeddings": True}
-
-
-def _text_part(d: dict[str, Any]) -> dict[str, Any]:
-    """The text model's config of a Gemma3ForConditionalGeneration checkpoint (its images are
-    not nanorun's: image tokens in a prompt are only tokens); any other config as it is."""
-    if (d.get("architectures") or []) != ["Gemma3ForConditionalGeneration"]:
-        return d
-    top = {k: d[k] for k in ("bos_token_id", "eos_token_id", "dtype", "torch_dtype")
-           if d.get(k) is not None}
-    return {**_GEMMA3_TEXT_DEFAULTS, **top, **(d.get("text_config") or {}),
-            "architectures": ["Gemma3ForCausalLM"]}
+            f"{sorted(_FAMILIES)}")
 
 
 def _architecture(d: dict[str, Any]) -> str:
@@ -487,147 +483,51 @@ def _architecture(d: dict[str, Any]) -> str:
     if len(archs) != 1:
         raise UnsupportedModelError(
             f"config.json must list exactly one entry in 'architectures', got {archs!r}; "
-            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
-    if archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(_unsupported_arch_message(archs[0]))
+            f"supported: {sorted(_FAMILIES)}")
+    family_of(archs[0])
     return archs[0]
 
 
-def _reject_unsupported(d: dict[str, Any], arch: str) -> None:
-    if arch in GEMMA_ARCHITECTURES:
-        return          # _gemma_fields checks what Gemma configs may set
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU MLP) is")
-    if d.get("mlp_bias"):
-        raise UnsupportedModelError("mlp_bias=true is not supported (MLP projections must be bias-free)")
-    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and d.get("attention_bias"):
-        raise UnsupportedModelError(f"attention_bias=true is not supported for {arch}: it implies "
-                                    "an o_proj bias, which nanorun does not implement")
-    if arch == "LlamaForCausalLM" and d.get("attention_bias"):
-        # HF's Llama attention_bias also adds an o_proj bias, which nanorun's fused layout lacks.
-        raise UnsupportedModelError("attention_bias=true is not supported for Llama: it implies an "
-                                    "o_proj bias, which nanorun does not implement")
+# ---- readings a family may share --------------------------------------------------------------
+
+def partial_rotary_factor(d: dict[str, Any]) -> float:
+    """The fraction of each head rope rotates (transformers 5 keeps it in rope_parameters, 4.x
+    at the top level); ModelConfig.from_hf_dict refuses one other than 1 unless the family
+    reads it (Family.read_hf returns it)."""
+    return float((d.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                       d.get("partial_rotary_factor") or 1.0))
 
 
-def _gemma_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:
-    """ModelConfig's Gemma fields from a Gemma 2 or Gemma 3 text config (transformers' defaults
-    where a key is absent), refusing what models/gemma.py does not compute."""
-    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-    if act != "gelu_pytorch_tanh":
-        raise UnsupportedModelError(f"hidden_activation {act!r} is not supported for {arch}; only "
-                                    "'gelu_pytorch_tanh' (GeGLU, as every published Gemma) is")
-    for key in ("attention_bias", "use_bidirectional_attention"):
-        if d.get(key):
-            raise UnsupportedModelError(f"{key}=true is not supported for {arch}; set it to false")
-    gemma3 = arch == "Gemma3ForCausalLM"
-    n, pattern = d["num_hidden_layers"], d.get("sliding_window_pattern", 6 if gemma3 else 2)
-    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
-                                     for i in range(n)]
-    attn_cap = d.get("attn_logit_softcapping", None if gemma3 else 50.0)
-    if gemma3 and attn_cap is not None:
-        # transformers' Gemma 3 attention does not apply it: running it would not be Gemma 3
-        raise UnsupportedModelError(f"attn_logit_softcapping={attn_cap} is not supported for "
-                                    f"{arch} (transformers ignores it there); set it to null")
-    out: dict[str, Any] = dict(
-        hidden_act=act, layer_types=tuple(types), attn_logit_softcapping=attn_cap,
-        final_logit_softcapping=d.get("final_logit_softcapping", None if gemma3 else 30.0),
-        query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
-        qk_norm=gemma3, tie_word_embeddings=bool(d.get("tie_word_embeddings", True)))
-    d = {**d, "sliding_window": d.get("sliding_window", 4096)}
-    if gemma3:
-        out["rope"], out["rope_local_theta"] = _gemma3_rope(d)
-    return {**out, "sliding_window": d["sliding_window"]}
-
-
-def _gemma3_rope(d: dict[str, Any]) -> tuple[tuple[float, RopeScaling | None], float]:
-    """((global rope_theta, its scaling), the sliding layers' rope base): from transformers 5's
-    per-layer-type rope_parameters, or the legacy rope_theta / rope_scaling /
-    rope_local_base_freq keys."""
-    params = d.get("rope_parameters") or {}
-    if "full_attention" in params or "sliding_attention" in params:
-        full = params.get("full_attention") or {}
-        local = params.get("sliding_attention") or {}
-        if local.get("rope_type", "default") != "default":
-            raise UnsupportedModelError(f"rope_parameters.sliding_attention.rope_type "
-                                        f"{local['rope_type']!r} is not supported; only 'default'")
-        return ((float(full.get("rope_theta", 1_000_000.0)), _rope_scaling(full)),
-                float(local.get("rope_theta", 10_000.0)))
-    theta, scaling = _rope({**d, "rope_theta": d.get("rope_theta", 1_000_000.0)})
-    return (theta, scaling), float(d.get("rope_local_base_freq", 10_000.0))
-
-
-def _dense_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:
-    """Qwen3's QK norm and Phi-3's partial rotary factor (transformers 5 keeps it in
-    rope_parameters, 4.x at the top level); another architecture with partial rotary is
-    refused, since only Phi-3's rope is known to rotate part of each head that way."""
-    if arch == "Qwen3ForCausalLM":
-        return {"qk_norm": True}
-    factor = float((d.get("rope_parameters") or {}).get("partial_rotary_factor",
-                                                         d.get("partial_rotary_factor") or 1.0))
-    if arch == "Phi3ForCausalLM":
-        return {"partial_rotary_factor": factor}
-    if factor != 1.0:
-        raise UnsupportedModelError(f"partial_rotary_factor={factor} is implemented for "
-                                    f"Phi3ForCausalLM only, not {arch}; remove it")
-    return {}
-
-
-def _moe_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:
-    """The mixture-of-experts fields of ModelConfig from a HF config (empty for dense models).
-    Only models whose every layer is sparse are supported: Qwen's decoder_sparse_step and
-    mlp_only_layers (dense MLP layers between the sparse ones) are refused."""
-    if arch not in MOE_ARCHITECTURES:
-        return {}
-    if d.get("decoder_sparse_step", 1) != 1:
-        raise UnsupportedModelError(f"decoder_sparse_step={d['decoder_sparse_step']} (dense MLP "
-                                    "layers between sparse ones) is not supported; only 1 is")
-    if d.get("mlp_only_layers"):
-        raise UnsupportedModelError(f"mlp_only_layers={d['mlp_only_layers']} (dense MLP layers) "
-                                    "is not supported; every layer must be a mixture of experts")
-    # Published configs use _NUM_EXPERTS_KEY; transformers 5 saves Qwen3-MoE's as num_local_experts.
-    experts = d.get(_NUM_EXPERTS_KEY[arch]) or d.get("num_local_experts") or d.get("num_experts")
-    if not experts:
-        raise ModelConfigError(f"{arch} config lacks {_NUM_EXPERTS_KEY[arch]!r} (the expert count)")
-    out: dict[str, Any] = {"num_experts": experts,
-                           "num_experts_per_tok": d["num_experts_per_tok"]}
-    if arch == "MixtralForCausalLM":
-        return out      # Mixtral's intermediate_size is its experts'; top-k always renormalised
-    out.update(intermediate_size=d["moe_intermediate_size"],
-               norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-               qk_norm=arch == "Qwen3MoeForCausalLM")
-    if arch == "Qwen2MoeForCausalLM":
-        out["shared_expert_intermediate_size"] = d["shared_expert_intermediate_size"]
-        if not out["shared_expert_intermediate_size"]:
-            raise UnsupportedModelError("Qwen2-MoE without a shared expert "
-                                        "(shared_expert_intermediate_size=0) is not supported")
-    return out
-
-
-def _rope(d: dict[str, Any], arch: str = "") -> tuple[float, RopeScaling | None]:
+def rope_from_hf(d: dict[str, Any], arch: str, longrope=None,
+                 longrope_names: tuple[str, ...] = ("longrope", "su")
+                 ) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from either `rope_parameters` (transformers 5) or the legacy
-    `rope_theta` + `rope_scaling` keys (`arch`: whose longrope, models/phi3.py)."""
+    `rope_theta` + `rope_scaling` keys; `longrope`, `longrope_names`: as rope_scaling_from_hf."""
     params = d.get("rope_parameters")
     if params is not None and "rope_type" not in params and "type" not in params:
         # Per-layer-type dicts ({"full_attention": {...}, ...}) belong to hybrid models.
         raise UnsupportedModelError("per-layer-type rope_parameters are not supported")
     scaling = params if params is not None else d.get("rope_scaling")
     theta = (params or {}).get("rope_theta", d.get("rope_theta", 10000.0))
-    return float(theta), _rope_scaling(scaling, d, arch)
+    return float(theta), rope_scaling_from_hf(scaling, arch, longrope, longrope_names)
 
 
-def _rope_scaling(s: dict[str, Any] | None, d: dict[str, Any] | None = None,
-                  arch: str = "") -> RopeScaling | None:
+def rope_scaling_from_hf(s: dict[str, Any] | None, arch: str, longrope=None,
+                         longrope_names: tuple[str, ...] = ("longrope", "su")
+                         ) -> RopeScaling | None:
+    """The RopeScaling of a HF rope_scaling / rope_parameters dict. A rope type among
+    `longrope_names` ("su": LongRoPE's first name) is read by `longrope` (a function of the
+    dict), given by the family that computes it; without one it is refused."""
     if not s:
         return None
     rope_type = s.get("rope_type", s.get("type", "default"))
     if rope_type == "default":
         return None
-    # LongRoPE's first name; transformers' Phi3Config also reads "yarn" as longrope.
-    if rope_type == "su" or (rope_type == "yarn" and arch == "Phi3ForCausalLM"):
-        rope_type = "longrope"
-    if rope_type == "longrope":
-        return _longrope(s, d or {}, arch)
+    if rope_type in longrope_names:
+        if longrope is None:
+            raise UnsupportedModelError(f"rope scaling type 'longrope' is not implemented for "
+                                        f"{arch} (models/phi3.py's family computes it); remove it")
+        return longrope(s)
     if rope_type not in _ROPE_TYPES:
         raise UnsupportedModelError(f"rope scaling type {rope_type!r} is not supported; "
                                     f"supported: {list(_ROPE_TYPES)}")
@@ -636,52 +536,6 @@ def _rope_scaling(s: dict[str, Any] | None, d: dict[str, Any] | None = None,
     kw = {k: s[k] for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
           if k in s and rope_type == "llama3"}
     return RopeScaling(rope_type=rope_type, factor=float(s["factor"]), **kw)
-
-
-def _longrope(s: dict[str, Any], d: dict[str, Any], arch: str) -> RopeScaling:
-    """Phi-3's longrope as transformers reads it: original_max_position_embeddings from the
-    top level (Phi3Config's, default 4096) over rope_scaling's, factor = max_position_embeddings
-    / that when not given, attention_factor = sqrt(1 + ln(factor) / ln(original)) when not
-    given (1 for factor <= 1)."""
-    if arch != "Phi3ForCausalLM":
-        raise UnsupportedModelError(f"rope scaling type 'longrope' is implemented for "
-                                    f"Phi3ForCausalLM only (models/phi3.py), not {arch}")
-    for key in ("short_factor", "long_factor"):
-        if not isinstance(s.get(key), list):
-            raise ModelConfigError(f"longrope rope scaling needs {key!r}: a list of numbers")
-    original = int(d.get("original_max_position_embeddings", 4096))
-    factor = s.get("factor") or d["max_position_embeddings"] / original
-    attention = s.get("attention_factor")
-    if attention is None:
-        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-    return RopeScaling("longrope", float(factor), original_max_position_embeddings=original,
-                       short_factor=tuple(map(float, s["short_factor"])),
-                       long_factor=tuple(map(float, s["long_factor"])),
-                       attention_factor=float(attention))
-
-
-def _sliding_window(d: dict[str, Any], arch: str) -> int | None:
-    window = d.get("sliding_window")
-    if arch == "LlamaForCausalLM" or window is None:
-        return None
-    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
-        return window
-    if arch == "Phi3ForCausalLM":       # on every layer; one past every position never binds
-        return window if window < d["max_position_embeddings"] else None
-    # Qwen2 (and its MoE relatives): layer i slides iff use_sliding_window and i >= max_window_layers (or per layer_types).
-    if not d.get("use_sliding_window"):
-        return None
-    n = d["num_hidden_layers"]
-    types = d.get("layer_types")
-    if types is None:
-        first = d.get("max_window_layers", n)
-        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-    if all(t == "full_attention" for t in types):
-        return None
-    if all(t == "sliding_attention" for t in types):
-        return window
-    raise UnsupportedModelError("sliding window on only some layers (max_window_layers / layer_types) "
-                                "is not supported; use it on all layers or none")
 
 
 def _generation_eos_ids(path: str) -> tuple[int, ...]:

@@ -38,15 +38,19 @@ norms read).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import GEMMA_ARCHITECTURES, ModelConfig
+from .config import (ModelConfig, ModelConfigError, RopeScaling, UnsupportedModelError,
+                     rope_from_hf, rope_scaling_from_hf)
 from .llama import (ACT, ATTENTION_OP, ATTN_NORM, DOWN_PARTIAL, GATE_UP, KV_APPEND, KV_SEND,
                     MLP_NORM, O_PROJ_PARTIAL, QK_NORM, QKV, ROPE, TORCH_POINTWISE, LlamaModel,
-                    PointwiseOps, TPWorkspace, rope_tables)
+                    PointwiseOps, TPWorkspace, attention_weight_names, mlp_shapes,
+                    mlp_weight_names, qk_norm_shapes, qk_norm_weight_names, rope_tables)
+from .loader import Slot
 from .op import MEMORY, NETWORK, OpSpec, OpWork, Shapes
 
 
@@ -88,6 +92,64 @@ def gemma_layer_ops(config: ModelConfig, tp: int, kv_send: bool = False) -> tupl
     return tuple(ops)
 
 
+# -- the family's Hugging Face configs --------------------------------------------------------
+# Gemma 3 4B-27B are published as image-text models; nanorun runs their text model, whose
+# config is text_config, with transformers' Gemma3TextConfig defaults for what it leaves out
+# (as the published ones leave out heads, head_dim and vocab_size).
+_GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "bos_token_id": 2,
+    "eos_token_id": 1, "tie_word_embeddings": True}
+
+
+def _read_gemma(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """ModelConfig's Gemma fields from a Gemma 2 or Gemma 3 text config (transformers' defaults
+    where a key is absent), refusing what this file does not compute."""
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise UnsupportedModelError(f"hidden_activation {act!r} is not supported for {arch}; only "
+                                    "'gelu_pytorch_tanh' (GeGLU, as every published Gemma) is")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if d.get(key):
+            raise UnsupportedModelError(f"{key}=true is not supported for {arch}; set it to false")
+    gemma3 = arch == "Gemma3ForCausalLM"
+    n, pattern = d["num_hidden_layers"], d.get("sliding_window_pattern", 6 if gemma3 else 2)
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(n)]
+    attn_cap = d.get("attn_logit_softcapping", None if gemma3 else 50.0)
+    if gemma3 and attn_cap is not None:
+        # transformers' Gemma 3 attention does not apply it: running it would not be Gemma 3
+        raise UnsupportedModelError(f"attn_logit_softcapping={attn_cap} is not supported for "
+                                    f"{arch} (transformers ignores it there); set it to null")
+    out: dict[str, Any] = dict(
+        hidden_act=act, layer_types=tuple(types), attn_logit_softcapping=attn_cap,
+        final_logit_softcapping=d.get("final_logit_softcapping", None if gemma3 else 30.0),
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+        qk_norm=gemma3, tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        qkv_bias=False, sliding_window=d.get("sliding_window", 4096))
+    if gemma3:
+        out["rope"], out["rope_local_theta"] = _gemma3_rope(d, arch)
+    return out
+
+
+def _gemma3_rope(d: dict[str, Any], arch: str) -> tuple[tuple[float, RopeScaling | None], float]:
+    """((global rope_theta, its scaling), the sliding layers' rope base): from transformers 5's
+    per-layer-type rope_parameters, or the legacy rope_theta / rope_scaling /
+    rope_local_base_freq keys."""
+    params = d.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = params.get("full_attention") or {}
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(f"rope_parameters.sliding_attention.rope_type "
+                                        f"{local['rope_type']!r} is not supported; only 'default'")
+        return ((float(full.get("rope_theta", 1_000_000.0)), rope_scaling_from_hf(full, arch)),
+                float(local.get("rope_theta", 10_000.0)))
+    theta, scaling = rope_from_hf({**d, "rope_theta": d.get("rope_theta", 1_000_000.0)}, arch)
+    return (theta, scaling), float(d.get("rope_local_base_freq", 10_000.0))
+
+
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm: x / rms(x) * (1 + weight), all in fp32, rounded to x's dtype once."""
     xf = x.float()
@@ -107,6 +169,74 @@ class GemmaModel(LlamaModel):
                       kv_send: bool = False) -> tuple[OpSpec, ...]:
         return gemma_layer_ops(config, tp, kv_send)
 
+    # -- the family's Hugging Face configs and checkpoints (models.config.Family) -----------
+    # Gemma 2 and Gemma 3 text share this decoder (Gemma 2's soft-capping and Gemma 3's QK norm
+    # and local rope base are config switches).
+    MODEL_TYPES = {"Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+    HIDDEN_ACT = "gelu_pytorch_tanh"
+    FEATURES = frozenset({"qk_norm", "query_pre_attn_scalar", "attn_logit_softcapping",
+                          "final_logit_softcapping", "layer_types", "rope_local_theta"})
+    NORMS_PER_LAYER = 4     # the sandwich: attn_norm, post_attn_norm, mlp_norm, post_mlp_norm
+
+    @classmethod
+    def text_part(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """A Gemma3ForConditionalGeneration checkpoint's text model config (its images are not
+        nanorun's: image tokens in a prompt are only tokens)."""
+        if (d.get("architectures") or []) != ["Gemma3ForConditionalGeneration"]:
+            return d
+        top = {k: d[k] for k in ("bos_token_id", "eos_token_id", "dtype", "torch_dtype")
+               if d.get(k) is not None}
+        return {**_GEMMA3_TEXT_DEFAULTS, **top, **(d.get("text_config") or {}),
+                "architectures": ["Gemma3ForCausalLM"]}
+
+    @classmethod
+    def read_hf(cls, d: dict[str, Any], arch: str) -> dict[str, Any]:
+        return _read_gemma(d, arch)
+
+    @classmethod
+    def check(cls, config: ModelConfig) -> None:
+        if len(config.layer_types) != config.num_layers:
+            raise ModelConfigError(f"{config.name}: layer_types must give one of "
+                                   "['sliding_attention', 'full_attention'] for each of the "
+                                   f"{config.num_layers} layers, got {list(config.layer_types)}")
+        if config.qk_norm and config.architecture != "Gemma3ForCausalLM":
+            raise ModelConfigError(f"{config.name}: qk_norm is implemented for Gemma 3 only, "
+                                   f"not {config.architecture}")
+
+    @classmethod
+    def hf_fields(cls, config: ModelConfig) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "hidden_activation": config.hidden_act, "attention_bias": False,
+            "query_pre_attn_scalar": config.query_pre_attn_scalar,
+            "attn_logit_softcapping": config.attn_logit_softcapping,
+            "final_logit_softcapping": config.final_logit_softcapping,
+            "sliding_window": config.sliding_window, "layer_types": list(config.layer_types)}
+        if config.architecture == "Gemma3ForCausalLM":
+            d["rope_local_base_freq"] = config.rope_local_theta
+        return d
+
+    @classmethod
+    def layer_shapes(cls, config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+        """The norms of the attention and MLP outputs, Gemma 3's q/k norms, the MLP."""
+        d = config.hidden_size
+        shapes = {p + "post_attn_norm": (d,), p + "post_mlp_norm": (d,)}
+        if config.qk_norm:
+            shapes.update(qk_norm_shapes(config, p))
+        return {**shapes, **mlp_shapes(config, p)}
+
+    @classmethod
+    def layer_weight_names(cls, config: ModelConfig, hf: str, p: str) -> dict[str, Slot]:
+        """Four norms a layer: HF's post_attention_layernorm normalises the attention's output
+        (not the MLP's input, as in Llama); pre_feedforward_layernorm is the MLP's."""
+        d = config.hidden_size
+        names = {hf + "post_attention_layernorm.weight": Slot(p + "post_attn_norm", 0, (d,)),
+                 **attention_weight_names(config, hf, p),
+                 hf + "pre_feedforward_layernorm.weight": Slot(p + "mlp_norm", 0, (d,)),
+                 hf + "post_feedforward_layernorm.weight": Slot(p + "post_mlp_norm", 0, (d,))}
+        if config.qk_norm:
+            names.update(qk_norm_weight_names(config, hf, p))
+        return {**names, **mlp_weight_names(config, hf, p)}
+
     @classmethod
     def workspace_bytes_per_token(cls, local: ModelConfig, elt: int) -> int:
         """As LlamaModel's, plus o_out and mlp_out (every tp: the post norms read them)."""
@@ -116,7 +246,7 @@ class GemmaModel(LlamaModel):
                  max_model_len: int, attention_fn, kv_append_fn,
                  tp_group: dist.ProcessGroup | None = None,
                  pointwise: PointwiseOps = TORCH_POINTWISE, kv_sink=None) -> None:
-        if config.architecture not in GEMMA_ARCHITECTURES:
+        if config.architecture not in self.MODEL_TYPES:
             raise ValueError(f"{config.name} is a {config.architecture}; build it with "
                              f"models.registry.build_model")
         super().__init__(config, weights, max_model_len=max_model_len, attention_fn=attention_fn,

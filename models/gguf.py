@@ -405,8 +405,8 @@ def _hf_entries(config: ModelConfig, gguf_name: str, read, gemma: bool = False):
 
 
 def _moe_entries(config: ModelConfig, p: str, kind: str, suffix: str, read):
-    """The HF names of a MoE layer's tensors (loader._moe_hf_plan's), per expert for the
-    stacked [E, rows, cols] expert tensors."""
+    """The HF names of a MoE layer's tensors (models/moe.py's MoEModel.layer_weight_names), per
+    expert for the stacked [E, rows, cols] expert tensors."""
     mixtral = config.architecture == "MixtralForCausalLM"
     block = p + ("block_sparse_moe." if mixtral else "mlp.")
     if kind == "ffn_gate_inp":

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .loader import shard_config, weight_shapes
+from .config import Family, ModelConfig, UnsupportedModelError
+from .loader import Slot, shard_config, weight_shapes
 from .op import (ATTENTION, ATTENTION_SIDE, EMBED, GEMM, LOGITS, MEMORY, NETWORK, OpSpec, OpWork,
                  Shapes)
 
@@ -232,7 +232,7 @@ def _torch_silu_and_mul(gate_up, out) -> None:
 TORCH_POINTWISE = PointwiseOps(_torch_rms_norm, _torch_rope, _torch_silu_and_mul)
 
 
-class LlamaModel:
+class LlamaModel(Family):
     """Weights plus the math of each op. Knows nothing of scheduling, streams or splitting.
 
     `attention_fn` and `kv_append_fn` come from the backend (numba on CPU, CUDA kernels on GPU)
@@ -257,6 +257,41 @@ class LlamaModel:
                       kv_send: bool = False) -> tuple[OpSpec, ...]:
         """The ops of one layer of `config`'s model on `tp` ranks, without building it."""
         return layer_ops(tp, kv_send)
+
+    # -- the family's Hugging Face configs and checkpoints (models.config.Family) -----------
+    # Llama 2/3, Mistral and Qwen2 share this decoder: they differ only in config (GQA, rope
+    # scaling, sliding window, qkv bias).
+    MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                   "Qwen2ForCausalLM": "qwen2"}
+
+    @classmethod
+    def read_hf(cls, d: dict[str, Any], arch: str) -> dict[str, Any]:
+        # HF's Llama attention_bias also adds an o_proj bias, which nanorun's fused layout lacks.
+        refuse_unsupported(d, arch, attention_bias=arch == "LlamaForCausalLM")
+        if arch == "LlamaForCausalLM":
+            window = None
+        elif arch == "MistralForCausalLM":
+            window = d.get("sliding_window")
+        else:
+            window = qwen_sliding_window(d)
+        return {"qkv_bias": arch == "Qwen2ForCausalLM", "sliding_window": window}
+
+    @classmethod
+    def hf_fields(cls, config: ModelConfig) -> dict[str, Any]:
+        if config.architecture == "LlamaForCausalLM":
+            return {"attention_bias": False, "mlp_bias": False}
+        if config.architecture == "MistralForCausalLM":
+            return {"sliding_window": config.sliding_window}
+        return qwen_window_hf(config)
+
+    @classmethod
+    def layer_shapes(cls, config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+        return mlp_shapes(config, p)
+
+    @classmethod
+    def layer_weight_names(cls, config: ModelConfig, hf: str, p: str) -> dict[str, Slot]:
+        return {**mlp_norm_weight_name(config, hf, p), **attention_weight_names(config, hf, p),
+                **mlp_weight_names(config, hf, p)}
 
     @classmethod
     def workspace_bytes_per_token(cls, local: ModelConfig, elt: int) -> int:
@@ -419,6 +454,92 @@ class LlamaModel:
         v = ws.qkv[t0:t1, c.q_size + c.kv_size :]
         shape = (c.num_kv_heads, c.head_dim)
         return k.unflatten(-1, shape), v.unflatten(-1, shape)
+
+
+# -- Hugging Face readings and checkpoint names the Llama-like families share --------------------
+
+def refuse_unsupported(d: dict[str, Any], arch: str, attention_bias: bool) -> None:
+    """Refuse what a SwiGLU decoder of this file does not compute: another activation, MLP
+    biases and, where `attention_bias` (the architecture's attention_bias means an o_proj bias
+    too), attention_bias=true."""
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU MLP) is")
+    if d.get("mlp_bias"):
+        raise UnsupportedModelError("mlp_bias=true is not supported (MLP projections must be bias-free)")
+    if attention_bias and d.get("attention_bias"):
+        raise UnsupportedModelError(f"attention_bias=true is not supported for {arch}: it implies "
+                                    "an o_proj bias, which nanorun does not implement")
+
+
+def qwen_sliding_window(d: dict[str, Any]) -> int | None:
+    """The Qwen families' window: layer i slides iff use_sliding_window and i >=
+    max_window_layers (or per layer_types); on every layer or none, else refused."""
+    window = d.get("sliding_window")
+    if window is None or not d.get("use_sliding_window"):
+        return None
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", n)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if all(t == "full_attention" for t in types):
+        return None
+    if all(t == "sliding_attention" for t in types):
+        return window
+    raise UnsupportedModelError("sliding window on only some layers (max_window_layers / layer_types) "
+                                "is not supported; use it on all layers or none")
+
+
+def qwen_window_hf(config: ModelConfig) -> dict[str, Any]:
+    """The Qwen families' window keys: active only with use_sliding_window, from layer
+    max_window_layers on."""
+    return {"use_sliding_window": config.sliding_window is not None,
+            "sliding_window": config.sliding_window,
+            "max_window_layers": 0 if config.sliding_window is not None else config.num_layers}
+
+
+def mlp_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """The dense MLP's fused tensors of layer prefix `p`."""
+    d, i = config.hidden_size, config.intermediate_size
+    return {p + "gate_up": (2 * i, d), p + "down": (d, i)}
+
+
+def qk_norm_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """The per-head q and k norm weights of layer prefix `p`."""
+    return {p + "q_norm": (config.head_dim,), p + "k_norm": (config.head_dim,)}
+
+
+def mlp_norm_weight_name(config: ModelConfig, hf: str, p: str) -> dict[str, Slot]:
+    """HF's post_attention_layernorm: the MLP's input norm in a Llama-like layer."""
+    return {hf + "post_attention_layernorm.weight": Slot(p + "mlp_norm", 0, (config.hidden_size,))}
+
+
+def attention_weight_names(config: ModelConfig, hf: str, p: str) -> dict[str, Slot]:
+    """q/k/v_proj (rows of qkv, with their biases where config.qkv_bias) and o_proj."""
+    d, q, kv = config.hidden_size, config.q_size, config.kv_size
+    names = {}
+    for proj, start, rows in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+        names[f"{hf}self_attn.{proj}_proj.weight"] = Slot(p + "qkv", start, (rows, d))
+        if config.qkv_bias:
+            names[f"{hf}self_attn.{proj}_proj.bias"] = Slot(p + "qkv_bias", start, (rows,))
+    names[hf + "self_attn.o_proj.weight"] = Slot(p + "o_proj", 0, (d, q))
+    return names
+
+
+def qk_norm_weight_names(config: ModelConfig, hf: str, p: str) -> dict[str, Slot]:
+    """self_attn.q_norm / k_norm."""
+    hd = (config.head_dim,)
+    return {hf + "self_attn.q_norm.weight": Slot(p + "q_norm", 0, hd),
+            hf + "self_attn.k_norm.weight": Slot(p + "k_norm", 0, hd)}
+
+
+def mlp_weight_names(config: ModelConfig, hf: str, p: str) -> dict[str, Slot]:
+    """mlp.gate_proj / up_proj (rows of gate_up) and down_proj."""
+    d, i = config.hidden_size, config.intermediate_size
+    return {hf + "mlp.gate_proj.weight": Slot(p + "gate_up", 0, (i, d)),
+            hf + "mlp.up_proj.weight": Slot(p + "gate_up", i, (i, d)),
+            hf + "mlp.down_proj.weight": Slot(p + "down", 0, (d, i))}
 
 
 def _check_weights(local: ModelConfig, weights: dict[str, torch.Tensor], tp: int) -> None:

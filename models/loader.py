@@ -67,12 +67,14 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from .config import GEMMA_ARCHITECTURES, ModelConfig, ModelConfigError, WeightLoadError
+from .config import ModelConfig, ModelConfigError, WeightLoadError, family_of
 
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Fused name -> shape, in a fixed order; lm_head is listed even when tied."""
-    d, i, qkv = config.hidden_size, config.intermediate_size, config.q_size + 2 * config.kv_size
+    """Fused name -> shape, in a fixed order; lm_head is listed even when tied. A layer's
+    tensors after mlp_norm are its family's (Family.layer_shapes)."""
+    d, qkv = config.hidden_size, config.q_size + 2 * config.kv_size
+    family = family_of(config.architecture)
     shapes: dict[str, tuple[int, ...]] = {"embed": (config.vocab_size, d)}
     for n in range(config.num_layers):
         p = f"layers.{n}."
@@ -82,42 +84,9 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "qkv_bias"] = (qkv,)
         shapes[p + "o_proj"] = (d, config.q_size)
         shapes[p + "mlp_norm"] = (d,)
-        if config.architecture in GEMMA_ARCHITECTURES:
-            shapes.update(_gemma_shapes(config, p))
-        elif config.qk_norm and not config.is_moe:      # Qwen3
-            shapes[p + "q_norm"] = shapes[p + "k_norm"] = (config.head_dim,)
-        if config.is_moe:
-            shapes.update(_moe_shapes(config, p))
-            continue
-        shapes[p + "gate_up"] = (2 * i, d)
-        shapes[p + "down"] = (d, i)
+        shapes.update(family.layer_shapes(config, p))
     shapes["norm"] = (d,)
     shapes["lm_head"] = (config.vocab_size, d)
-    return shapes
-
-
-def _gemma_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
-    """Gemma's norms of the attention and MLP outputs, and Gemma 3's per-head q/k norms."""
-    d, hd = config.hidden_size, config.head_dim
-    shapes = {p + "post_attn_norm": (d,), p + "post_mlp_norm": (d,)}
-    if config.qk_norm:
-        shapes[p + "q_norm"] = shapes[p + "k_norm"] = (hd,)
-    return shapes
-
-
-def _moe_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
-    d, i, e, s = (config.hidden_size, config.intermediate_size, config.num_experts,
-                  config.shared_expert_intermediate_size)
-    shapes: dict[str, tuple[int, ...]] = {}
-    if config.qk_norm:
-        shapes[p + "q_norm"] = shapes[p + "k_norm"] = (config.head_dim,)
-    shapes[p + "router"] = (e, d)
-    shapes[p + "expert_gate_up"] = (e * 2 * i, d)
-    shapes[p + "expert_down"] = (e * d, i)
-    if s:
-        shapes[p + "shared_gate_up"] = (2 * s, d)
-        shapes[p + "shared_down"] = (d, s)
-        shapes[p + "shared_gate"] = (1, d)
     return shapes
 
 
@@ -287,94 +256,26 @@ def random_weights(config: ModelConfig, *, dtype: torch.dtype, device: torch.dev
 
 # ---- Hugging Face checkpoints -----------------------------------------------------------------
 
-class _Slot(NamedTuple):
+class Slot(NamedTuple):
     """Where one HF tensor goes: rows [start, start + shape[0]) of fused tensor `name`."""
     name: str
     start: int
     shape: tuple[int, ...]
 
 
-def _hf_plan(config: ModelConfig) -> dict[str, _Slot]:
-    """HF tensor name -> slot in the fused layout."""
-    d, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
-    plan = {"model.embed_tokens.weight": _Slot("embed", 0, (config.vocab_size, d)),
-            "model.norm.weight": _Slot("norm", 0, (d,))}
+def _hf_plan(config: ModelConfig) -> dict[str, Slot]:
+    """HF tensor name -> slot in the fused layout: the frame and input_layernorm here, every
+    other tensor of a layer as its family names it (Family.layer_weight_names)."""
+    d = config.hidden_size
+    family = family_of(config.architecture)
+    plan = {"model.embed_tokens.weight": Slot("embed", 0, (config.vocab_size, d)),
+            "model.norm.weight": Slot("norm", 0, (d,))}
     if not config.tie_word_embeddings:
-        plan["lm_head.weight"] = _Slot("lm_head", 0, (config.vocab_size, d))
+        plan["lm_head.weight"] = Slot("lm_head", 0, (config.vocab_size, d))
     for n in range(config.num_layers):
         hf, p = f"model.layers.{n}.", f"layers.{n}."
-        plan[hf + "input_layernorm.weight"] = _Slot(p + "attn_norm", 0, (d,))
-        plan[hf + "post_attention_layernorm.weight"] = _Slot(p + "mlp_norm", 0, (d,))
-        if config.architecture == "Phi3ForCausalLM":
-            plan.update(_phi3_hf_plan(config, hf, p))
-            continue
-        for proj, start, rows in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
-            plan[f"{hf}self_attn.{proj}_proj.weight"] = _Slot(p + "qkv", start, (rows, d))
-            if config.qkv_bias:
-                plan[f"{hf}self_attn.{proj}_proj.bias"] = _Slot(p + "qkv_bias", start, (rows,))
-        plan[hf + "self_attn.o_proj.weight"] = _Slot(p + "o_proj", 0, (d, q))
-        if config.architecture in GEMMA_ARCHITECTURES:
-            plan.update(_gemma_hf_plan(config, hf, p))
-        elif config.qk_norm and not config.is_moe:      # Qwen3
-            plan[hf + "self_attn.q_norm.weight"] = _Slot(p + "q_norm", 0, (config.head_dim,))
-            plan[hf + "self_attn.k_norm.weight"] = _Slot(p + "k_norm", 0, (config.head_dim,))
-        if config.is_moe:
-            plan.update(_moe_hf_plan(config, hf, p))
-            continue
-        plan[hf + "mlp.gate_proj.weight"] = _Slot(p + "gate_up", 0, (i, d))
-        plan[hf + "mlp.up_proj.weight"] = _Slot(p + "gate_up", i, (i, d))
-        plan[hf + "mlp.down_proj.weight"] = _Slot(p + "down", 0, (d, i))
-    return plan
-
-
-def _gemma_hf_plan(config: ModelConfig, hf: str, p: str) -> dict[str, _Slot]:
-    """Gemma's four norms a layer: HF's post_attention_layernorm normalises the attention's
-    output (not the MLP's input, as in Llama); pre_feedforward_layernorm is the MLP's."""
-    d, hd = config.hidden_size, config.head_dim
-    plan = {hf + "post_attention_layernorm.weight": _Slot(p + "post_attn_norm", 0, (d,)),
-            hf + "pre_feedforward_layernorm.weight": _Slot(p + "mlp_norm", 0, (d,)),
-            hf + "post_feedforward_layernorm.weight": _Slot(p + "post_mlp_norm", 0, (d,))}
-    if config.qk_norm:
-        plan[hf + "self_attn.q_norm.weight"] = _Slot(p + "q_norm", 0, (hd,))
-        plan[hf + "self_attn.k_norm.weight"] = _Slot(p + "k_norm", 0, (hd,))
-    return plan
-
-
-def _phi3_hf_plan(config: ModelConfig, hf: str, p: str) -> dict[str, _Slot]:
-    """Phi-3's checkpoint fuses q/k/v and gate/up as nanorun does (same row order), so each
-    fills its fused tensor whole (cut per rank like any fused tensor); o_proj and down are
-    named as Llama's."""
-    d, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
-    return {hf + "self_attn.qkv_proj.weight": _Slot(p + "qkv", 0, (q + 2 * kv, d)),
-            hf + "self_attn.o_proj.weight": _Slot(p + "o_proj", 0, (d, q)),
-            hf + "mlp.gate_up_proj.weight": _Slot(p + "gate_up", 0, (2 * i, d)),
-            hf + "mlp.down_proj.weight": _Slot(p + "down", 0, (d, i))}
-
-
-def _moe_hf_plan(config: ModelConfig, hf: str, p: str) -> dict[str, _Slot]:
-    """The published per-expert checkpoint names (what transformers 5 also saves): Mixtral's
-    block_sparse_moe.experts.E.w1/w3/w2 (gate/up/down), Qwen's mlp.experts.E.gate/up/down_proj."""
-    d, i, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    plan: dict[str, _Slot] = {}
-    if config.qk_norm:
-        plan[hf + "self_attn.q_norm.weight"] = _Slot(p + "q_norm", 0, (hd,))
-        plan[hf + "self_attn.k_norm.weight"] = _Slot(p + "k_norm", 0, (hd,))
-    mixtral = config.architecture == "MixtralForCausalLM"
-    block = hf + ("block_sparse_moe." if mixtral else "mlp.")
-    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
-    plan[block + "gate.weight"] = _Slot(p + "router", 0, (config.num_experts, d))
-    for e in range(config.num_experts):
-        gate, up, down = (f"{block}experts.{e}.{n}.weight" for n in names)
-        plan[gate] = _Slot(p + "expert_gate_up", e * 2 * i, (i, d))
-        plan[up] = _Slot(p + "expert_gate_up", e * 2 * i + i, (i, d))
-        plan[down] = _Slot(p + "expert_down", e * d, (d, i))
-    s = config.shared_expert_intermediate_size
-    if s:
-        shared = block + "shared_expert."
-        plan[shared + "gate_proj.weight"] = _Slot(p + "shared_gate_up", 0, (s, d))
-        plan[shared + "up_proj.weight"] = _Slot(p + "shared_gate_up", s, (s, d))
-        plan[shared + "down_proj.weight"] = _Slot(p + "shared_down", 0, (d, s))
-        plan[block + "shared_expert_gate.weight"] = _Slot(p + "shared_gate", 0, (1, d))
+        plan[hf + "input_layernorm.weight"] = Slot(p + "attn_norm", 0, (d,))
+        plan.update(family.layer_weight_names(config, hf, p))
     return plan
 
 
@@ -462,7 +363,7 @@ def _text_model_name(hf_name: str) -> str:
     return hf_name.removeprefix("language_model.")
 
 
-def _fill(tensors, plan: dict[str, _Slot], out: dict[str, torch.Tensor], splits,
+def _fill(tensors, plan: dict[str, Slot], out: dict[str, torch.Tensor], splits,
           unused: list[str] | None) -> set[str]:
     """Copy every planned tensor of `tensors` ((HF name, file, read) triples) into its place in
     `out` (this rank's shard, cut as `splits` says); returns the HF names it held."""

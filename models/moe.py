@@ -39,15 +39,19 @@ intermediate units (and of the shared expert's), the router is replicated, so ea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ModelConfig, ModelConfigError, UnsupportedModelError
 from .llama import (ATTENTION_OP, ATTN_ALLREDUCE, ATTN_NORM, KV_APPEND, KV_SEND, O_PROJ,
                     O_PROJ_PARTIAL, QK_NORM, QKV, ROPE, TORCH_POINTWISE, LlamaModel,
-                    PointwiseOps, all_reduce_work, norm_work)
+                    PointwiseOps, all_reduce_work, attention_weight_names, mlp_norm_weight_name,
+                    norm_work, qk_norm_shapes, qk_norm_weight_names, qwen_sliding_window,
+                    qwen_window_hf, refuse_unsupported)
+from .loader import Slot
 from .op import GEMM, MEMORY, NETWORK, OpSpec, OpWork, Shapes
 
 # dtypes torch's grouped_mm runs, per device type (torch 2.13: CUDA bf16 on SM >= 80 only).
@@ -169,6 +173,48 @@ class MoEWorkspace:
         return self.hidden.shape[0]
 
 
+# HF names the expert count differently per family.
+_NUM_EXPERTS_KEY = {"MixtralForCausalLM": "num_local_experts", "Qwen2MoeForCausalLM": "num_experts",
+                    "Qwen3MoeForCausalLM": "num_experts"}
+
+
+def _read_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of ModelConfig from a HF config. Only models whose every
+    layer is sparse are supported: Qwen's decoder_sparse_step and mlp_only_layers (dense MLP
+    layers between the sparse ones) are refused."""
+    if d.get("decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError(f"decoder_sparse_step={d['decoder_sparse_step']} (dense MLP "
+                                    "layers between sparse ones) is not supported; only 1 is")
+    if d.get("mlp_only_layers"):
+        raise UnsupportedModelError(f"mlp_only_layers={d['mlp_only_layers']} (dense MLP layers) "
+                                    "is not supported; every layer must be a mixture of experts")
+    # Published configs use _NUM_EXPERTS_KEY; transformers 5 saves Qwen3-MoE's as num_local_experts.
+    experts = d.get(_NUM_EXPERTS_KEY[arch]) or d.get("num_local_experts") or d.get("num_experts")
+    if not experts:
+        raise ModelConfigError(f"{arch} config lacks {_NUM_EXPERTS_KEY[arch]!r} (the expert count)")
+    out: dict[str, Any] = {"num_experts": experts,
+                           "num_experts_per_tok": d["num_experts_per_tok"]}
+    if arch == "MixtralForCausalLM":
+        return out      # Mixtral's intermediate_size is its experts'; top-k always renormalised
+    out.update(intermediate_size=d["moe_intermediate_size"],
+               norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+               qk_norm=arch == "Qwen3MoeForCausalLM")
+    if arch == "Qwen2MoeForCausalLM":
+        out["shared_expert_intermediate_size"] = d["shared_expert_intermediate_size"]
+        if not out["shared_expert_intermediate_size"]:
+            raise UnsupportedModelError("Qwen2-MoE without a shared expert "
+                                        "(shared_expert_intermediate_size=0) is not supported")
+    return out
+
+
+def expert_weight_names(config: ModelConfig, hf: str) -> tuple[str, tuple[str, str, str]]:
+    """(the checkpoint's MoE block prefix of layer prefix `hf`, its experts' gate, up and down
+    tensor names): Mixtral's block_sparse_moe. and w1, w3, w2; Qwen's mlp. and *_proj."""
+    if config.architecture == "MixtralForCausalLM":
+        return hf + "block_sparse_moe.", ("w1", "w3", "w2")
+    return hf + "mlp.", ("gate_proj", "up_proj", "down_proj")
+
+
 class MoEModel(LlamaModel):
     """LlamaModel with its MLP replaced by a mixture of experts; same constructor."""
 
@@ -181,6 +227,78 @@ class MoEModel(LlamaModel):
     def layer_ops_for(cls, config: ModelConfig, tp: int = 1,
                       kv_send: bool = False) -> tuple[OpSpec, ...]:
         return moe_layer_ops(config, tp, kv_send)
+
+    # -- the family's Hugging Face configs and checkpoints (models.config.Family) -----------
+    # The three share this decoder: router, top-k, grouped experts; Qwen2-MoE's shared expert
+    # and Qwen3-MoE's QK norm are config switches.
+    MODEL_TYPES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                   "Qwen3MoeForCausalLM": "qwen3_moe"}
+    FEATURES = frozenset({"num_experts", "shared_expert_intermediate_size", "qk_norm"})
+
+    @classmethod
+    def read_hf(cls, d: dict[str, Any], arch: str) -> dict[str, Any]:
+        refuse_unsupported(d, arch, attention_bias=arch == "Qwen3MoeForCausalLM")
+        mixtral = arch == "MixtralForCausalLM"
+        return {**_read_experts(d, arch),
+                "qkv_bias": arch == "Qwen2MoeForCausalLM" and bool(d.get("qkv_bias", True)),
+                "sliding_window": d.get("sliding_window") if mixtral else qwen_sliding_window(d)}
+
+    @classmethod
+    def hf_fields(cls, config: ModelConfig) -> dict[str, Any]:
+        arch = config.architecture
+        d: dict[str, Any] = {_NUM_EXPERTS_KEY[arch]: config.num_experts,
+                             "num_experts_per_tok": config.num_experts_per_tok}
+        if arch == "MixtralForCausalLM":
+            return {"sliding_window": config.sliding_window, **d}
+        d.update(qwen_window_hf(config), moe_intermediate_size=config.intermediate_size,
+                 norm_topk_prob=config.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
+        if arch == "Qwen2MoeForCausalLM":
+            d.update(shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+                     qkv_bias=config.qkv_bias)
+        else:
+            d["attention_bias"] = False
+        return d
+
+    @classmethod
+    def layer_shapes(cls, config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+        """The router, every expert's weights stacked (models/loader.py's docstring) and the
+        optional shared expert, after Qwen3-MoE's q/k norms."""
+        d, i, e, s = (config.hidden_size, config.intermediate_size, config.num_experts,
+                      config.shared_expert_intermediate_size)
+        shapes = qk_norm_shapes(config, p) if config.qk_norm else {}
+        shapes[p + "router"] = (e, d)
+        shapes[p + "expert_gate_up"] = (e * 2 * i, d)
+        shapes[p + "expert_down"] = (e * d, i)
+        if s:
+            shapes[p + "shared_gate_up"] = (2 * s, d)
+            shapes[p + "shared_down"] = (d, s)
+            shapes[p + "shared_gate"] = (1, d)
+        return shapes
+
+    @classmethod
+    def layer_weight_names(cls, config: ModelConfig, hf: str, p: str) -> dict[str, Slot]:
+        """The published per-expert names (what transformers 5 also saves): Mixtral's
+        block_sparse_moe.experts.E.w1/w3/w2 (gate/up/down), Qwen's
+        mlp.experts.E.gate/up/down_proj; each a block of rows of the stacked tensor."""
+        d, i = config.hidden_size, config.intermediate_size
+        plan = {**mlp_norm_weight_name(config, hf, p), **attention_weight_names(config, hf, p)}
+        if config.qk_norm:
+            plan.update(qk_norm_weight_names(config, hf, p))
+        block, names = expert_weight_names(config, hf)
+        plan[block + "gate.weight"] = Slot(p + "router", 0, (config.num_experts, d))
+        for e in range(config.num_experts):
+            gate, up, down = (f"{block}experts.{e}.{n}.weight" for n in names)
+            plan[gate] = Slot(p + "expert_gate_up", e * 2 * i, (i, d))
+            plan[up] = Slot(p + "expert_gate_up", e * 2 * i + i, (i, d))
+            plan[down] = Slot(p + "expert_down", e * d, (d, i))
+        s = config.shared_expert_intermediate_size
+        if s:
+            shared = block + "shared_expert."
+            plan[shared + "gate_proj.weight"] = Slot(p + "shared_gate_up", 0, (s, d))
+            plan[shared + "up_proj.weight"] = Slot(p + "shared_gate_up", s, (s, d))
+            plan[shared + "down_proj.weight"] = Slot(p + "shared_down", 0, (d, s))
+            plan[block + "shared_expert_gate.weight"] = Slot(p + "shared_gate", 0, (1, d))
+        return plan
 
     @classmethod
     def workspace_bytes_per_token(cls, local: ModelConfig, elt: int) -> int:

@@ -2,13 +2,13 @@
 
 What differs from Llama, and where it lives:
   * the checkpoint fuses q/k/v into qkv_proj [Q + 2K, D] and gate/up into gate_up_proj [2I, D]:
-    nanorun's own fused layout, so models/loader.py takes them whole (and cuts them for tensor
+    nanorun's own fused layout, so each fills its fused tensor whole (layer_weight_names) (and cuts them for tensor
     parallelism like any fused tensor)
   * partial rotary (Phi-4-mini: partial_rotary_factor 0.75): rope turns only the first
     config.rotary_dim dims of each head (models.llama's rope op reads rotary_dim)
   * rope scaling "longrope" (alias "su"): here, `longrope_tables`
   * an optional sliding window on every layer (Phi-3-mini-4k: 2047), as Mistral's; one at or
-    past max_position_embeddings can never bind and is dropped (models/config.py)
+    past max_position_embeddings can never bind and is dropped (Phi3Model.read_hf)
 
 LongRoPE, as transformers computes it (modeling_rope_utils._compute_longrope_parameters):
 inv_freq[i] = 1 / (ext[i] * theta ** (2i / rotary_dim)), ext the short or the long factors,
@@ -33,10 +33,15 @@ must share max_model_len, or the keys handed over were rotated with the other fa
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from .config import ModelConfig
-from .llama import LlamaModel
+from .config import (ModelConfig, ModelConfigError, RopeScaling, partial_rotary_factor,
+                     rope_from_hf)
+from .llama import LlamaModel, mlp_norm_weight_name, mlp_shapes, refuse_unsupported
+from .loader import Slot
 
 
 def longrope_tables(config: ModelConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +57,69 @@ def longrope_tables(config: ModelConfig, max_len: int, device) -> tuple[torch.Te
             (freqs.sin() * rs.attention_factor).to(device))
 
 
+def _read_longrope(s: dict[str, Any], d: dict[str, Any]) -> RopeScaling:
+    """Phi-3's longrope as transformers reads it: original_max_position_embeddings from the
+    top level (Phi3Config's, default 4096) over rope_scaling's, factor = max_position_embeddings
+    / that when not given, attention_factor = sqrt(1 + ln(factor) / ln(original)) when not
+    given (1 for factor <= 1)."""
+    for key in ("short_factor", "long_factor"):
+        if not isinstance(s.get(key), list):
+            raise ModelConfigError(f"longrope rope scaling needs {key!r}: a list of numbers")
+    original = int(d.get("original_max_position_embeddings", 4096))
+    factor = s.get("factor") or d["max_position_embeddings"] / original
+    attention = s.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling("longrope", float(factor), original_max_position_embeddings=original,
+                       short_factor=tuple(map(float, s["short_factor"])),
+                       long_factor=tuple(map(float, s["long_factor"])),
+                       attention_factor=float(attention))
+
+
 class Phi3Model(LlamaModel):
     """LlamaModel with LongRoPE's tables (module docstring); same ops, constructor and
     workspace."""
+
+    # -- the family's Hugging Face configs and checkpoints (models.config.Family) -----------
+    MODEL_TYPES = {"Phi3ForCausalLM": "phi3"}
+
+    @classmethod
+    def read_hf(cls, d: dict[str, Any], arch: str) -> dict[str, Any]:
+        refuse_unsupported(d, arch, attention_bias=False)
+        window = d.get("sliding_window")     # on every layer; one past every position never binds
+        # transformers' Phi3Config also reads "yarn" as longrope.
+        rope = rope_from_hf(d, arch, longrope=lambda s: _read_longrope(s, d),
+                            longrope_names=("longrope", "su", "yarn"))
+        return {"qkv_bias": False, "rope": rope, "partial_rotary_factor": partial_rotary_factor(d),
+                "sliding_window": (window if window is not None
+                                   and window < d["max_position_embeddings"] else None)}
+
+    @classmethod
+    def hf_fields(cls, config: ModelConfig) -> dict[str, Any]:
+        # transformers' Phi3Config reads original_max_position_embeddings at the top level (its
+        # default, 4096, overrides the one in rope_scaling); pad_token_id's default, 32000, is
+        # outside a small vocabulary, and nanorun does not pad.
+        rs = config.rope_scaling
+        return {"sliding_window": config.sliding_window,
+                "partial_rotary_factor": config.partial_rotary_factor, "pad_token_id": None,
+                "original_max_position_embeddings": (rs.original_max_position_embeddings if rs
+                                                     else config.max_position_embeddings)}
+
+    @classmethod
+    def layer_shapes(cls, config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+        return mlp_shapes(config, p)
+
+    @classmethod
+    def layer_weight_names(cls, config: ModelConfig, hf: str, p: str) -> dict[str, Slot]:
+        """The checkpoint fuses q/k/v and gate/up as nanorun does (same row order), so each
+        fills its fused tensor whole (cut per rank like any fused tensor); o_proj and down are
+        named as Llama's."""
+        d, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+        return {**mlp_norm_weight_name(config, hf, p),
+                hf + "self_attn.qkv_proj.weight": Slot(p + "qkv", 0, (q + 2 * kv, d)),
+                hf + "self_attn.o_proj.weight": Slot(p + "o_proj", 0, (d, q)),
+                hf + "mlp.gate_up_proj.weight": Slot(p + "gate_up", 0, (2 * i, d)),
+                hf + "mlp.down_proj.weight": Slot(p + "down", 0, (d, i))}
 
     def rope_tables(self, max_model_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         rs = self.config.rope_scaling

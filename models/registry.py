@@ -1,8 +1,13 @@
-"""Model classes by their Hugging Face architecture name."""
+"""Model families by their Hugging Face architecture name.
+
+A family is one file of models/ whose model class declares its ops and, as a
+models.config.Family, its Hugging Face configs and checkpoints (MODEL_TYPES names the
+architectures it runs). Registering it here is its one line outside that file: FAMILIES below.
+"""
 
 from __future__ import annotations
 
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from .config import ModelConfig, UnsupportedModelError, register_family
 from .gemma import GemmaModel
 from .llama import TORCH_POINTWISE, LlamaModel, PointwiseOps
 from .moe import MoEModel
@@ -10,26 +15,16 @@ from .phi3 import Phi3Model
 from .qwen3 import Qwen3Model
 from .op import NETWORK, OpSpec
 
-# Llama 2/3, Mistral and Qwen2 share one decoder: they differ only in config (GQA, rope
-# scaling, sliding window, qkv bias), which LlamaModel reads.
-MODEL_CLASSES = {
-    "LlamaForCausalLM": LlamaModel,
-    "MistralForCausalLM": LlamaModel,
-    "Qwen2ForCausalLM": LlamaModel,
-    # Qwen3 adds the qk_norm op; Phi-3 its LongRoPE tables (partial rotary is config).
-    "Qwen3ForCausalLM": Qwen3Model,
-    "Phi3ForCausalLM": Phi3Model,
-    # The mixture-of-experts families share one decoder too (router, top-k, grouped experts;
-    # Qwen2-MoE's shared expert and Qwen3-MoE's QK norm are config switches).
-    "MixtralForCausalLM": MoEModel,
-    "Qwen2MoeForCausalLM": MoEModel,
-    "Qwen3MoeForCausalLM": MoEModel,
-    # Gemma 2 and Gemma 3 text share one decoder (sandwich norms, GeGLU, per-layer windows;
-    # Gemma 2's soft-capping and Gemma 3's QK norm and local rope base are config switches).
-    "Gemma2ForCausalLM": GemmaModel,
-    "Gemma3ForCausalLM": GemmaModel,
-}
-assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES)
+# Llama 2/3, Mistral and Qwen2 (LlamaModel); Qwen3 (the qk_norm op); Phi-3 (LongRoPE tables;
+# partial rotary is config); Mixtral, Qwen2-MoE and Qwen3-MoE (MoEModel); Gemma 2 and 3 text.
+FAMILIES: tuple[type[LlamaModel], ...] = (LlamaModel, Qwen3Model, Phi3Model, MoEModel,
+                                          GemmaModel)
+
+MODEL_CLASSES: dict[str, type[LlamaModel]] = {
+    arch: cls for cls in FAMILIES for arch in cls.__dict__.get("MODEL_TYPES", {})}
+for _arch, _cls in MODEL_CLASSES.items():
+    register_family(_arch, _cls)
+SUPPORTED_ARCHITECTURES = frozenset(MODEL_CLASSES)
 
 
 def family(config: ModelConfig) -> type:
