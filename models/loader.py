@@ -23,6 +23,11 @@ replicated on every rank:
     layers.{i}.gate_up    rows of r's intermediate units (gate), then the same (up)
     layers.{i}.down       columns of r's intermediate units               (row-parallel)
 
+A layer's tensors up to mlp_norm are listed here for every family; from there on each family
+declares its own in its file (Family.layer_shapes), and its checkpoint's names for every tensor
+of a layer but input_layernorm (Family.layer_weight_names), which this module reaches through
+the family registered for config.architecture. The layout the families use today:
+
 Gemma 2 / 3 (models/gemma.py) add two norms a layer, and Gemma 3 the per-head q/k norms:
 
     layers.{i}.post_attn_norm  [D]      of the attention's output (HF's post_attention_layernorm;
