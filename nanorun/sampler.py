@@ -330,7 +330,9 @@ def _apply_bitmask(z: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -
     if z.device.type == "cpu":
         import xgrammar      # a dependency; imported here, where a mask is first applied
 
-        xgrammar.apply_token_bitmask_inplace(z, bitmask, indices=rows.tolist(), backend="cpu")
+        sub = z.index_select(0, rows)          # bitmask row m masks logits row rows[m]
+        xgrammar.apply_token_bitmask_inplace(sub, bitmask, backend="cpu")
+        z.index_copy_(0, rows, sub)
     else:
         _mask_with_torch(z, rows, bitmask)
 

@@ -156,33 +156,35 @@ def test_a_bitmask_masks_exactly_the_tokens_it_clears(V):
     g = torch.Generator().manual_seed(V)
     allowed = torch.randperm(V, generator=g)[:max(1, V // 2)].tolist()
     banned = torch.randperm(V, generator=g)[:max(1, V // 3)].tolist()
+    # Rows 0 and 3 are free: the masked rows are 1, 2 and 4 of the batch.
     requests = [Request(str(i), (1,), SamplingParams(
-        temperature=0.0, allowed_token_ids=allowed if i != 1 else None), 0.0, ())
-        for i in range(3)]
+        temperature=0.0, allowed_token_ids=allowed if i in (1, 4) else None), 0.0, ())
+        for i in range(5)]
     sampler = Sampler()
-    sampler.constrain(requests[1], RequestConstraint(None, [[t] for t in banned]))
+    sampler.constrain(requests[2], RequestConstraint(None, [[t] for t in banned]))
     prepared = PreparedSampling.of(requests, V, torch.device("cpu"),
                                    constraints=sampler.constraints)
     rows, bitmask = prepared.masks
-    assert rows.tolist() == [0, 1, 2] and bitmask.shape == (3, bitmask_words(V))
-    z = torch.randn(3, V, generator=g)
+    assert rows.tolist() == [1, 2, 4] and bitmask.shape == (3, bitmask_words(V))
+    z = torch.randn(5, V, generator=g)
     want = z.clone()
     keep = torch.zeros(V, dtype=torch.bool)
     keep[allowed] = True
-    want[0, ~keep] = want[2, ~keep] = float("-inf")
-    want[1, banned] = float("-inf")
+    want[1, ~keep] = want[4, ~keep] = float("-inf")
+    want[2, banned] = float("-inf")
     from nanorun.sampler import _apply_bitmask, _mask_with_torch
 
     for apply in (_apply_bitmask, _mask_with_torch):    # the CPU's kernel, and the GPU's ops
         got = z.clone()
         apply(got, rows, bitmask)
         assert torch.equal(got, want), apply.__name__
-    tokens, ok = sampler.sample(torch.randn(3, V, generator=g), prepared)
-    assert tokens[0].item() in allowed and ok[0] and ok[2]
+    tokens, ok = sampler.sample(torch.randn(5, V, generator=g), prepared)
+    assert tokens[1].item() in allowed and tokens[4].item() in allowed
+    assert ok[[0, 1, 3, 4]].all()
     if len(banned) < V:
-        assert tokens[1].item() not in banned and ok[1]
+        assert tokens[2].item() not in banned and ok[2]
     else:                       # nothing left: the row is reported as failed, not drawn
-        assert not ok[1]
+        assert not ok[2]
     # Bits past V in the last word are never read: a fully cleared row stays fully cleared.
     clear = np.zeros((1, bitmask_words(V)), dtype=np.int32)
     for apply in (_apply_bitmask, _mask_with_torch):
