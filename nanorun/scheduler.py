@@ -8,8 +8,9 @@ until the budget is exactly used or nothing is left. Only the chunk that reaches
 last known token samples (under async scheduling, a token sampled in the previous iteration
 and not yet read back counts as known: see Request.num_pending). When a running request needs
 a page and none is free, the latest arrival still running is preempted (vLLM's order; if it
-was scheduled already this iteration, its chunk is taken back): its pages are freed and it
-goes back to the front of the waiting queue to be recomputed later. Nothing is dropped. A
+was scheduled already this iteration, its chunk is taken back): its pages are given back
+(to the prefix cache, which keeps those it computed until they are evicted) and it goes back
+to the front of the waiting queue to be recomputed later. Nothing is dropped. A
 preempted request is re-admitted only when its whole context fits, beside what the running
 requests that arrived before it grow by while it computes that context again; re-admitted as
 soon as its next chunk fit, a long prompt was the first victim of the next shortage, over and
