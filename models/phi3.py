@@ -2,8 +2,8 @@
 
 What differs from Llama, and where it lives:
   * the checkpoint fuses q/k/v into qkv_proj [Q + 2K, D] and gate/up into gate_up_proj [2I, D]:
-    nanorun's own fused layout, so each fills its fused tensor whole (layer_weight_names) (and cuts them for tensor
-    parallelism like any fused tensor)
+    nanorun's own fused layout, so each fills its fused tensor whole (Phi3Model's
+    layer_weight_names), cut for tensor parallelism like any fused tensor
   * partial rotary (Phi-4-mini: partial_rotary_factor 0.75): rope turns only the first
     config.rotary_dim dims of each head (models.llama's rope op reads rotary_dim)
   * rope scaling "longrope" (alias "su"): here, `longrope_tables`

@@ -9,9 +9,9 @@ What differs from Llama 3, and where it lives:
     Qwen2; a window on only some layers is refused with a message (Qwen3Model.read_hf), and so
     is attention_bias=true (it adds an o_proj bias nanorun does not have)
 
-The checkpoint names are Llama's plus self_attn.q_norm / k_norm (Qwen3Model.layer_weight_names). With tensor
-parallelism each rank normalises its own heads with the replicated [head_dim] weights, so the
-op needs no communication.
+The checkpoint names are Llama's plus self_attn.q_norm / k_norm (Qwen3Model's
+layer_weight_names). With tensor parallelism each rank normalises its own heads with the
+replicated [head_dim] weights, so the op needs no communication.
 """
 
 from __future__ import annotations
