@@ -103,3 +103,12 @@ def test_an_unregistered_architecture_is_refused_naming_the_supported_ones():
     d = {**get_preset("tiny-llama").to_hf_dict(), "architectures": ["ToyForCausalLM"]}
     with pytest.raises(UnsupportedModelError, match=r"'ToyForCausalLM' is not supported.*Llama"):
         ModelConfig.from_hf_dict(d, name="toy")
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3", "tiny-qwen3-moe", "tiny-gemma3"])
+def test_a_key_only_another_family_reads_is_refused_not_ignored(preset):
+    """partial_rotary_factor is Phi-3's (Phi3Model.read_hf): every other family refuses it
+    (Qwen3's reading once dropped it silently)."""
+    d = {**get_preset(preset).to_hf_dict(), "partial_rotary_factor": 0.5}
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor=0.5 is not implemented"):
+        ModelConfig.from_hf_dict(d, name=preset)
