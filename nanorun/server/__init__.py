@@ -7,7 +7,14 @@
     settings       what the server's flags tell the HTTP side (names, API keys, chat and
                    sampling defaults)
     api            the FastAPI app: /v1/completions, /v1/chat/completions, /v1/models,
-                   /tokenize, /detokenize, /health, /ping, /version, /metrics
+                   /tokenize, /detokenize, /health, /ping, /version, /metrics; error handlers
+    auth           the API-key check on /v1 routes (--api-key)
+    state          ServerState, what the handlers share
+    prompts        text, token ids or chat messages -> a prompt's token ids (chat template,
+                   truncation)
+    serving        one request: SamplingParams, engine requests, then its answer or stream
+    responses      OpenAI's response JSON and stream chunks (ChunkWriter), error JSON
+    streaming      server-sent events: framing, the streaming response, merging streams
     cli            the `serve` subcommand
 
 Nothing here is imported by `import nanorun`: FastAPI, uvicorn, sse-starlette and
