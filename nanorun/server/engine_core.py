@@ -197,8 +197,8 @@ class OutputEncoder:
     """Turns a step's cumulative RequestOutputs into what is new since the last step, per
     request: (request_id, finished, head, [(index, text, token_ids, logprobs,
     cumulative_logprob, finish_reason, stop_reason, error)], metrics). head (prompt, prompt
-    token ids, prompt logprobs, num_cached_tokens) is sent once, with a request's first output; metrics with
-    its last."""
+    token ids, prompt logprobs, num_cached_tokens) is sent once, with a request's first
+    output; metrics with its last."""
 
     def __init__(self) -> None:
         self._sent: dict[str, list[tuple[int, int, int]]] = {}    # per sequence: chars, ids, lps
