@@ -1,8 +1,9 @@
 """n > 1 shares its prompt's KV through the prefix cache (see nanorun.scheduler): the n
 sequences of one request give what n separate requests with the per-sequence seeds give with
 prefix caching off (token ids; logprobs to float tolerance), while the prompt is computed once
-(P + n - 1 prompt tokens scheduled, not n * P) and held about once. Every iteration is checked on the way: each page a batch writes is held
-by its writer alone (refcount 1), and every page is free at the end.
+(P + n - 1 prompt tokens scheduled, not n * P) and held about once. Every iteration is
+checked on the way: each page a batch writes is held by its writer alone (refcount 1), and
+every page is free at the end.
 
 Shared and separate runs batch the sequences differently, so they do not do the same
 arithmetic: a sequence's tokens are the separate request's, or differ first at a near-tie of

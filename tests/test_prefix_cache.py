@@ -98,7 +98,10 @@ def test_least_recently_used_is_evicted_first_and_held_pages_never():
     held = _computed(kv, "held", [3] * 8)            # 2 free pages left: takes them
     assert kv.allocator.num_free == 0 and kv.num_free_pages == 4
     kv.grow(_computed(kv, "c", [4] * 4), 8)          # 2 more pages: a's go
-    probe = lambda k: kv.match_prefix(Request("p", [k] * 9, SamplingParams(), 0.0, ()), 8)  # noqa: E731
+
+    def probe(k: int):
+        return kv.match_prefix(Request("p", [k] * 9, SamplingParams(), 0.0, ()), 8)
+
     assert probe(1).num_tokens(PAGE) == 0 and probe(2).num_tokens(PAGE) == 8
     taker = Request("t", [2] * 9, SamplingParams(max_tokens=2), 0.0, ())
     kv.take_prefix(taker, probe(2))                  # b's pages are held again
