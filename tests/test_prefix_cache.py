@@ -202,9 +202,9 @@ def test_preempted_and_chunked_requests_recompute_only_what_was_evicted():
     _assert_cache_off_tokens(on, off)
     preempted = [o.metrics.num_preemptions for _, _, o in off.values()]
     assert sum(preempted) > 0, "nothing was preempted: make the cache smaller"
-    recomputed = lambda done: sum(o.metrics.num_recomputed_tokens  # noqa: E731
-                                  for _, _, o in done.values())
-    assert recomputed(on) < recomputed(off)
+    on_recomputed, off_recomputed = (sum(o.metrics.num_recomputed_tokens
+                                         for _, _, o in done.values()) for done in (on, off))
+    assert on_recomputed < off_recomputed
 
 
 def test_prompt_logprobs_are_computed_not_taken():
@@ -307,7 +307,8 @@ def test_the_usage_gives_cached_prompt_tokens_as_vllm_does(tmp_path):
     prompt_tokens_details.cached_tokens (vLLM leaves it out when none were cached); and the
     prefix cache's counters, and its host tier's, reach /metrics."""
     pytest.importorskip("fastapi")
-    from test_server import MODEL as SERVED, _get, _post, _start_server, _stop
+    from test_server import MODEL as SERVED
+    from test_server import _get, _post, _start_server, _stop
     from text_model import write_text_model
 
     proc, url = _start_server(write_text_model(tmp_path), "--enable-prompt-tokens-details",
