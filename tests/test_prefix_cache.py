@@ -255,7 +255,7 @@ def _soak(caching: bool, seed: int) -> tuple[dict, set, Engine]:
     engine = _engine(caching, kv_cache_tokens=64, max_batch_tokens=16)
     kv, asked, ended, aborted = engine.kv_cache, {}, {}, set()
     for step in range(400):
-        if step < 100 and rng.random() < 0.5:
+        if step < 60 and rng.random() < 0.5:
             rid = f"r{step}"
             prompt = rng.choice(prefixes) + [rng.randrange(2, 250)
                                              for _ in range(rng.randint(0, 12))]
@@ -275,7 +275,7 @@ def _soak(caching: bool, seed: int) -> tuple[dict, set, Engine]:
             assert all(kv.allocator.refcount(p) > 0 for p in r.pages), r.request_id
             if kv.prefix_cache is not None:
                 assert not set(r.pages) & set(kv.prefix_cache._evictable), r.request_id
-        if step >= 100 and not engine.has_unfinished_requests():
+        if step >= 60 and not engine.has_unfinished_requests():
             break
     assert not engine.has_unfinished_requests()
     assert set(ended) == set(asked), "a request was lost"
