@@ -284,6 +284,11 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         forecast = None     # built when first needed: most iterations admit no one
+        if any(r.pages for r in self.waiting):
+            # Requests whose KV another engine placed (admit_transferred) hold their pages while
+            # they wait; behind a preempted request that waits for pages, they would hold them
+            # for ever (a decode engine's deadlock). They go first: they need no new page.
+            self.waiting = collections.deque(sorted(self.waiting, key=lambda r: not r.pages))
         passed: list[Request] = []     # waiting for a prefix being computed: keep their place
         while self.waiting and budget > 0:
             if self.max_num_seqs is not None and len(self.running) >= self.max_num_seqs:
