@@ -115,10 +115,24 @@ def _pair_run(caching: bool) -> tuple[dict, Engine]:
     prefill = prefill_engine(MODEL, producer, **ENGINE)
     decode = Engine(MODEL, role="decode", enable_prefix_caching=caching,
                     **{**ENGINE, "kv_cache_tokens": 64})
+    decode.step = _bounded(decode.step, 2000)
     final = run_local(prefill, decode, KVReceiver(decode, consumer), _pair_trace())
     for engine in (prefill, decode):
         assert engine.kv_cache.num_free_pages == engine.kv_cache.num_pages, "KV pages leaked"
     return final, decode
+
+
+def _bounded(step, limit: int):
+    """The engine's step, failing the test past `limit` calls (a deadlock, rather than a hang:
+    a decode engine's placed requests once waited for ever behind a preempted one)."""
+    calls = 0
+
+    def bounded_step():
+        nonlocal calls
+        calls += 1
+        assert calls <= limit, f"the decode engine made no end in {limit} steps: a deadlock?"
+        return step()
+    return bounded_step
 
 
 def test_a_decode_engine_recomputes_preempted_requests_from_its_own_cache():
