@@ -26,7 +26,7 @@ from nanorun.disagg import KVReceiver, TraceRequest, prefill_engine, run_local
 from nanorun.kv_connector import InProcessConnector
 
 MODEL = "tiny-llama"
-ENGINE = dict(page_size=PAGE, max_batch_tokens=16, kv_cache_tokens=512)  # chunked prefill
+ENGINE = {"page_size": PAGE, "max_batch_tokens": 16, "kv_cache_tokens": 512}  # chunked prefill
 QUESTIONS = [[31, 7, 200], [9, 9, 41, 77, 5], [150], [3, 60, 61, 62, 18, 2, 240]]
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=5, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
