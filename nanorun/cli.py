@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 import time
+from importlib.metadata import entry_points
 
 from .benchmark.cli import add_parser as _add_bench
-from .search import cli as _search_cli
 from .options import add_engine_arguments, check_vllm_flags, engine_kwargs
 from .server.cli import add_parser as _add_serve
 
@@ -34,10 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    _search_cli.add_parsers(sub)
+    _add_installed_commands(sub)
     _add_bench(sub)
     _add_serve(sub)
     return parser
+
+
+def _add_installed_commands(sub) -> None:
+    """The subcommands installed packages register under the `nanorun.commands` entry point
+    (pyproject.toml): nanorun's own offline search adds tune, plan, profile and provision
+    this way, since the runtime never imports the search (docs/architecture.md)."""
+    for command in sorted(entry_points(group="nanorun.commands"), key=lambda e: e.name):
+        command.load()(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

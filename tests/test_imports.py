@@ -28,15 +28,6 @@ PACKAGES = {"nanorun": "nanorun", "search": "nanorun.search", "models": "nanorun
             "bench": "bench"}
 RUNTIME, SEARCH = "nanorun", "nanorun.search"
 
-# The modules of nanorun/ allowed to import the search, and why. nanorun/cli.py is the command
-# layer, above both runtime and search in STYLE.md's order ("cli -> benchmark / llm ->
-# engine ..."): the `nanorun` command is one parser whose subcommands are the runtime's
-# (generate), the benchmark's (bench), the server's (serve) and the search's (tune, plan,
-# profile, provision), so the module that assembles them imports search/cli.py. Nothing
-# imports it back (test_nothing_imports_the_command_layer).
-COMMAND_LAYER = {
-    "nanorun.cli": "the `nanorun` command assembles every subcommand, the search's included",
-}
 
 
 def _module_name(folder: str, path: Path) -> str:
@@ -171,7 +162,6 @@ def test_the_walk_sees_the_tree():
     assert "nanorun.layout" in targets["nanorun.search.tune"]          # module level
     assert "nanorun.executor" in targets["nanorun.search.measure"]     # inside a function
     assert "nanorun.device" in targets["nanorun.engine_builder"]
-    assert "nanorun.search.cli" in targets["nanorun.cli"]
     assert "nanorun" not in targets["nanorun.kv_cache"]                # `from . import _core`
 
 
@@ -185,7 +175,7 @@ def test_no_import_cycle():
 
 def test_the_runtime_never_imports_the_search():
     found = [f"{m}:{line} {text}" for m, edges in graph().items()
-             if _runtime(m) and m not in COMMAND_LAYER
+             if _runtime(m)
              for t, line, text in edges if _in(t, SEARCH)]
     assert not found, ("the runtime imports the search (search/ reads nanorun, never the "
                        "reverse; put what both need in nanorun/): " + ", ".join(found))
@@ -198,13 +188,17 @@ def test_the_models_import_neither_runtime_nor_search():
     assert not found, ", ".join(found)
 
 
-def test_nothing_imports_the_command_layer():
-    """The command layer's exemption holds only while it stays on top: nothing of the runtime,
-    the search or the models imports it (bench/ scripts, above everything, may)."""
-    found = [f"{m}:{line}" for m, edges in graph().items() if not _in(m, "bench")
-             for t, line, _ in edges if t in COMMAND_LAYER]
-    assert not found, ", ".join(found)
-    assert set(COMMAND_LAYER) <= set(sources())     # no exemption for a module that is gone
+def test_the_search_adds_its_commands_through_the_entry_point():
+    """`nanorun tune` and the search's other subcommands reach the command through the
+    installed `nanorun.commands` entry point, not an import of the search by nanorun/cli.py."""
+    from importlib.metadata import entry_points
+
+    from nanorun.cli import build_parser
+
+    registered = {e.name: e.value for e in entry_points(group="nanorun.commands")}
+    assert registered.get("search") == "nanorun.search.cli:add_parsers", registered
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"tune", "plan", "profile", "provision", "generate", "bench", "serve"} <= set(commands)
 
 
 def test_the_folders_are_imported_by_their_installed_names():
