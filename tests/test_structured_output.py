@@ -14,18 +14,18 @@ from __future__ import annotations
 import json
 import re
 
+# Dependencies of nanorun (xgrammar) and of its test extra (jsonschema): imported, not
+# skipped without, so that an install missing one fails here instead of passing by skipping.
+import jsonschema
 import pytest
 
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("xgrammar")
+from nanorun import LLM, Engine, SamplingParams, TextEngine
+from nanorun.sampler import seed_key
+from nanorun.sampling_params import StructuredOutputsParams
+from nanorun.structured_output import bad_words_token_ids
 
-from nanorun import LLM, Engine, SamplingParams, TextEngine  # noqa: E402
-from nanorun.sampler import seed_key  # noqa: E402
-from nanorun.sampling_params import StructuredOutputsParams  # noqa: E402
-from nanorun.structured_output import bad_words_token_ids  # noqa: E402
-
-from text_model import write_text_model  # noqa: E402
-from tokens import assert_same_tokens  # noqa: E402
+from text_model import write_text_model
+from tokens import assert_same_tokens
 
 KV_TOKENS, PAGE_SIZE = 4096, 16
 PROMPTS = ["hello world, the quick", "Привет, мир! 你好", "def main():\n    return",
