@@ -48,7 +48,7 @@ from .config import (ModelConfig, ModelConfigError, RopeScaling, UnsupportedMode
                      rope_from_hf, rope_scaling_from_hf)
 from .llama import (ACT, ATTENTION_OP, ATTN_NORM, DOWN_PARTIAL, GATE_UP, KV_APPEND, KV_SEND,
                     MLP_NORM, O_PROJ_PARTIAL, QK_NORM, QKV, ROPE, TORCH_POINTWISE, LlamaModel,
-                    PointwiseOps, TPWorkspace, attention_weight_names, mlp_shapes,
+                    PointwiseOps, TPWorkspace, all_reduce_work, attention_weight_names, mlp_shapes,
                     mlp_weight_names, qk_norm_shapes, qk_norm_weight_names, rope_tables)
 from .loader import Slot
 from .op import MEMORY, NETWORK, OpSpec, OpWork, Shapes
@@ -60,13 +60,8 @@ def _post_norm_work(s: Shapes) -> OpWork:       # norm of the output, added into
 
 
 def _reduce_work(s: Shapes) -> OpWork:
-    # The all-reduce of d partial sums per token, in place (the post norm adds them in): the
-    # rows are read and the sums written back; each rank sends and receives 2 (tp - 1) / tp of
-    # the message.
-    d, b, tp = s.d, s.dtype_bytes, s.tp
-    return OpWork(flops_per_token=0.0, bytes_per_token=2 * d * b,
-                  network_bytes_per_token=2.0 * (tp - 1) / tp * d * b,
-                  message_bytes_per_token=d * b, collective="all_reduce")
+    # In place: the post norm adds the sums into the residual, not the all-reduce.
+    return all_reduce_work(s, into_residual=False)
 
 
 ATTN_OUT_ALLREDUCE = OpSpec("attn_out_allreduce", NETWORK, ("o_out",), ("o_out",),

@@ -79,12 +79,13 @@ def _act_work(s: Shapes) -> OpWork:             # silu(gate) * up
     return OpWork(flops_per_token=4.0 * s.inter, bytes_per_token=3 * s.inter * s.dtype_bytes)
 
 
-def all_reduce_work(s: Shapes) -> OpWork:
+def all_reduce_work(s: Shapes, into_residual: bool = True) -> OpWork:
     # The all-reduce of d partial sums per token; bytes_per_token: the add of the reduced rows
-    # into the residual (reading both, writing one); each rank sends and receives
-    # 2 (tp - 1) / tp of the message.
+    # into the residual (reading both, writing one), or (into_residual=False) the rows reduced
+    # in place, read and written back; each rank sends and receives 2 (tp - 1) / tp of the
+    # message.
     d, b, tp = s.d, s.dtype_bytes, s.tp
-    return OpWork(flops_per_token=0.0, bytes_per_token=3 * d * b,
+    return OpWork(flops_per_token=0.0, bytes_per_token=(3 if into_residual else 2) * d * b,
                   network_bytes_per_token=2.0 * (tp - 1) / tp * d * b,
                   message_bytes_per_token=d * b, collective="all_reduce")
 
